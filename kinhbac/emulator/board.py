@@ -1,0 +1,579 @@
+"""One emulated ESP32 board: a `micropython` process behind a serial port that outlives it.
+
+The board's serial port is a pty owned by the emulator, so its path stays the same across
+resets, power cuts and deep sleeps, as a USB serial adapter's does. Behind it, each boot of the
+board is a fresh `micropython` process running the stand-in ROM (standins/_rom.py) on its own
+internal pty; the emulator copies bytes between the two, plays the UART's part for Ctrl-C, and
+answers the process's hardware calls (I2C, ADC, pins, watchdog, RTC memory, WiFi).
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import struct
+import termios
+import tty
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kinhbac.emulator.console import Console
+from kinhbac.emulator.devices import AnalogSource, I2CDevice, PulseSource
+from kinhbac.emulator.flash import FlashImage
+
+if TYPE_CHECKING:
+    from kinhbac.emulator.site import Emulator
+
+log = logging.getLogger(__name__)
+
+STANDINS = Path(__file__).parent / "standins"
+
+# machine.reset_cause() values on the ESP32 port.
+PWRON_RESET = 1
+HARD_RESET = 2
+WDT_RESET = 3
+DEEPSLEEP_RESET = 4
+SOFT_RESET = 5
+RESET_NAMES = {
+    PWRON_RESET: "POWERON_RESET",
+    HARD_RESET: "SW_CPU_RESET",
+    WDT_RESET: "TG1WDT_SYS_RESET",
+    DEEPSLEEP_RESET: "DEEPSLEEP_RESET",
+    SOFT_RESET: "SOFT_RESET",
+}
+
+RTC_MEMORY_SIZE = 2048
+CTRL_C = 0x03
+
+# Hardware call ops: the same table as standins/_hw.py.
+OP_I2C_WRITE = 1
+OP_I2C_READ = 2
+OP_I2C_SCAN = 3
+OP_ADC_READ = 4
+OP_ADC_ATTEN = 5
+OP_PIN_IRQ = 6
+OP_PIN_WRITE = 7
+OP_WDT_START = 8
+OP_WDT_FEED = 9
+OP_RESET = 10
+OP_DEEPSLEEP = 11
+OP_RTC_MEM_READ = 12
+OP_RTC_MEM_WRITE = 13
+OP_WLAN_CONNECT = 14
+OP_WLAN_DISCONNECT = 15
+OP_ROUTE = 16
+ONE_WAY_OPS = (OP_PIN_WRITE, OP_WDT_FEED)
+EV_EDGE = 1
+EV_LINK = 2
+
+_HDR = struct.Struct("<BHH")
+_RESP = struct.Struct("<bH")
+_ENODEV = 19
+_EIO = 5
+_EHOSTUNREACH = 113
+
+
+class Board:
+    """An emulated ESP32 board. Its public methods may be called from any thread."""
+
+    def __init__(
+        self,
+        emulator: "Emulator",
+        index: int,
+        name: str,
+        workdir: Path,
+        mac: bytes,
+        heap_bytes: int,
+    ) -> None:
+        self.emulator = emulator
+        self.index = index
+        self.name = name
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.mac = mac
+        self.heap_bytes = heap_bytes
+        self.flash = FlashImage(self.workdir / "flash.bin")
+        if not self.flash.exists():
+            self.flash.create()
+        self.console = Console()
+        self.boots: list[int] = []  # reset cause of every boot, oldest first
+        self.rtc_memory = b""
+        self.in_range = True
+        self.pin_outputs: dict[int, int] = {}
+        self.lost_serial_bytes = 0  # output written while no one was reading the port
+
+        self._i2c: dict[int, dict[int, I2CDevice]] = {}
+        self._analog: dict[int, AnalogSource] = {}
+        self._irq_pins: set[int] = set()
+        self._wlan_credentials: tuple[str, str] | None = None
+        self._link_up = False
+        self._link_task: asyncio.Task | None = None
+        self._wdt_timeout = 0.0
+        self._wdt_deadline = 0.0
+        self._wdt_task: asyncio.Task | None = None
+        self._process: asyncio.subprocess.Process | None = None
+        self._int_master = -1
+        self._int_slave = -1
+        self._events_writer: asyncio.StreamWriter | None = None
+        self._call_writer: asyncio.StreamWriter | None = None
+        self._last_out_cr = False
+        self._last_sigint = 0.0
+        self._servers: list[asyncio.AbstractServer] = []
+        self._lock = asyncio.Lock()
+
+        # The serial port: the emulator keeps both ends open so that the path stays valid and
+        # a host closing it does not hang up the board.
+        self._ext_master, self._ext_slave = os.openpty()
+        tty.setraw(self._ext_master)
+        tty.setraw(self._ext_slave)
+        os.set_blocking(self._ext_master, False)
+        self.tty_path = os.ttyname(self._ext_slave)
+        link = self.workdir / "tty"
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
+        link.symlink_to(self.tty_path)
+
+    # ----- public API (any thread) -----
+
+    @property
+    def link_up(self) -> bool:
+        return self._link_up
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None
+
+    @property
+    def reset_cause(self) -> int | None:
+        return self.boots[-1] if self.boots else None
+
+    def power_on(self) -> None:
+        """Apply power: the board boots from its flash."""
+        self.emulator.call(self._boot(PWRON_RESET))
+
+    def power_cut(self, restore: bool = True) -> None:
+        """Cut the power without warning (SIGKILL): flash keeps what was written, RAM and RTC
+        memory are lost. With `restore`, power comes back at once and the board boots again."""
+        self.emulator.call(self._power_cut(restore))
+
+    def press_reset(self) -> None:
+        """The EN button: a hard reset that keeps RTC memory."""
+        self.emulator.call(self._restart(HARD_RESET))
+
+    def attach_i2c(self, device: I2CDevice, bus: int = 0) -> None:
+        self._i2c.setdefault(bus, {})[device.address] = device
+
+    def attach_analog(self, pin: int, source: AnalogSource) -> None:
+        self._analog[pin] = source
+
+    def attach_pulses(self, pin: int, source: PulseSource) -> None:
+        source.attach(self._edge_from_thread)
+
+    def set_in_range(self, in_range: bool) -> None:
+        """Move the board into or out of the access point's range."""
+        self.in_range = in_range
+        self.emulator.call(self.refresh_link())
+
+    def write_files(self, files: dict[str, bytes]) -> None:
+        """Write files into the board's filesystem while it is powered off (factory flashing)."""
+        if self.running:
+            raise RuntimeError(f"{self.name} is running: power it off before writing its flash")
+        self.emulator.factory(self, "write", files)
+
+    def read_file(self, path: str) -> bytes | None:
+        """Read one file from the board's filesystem while it is powered off."""
+        if self.running:
+            raise RuntimeError(f"{self.name} is running: power it off before reading its flash")
+        return self.emulator.factory(self, "read", {path: b""}).get(path)
+
+    # ----- loop side -----
+
+    async def _boot(self, cause: int) -> None:
+        async with self._lock:
+            await self._spawn(cause)
+
+    async def _power_cut(self, restore: bool) -> None:
+        async with self._lock:
+            await self._kill()
+            self.rtc_memory = b""
+            if restore:
+                await self._spawn(PWRON_RESET)
+
+    async def _restart(self, cause: int, delay_s: float = 0.0) -> None:
+        async with self._lock:
+            await self._kill()
+            if delay_s > 0:
+                await asyncio.sleep(delay_s)
+            await self._spawn(cause)
+
+    async def shutdown(self) -> None:
+        async with self._lock:
+            await self._kill()
+        for server in self._servers:
+            server.close()
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._ext_master)
+        for fd in (self._ext_master, self._ext_slave):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            (self.workdir / "tty").unlink()
+
+    async def start_servers(self, sockdir: Path) -> None:
+        """Listen for the board's hardware calls and event channel; attach the serial port."""
+        self._calls_path = str(sockdir / f"{self.index}.calls")
+        self._events_path = str(sockdir / f"{self.index}.events")
+        self._servers = [
+            await asyncio.start_unix_server(self._serve_calls, self._calls_path),
+            await asyncio.start_unix_server(self._serve_events, self._events_path),
+        ]
+        asyncio.get_running_loop().add_reader(self._ext_master, self._on_host_input)
+
+    async def _spawn(self, cause: int) -> None:
+        self.boots.append(cause)
+        self._wlan_credentials = None
+        self._link_up = False
+        self._irq_pins.clear()
+        self._int_master, self._int_slave = os.openpty()
+        # Raw, but with ISIG so that the emulator can tell running code (Ctrl-C must raise
+        # KeyboardInterrupt) from the REPL reading input (Ctrl-C is a character).
+        tty.setraw(self._int_slave)
+        attrs = termios.tcgetattr(self._int_slave)
+        attrs[3] |= termios.ISIG
+        termios.tcsetattr(self._int_slave, termios.TCSANOW, attrs)
+        os.set_blocking(self._int_master, False)
+        env = {
+            "PATH": os.environ.get("PATH", ""),
+            "HOME": str(self.workdir),
+            "KINHBAC_CALLS": self._calls_path,
+            "KINHBAC_EVENTS": self._events_path,
+            "KINHBAC_FLASH": str(self.flash.path),
+            "KINHBAC_MAC": self.mac.hex(),
+            "KINHBAC_RESET_CAUSE": str(cause),
+            "KINHBAC_BOARD_INDEX": str(self.index),
+        }
+        self._emit(_boot_banner(cause))
+        self._process = await asyncio.create_subprocess_exec(
+            self.emulator.micropython,
+            "-X",
+            f"heapsize={self.heap_bytes}",
+            "-i",
+            str(STANDINS / "_rom.py"),
+            stdin=self._int_slave,
+            stdout=self._int_slave,
+            stderr=self._int_slave,
+            cwd=self.workdir,
+            env=env,
+            start_new_session=True,
+        )
+        asyncio.get_running_loop().add_reader(self._int_master, self._on_board_output)
+        asyncio.get_running_loop().create_task(self._watch(self._process))
+
+    async def _kill(self) -> None:
+        proc, self._process = self._process, None
+        self._stop_wdt()
+        if self._link_task:
+            self._link_task.cancel()
+        self._link_up = False
+        self.emulator.access_point.cut(self)
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        self._close_internal_pty()
+
+    async def _watch(self, proc: asyncio.subprocess.Process) -> None:
+        """A process that ends by itself (Ctrl-D at the REPL, a crash) soft-reboots the board."""
+        code = await proc.wait()
+        if proc is not self._process:
+            return  # the emulator stopped it on purpose
+        self._drain_board_output()
+        if code == 0:
+            self._emit(b"MPY: soft reboot\r\n")
+            cause = SOFT_RESET
+        else:
+            self._emit(f"\r\nemulator: board process ended with status {code}\r\n".encode())
+            cause = HARD_RESET
+        async with self._lock:
+            if proc is self._process:
+                self._process = None
+                self._stop_wdt()
+                self.emulator.access_point.cut(self)
+                self._close_internal_pty()
+                await self._spawn(cause)
+
+    def _close_internal_pty(self) -> None:
+        if self._int_master >= 0:
+            asyncio.get_running_loop().remove_reader(self._int_master)
+            self._drain_board_output()
+            for fd in (self._int_master, self._int_slave):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._int_master = self._int_slave = -1
+
+    # ----- serial port -----
+
+    def _on_board_output(self) -> None:
+        try:
+            chunk = os.read(self._int_master, 4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # EIO: the process closed its end
+            asyncio.get_running_loop().remove_reader(self._int_master)
+            return
+        if chunk:
+            self._emit(self._cook(chunk))
+
+    def _drain_board_output(self) -> None:
+        if self._int_master < 0:
+            return
+        while True:
+            try:
+                chunk = os.read(self._int_master, 4096)
+            except OSError:
+                return
+            if not chunk:
+                return
+            self._emit(self._cook(chunk))
+
+    def _cook(self, chunk: bytes) -> bytes:
+        """Turn a lone LF into CRLF, as the ESP32 port's UART output does."""
+        out = bytearray()
+        prev_cr = self._last_out_cr
+        for byte in chunk:
+            if byte == 0x0A and not prev_cr:
+                out += b"\r"
+            out.append(byte)
+            prev_cr = byte == 0x0D
+        self._last_out_cr = prev_cr
+        return bytes(out)
+
+    def _emit(self, data: bytes) -> None:
+        self.console.append(data)
+        try:
+            os.write(self._ext_master, data)
+        except BlockingIOError:
+            self.lost_serial_bytes += len(data)  # no one is reading: a UART drops it too
+        except OSError:
+            pass
+
+    def _on_host_input(self) -> None:
+        try:
+            data = os.read(self._ext_master, 4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return
+        if self._process is None or self._int_master < 0:
+            return  # the board is off or in reset: the bytes go nowhere
+        for_board = bytearray()
+        for byte in data:
+            if byte == CTRL_C and self._code_running():
+                self._write_to_board(for_board)
+                for_board.clear()
+                self._interrupt()
+            else:
+                for_board.append(byte)
+        self._write_to_board(for_board)
+
+    def _code_running(self) -> bool:
+        try:
+            return bool(termios.tcgetattr(self._int_slave)[3] & termios.ISIG)
+        except termios.error:
+            return False
+
+    def _interrupt(self) -> None:
+        # One KeyboardInterrupt per burst of Ctrl-C: tools send two or three in a row, and a
+        # SIGINT arriving after the REPL took over would end the process.
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._last_sigint < 0.1 or self._process is None:
+            return
+        self._last_sigint = loop.time()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._process.pid, signal.SIGINT)
+
+    def _write_to_board(self, data: bytes | bytearray) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self._int_master, view)
+            except BlockingIOError:
+                # The board is not reading (its UART RX buffer is full): like a UART, drop.
+                return
+            except OSError:
+                return
+            view = view[n:]
+
+    # ----- hardware calls -----
+
+    async def _serve_calls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self._call_writer = writer
+        try:
+            while True:
+                header = await reader.readexactly(_HDR.size)
+                op, a, n = _HDR.unpack(header)
+                payload = await reader.readexactly(n) if n else b""
+                try:
+                    reply = await self._handle_call(op, a, payload)
+                    status = 0
+                except OSError as exc:
+                    reply, status = b"", -(exc.errno or _EIO)
+                if op not in ONE_WAY_OPS:
+                    writer.write(_RESP.pack(status, len(reply)) + reply)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def _handle_call(self, op: int, a: int, payload: bytes) -> bytes:
+        if op == OP_PIN_WRITE:
+            self.pin_outputs[a] = payload[0]
+            return b""
+        if op == OP_WDT_FEED:
+            self._feed_wdt()
+            return b""
+        if op == OP_I2C_WRITE:
+            self._i2c_device(a).write(payload)
+            return b""
+        if op == OP_I2C_READ:
+            (count,) = struct.unpack("<H", payload)
+            return self._i2c_device(a).read(count)
+        if op == OP_I2C_SCAN:
+            return bytes(sorted(self._i2c.get(a, {})))
+        if op == OP_ADC_READ:
+            source = self._analog_source(a)
+            kind = payload[0]
+            value = (source.read, source.read_u16, source.read_uv)[kind]()
+            return struct.pack("<I", value)
+        if op == OP_ADC_ATTEN:
+            self._analog_source(a).atten(payload[0])
+            return b""
+        if op == OP_PIN_IRQ:
+            (self._irq_pins.add if payload[0] else self._irq_pins.discard)(a)
+            return b""
+        if op == OP_WDT_START:
+            self._start_wdt(struct.unpack("<I", payload)[0] / 1000)
+            return b""
+        if op == OP_RESET:
+            asyncio.get_running_loop().create_task(self._restart(a))
+            return b""
+        if op == OP_DEEPSLEEP:
+            (ms,) = struct.unpack("<I", payload)
+            asyncio.get_running_loop().create_task(self._restart(DEEPSLEEP_RESET, ms / 1000))
+            return b""
+        if op == OP_RTC_MEM_READ:
+            return self.rtc_memory
+        if op == OP_RTC_MEM_WRITE:
+            self.rtc_memory = bytes(payload[:RTC_MEMORY_SIZE])
+            return b""
+        if op == OP_WLAN_CONNECT:
+            ssid, _, password = payload.partition(b"\x00")
+            self._wlan_credentials = (ssid.decode(), password.decode())
+            await self.refresh_link()
+            return b""
+        if op == OP_WLAN_DISCONNECT:
+            self._wlan_credentials = None
+            await self.refresh_link()
+            return b""
+        if op == OP_ROUTE:
+            if not self._link_up:
+                raise OSError(_EHOSTUNREACH, "no WiFi link")
+            port = await self.emulator.access_point.route(self, payload.decode(), a)
+            return struct.pack("<H", port)
+        raise OSError(_EIO, f"unknown hardware call {op}")
+
+    def _i2c_device(self, bus_addr: int) -> I2CDevice:
+        device = self._i2c.get(bus_addr >> 8, {}).get(bus_addr & 0xFF)
+        if device is None:
+            raise OSError(_ENODEV, "no I2C device at that address")  # the ESP32 port's NACK
+        return device
+
+    def _analog_source(self, pin: int) -> AnalogSource:
+        source = self._analog.get(pin)
+        if source is None:
+            raise OSError(_EIO, f"nothing is wired to ADC pin {pin}")
+        return source
+
+    # ----- events: pin edges and WiFi -----
+
+    async def _serve_events(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self._events_writer = writer
+        self._send_event(EV_LINK, int(self._link_up), 0)
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # the board never writes here; EOF means it is gone
+        if self._events_writer is writer:
+            self._events_writer = None
+        writer.close()
+
+    def _send_event(self, kind: int, a: int, b: int) -> None:
+        writer = self._events_writer
+        if writer is not None and not writer.is_closing():
+            writer.write(_HDR.pack(kind, a, b))
+
+    def _edge_from_thread(self, pin: int, level: int) -> None:
+        self.emulator.loop.call_soon_threadsafe(self._send_event, EV_EDGE, pin, level)
+
+    async def refresh_link(self) -> None:
+        """Bring the WiFi link up or down to match the AP, the range and the board's wishes."""
+        ap = self.emulator.access_point
+        creds = self._wlan_credentials
+        should_be_up = (
+            self._process is not None
+            and creds is not None
+            and self.in_range
+            and ap.is_up
+            and ap.accepts(*creds)
+        )
+        if should_be_up and not self._link_up:
+            if self._link_task is None or self._link_task.done():
+                self._link_task = asyncio.get_running_loop().create_task(self._associate())
+        elif not should_be_up:
+            if self._link_task:
+                self._link_task.cancel()
+            if self._link_up:
+                self._link_up = False
+                ap.cut(self)
+                self._send_event(EV_LINK, 0, 0)
+
+    async def _associate(self) -> None:
+        await asyncio.sleep(self.emulator.access_point.association_delay)
+        self._link_up = True
+        self._send_event(EV_LINK, 1, 0)
+
+    # ----- watchdog -----
+
+    def _start_wdt(self, timeout_s: float) -> None:
+        self._wdt_timeout = timeout_s
+        self._feed_wdt()
+
+    def _feed_wdt(self) -> None:
+        if self._wdt_timeout <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        self._wdt_deadline = loop.time() + self._wdt_timeout
+        if self._wdt_task is None:
+            self._wdt_task = loop.create_task(self._wdt_watch())
+
+    async def _wdt_watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while (remaining := self._wdt_deadline - loop.time()) > 0:
+            await asyncio.sleep(remaining)
+        self._emit(b"\r\nE (wdt) Task watchdog got triggered.\r\n")
+        self._wdt_task = None  # so that the restart below does not cancel this very task
+        await self._restart(WDT_RESET)
+
+    def _stop_wdt(self) -> None:
+        self._wdt_timeout = 0.0
+        if self._wdt_task and self._wdt_task is not asyncio.current_task():
+            self._wdt_task.cancel()
+        self._wdt_task = None
+
+
+def _boot_banner(cause: int) -> bytes:
+    """The first lines an ESP32's ROM prints on every boot."""
+    return (
+        f"ets Jul 29 2019 12:21:46\r\n\r\nrst:0x{cause:x} ({RESET_NAMES[cause]}),"
+        "boot:0x13 (SPI_FAST_FLASH_BOOT)\r\n"
+    ).encode()

