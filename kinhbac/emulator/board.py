@@ -35,12 +35,12 @@ HARD_RESET = 2
 WDT_RESET = 3
 DEEPSLEEP_RESET = 4
 SOFT_RESET = 5
-RESET_NAMES = {
-    PWRON_RESET: "POWERON_RESET",
-    HARD_RESET: "SW_CPU_RESET",
-    WDT_RESET: "TG1WDT_SYS_RESET",
-    DEEPSLEEP_RESET: "DEEPSLEEP_RESET",
-    SOFT_RESET: "SOFT_RESET",
+# What the ESP32's ROM prints for each (a soft reset never reaches the ROM).
+ROM_RESET_REASONS = {
+    PWRON_RESET: (0x1, "POWERON_RESET"),
+    HARD_RESET: (0xC, "SW_CPU_RESET"),
+    WDT_RESET: (0x8, "TG1WDT_SYS_RESET"),
+    DEEPSLEEP_RESET: (0x5, "DEEPSLEEP_RESET"),
 }
 
 RTC_MEMORY_SIZE = 2048
@@ -158,8 +158,8 @@ class Board:
         self.emulator.call(self._power_cut(restore))
 
     def press_reset(self) -> None:
-        """The EN button: a hard reset that keeps RTC memory."""
-        self.emulator.call(self._restart(HARD_RESET))
+        """The EN button: the chip resets as at power-on, flash kept, RTC memory cleared."""
+        self.emulator.call(self._power_cut(restore=True))
 
     def attach_i2c(self, device: I2CDevice, bus: int = 0) -> None:
         self._i2c.setdefault(bus, {})[device.address] = device
@@ -253,7 +253,8 @@ class Board:
             "KINHBAC_RESET_CAUSE": str(cause),
             "KINHBAC_BOARD_INDEX": str(self.index),
         }
-        self._emit(_boot_banner(cause))
+        if cause != SOFT_RESET:
+            self._emit(_rom_banner(cause))
         self._process = await asyncio.create_subprocess_exec(
             self.emulator.micropython,
             "-X",
@@ -571,9 +572,10 @@ class Board:
         self._wdt_task = None
 
 
-def _boot_banner(cause: int) -> bytes:
-    """The first lines an ESP32's ROM prints on every boot."""
+def _rom_banner(cause: int) -> bytes:
+    """The first lines an ESP32's ROM prints on every chip reset."""
+    code, name = ROM_RESET_REASONS[cause]
     return (
-        f"ets Jul 29 2019 12:21:46\r\n\r\nrst:0x{cause:x} ({RESET_NAMES[cause]}),"
+        f"ets Jul 29 2019 12:21:46\r\n\r\nrst:0x{code:x} ({name}),"
         "boot:0x13 (SPI_FAST_FLASH_BOOT)\r\n"
     ).encode()
