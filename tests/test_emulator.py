@@ -1,6 +1,7 @@
 """Emulated ESP32 boards: boot, serial/raw REPL, flash, resets, WiFi, watchdog, devices."""
 
 import socket
+import subprocess
 import threading
 import time
 
@@ -8,6 +9,7 @@ import pytest
 
 from kinhbac.emulator.board import DEEPSLEEP_RESET, HARD_RESET, PWRON_RESET, SOFT_RESET, WDT_RESET
 from kinhbac.emulator.devices import BME280, AnalogSource, PulseSource
+from kinhbac.emulator.interpreter import STANDIN_ALLOWANCE_BYTES
 from kinhbac.transport.raw_repl import RemoteError
 from kinhbac.transport.serial_link import connect
 
@@ -215,6 +217,19 @@ def test_heap_cap_makes_large_allocations_fail_with_memory_error(emulator):
     with pytest.raises(RemoteError, match="MemoryError"):
         repl.exec("x = bytearray(200 * 1024)")
     assert repl.exec("print(len(bytearray(8 * 1024)))") == b"8192\r\n"
+
+
+def test_stand_ins_fit_their_heap_allowance(emulator, board):
+    bare = subprocess.run(
+        [emulator.micropython, "-c", "import gc; gc.collect(); print(gc.mem_alloc())"],
+        capture_output=True, text=True, check=True,
+    )
+    boot_with(board, "pass\n")
+    repl = connect(board.tty_path)
+    in_use = repl.eval("(__import__('gc').collect(), __import__('gc').mem_alloc())[1]")
+    overhead = in_use - int(bare.stdout)
+    # The allowance must cover the stand-ins, and not hand the firmware much more than an ESP32.
+    assert STANDIN_ALLOWANCE_BYTES - 8 * 1024 <= overhead <= STANDIN_ALLOWANCE_BYTES
 
 
 class EchoServer:
