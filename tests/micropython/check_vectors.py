@@ -1,0 +1,178 @@
+# Runs under the micropython binary (also valid CPython): every golden frame in the vectors
+# file must encode to its exact bytes, decode back to its inputs, and be refused when
+# replayed, truncated, forged, of another version or direction, or from an unknown device/key.
+# Usage: micropython check_vectors.py <wire_v1.json>   (wire.py on MICROPYPATH)
+# Last line on success: "VECTORS PASSED <cases> <checks>"; exit status 1 on any failure.
+import json
+import sys
+from binascii import hexlify, unhexlify
+
+import wire
+
+failures = []
+checks = [0]
+
+
+def check(name, what, ok, detail=""):
+    checks[0] += 1
+    if ok:
+        print("ok", name, what)
+    else:
+        failures.append(name + " " + what)
+        print("FAIL", name, what, detail)
+
+
+def key_of(case):
+    k = case["key"]
+    return wire.Key(unhexlify(k["device_id"]), k["key_id"], unhexlify(k["secret"]))
+
+
+def encode(case, key):
+    h = case["header"]
+    f = case["fields"]
+    t = case["type"]
+    if t == "HELLO":
+        sensors = [tuple(s) for s in f["sensors"]]
+        return wire.encode_hello(
+            key, h["boot"], h["counter"], f["fw_version"], f["reset_cause"], f["drops"], sensors
+        )
+    if t == "READINGS":
+        # The node's path: ReadingsWriter into a pre-sized buffer.
+        w = wire.ReadingsWriter(key)
+        w.begin(f["readings_boot"], f["first_seq"], f["base_ms"], f["unsynced"])
+        for r in f["readings"]:
+            if not w.add(r[0], r[1], r[2]):
+                raise ValueError("reading did not fit")
+        return bytes(w.finish(h["boot"], h["counter"]))
+    if t == "ACK":
+        return wire.encode_ack(
+            key, h["boot"], h["counter"], f["readings_boot"], f["through_seq"], f["gateway_time_ms"]
+        )
+    if t == "ERROR_DOWN" or t == "ERROR_UP":
+        return wire.encode_error(
+            key,
+            h["boot"],
+            h["counter"],
+            f["reason"],
+            f["ref"],
+            f["detail"],
+            t == "ERROR_DOWN",
+        )
+    if t == "CONFIG":
+        return wire.encode_config(key, h["boot"], h["counter"], f["settings"])
+    raise ValueError("unknown type " + t)
+
+
+def decoded_fields(case, m):
+    t = case["type"]
+    if t == "HELLO":
+        return {
+            "fw_version": m.fw_version,
+            "reset_cause": m.reset_cause,
+            "drops": list(m.drops),
+            "sensors": [list(s) for s in m.sensors],
+        }
+    if t == "READINGS":
+        return {
+            "readings_boot": m.readings_boot,
+            "first_seq": m.first_seq,
+            "base_ms": m.base_ms,
+            "unsynced": m.unsynced,
+            "readings": [list(r) for r in m.readings],
+        }
+    if t == "ACK":
+        return {
+            "readings_boot": m.readings_boot,
+            "through_seq": m.through_seq,
+            "gateway_time_ms": m.gateway_time_ms,
+        }
+    if t == "ERROR_DOWN" or t == "ERROR_UP":
+        return {"reason": m.reason, "ref": m.ref, "detail": m.detail}
+    return {"settings": m.settings}
+
+
+def new_guard(case):
+    h = case["header"]
+    if case["type"] in ("ACK", "ERROR_DOWN", "CONFIG"):
+        g = wire.DownlinkGuard(h["boot"])
+        g.last_sent = h["counter"] // wire.DOWNLINK_ANSWERS  # the uplink it answers was sent
+        return g
+    return wire.ReplayGuard()
+
+
+def refused(frame, lookup, guard, downlink):
+    try:
+        wire.decode(frame, lookup, guard, downlink)
+    except wire.FrameError as e:
+        return e.name
+    except Exception as e:
+        return "ESCAPED " + repr(e)
+    return "ACCEPTED"
+
+
+def run_case(case):
+    name = case["name"]
+    key = key_of(case)
+    lookup = wire.lookup_for(key)
+    downlink = case["type"] in ("ACK", "ERROR_DOWN", "CONFIG")
+    frame = encode(case, key)
+    got = hexlify(frame).decode()
+    check(name, "encodes to the golden bytes", got == case["hex"], got)
+    check(
+        name,
+        "frame_length reads the header",
+        wire.frame_length(frame[: wire.HEADER_SIZE]) == len(frame),
+    )
+
+    golden = unhexlify(case["hex"])
+    guard = new_guard(case)
+    m = wire.decode(golden, lookup, guard, downlink)
+    check(name, "decodes to its type", wire.type_name(m.type) == case["type"], m.type)
+    h = case["header"]
+    header = [m.device_id, m.key_id, m.boot, m.counter]
+    want = [key.device_id, key.key_id, h["boot"], h["counter"]]
+    check(name, "decodes its header", header == want, repr(header))
+    got_fields = decoded_fields(case, m)
+    check(name, "decodes to its inputs", got_fields == case["fields"], repr(got_fields))
+
+    r = refused(golden, lookup, guard, downlink)
+    check(name, "replay refused", r == "REPLAY", r)
+    forged = bytearray(golden)
+    forged[-1] ^= 0x01
+    r = refused(bytes(forged), lookup, new_guard(case), downlink)
+    check(name, "bad MAC refused", r == "BAD_MAC", r)
+    payload_flip = bytearray(golden)
+    payload_flip[wire.HEADER_SIZE] ^= 0x80
+    r = refused(bytes(payload_flip), lookup, new_guard(case), downlink)
+    check(name, "payload bit flip refused", r == "BAD_MAC", r)
+    r = refused(golden[:-1], lookup, new_guard(case), downlink)
+    check(name, "truncated by one byte refused", r == "BAD_LENGTH", r)
+    r = refused(golden[:10], lookup, new_guard(case), downlink)
+    check(name, "truncated inside the header refused", r == "BAD_LENGTH", r)
+    v2 = bytearray(golden)
+    v2[0] = 2
+    r = refused(bytes(v2), lookup, new_guard(case), downlink)
+    check(name, "unknown version refused", r == "BAD_VERSION", r)
+    r = refused(golden, lookup, new_guard(case), not downlink)
+    check(name, "wrong direction refused", r == "BAD_TYPE", r)
+    r = refused(golden, lambda d, k: None, new_guard(case), downlink)
+    check(name, "unknown device refused", r == "UNKNOWN_DEVICE", r)
+    r = refused(golden, lambda d, k: wire.UNKNOWN_KEY, new_guard(case), downlink)
+    check(name, "unknown key refused", r == "UNKNOWN_KEY", r)
+
+
+def main():
+    with open(sys.argv[1]) as f:
+        cases = json.load(f)["cases"]
+    for case in cases:
+        try:
+            run_case(case)
+        except Exception as e:
+            check(case["name"], "runs without an exception", False, repr(e))
+    if failures:
+        print("VECTORS FAILED", len(failures), "of", checks[0])
+        sys.exit(1)
+    print("VECTORS PASSED", len(cases), checks[0])
+
+
+main()

