@@ -12,7 +12,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Benchmarks need Node.js and npm too (a 32-bit MicroPython for the heap factor).
 bench: $(STAMP)
+	cd bench && npm ci --silent --no-audit --no-fund
 	$(BIN)/python -m bench.run
 
 install: $(STAMP)
