@@ -143,6 +143,9 @@ DROP_STORAGE_ERROR = const(1)  # readings lost to a flash write/read error
 DROP_SENSOR_ERROR = const(2)  # scheduled readings not taken: the sensor failed
 
 READINGS_UNSYNCED = const(0x01)  # READINGS flags: base time is ms since boot, not Unix ms
+# READINGS flags: taken before the node's clock was synced; the Unix times were reconstructed
+# from the boot's monotonic clock at its first sync. Never together with UNSYNCED.
+READINGS_PRE_SYNC = const(0x02)
 ACK_HAS_READINGS = const(0x01)  # ACK flags: readings boot / through seq are meaningful
 ACK_HAS_TIME = const(0x02)  # ACK flags: the gateway's clock is synced, time is meaningful
 
@@ -398,12 +401,14 @@ class ReadingsWriter:
         self.first_seq = 0
         self._open = False
 
-    def begin(self, readings_boot, first_seq, base_ms, unsynced=False):
+    def begin(self, readings_boot, first_seq, base_ms, unsynced=False, pre_sync=False):
         """Start a batch: readings of boot readings_boot, seqs from first_seq, at base_ms on."""
         _check_int(readings_boot, MAX_U32, "readings boot")
         _check_int(first_seq, MAX_U32, "first seq")
         _check_int(base_ms, MAX_U64, "base time")
-        flags = READINGS_UNSYNCED if unsynced else 0
+        if unsynced and pre_sync:
+            raise FrameError(BAD_PAYLOAD, "a batch is either unsynced or pre-sync, not both")
+        flags = READINGS_UNSYNCED if unsynced else (READINGS_PRE_SYNC if pre_sync else 0)
         struct.pack_into(
             _READINGS_HEAD_FMT, self.buf, HEADER_SIZE, readings_boot, first_seq, flags, base_ms, 0
         )
@@ -452,12 +457,14 @@ class ReadingsWriter:
         return self._mv[:length]
 
 
-def encode_readings(key, boot, counter, readings_boot, first_seq, base_ms, unsynced, readings):
+def encode_readings(
+    key, boot, counter, readings_boot, first_seq, base_ms, unsynced, readings, pre_sync=False
+):
     """READINGS as bytes from [(sensor index, offset ms, value)]; FrameError if they don't fit."""
     w = ReadingsWriter(
         key, bytearray(MIN_FRAME + READINGS_HEAD_SIZE + READING_SIZE * len(readings))
     )
-    w.begin(readings_boot, first_seq, base_ms, unsynced)
+    w.begin(readings_boot, first_seq, base_ms, unsynced, pre_sync)
     for sensor, offset_ms, value in readings:
         _check_int(sensor, 255, "sensor index")
         _check_int(offset_ms, MAX_OFFSET_MS, "offset ms")
@@ -609,7 +616,7 @@ class HelloMessage(Message):
 
 
 class ReadingsMessage(Message):
-    """READINGS: .readings_boot, .first_seq, .base_ms, .unsynced, .readings [(index, ms, value)].
+    """READINGS: .readings_boot, .first_seq, .base_ms, .unsynced, .pre_sync, .readings.
 
     The i-th reading has seq first_seq + i and was taken at base_ms + its offset.
     """
@@ -679,7 +686,9 @@ def _parse_hello(m, r):
 
 def _parse_readings(m, r):
     boot, seq, flags, base, n = r.unpack(_READINGS_HEAD_FMT, READINGS_HEAD_SIZE)
-    if flags & ~READINGS_UNSYNCED:
+    if flags & ~(READINGS_UNSYNCED | READINGS_PRE_SYNC) or flags == (
+        READINGS_UNSYNCED | READINGS_PRE_SYNC
+    ):
         raise ValueError("unknown flags 0x%02x" % flags)
     if n < 1 or r.off + n * READING_SIZE != r.end:
         raise ValueError("count %d does not match the payload length" % n)
@@ -689,6 +698,7 @@ def _parse_readings(m, r):
     m.first_seq = seq
     m.base_ms = base
     m.unsynced = bool(flags & READINGS_UNSYNCED)
+    m.pre_sync = bool(flags & READINGS_PRE_SYNC)
     m.readings = [r.unpack(_READING_FMT, READING_SIZE) for _ in range(n)]
 
 

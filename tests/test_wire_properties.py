@@ -59,7 +59,8 @@ def readings_fields(draw):
         "readings_boot": draw(u32s),
         "first_seq": draw(st.integers(0, U32 - len(readings) + 1)),
         "base_ms": draw(st.integers(0, 2**64 - 1)),
-        "unsynced": draw(st.booleans()),
+        "unsynced": (unsynced := draw(st.booleans())),
+        "pre_sync": not unsynced and draw(st.booleans()),
         "readings": readings,
     }
 
@@ -101,7 +102,7 @@ def encode(ftype, key, boot, counter, f):
         )
     if ftype == wire.READINGS:
         args = (f["readings_boot"], f["first_seq"], f["base_ms"], f["unsynced"], f["readings"])
-        return wire.encode_readings(key, boot, counter, *args)
+        return wire.encode_readings(key, boot, counter, *args, f["pre_sync"])
     if ftype == wire.ACK:
         return wire.encode_ack(
             key, boot, counter, f["readings_boot"], f["through_seq"], f["gateway_time_ms"]

@@ -42,6 +42,7 @@ def encode(case, key):
             f["base_ms"],
             f["unsynced"],
             readings,
+            f["pre_sync"],
         )
     if t == "ACK":
         return wire.encode_ack(
@@ -91,7 +92,7 @@ def test_cpython_encodes_each_vector_to_its_golden_bytes(case):
 def test_node_writer_produces_the_golden_readings_bytes(case):
     f, h = case["fields"], case["header"]
     writer = wire.ReadingsWriter(key_of(case))
-    writer.begin(f["readings_boot"], f["first_seq"], f["base_ms"], f["unsynced"])
+    writer.begin(f["readings_boot"], f["first_seq"], f["base_ms"], f["unsynced"], f["pre_sync"])
     assert all(writer.add(*r) for r in f["readings"])
     assert bytes(writer.finish(h["boot"], h["counter"])).hex() == case["hex"]
 

@@ -39,7 +39,7 @@ def encode(case, key):
     if t == "READINGS":
         # The node's path: ReadingsWriter into a pre-sized buffer.
         w = wire.ReadingsWriter(key)
-        w.begin(f["readings_boot"], f["first_seq"], f["base_ms"], f["unsynced"])
+        w.begin(f["readings_boot"], f["first_seq"], f["base_ms"], f["unsynced"], f["pre_sync"])
         for r in f["readings"]:
             if not w.add(r[0], r[1], r[2]):
                 raise ValueError("reading did not fit")
@@ -78,6 +78,7 @@ def decoded_fields(case, m):
             "first_seq": m.first_seq,
             "base_ms": m.base_ms,
             "unsynced": m.unsynced,
+            "pre_sync": m.pre_sync,
             "readings": [list(r) for r in m.readings],
         }
     if t == "ACK":

@@ -55,7 +55,22 @@ CASES = [
             "first_seq": 1,
             "base_ms": BASE_MS,
             "unsynced": False,
+            "pre_sync": False,
             "readings": [[0, 0, 21.5], [1, 0, 55.25], [2, 3, -3.75], [0, 1000, 1013.25]],
+        },
+    },
+    {
+        "name": "readings_taken_before_clock_sync",
+        "type": "READINGS",
+        "key": KEY,
+        "header": {"boot": 3, "counter": 4},
+        "fields": {
+            "readings_boot": 3,
+            "first_seq": 0,
+            "base_ms": BASE_MS - 5000,
+            "unsynced": False,
+            "pre_sync": True,
+            "readings": [[0, 0, 20.25], [1, 10, 50.5]],
         },
     },
     {
@@ -68,6 +83,7 @@ CASES = [
             "first_seq": 4294967294,
             "base_ms": 65000,
             "unsynced": True,
+            "pre_sync": False,
             "readings": [[255, 65534, 0.0], [7, 65535, -1.5]],
         },
     },
@@ -81,6 +97,7 @@ CASES = [
             "first_seq": 5,
             "base_ms": BASE_MS + 1500,
             "unsynced": False,
+            "pre_sync": False,
             "readings": [[i % 4, i * 5, i * 0.5 - 40.0] for i in range(wire.MAX_READINGS)],
         },
     },
@@ -148,7 +165,7 @@ def encode_case(case):
     if t == "READINGS":
         readings = [tuple(r) for r in f["readings"]]
         args = (f["readings_boot"], f["first_seq"], f["base_ms"], f["unsynced"], readings)
-        return wire.encode_readings(key, h["boot"], h["counter"], *args)
+        return wire.encode_readings(key, h["boot"], h["counter"], *args, f["pre_sync"])
     if t == "ACK":
         args = (f["readings_boot"], f["through_seq"], f["gateway_time_ms"])
         return wire.encode_ack(key, h["boot"], h["counter"], *args)
