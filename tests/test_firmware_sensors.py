@@ -334,6 +334,7 @@ def test_sample_skips_a_failing_bme280_counts_its_errors_and_recovers(board):
     repl.exec("for _ in range(3):\n    s.sample(sink)")
     assert sorted(repl.eval("got")) == [3, 4]  # the analog and pulse sensors still report
     assert repl.eval("s.errors") == [3, 3, 3, 0, 0]
+    assert repl.eval("s.errors_total()") == 9
     chip.plugged = True
     chip.set(temperature_c=-5.0)
     repl.exec("got.clear()\ns.sample(sink)")

@@ -291,6 +291,13 @@ class SensorSet:
             else:
                 sink(i, value)
 
+    def errors_total(self):
+        """Failed reads summed over all sensors."""
+        n = 0
+        for e in self.errors:
+            n += e
+        return n
+
     def deinit(self):
         """Stop the pulse counters' IRQs."""
         for ch in self.channels:
