@@ -1,0 +1,277 @@
+# The node: read sensors on schedule, keep every reading until the gateway acknowledges it,
+# keep the link up, and recover by itself.
+#
+# Start-up order matters for a board in the field:
+#  1. count the boot (flash), and go to safe mode after too many boots that never became good;
+#  2. a short console window in which Ctrl-C leaves a technician at the REPL, watchdog off;
+#  3. arm the watchdog, then run the sampler, the link and the housekeeping tasks.
+# Any unexpected error reboots the board; the boot counts as bad until it has lived
+# `good_after_ms`, so a crash loop ends in safe mode instead of looping for ever.
+import gc
+import sys
+import time
+import asyncio
+import machine
+import struct
+from micropython import const
+
+import wire
+from node import config, log
+from node.clock import Clock
+from node.link import Link
+from node.sensors import build_sensors
+from node.state import State
+from node.store import F_PRE_SYNC, Store
+
+VERSION = "0.1.0"
+_RTC_MAGIC = const(0x4B42)  # "KB": RTC memory written by this firmware's deep-sleep cycle
+_RTC_FMT = "<HIIIQq?"  # magic, boot, next seq, last uplink counter, boot ms, offset, synced
+_HOUSEKEEPING_MS = const(250)
+
+
+class Node:
+    def __init__(self, cfg, state, boot, clock):
+        self.cfg = cfg
+        self.state = state
+        self.boot = boot
+        self.clock = clock
+        self.machine = machine
+        self.version = VERSION
+        self.seq = 0
+        self.store = Store(
+            cfg["ram_readings"], cfg["flash_readings"], cfg["flash_every"], cfg["flash_after_ms"]
+        )
+        self.sensors = None
+        self.build_sensors()
+        self.link = Link(self)
+        self.wdt = None
+        self.taken = 0
+
+    def build_sensors(self):
+        if self.sensors is not None:
+            self.sensors.deinit()
+        self.sensors = build_sensors(self._i2c, self.cfg["sensors"])
+
+    def _i2c(self):
+        bus = self.cfg["i2c"]
+        return machine.I2C(bus["id"], scl=machine.Pin(bus["scl"]), sda=machine.Pin(bus["sda"]),
+                           freq=bus.get("freq", 400000))
+
+    # ----- readings -----
+
+    def _store_reading(self, index, value):
+        self.seq += 1
+        flags = 0 if self.clock.synced else F_PRE_SYNC
+        self.store.add(self.boot, self.seq, self._now, value, index, flags)
+        self.taken += 1
+
+    def sample_once(self):
+        self._now = self.clock.now()
+        errors_before = self.sensors.errors_total()
+        self.sensors.sample(self._store_reading)
+        failed = self.sensors.errors_total() - errors_before
+        if failed:
+            self.state.drops[wire.DROP_SENSOR_ERROR] += failed
+        self._collect_drops()
+
+    def _collect_drops(self):
+        store = self.store
+        if store.dropped_full or store.dropped_storage:
+            self.state.drops[wire.DROP_BUFFER_FULL] += store.dropped_full
+            self.state.drops[wire.DROP_STORAGE_ERROR] += store.dropped_storage
+            store.dropped_full = store.dropped_storage = 0
+            self.link.hello_due = True  # the gateway hears of drops in the next HELLO
+
+    async def sampler(self):
+        interval = self.cfg["interval_ms"]
+        next_at = time.ticks_ms()
+        while True:
+            self.sample_once()
+            interval = self.cfg["interval_ms"]
+            next_at = time.ticks_add(next_at, interval)
+            wait = time.ticks_diff(next_at, time.ticks_ms())
+            if wait < 0:  # fell behind (a slow sensor): skip ahead rather than burst
+                next_at = time.ticks_ms()
+                wait = 0
+            await asyncio.sleep_ms(wait)
+
+    # ----- what the link reports -----
+
+    def on_clock(self, unix_ms):
+        if self.clock.sync(unix_ms):
+            log.info("clock synced")
+        self.state.set_offset(self.boot, self.clock.offset)
+
+    def offset_for(self, boot):
+        """Unix ms minus boot ms for readings of `boot`, or None when it never synced."""
+        if boot == self.boot:
+            return self.clock.offset
+        return self.state.offsets.get(boot)
+
+    def on_config(self, settings):
+        """Apply a CONFIG frame; returns an error text, or None when applied and saved."""
+        try:
+            new = config.apply_remote(self.cfg, settings)
+        except ValueError as e:
+            log.error("CONFIG refused: %s", e)
+            return str(e)
+        sensors_changed = new["sensors"] != self.cfg["sensors"]
+        config.save(new)
+        self.cfg = new
+        log.LEVEL = new["log_level"]
+        log.info("CONFIG applied: %s", ",".join(settings))
+        if sensors_changed:
+            self.build_sensors()
+            self.link.hello_due = True
+        return None
+
+    def on_stale_boot(self, latest):
+        # The gateway saw a later boot of ours (this flash was erased without re-provisioning):
+        # move past it and start afresh so that new readings get identities it has not seen.
+        log.error("gateway has seen boot %d; restarting as boot %d", latest, latest + 1)
+        self.state.boot = latest
+        self.state.save()
+        self.shutdown()
+        machine.reset()
+
+    # ----- housekeeping -----
+
+    def shutdown(self):
+        """Before an intentional reset: keep what RAM holds."""
+        self.store.flush()
+        self._collect_drops()
+        self.state.save()
+
+    async def housekeeping(self):
+        cfg = self.cfg
+        good = False
+        while True:
+            if self.wdt is not None:
+                self.wdt.feed()
+            now = self.clock.now()
+            self.store.maybe_flush(now)
+            self._collect_drops()
+            if self.state.drops_unsaved() and self.store.flash_writes:
+                self.state.save()  # with the flash writes the buffer makes anyway
+                self.store.flash_writes = 0
+            if not good and now >= cfg["good_after_ms"]:
+                good = True
+                self.state.mark_good()
+            limit = cfg["no_network_reboot_s"] * 1000
+            if limit and now - self.link.last_ack_ms > limit:
+                log.error("no gateway for %d s: rebooting", cfg["no_network_reboot_s"])
+                self.shutdown()
+                machine.reset()
+            await asyncio.sleep_ms(_HOUSEKEEPING_MS)
+
+    async def run(self):
+        asyncio.create_task(self.sampler())
+        asyncio.create_task(self.link.run())
+        await self.housekeeping()
+
+    # ----- battery mode -----
+
+    async def run_cycle(self):
+        """Deep-sleep mode: read, send what is buffered, sleep. RTC memory carries the boot."""
+        self.sample_once()
+        try:
+            await asyncio.wait_for_ms(self.link.run(once=True), self.cfg["ack_timeout_ms"] * 3)
+        except asyncio.TimeoutError:
+            log.info("gateway not reached this cycle")
+        if self.wdt is not None:
+            self.wdt.feed()
+        self.shutdown()
+        self.state.mark_good()
+        rtc_save(self)
+        machine.deepsleep(self.cfg["deep_sleep_ms"])
+
+
+def rtc_save(node):
+    clock = node.clock
+    synced = clock.offset is not None
+    machine.RTC().memory(struct.pack(
+        _RTC_FMT, _RTC_MAGIC, node.boot, node.seq, node.link.guard.last_sent,
+        clock.now() + node.cfg["deep_sleep_ms"], clock.offset if synced else 0, synced))
+
+
+def rtc_load():
+    """(boot, seq, counter, boot ms, offset) saved before a deep sleep, or None."""
+    if machine.reset_cause() != machine.DEEPSLEEP_RESET:
+        return None
+    raw = machine.RTC().memory()
+    if len(raw) < struct.calcsize(_RTC_FMT):
+        return None
+    magic, boot, seq, counter, ms, offset, synced = struct.unpack_from(_RTC_FMT, raw, 0)
+    if magic != _RTC_MAGIC:
+        return None
+    return boot, seq, counter, ms, offset if synced else None
+
+
+# ----- start-up -----
+
+def safe_mode(state, reason):
+    """Stay reachable on the console, send nothing, and say why."""
+    state.safe_reason = reason
+    state.save()
+    print("=" * 60)
+    print("kinhbac: SAFE MODE:", reason)
+    print("No data is sent. Fix the cause, then: import node.app; node.app.leave_safe_mode()")
+    print("=" * 60)
+
+
+def leave_safe_mode():
+    state = State()
+    state.bad_boots = 0
+    state.safe_reason = ""
+    state.save()
+    machine.reset()
+
+
+def _console_window(ms):
+    if ms:
+        print("kinhbac: starting in %d ms (Ctrl-C for the REPL, watchdog off)" % ms)
+        time.sleep_ms(ms)
+
+
+def main():
+    state = State()
+    resumed = rtc_load()
+    try:
+        cfg = config.load()
+    except ValueError as e:
+        state.begin_boot()
+        safe_mode(state, str(e))
+        return
+    log.LEVEL = cfg["log_level"]
+    if resumed is None or cfg["deep_sleep_ms"] == 0:
+        state.begin_boot()
+        if state.bad_boots > cfg["safe_mode_after"]:
+            safe_mode(state, "%d boots in a row failed; last error: %s" % (
+                state.bad_boots - 1, state.last_error or "none recorded"))
+            return
+        _console_window(cfg["console_window_ms"])
+        boot, clock = state.boot, Clock()
+    else:
+        boot, seq, counter, ms, offset = resumed
+        clock = Clock(ms)
+        clock.offset = offset
+    try:
+        node = Node(cfg, state, boot, clock)
+        if resumed is not None and cfg["deep_sleep_ms"]:
+            node.seq = resumed[1]
+            node.link.set_counter(resumed[2])
+        log.info("boot %d, firmware %s, %d sensors", boot, VERSION, len(cfg["sensors"]))
+        node.wdt = machine.WDT(timeout=cfg["watchdog_ms"])
+        gc.collect()
+        if cfg["deep_sleep_ms"]:
+            asyncio.run(node.run_cycle())
+        else:
+            asyncio.run(node.run())
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        sys.print_exception(e)
+        state.last_error = "%s: %s" % (type(e).__name__, e)
+        state.save()
+        time.sleep_ms(100)
+        machine.reset()

@@ -1,0 +1,136 @@
+# The node's configuration: one JSON file on flash, always replaced atomically (write a
+# temporary file, close it, rename it over the old one: littlefs renames atomically), so a
+# power cut leaves either the old file or the new one, never half of each.
+import json
+import os
+
+PATH = "/config.json"
+
+DEFAULTS = {
+    "interval_ms": 1000,  # sampling period
+    "batch_max": 20,  # readings per READINGS frame at most (20 fit one small TCP segment)
+    "send_after_ms": 2000,  # send a partial batch once its oldest reading is this old
+    "ram_readings": 64,  # RAM ring capacity
+    "flash_every": 32,  # unacknowledged readings in RAM that trigger a flash write
+    "flash_after_ms": 60000,  # ... or the age of the oldest reading not yet on flash
+    "flash_readings": 16384,  # flash buffer capacity; beyond it the oldest are dropped
+    "ack_timeout_ms": 5000,  # a batch not acknowledged by then: reconnect and resend
+    "backoff_min_ms": 500,  # reconnect delays grow from here ...
+    "backoff_max_ms": 60000,  # ... to here, with jitter
+    "no_network_reboot_s": 900,  # reboot after this long without a gateway ACK (as ESPHome)
+    "safe_mode_after": 10,  # boots in a row that never became good
+    "good_after_ms": 60000,  # a boot that lives this long is good
+    "watchdog_ms": 10000,  # machine.WDT timeout once armed (ESP32 minimum 1000)
+    "console_window_ms": 3000,  # after boot, Ctrl-C within this window keeps the WDT off
+    "deep_sleep_ms": 0,  # > 0: battery mode, read-send-sleep cycles of this length
+    "log_level": 2,
+    "i2c": {"id": 0, "scl": 22, "sda": 21},  # the ESP32 DevKit's usual I2C pins
+    "sensors": [],
+}
+
+# Settings the gateway may change with a CONFIG frame.
+REMOTE = (
+    "interval_ms",
+    "batch_max",
+    "send_after_ms",
+    "flash_every",
+    "flash_after_ms",
+    "no_network_reboot_s",
+    "deep_sleep_ms",
+    "log_level",
+    "sensors",
+)
+
+_POSITIVE = (
+    ("interval_ms", 1, 86400000),
+    ("batch_max", 1, 192),
+    ("send_after_ms", 0, 86400000),
+    ("ram_readings", 4, 4096),
+    ("flash_every", 1, 4096),
+    ("flash_after_ms", 0, 86400000),
+    ("flash_readings", 0, 1000000),
+    ("ack_timeout_ms", 100, 600000),
+    ("backoff_min_ms", 10, 600000),
+    ("backoff_max_ms", 10, 3600000),
+    ("no_network_reboot_s", 0, 604800),
+    ("safe_mode_after", 1, 1000),
+    ("good_after_ms", 0, 86400000),
+    ("watchdog_ms", 1000, 3600000),
+    ("console_window_ms", 0, 60000),
+    ("deep_sleep_ms", 0, 86400000),
+    ("log_level", 0, 3),
+)
+
+
+def _fail(msg):
+    raise ValueError("config: " + msg)
+
+
+def validate(cfg):
+    """Raise ValueError naming the first bad field."""
+    for name in ("device_id", "key_id", "secret", "wifi", "gateway"):
+        if name not in cfg:
+            _fail("missing " + name)
+    if not isinstance(cfg["device_id"], str) or len(cfg["device_id"]) != 16:
+        _fail("device_id must be 16 hex digits")
+    if not isinstance(cfg["secret"], str) or len(cfg["secret"]) < 32:
+        _fail("secret must be at least 16 bytes in hex")
+    try:
+        bytes.fromhex(cfg["device_id"] + cfg["secret"])
+    except ValueError:
+        _fail("device_id and secret must be hex")
+    if not isinstance(cfg["key_id"], int) or not 0 <= cfg["key_id"] <= 0xFFFF:
+        _fail("key_id must be 0..65535")
+    wifi = cfg["wifi"]
+    if not isinstance(wifi, dict) or not isinstance(wifi.get("ssid"), str):
+        _fail("wifi needs an ssid")
+    gw = cfg["gateway"]
+    if not isinstance(gw, dict) or not isinstance(gw.get("host"), str) or not isinstance(
+            gw.get("port"), int):
+        _fail("gateway needs a host and a port")
+    for name, low, high in _POSITIVE:
+        value = cfg[name]
+        if not isinstance(value, int) or not low <= value <= high:
+            _fail("%s must be a whole number from %d to %d" % (name, low, high))
+    if cfg["flash_every"] > cfg["ram_readings"]:
+        _fail("flash_every cannot exceed ram_readings")
+    if not isinstance(cfg["sensors"], list) or len(cfg["sensors"]) > 255:
+        _fail("sensors must be a list of at most 255 entries")
+    for entry in cfg["sensors"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            _fail("each sensor needs a name")
+
+
+def load(path=PATH):
+    """The saved configuration over the defaults; ValueError names what is wrong."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except OSError:
+        _fail("no " + path + " on flash: provision the node first")
+    except ValueError:
+        _fail(path + " is not valid JSON")
+    if not isinstance(saved, dict):
+        _fail(path + " must hold a JSON object")
+    cfg = dict(DEFAULTS)
+    cfg.update(saved)
+    validate(cfg)
+    return cfg
+
+
+def save(cfg, path=PATH):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(cfg, f)
+    os.rename(tmp, path)
+
+
+def apply_remote(cfg, settings):
+    """A copy of cfg with a CONFIG frame's settings applied; ValueError if any is refused."""
+    for name in settings:
+        if name not in REMOTE:
+            raise ValueError("setting not changeable remotely: " + name)
+    new = dict(cfg)
+    new.update(settings)
+    validate(new)
+    return new

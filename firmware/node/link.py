@@ -1,0 +1,273 @@
+# The uplink: WiFi, then a TCP session with the site's gateway speaking the wire codec.
+#
+# A session starts with HELLO; the gateway's first ACK carries its clock. Then batches of
+# readings go out oldest first, up to WINDOW frames awaiting their ACK. A reading leaves the
+# buffer only when an ACK covers it. Anything unexpected (a dead socket, an ACK that does not
+# come, a frame that fails verification) ends the session; the next one resends whatever is
+# not acknowledged, in new frames but with the same (boot, seq) identities.
+import asyncio
+import random
+import struct
+import time
+import network
+from micropython import const
+
+import wire
+from node import log
+from node.store import F_PRE_SYNC, REC, REC_SIZE
+
+WINDOW = const(4)  # READINGS frames in flight: enough to fill the link, little to resend
+HELLO_TIMEOUT_MS = const(5000)
+WIFI_TIMEOUT_MS = const(15000)
+
+def wire_reset_cause(machine):
+    """machine.reset_cause() as the wire's code: the numbers differ between ports."""
+    table = (
+        ("PWRON_RESET", wire.RESET_POWER_ON),
+        ("HARD_RESET", wire.RESET_HARD),
+        ("WDT_RESET", wire.RESET_WATCHDOG),
+        ("DEEPSLEEP_RESET", wire.RESET_DEEP_SLEEP),
+        ("SOFT_RESET", wire.RESET_SOFT),
+    )
+    cause = machine.reset_cause()
+    for name, code in table:
+        if getattr(machine, name, None) == cause:
+            return code
+    return wire.RESET_UNKNOWN
+
+
+class SessionEnded(Exception):
+    pass
+
+
+class Link:
+    def __init__(self, node):
+        self.node = node
+        cfg = node.cfg
+        self.key = wire.Key(
+            bytes.fromhex(cfg["device_id"]), cfg["key_id"], bytes.fromhex(cfg["secret"])
+        )
+        self.lookup = wire.lookup_for(self.key)
+        self.guard = wire.DownlinkGuard(node.boot)
+        self.wlan = network.WLAN(network.STA_IF)
+        self.connected = False
+        self.last_ack_ms = 0  # boot ms of the last ACK: drives the no-network reboot
+        self.hello_due = True
+        self.sessions = 0
+        self._writer = wire.ReadingsWriter(self.key)
+        self._recs = bytearray(wire.MAX_READINGS * REC_SIZE)
+        self._inflight = []  # [boot, last seq, count, sent ms] of each frame awaiting ACK
+        self._sent_boot = 0
+        self._sent_seq = 0
+        self._acked = asyncio.Event()
+        self._one = bytearray(REC_SIZE)
+        self._frame = bytearray(wire.MAX_FRAME)
+
+    def set_counter(self, last_sent):
+        """Continue a boot's uplink counter (deep sleep keeps it in RTC memory)."""
+        self.guard.last_sent = last_sent
+
+    # ----- WiFi and reconnecting -----
+
+    async def _wifi(self):
+        if self.wlan.isconnected():
+            return True
+        wifi = self.node.cfg["wifi"]
+        self.wlan.active(True)
+        if self.wlan.status() != network.STAT_CONNECTING:
+            self.wlan.connect(wifi["ssid"], wifi.get("password", ""))
+        start = time.ticks_ms()
+        while not self.wlan.isconnected():
+            if time.ticks_diff(time.ticks_ms(), start) > WIFI_TIMEOUT_MS:
+                self.wlan.disconnect()
+                return False
+            await asyncio.sleep_ms(20)
+        log.info("wifi up: %s", self.wlan.ifconfig()[0])
+        return True
+
+    def _backoff_ms(self, failures):
+        cfg = self.node.cfg
+        cap = cfg["backoff_max_ms"]
+        delay = cfg["backoff_min_ms"] << min(failures, 16)
+        if delay > cap:
+            delay = cap
+        # Full jitter on the upper half, so that a site's nodes do not reconnect in step.
+        return delay // 2 + random.getrandbits(16) * (delay // 2) // 65536
+
+    async def run(self, once=False):
+        """Keep a session going for ever (once=True: one session, for deep-sleep cycles)."""
+        failures = 0
+        while True:
+            ok = False
+            try:
+                if await self._wifi():
+                    ok = await self._session(once)
+            except (OSError, SessionEnded, wire.FrameError) as e:
+                log.info("session ended: %s", e)
+            self.connected = False
+            if once:
+                return ok
+            failures = 0 if ok else failures + 1
+            await asyncio.sleep_ms(self._backoff_ms(failures))
+
+    # ----- one session -----
+
+    async def _session(self, once):
+        gw = self.node.cfg["gateway"]
+        host, port = gw["host"], gw["port"]
+        reader, writer = await asyncio.open_connection(host, port)
+        self.sessions += 1
+        self._inflight = []
+        self._sent_boot = self.node.store.acked_boot
+        self._sent_seq = self.node.store.acked_seq
+        try:
+            await self._send(writer, self._hello())
+            await asyncio.wait_for_ms(self._expect_ack(reader), HELLO_TIMEOUT_MS)
+            self.connected = True
+            log.info("session %d with %s:%d", self.sessions, host, port)
+            receiver = asyncio.create_task(self._receive(reader, writer))
+            try:
+                return await self._send_loop(writer, receiver, once)
+            finally:
+                receiver.cancel()
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    async def _send(self, writer, frame):
+        writer.write(frame)
+        await writer.drain()
+
+    def _hello(self):
+        node = self.node
+        self.hello_due = False
+        drops = node.state.drops
+        sensors = [(e["name"], e.get("unit", "")) for e in node.cfg["sensors"]]
+        return wire.encode_hello(
+            self.key,
+            node.boot,
+            self.guard.next_counter(),
+            node.version,
+            wire_reset_cause(node.machine),
+            drops,
+            sensors,
+        )
+
+    async def _read_frame(self, reader):
+        header = await reader.readexactly(wire.HEADER_SIZE)
+        length = wire.frame_length(header)
+        rest = await reader.readexactly(length - wire.HEADER_SIZE)
+        frame = self._frame
+        frame[:wire.HEADER_SIZE] = header
+        frame[wire.HEADER_SIZE:length] = rest
+        return wire.decode(memoryview(frame)[:length], self.lookup, self.guard, True)
+
+    async def _expect_ack(self, reader):
+        """The gateway answers HELLO with an ACK carrying its clock (or an ERROR)."""
+        while True:
+            msg = await self._read_frame(reader)
+            if msg.type == wire.ACK:
+                self._on_ack(msg)
+                return
+            await self._on_other(msg, None)
+
+    async def _receive(self, reader, writer):
+        try:
+            while True:
+                msg = await self._read_frame(reader)
+                if msg.type == wire.ACK:
+                    self._on_ack(msg)
+                else:
+                    await self._on_other(msg, writer)
+        except Exception as e:  # the send loop sees the dead session through _dead
+            self._dead = e
+            self._acked.set()
+
+    def _on_ack(self, msg):
+        node = self.node
+        self.last_ack_ms = node.clock.now()
+        if msg.gateway_time_ms is not None:
+            node.on_clock(msg.gateway_time_ms)
+        if msg.readings_boot is not None:
+            node.store.ack(msg.readings_boot, msg.through_seq)
+            b, s = msg.readings_boot, msg.through_seq
+            while self._inflight and (
+                    self._inflight[0][0] < b or (self._inflight[0][0] == b and self._inflight[0][1] <= s)):
+                self._inflight.pop(0)
+        self._acked.set()
+
+    async def _on_other(self, msg, writer):
+        if msg.type == wire.CONFIG:
+            err = self.node.on_config(msg.settings)
+            if err and writer is not None:
+                frame = wire.encode_error(
+                    self.key, self.node.boot, self.guard.next_counter(), wire.UNSUPPORTED,
+                    msg.counter, err[:100], False)
+                await self._send(writer, frame)
+        elif msg.type == wire.ERROR_DOWN:
+            if msg.reason == wire.STALE_BOOT:
+                self.node.on_stale_boot(msg.ref)
+            raise SessionEnded("gateway refused a frame: %s %s" % (
+                wire.reason_name(msg.reason), msg.detail))
+
+    def _batch(self):
+        """The next READINGS frame from the buffer, or None when nothing waits."""
+        node = self.node
+        room = node.cfg["batch_max"]
+        n = node.store.read_after(self._sent_boot, self._sent_seq, self._recs, room)
+        if n == 0:
+            return None
+        boot0, seq0, t0, _, _, f0 = struct.unpack_from(REC, self._recs, 0)
+        offset = node.offset_for(boot0)
+        unsynced = offset is None
+        pre = bool(f0 & F_PRE_SYNC) and not unsynced
+        w = self._writer
+        w.begin(boot0, seq0, t0 if unsynced else t0 + offset, unsynced, pre)
+        count = 0
+        for i in range(n):
+            _, _, t, value, sensor, flags = struct.unpack_from(REC, self._recs, i * REC_SIZE)
+            if not unsynced and bool(flags & F_PRE_SYNC) != pre:
+                break  # a batch is either pre-sync or not
+            if not w.add(sensor, t - t0, value):
+                break
+            count += 1
+        last = seq0 + count - 1
+        self._sent_boot, self._sent_seq = boot0, last
+        self._inflight.append([boot0, last, count, node.clock.now()])
+        return w.finish(node.boot, self.guard.next_counter())
+
+    def _oldest_unsent_ms(self):
+        if self.node.store.read_after(self._sent_boot, self._sent_seq, self._one, 1) == 0:
+            return self.node.clock.now()
+        return struct.unpack_from(REC, self._one, 0)[2]
+
+    async def _send_loop(self, writer, receiver, once):
+        node = self.node
+        cfg = node.cfg
+        self._dead = None
+        while True:
+            if self._dead is not None:
+                raise SessionEnded("receive: %r" % (self._dead,))
+            if self.hello_due:
+                await self._send(writer, self._hello())
+            now = node.clock.now()
+            if self._inflight and now - self._inflight[0][3] > cfg["ack_timeout_ms"]:
+                raise SessionEnded("no ACK within %d ms" % cfg["ack_timeout_ms"])
+            in_flight = 0
+            for entry in self._inflight:
+                in_flight += entry[2]
+            unsent = node.store.pending() - in_flight
+            if unsent > 0 and len(self._inflight) < WINDOW and (
+                    once or unsent >= cfg["batch_max"]
+                    or now - self._oldest_unsent_ms() >= cfg["send_after_ms"]):
+                frame = self._batch()
+                if frame is not None:
+                    await self._send(writer, frame)
+                    continue
+            if once and node.store.pending() == 0:
+                return True
+            self._acked.clear()
+            try:
+                await asyncio.wait_for_ms(self._acked.wait(), 50)
+            except asyncio.TimeoutError:
+                pass
