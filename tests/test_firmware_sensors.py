@@ -36,9 +36,19 @@ ODD_CALIBRATION = Calibration(
 I2C_SETUP = "import machine\ni2c = machine.I2C(0, scl=machine.Pin(22), sda=machine.Pin(21))\n"
 
 
-def boot_node(board):
-    """Flash firmware/node/*.py to /lib/node/, boot, and return a raw-REPL session."""
-    files = {f"lib/node/{p.name}": p.read_bytes() for p in sorted(NODE.glob("*.py"))}
+def boot_node(board, compiled=False):
+    """Flash firmware/node/*.py to /lib/node/, boot, and return a raw-REPL session.
+
+    compiled: flash sensors.mpy from mpy-cross instead of the sources. The node image freezes
+    the package (firmware/manifest.py), so a real node never compiles sensors.py on its heap;
+    compiling on the board needs more heap at once than the driver ever uses afterwards.
+    """
+    if compiled:
+        mpy = board.workdir / "sensors.mpy"
+        subprocess.run([str(MPY_CROSS), "-o", str(mpy), str(NODE / "sensors.py")], check=True)
+        files = {"lib/node/__init__.py": b"", "lib/node/sensors.mpy": mpy.read_bytes()}
+    else:
+        files = {f"lib/node/{p.name}": p.read_bytes() for p in sorted(NODE.glob("*.py"))}
     files["main.py"] = b"pass\n"
     board.write_files(files)
     board.power_on()
@@ -407,7 +417,8 @@ def test_thousand_sample_rounds_fit_a_small_heap_without_growth(emulator, addr):
     board.attach_analog(34, AnalogSource(volts=1.0))
     meter = PulseSource(27)
     board.attach_pulses(27, meter)
-    repl = boot_node(board)
+    repl = boot_node(board, compiled=True)
+    assert repl.eval("sensors.__file__").endswith(".mpy")
     # Every global the loop makes exists beforehand, so the globals dict cannot grow mid-run.
     repl.exec(build(addr) + "vals = None\nstore = None\nmarks = None\nn = 0\nimport gc\n")
     repl.exec("for _ in range(5):\n    s.sample(lambda i, v: None)")  # warm-up
