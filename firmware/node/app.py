@@ -13,6 +13,7 @@ import time
 import asyncio
 import machine
 import struct
+import micropython
 from micropython import const
 
 import wire
@@ -25,8 +26,9 @@ from node.store import F_PRE_SYNC, Store
 
 VERSION = "0.1.0"
 _RTC_MAGIC = const(0x4B42)  # "KB": RTC memory written by this firmware's deep-sleep cycle
-_RTC_FMT = "<HIIIQq?"  # magic, boot, next seq, last uplink counter, boot ms, offset, synced
+_RTC_FMT = "<HIIIQqB"  # magic, boot, next seq, last uplink counter, boot ms, offset, synced
 _HOUSEKEEPING_MS = const(250)
+_HEAP_REPORT_MS = const(1000)  # at debug level: how tests and bench watch the heap
 
 
 class Node:
@@ -68,7 +70,13 @@ class Node:
     def sample_once(self):
         self._now = self.clock.now()
         errors_before = self.sensors.errors_total()
+        first = self.seq + 1
+        writes = self.store.flash_writes
         self.sensors.sample(self._store_reading)
+        if log.LEVEL >= 3:
+            log.debug("took seq %d..%d", first, self.seq)
+            if self.store.flash_writes != writes:
+                log.debug("saved through seq %d", self.store.saved_seq)
         failed = self.sensors.errors_total() - errors_before
         if failed:
             self.state.drops[wire.DROP_SENSOR_ERROR] += failed
@@ -145,12 +153,17 @@ class Node:
     async def housekeeping(self):
         cfg = self.cfg
         good = False
+        reported = 0
         while True:
             if self.wdt is not None:
                 self.wdt.feed()
             now = self.clock.now()
-            self.store.maybe_flush(now)
+            if self.store.maybe_flush(now):
+                log.debug("saved through seq %d", self.store.saved_seq)
             self._collect_drops()
+            if log.LEVEL >= 3 and now - reported >= _HEAP_REPORT_MS:
+                reported = now
+                self._report_heap()
             if self.state.drops_unsaved() and self.store.flash_writes:
                 self.state.save()  # with the flash writes the buffer makes anyway
                 self.store.flash_writes = 0
@@ -163,6 +176,12 @@ class Node:
                 self.shutdown()
                 machine.reset()
             await asyncio.sleep_ms(_HOUSEKEEPING_MS)
+
+    def _report_heap(self):
+        gc.collect()
+        peak = micropython.mem_peak() if hasattr(micropython, "mem_peak") else -1
+        log.debug("heap alloc=%d free=%d peak=%d readings=%d", gc.mem_alloc(), gc.mem_free(),
+                  peak, self.taken)
 
     async def run(self):
         asyncio.create_task(self.sampler())
@@ -254,7 +273,9 @@ def main():
     else:
         boot, seq, counter, ms, offset = resumed
         clock = Clock(ms)
-        clock.offset = offset
+        if offset is not None:
+            clock.offset = offset
+            clock.synced_at = 0  # this boot synced before it slept
     try:
         node = Node(cfg, state, boot, clock)
         if resumed is not None and cfg["deep_sleep_ms"]:

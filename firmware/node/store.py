@@ -6,7 +6,8 @@
 # cut loses at most the readings since the last flash write (fewer than `flash_every`, none
 # older than `flash_after_ms`), and flash sees one append per group, never one per reading.
 #
-# On flash, readings sit in segment files of up to SEGMENT_READINGS fixed-size records, oldest
+# On flash, readings sit in segment files of fixed-size records (at most SEGMENT_READINGS, and
+# an eighth of the flash capacity, so that dropping the oldest segment drops few), oldest
 # first. A segment is deleted once the gateway has acknowledged its last reading. When flash
 # holds `flash_readings`, the oldest segment is dropped and its readings are counted (the
 # full-buffer policy: drop the oldest, keep the newest). Records are in (boot, seq) order,
@@ -42,6 +43,9 @@ class Store:
         self.dropped_full = 0  # counted for HELLO: the full-buffer policy ran
         self.dropped_storage = 0  # counted for HELLO: flash could not take them
         self.flash_writes = 0
+        self.saved_boot = 0  # the newest reading on flash, for the console
+        self.saved_seq = 0
+        self.seg_readings = max(4, min(SEGMENT_READINGS, flash_readings // 8))
         self._segs = []  # [name, count, skip]: records [skip:count] not yet acknowledged
         self._next_seg = 0
         self._scan()
@@ -100,11 +104,11 @@ class Store:
         """Write RAM records [first, first+count) (no wrap) to the newest segment(s)."""
         done = 0
         while done < count:
-            if not self._segs or self._segs[-1][1] >= SEGMENT_READINGS:
+            if not self._segs or self._segs[-1][1] >= self.seg_readings:
                 self._segs.append(["%08d" % self._next_seg, 0, 0])
                 self._next_seg += 1
             seg = self._segs[-1]
-            k = min(count - done, SEGMENT_READINGS - seg[1])
+            k = min(count - done, self.seg_readings - seg[1])
             start = (first + done) * REC_SIZE
             with open(self._path(seg), "ab") as f:
                 f.write(self._mv[start:start + k * REC_SIZE])
@@ -125,6 +129,8 @@ class Store:
         except OSError:
             return False  # full or failing flash: the readings stay in RAM for now
         self.flash_writes += 1
+        last = ((self._head + self._n - 1) % self._cap) * REC_SIZE
+        self.saved_boot, self.saved_seq = struct.unpack_from("<II", self._ram, last)
         self._head = 0
         self._n = 0
         self._enforce_flash_limit()
@@ -141,15 +147,13 @@ class Store:
             os.remove(self._path(seg))
 
     def maybe_flush(self, now_ms):
-        """Flush when enough readings, or old enough ones, wait in RAM unacknowledged."""
+        """Flush when the oldest reading in RAM has waited flash_after_ms unacknowledged."""
         if self._n == 0:
-            return
-        if self._n >= self.flash_every:
-            self.flush()
-            return
+            return False
         t0 = struct.unpack_from("<Q", self._ram, self._head * REC_SIZE + 8)[0]
         if now_ms - t0 >= self.flash_after_ms:
-            self.flush()
+            return self.flush()
+        return False
 
     # ----- readings in and out -----
 
@@ -165,6 +169,8 @@ class Store:
         i = (self._head + self._n) % self._cap
         struct.pack_into(REC, self._ram, i * REC_SIZE, boot, seq, t_ms, value, sensor, flags)
         self._n += 1
+        if self._n >= self.flash_every:
+            self.flush()  # the power-cut bound: never flash_every unsaved readings in RAM
 
     def ack(self, boot, seq):
         """The gateway holds every reading up to (boot, seq): forget them."""

