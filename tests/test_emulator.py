@@ -211,11 +211,11 @@ def test_meter_pulses_reach_the_pin_irq_handler(board):
 
 
 def test_heap_cap_makes_large_allocations_fail_with_memory_error(emulator):
-    small = emulator.add_board(heap_bytes=64 * 1024)
+    small = emulator.add_board(heap_bytes=128 * 1024)
     boot_with(small, "pass\n")
     repl = connect(small.tty_path)
     with pytest.raises(RemoteError, match="MemoryError"):
-        repl.exec("x = bytearray(200 * 1024)")
+        repl.exec("x = bytearray(160 * 1024)")
     assert repl.exec("print(len(bytearray(8 * 1024)))") == b"8192\r\n"
 
 
