@@ -13,7 +13,6 @@ import time
 import asyncio
 import machine
 import struct
-import micropython
 from micropython import const
 
 import wire
@@ -179,9 +178,7 @@ class Node:
 
     def _report_heap(self):
         gc.collect()
-        peak = micropython.mem_peak() if hasattr(micropython, "mem_peak") else -1
-        log.debug("heap alloc=%d free=%d peak=%d readings=%d", gc.mem_alloc(), gc.mem_free(),
-                  peak, self.taken)
+        log.debug("heap alloc=%d free=%d readings=%d", gc.mem_alloc(), gc.mem_free(), self.taken)
 
     async def run(self):
         asyncio.create_task(self.sampler())
