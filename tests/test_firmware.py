@@ -23,6 +23,7 @@ FAST = {
     "good_after_ms": 600000,
 }
 SENSORS_PER_ROUND = len(launcher.SENSOR_KIT)
+FAST_BATCH_MAX = 20  # the firmware's default batch_max, which these tests keep
 ESP32_FREE_AFTER_BOOT = 91_000  # the low end of what a plain ESP32 has free (FACTS.md)
 
 
@@ -151,9 +152,10 @@ def test_full_buffer_drops_the_oldest_and_reports_how_many(emulator, receiver):
     assert dropped > 300
     boot_1 = seqs_of(receiver, node, 1)
     missing = set(range(1, max(boot_1) + 1)) - set(boot_1)
-    # The readings that never arrived are exactly the ones counted as dropped, and they are the
-    # oldest of the outage: what follows them arrived without a gap.
-    assert len(missing) == dropped
+    # Every reading that never arrived was counted. The count can exceed them by readings that
+    # were already on their way when their segment was dropped (at most the frames in flight).
+    assert len(missing) <= dropped <= len(missing) + 4 * FAST_BATCH_MAX
+    # The dropped ones are the oldest of the outage: what follows them arrived without a gap.
     assert_contiguous([s for s in boot_1 if s > max(missing)], first=max(missing) + 1)
 
 
