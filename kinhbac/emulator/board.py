@@ -549,8 +549,8 @@ class Board:
                 self._link_task.cancel()
             if self._link_up:
                 self._link_up = False
+                self._send_event(EV_LINK, 0, 0)  # first, so the board rarely sees a cut first
                 ap.cut(self)
-                self._send_event(EV_LINK, 0, 0)
 
     async def _associate(self) -> None:
         await asyncio.sleep(self.emulator.access_point.association_delay)

@@ -12,6 +12,10 @@ _EAI_FAIL = -202  # what lwIP's getaddrinfo raises on an ESP32 without a network
 def getaddrinfo(host, port, af=0, type=0, proto=0, flags=0):
     if not _hw.link_up:
         raise OSError(_EAI_FAIL)
-    reply = _hw.call(_hw.OP_ROUTE, port, host.encode())
+    try:
+        reply = _hw.call(_hw.OP_ROUTE, port, host.encode())
+    except OSError:
+        raise OSError(_EAI_FAIL)  # the link dropped a moment ago: the same failure
+
     relay_port = struct.unpack("<H", reply)[0]
     return usocket.getaddrinfo("127.0.0.1", relay_port, af, type, proto, flags)
