@@ -11,6 +11,8 @@ app = typer.Typer(
 )
 emulator_app = typer.Typer(help="Emulated ESP32 boards (needs the emulator extra).")
 app.add_typer(emulator_app, name="emulator")
+gateway_app = typer.Typer(help="The site gateway: nodes -> durable queue -> MQTT.")
+app.add_typer(gateway_app, name="gateway")
 
 
 @app.command()
@@ -35,6 +37,39 @@ def emulator_run(
     from kinhbac.emulator.cli import run_boards
 
     run_boards(boards=boards, workdir=workdir)
+
+
+@gateway_app.command("run")
+def gateway_run(
+    config: Path = typer.Option(
+        None,
+        "--config",
+        "-c",
+        help="TOML settings file. Every setting can also come from the environment as "
+        "KINHBAC_GATEWAY_<NAME> (nested: KINHBAC_GATEWAY_MQTT__PORT), which wins over the "
+        "file. `kinhbac gateway settings` lists them all.",
+    ),
+) -> None:
+    """Run the gateway until SIGTERM or Ctrl-C (both drain in-flight work first)."""
+    from kinhbac.gateway.config import ConfigError, load_settings
+    from kinhbac.gateway.daemon import run_gateway, setup_logging
+    from kinhbac.gateway.keys import KeyFileError
+
+    try:
+        settings = load_settings(config)
+        setup_logging(settings.log_format)
+        run_gateway(settings)
+    except (ConfigError, KeyFileError) as exc:
+        typer.echo(f"kinhbac gateway: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+@gateway_app.command("settings")
+def gateway_settings() -> None:
+    """Every gateway setting: its TOML name, environment variable, default and meaning."""
+    from kinhbac.gateway.config import describe_settings
+
+    typer.echo(describe_settings())
 
 
 if __name__ == "__main__":

@@ -102,8 +102,9 @@ class Link:
             try:
                 if await self._wifi():
                     ok = await self._session(once)
-            except (OSError, SessionEnded, wire.FrameError) as e:
-                log.info("session ended: %s", e)
+            except (OSError, EOFError, SessionEnded, wire.FrameError) as e:
+                # EOFError: MicroPython's readexactly when the gateway closes the connection.
+                log.info("session ended: %r", e)
             self.connected = False
             if once:
                 return ok

@@ -1,0 +1,1 @@
+"""The site gateway: nodes -> verified frames -> durable queue -> MQTT."""

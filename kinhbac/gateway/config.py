@@ -1,0 +1,172 @@
+"""The gateway's settings: a TOML file, overridden by KINHBAC_GATEWAY_* environment variables.
+
+    KINHBAC_GATEWAY_SITE=riverside  KINHBAC_GATEWAY_MQTT__PORT=8883  kinhbac gateway run -c gw.toml
+
+A bad value stops the gateway with one line that names the field.
+"""
+
+import re
+import socket
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # safe inside an MQTT topic and a file name
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the field."""
+
+
+class MqttSettings(BaseModel):
+    host: str = Field("127.0.0.1", description="MQTT broker host")
+    port: int = Field(1883, ge=1, le=65535, description="MQTT broker port (8883 for TLS)")
+    username: str | None = Field(None, description="broker user (the site's gateway account)")
+    password: SecretStr | None = Field(None, description="broker password")
+    tls: bool = Field(False, description="connect with TLS; the broker's certificate is verified")
+    ca_file: Path | None = Field(None, description="CA bundle that signed the broker's certificate")
+    cert_file: Path | None = Field(None, description="client certificate, for mutual TLS")
+    key_file: Path | None = Field(None, description="client certificate's private key")
+    client_id: str | None = Field(None, description="MQTT client id (default: kinhbac-<gateway>)")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive")
+    topic_prefix: str = Field("kinhbac", description="first level of every topic")
+    max_inflight: int = Field(
+        64, ge=1, le=10000, description="QoS 1 messages awaiting PUBACK at once"
+    )
+    readings_per_message: int = Field(
+        200, ge=1, le=5000, description="readings batched into one telemetry message at most"
+    )
+    backoff_min_s: float = Field(0.5, gt=0, description="first reconnect delay")
+    backoff_max_s: float = Field(30.0, gt=0, description="reconnect delays grow to this, jittered")
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> "MqttSettings":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} {path} does not exist")
+        if (self.ca_file or self.cert_file) and not self.tls:
+            raise ValueError("ca_file/cert_file given but tls is false")
+        return self
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="KINHBAC_GATEWAY_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    site: str = Field(description="the site this gateway serves: part of every MQTT topic")
+    gateway_id: str = Field(
+        default_factory=lambda: re.sub(r"[^a-z0-9_-]", "-", socket.gethostname().lower())[:63],
+        description="this gateway's name within the site (default: the host name)",
+    )
+    listen_host: str = Field("0.0.0.0", description="address the node listener binds")
+    listen_port: int = Field(7878, ge=0, le=65535, description="TCP port for nodes (0: any)")
+    data_dir: Path = Field(Path("/var/lib/kinhbac"), description="where the queue database lives")
+    key_file: Path = Field(description="JSON file of device keys (until the fleet supplies them)")
+    node_config_dir: Path | None = Field(
+        None, description="folder of <device id>.json CONFIG settings, sent on a node's next HELLO"
+    )
+    disk_cap_bytes: int = Field(
+        512 * 1024 * 1024, ge=64 * 1024, description="queue size limit; beyond it the oldest go"
+    )
+    max_age_s: int = Field(7 * 86400, ge=60, description="queued readings older than this go")
+    commit_window_ms: float = Field(
+        2.0, ge=0, le=1000, description="how long a commit waits to gather more frames"
+    )
+    metrics_host: str = Field("127.0.0.1", description="address of the /metrics endpoint")
+    metrics_port: int | None = Field(
+        9108, ge=0, le=65535, description="port of /metrics (Prometheus text); unset: none"
+    )
+    idle_timeout_s: float = Field(
+        300, gt=0, description="a node connection silent this long is closed"
+    )
+    frame_timeout_s: float = Field(
+        10, gt=0, description="a frame started must be complete within this (slow-loris guard)"
+    )
+    max_connections: int = Field(2000, ge=1, description="node connections at once")
+    log_format: str = Field("text", pattern="^(text|json)$", description="text or json lines")
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+
+    @field_validator("site", "gateway_id")
+    @classmethod
+    def _topic_safe(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("use lower-case letters, digits, '-' and '_' (at most 63)")
+        return value
+
+    @property
+    def database(self) -> Path:
+        return self.data_dir / "queue.sqlite3"
+
+    _toml_file: Path | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls._toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_file))
+        return tuple(sources)
+
+
+def describe_settings() -> str:
+    """A plain listing of every setting, for `kinhbac gateway settings`."""
+    lines = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            annotation = info.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                lines.append(f"\n[{prefix}{name}]")
+                walk(annotation, f"{prefix}{name}.")
+                continue
+            if info.is_required():
+                default = "(required)"
+            elif info.default_factory is not None:
+                default = "(computed)"
+            elif isinstance(info.default, Path):
+                default = repr(str(info.default))
+            else:
+                default = repr(info.default)
+            env = "KINHBAC_GATEWAY_" + (prefix + name).upper().replace(".", "__")
+            lines.append(f"{prefix}{name} = {default}\n    {info.description}  [{env}]")
+
+    walk(GatewaySettings, "")
+    return "\n".join(lines)
+
+
+def load_settings(path: Path | None, **overrides: object) -> GatewaySettings:
+    """Settings from `path` (TOML) and the environment; ConfigError names the first bad field."""
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    GatewaySettings._toml_file = path
+    try:
+        return GatewaySettings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "config"
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"config error in {field}: {message}") from exc
+    finally:
+        GatewaySettings._toml_file = None

@@ -1,0 +1,296 @@
+"""The southbound side: nodes connect over TCP and speak the wire codec.
+
+Every frame is verified (known device and key id, MAC, fresh counter, supported version). A
+READINGS frame is acknowledged only once its readings are committed to the queue; frames of one
+connection are verified in order while earlier ones are still being committed, and their ACKs
+go out in order. A refused frame is counted by reason and logged at most once per device per
+minute; it never disturbs other connections.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kinhbac import wire
+from kinhbac.gateway.keys import KeyStore
+from kinhbac.gateway.metrics import Metrics
+from kinhbac.gateway.queue import Batch, Queue, QueueError
+
+log = logging.getLogger(__name__)
+
+LOG_EVERY_S = 60.0  # refusals of one device are logged at most this often
+PIPELINE = 8  # frames of one connection verified ahead of their ACKs
+# Refusals that come after the MAC check: the frame is authentic, so the gateway may answer
+# it with an ERROR frame. Before the MAC it cannot attribute the frame: it closes the stream.
+_ANSWERABLE = (wire.STALE_BOOT, wire.REPLAY, wire.BAD_PAYLOAD)
+
+
+class DeviceInfo:
+    """What the gateway knows of a node from its HELLO (for topics, units and status)."""
+
+    def __init__(self, hello: dict[str, Any]) -> None:
+        self.hello = hello
+        sensors = hello.get("sensors", [])
+        self.sensors = [(name, unit) for name, unit in sensors]
+
+    def sensor(self, index: int) -> tuple[str, str]:
+        if index < len(self.sensors):
+            return self.sensors[index]
+        return (f"sensor{index}", "")
+
+
+class Listener:
+    def __init__(
+        self,
+        *,
+        keys: KeyStore,
+        queue: Queue,
+        metrics: Metrics,
+        host: str,
+        port: int,
+        idle_timeout_s: float,
+        frame_timeout_s: float,
+        max_connections: int,
+        node_config_dir: Path | None = None,
+        on_hello: Callable[[str, DeviceInfo], None] | None = None,
+        on_seen: Callable[[str], None] | None = None,
+    ) -> None:
+        self.keys = keys
+        self.queue = queue
+        self.metrics = metrics
+        self.host = host
+        self.port = port
+        self.idle_timeout_s = idle_timeout_s
+        self.frame_timeout_s = frame_timeout_s
+        self.max_connections = max_connections
+        self.node_config_dir = node_config_dir
+        self.on_hello = on_hello
+        self.on_seen = on_seen
+        self.guard = wire.ReplayGuard()
+        self.devices: dict[str, DeviceInfo] = {}
+        self.config_sent: dict[str, str | None] = {}
+        self.refused: dict[str, int] = defaultdict(int)
+        self._last_logged: dict[str, float] = {}
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task] = set()
+
+    async def start(self) -> int:
+        """Load what the queue remembers of devices, then listen; returns the port."""
+        for device, known in (await self.queue.devices()).items():
+            key_id, frame_boot, counter = known["replay"]
+            if key_id is not None:
+                self.guard.commit(bytes.fromhex(device), key_id, frame_boot, counter)
+            if known["hello"]:
+                self.devices[device] = DeviceInfo(known["hello"])
+            self.config_sent[device] = known["config_sent"]
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop accepting; let each connection finish the frame it is committing."""
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.wait(self._connections, timeout=5)
+
+    # ----- one connection -----
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._connections) >= self.max_connections:
+            self._refuse_quietly("connection_limit")
+            writer.transport.abort()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        self.metrics.connections.inc()
+        replies: asyncio.Queue = asyncio.Queue(PIPELINE)
+        sender = asyncio.create_task(self._send_replies(writer, replies))
+        try:
+            await self._read_frames(reader, replies)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            with contextlib.suppress(asyncio.QueueFull):
+                replies.put_nowait(None)
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(sender, timeout=5)
+            sender.cancel()
+            writer.transport.abort()
+            self.metrics.connections.dec()
+            self._connections.discard(task)
+
+    async def _read_frames(self, reader: asyncio.StreamReader, replies: asyncio.Queue) -> None:
+        while True:
+            try:
+                header = await asyncio.wait_for(
+                    reader.readexactly(wire.HEADER_SIZE), self.idle_timeout_s
+                )
+            except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+                return  # closed, or silent for too long
+            try:
+                length = wire.frame_length(header)
+                # The rest of a frame must come promptly: a slow-loris cannot hold a slot.
+                body = await asyncio.wait_for(
+                    reader.readexactly(length - wire.HEADER_SIZE), self.frame_timeout_s
+                )
+            except wire.FrameError as exc:
+                self._refused(exc, header)
+                return
+            except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+                self._refuse_quietly("incomplete_frame")
+                return
+            frame = header + body
+            try:
+                msg = wire.decode(frame, self.keys.lookup, self.guard)
+            except wire.FrameError as exc:
+                self._refused(exc, frame)
+                if exc.reason not in _ANSWERABLE or exc.header is None:
+                    return  # cannot be answered, and the stream cannot be trusted
+                await replies.put(self._error_reply(exc))
+                continue
+            await replies.put(self._handle(msg))
+
+    async def _send_replies(self, writer: asyncio.StreamWriter, replies: asyncio.Queue) -> None:
+        """Write each frame's answers in the order the frames came."""
+        while True:
+            item = await replies.get()
+            if item is None:
+                return
+            try:
+                frames = await item if asyncio.isfuture(item) else item
+            except QueueError as exc:
+                log.error("queue refused readings: %s", exc)
+                continue  # not acknowledged: the node keeps them and sends them again
+            if frames:
+                writer.write(b"".join(frames))
+                try:
+                    await writer.drain()
+                except ConnectionError:
+                    return
+
+    # ----- frames -----
+
+    def _handle(self, msg: wire.Message) -> Any:
+        device = wire.device_hex(msg.device_id)
+        key = self.keys.lookup(msg.device_id, msg.key_id)
+        assert isinstance(key, wire.Key)
+        replay = (msg.key_id, msg.boot, msg.counter)
+        if msg.type == wire.HELLO:
+            return self._hello(device, key, msg, replay)  # type: ignore[arg-type]
+        if msg.type == wire.READINGS:
+            return asyncio.ensure_future(self._readings(device, key, msg, replay))  # type: ignore
+        if msg.type == wire.ERROR_UP:
+            log.warning("node %s refused our frame %d: %s %s", device, msg.ref,  # type: ignore
+                        wire.reason_name(msg.reason), msg.detail)  # type: ignore[attr-defined]
+        self.queue.note_device(device, None, replay)
+        return []
+
+    def _hello(self, device: str, key: wire.Key, msg: wire.HelloMessage,
+               replay: tuple[int, int, int]) -> list[bytes]:
+        hello = {
+            "fw_version": msg.fw_version,
+            "boot": msg.boot,
+            "reset_cause": wire.RESET_NAMES.get(msg.reset_cause, str(msg.reset_cause)),
+            "drops": list(msg.drops),
+            "sensors": [list(s) for s in msg.sensors],
+            "seen_ms": int(time.time() * 1000),
+        }
+        info = self.devices[device] = DeviceInfo(hello)
+        self.queue.note_device(device, hello, replay)
+        if self.on_hello is not None:
+            self.on_hello(device, info)
+        answers = [wire.encode_ack(key, msg.boot, wire.downlink_counter(msg.counter, 0),
+                                   gateway_time_ms=int(time.time() * 1000))]
+        settings = self._pending_config(device)
+        if settings is not None:
+            answers.append(wire.encode_config(
+                key, msg.boot, wire.downlink_counter(msg.counter, 1), settings))
+            text = json.dumps(settings, sort_keys=True)
+            self.config_sent[device] = text
+            asyncio.ensure_future(self.queue.set_config_sent(device, settings))
+            log.info("sent CONFIG to %s: %s", device, text)
+        return answers
+
+    def _pending_config(self, device: str) -> dict[str, Any] | None:
+        """The node's CONFIG file, if it changed since it was last delivered."""
+        if self.node_config_dir is None:
+            return None
+        path = self.node_config_dir / f"{device}.json"
+        try:
+            settings = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:
+            log.error("%s is not valid JSON, not sent: %s", path, exc)
+            return None
+        if json.dumps(settings, sort_keys=True) == self.config_sent.get(device):
+            return None
+        return settings
+
+    async def _readings(self, device: str, key: wire.Key, msg: wire.ReadingsMessage,
+                        replay: tuple[int, int, int]) -> list[bytes]:
+        info = self.devices.get(device)
+        rows = []
+        for i, (index, offset_ms, value) in enumerate(msg.readings):
+            name, unit = info.sensor(index) if info else (f"sensor{index}", "")
+            t = msg.base_ms + offset_ms
+            rows.append((msg.first_seq + i, name, unit, value,
+                         None if msg.unsynced else t, t if msg.unsynced else None,
+                         int(msg.unsynced or msg.pre_sync)))
+        count = len(rows)
+        self.metrics.readings_in.inc(count)
+        try:
+            fresh = await self.queue.put(
+                Batch(device, msg.readings_boot, msg.first_seq, rows, replay))
+        except QueueError:
+            self.metrics.frames_refused.labels("busy").inc()
+            return [wire.encode_error(key, msg.boot, wire.downlink_counter(msg.counter, 0),
+                                      wire.BUSY, msg.counter, "queue unavailable")]
+        self.metrics.readings_acked.inc(count)
+        if self.on_seen is not None:
+            self.on_seen(device)
+        if fresh < count:
+            self.metrics.readings_duplicate.inc(count - fresh)
+        return [wire.encode_ack(key, msg.boot, wire.downlink_counter(msg.counter, 0),
+                                msg.readings_boot, msg.last_seq, int(time.time() * 1000))]
+
+    def _error_reply(self, exc: wire.FrameError) -> list[bytes]:
+        _type, device_id, key_id, boot, counter = exc.header
+        key = self.keys.lookup(device_id, key_id)
+        if not isinstance(key, wire.Key):
+            return []
+        ref = counter
+        if exc.reason == wire.STALE_BOOT:
+            latest = self.guard.latest(device_id, key_id)
+            ref = latest[0] if latest else 0
+        # An answer to a refused frame counts as answer 15, so it never reuses the counter of a
+        # normal answer to the same uplink counter.
+        return [wire.encode_error(key, boot, wire.downlink_counter(counter, 15), exc.reason, ref,
+                                  exc.name)]
+
+    # ----- refusals -----
+
+    def _refused(self, exc: wire.FrameError, frame: bytes) -> None:
+        self.refused[exc.name] += 1
+        self.metrics.frames_refused.labels(exc.name.lower()).inc()
+        device = wire.device_hex(exc.header[1]) if exc.header else "?"
+        now = time.monotonic()
+        if now - self._last_logged.get(device, -LOG_EVERY_S) >= LOG_EVERY_S:
+            self._last_logged[device] = now
+            log.warning("refused a frame from %s: %s (%s); further refusals of this device "
+                        "are counted, not logged, for %d s", device, exc.name, exc.message,
+                        LOG_EVERY_S)
+
+    def _refuse_quietly(self, reason: str) -> None:
+        self.refused[reason.upper()] += 1
+        self.metrics.frames_refused.labels(reason).inc()

@@ -1,0 +1,271 @@
+"""The northbound side: queued readings to the MQTT broker, QoS 1, deleted only after PUBACK.
+
+Readings go out in queue order, several per message (one device and boot per message). A
+device has at most one message awaiting its PUBACK, so its order holds across reconnects and
+restarts; different devices' messages fly together, up to `max_inflight`. After a reconnect
+everything still queued is sent again, marked `"replayed": true` when it waited through an
+outage. Connection loss is retried with capped, jittered exponential backoff.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiomqtt
+
+from kinhbac.gateway.config import GatewaySettings
+from kinhbac.gateway.metrics import Metrics
+from kinhbac.gateway.queue import Queue, Row
+
+log = logging.getLogger(__name__)
+
+FETCH = 2000  # rows read from the queue at a time
+IDLE_POLL_S = 0.02  # how often an empty queue is looked at again
+STATUS_EVERY_S = 30.0  # a device's retained status is refreshed at most this often
+
+
+@dataclass
+class Message:
+    device: str
+    topic: str
+    payload: bytes
+    ids: list[int]
+
+
+class Uplink:
+    def __init__(self, settings: GatewaySettings, queue: Queue, metrics: Metrics) -> None:
+        self.settings = settings
+        self.mqtt = settings.mqtt
+        self.queue = queue
+        self.metrics = metrics
+        self.connected = asyncio.Event()
+        self.connected_since_ms = 0
+        self.state = "starting"
+        self.published = 0
+        self._prefix = f"{self.mqtt.topic_prefix}/{settings.site}"
+        self._status: dict[str, dict[str, Any]] = {}
+        self._status_due: set[str] = set()
+        self._status_sent: dict[str, float] = {}
+        self._client: aiomqtt.Client | None = None
+        self._stopping = asyncio.Event()
+
+    # ----- topics -----
+
+    def telemetry_topic(self, device: str) -> str:
+        return f"{self._prefix}/{device}/telemetry"
+
+    def device_status_topic(self, device: str) -> str:
+        return f"{self._prefix}/{device}/status"
+
+    @property
+    def gateway_status_topic(self) -> str:
+        return f"{self._prefix}/gateway/{self.settings.gateway_id}/status"
+
+    def device_status(self, device: str, status: dict[str, Any]) -> None:
+        """A node's status changed (HELLO): publish it, retained, at the next chance."""
+        self._status[device] = status
+        self._status_due.add(device)
+
+    def device_seen(self, device: str) -> None:
+        """A node sent readings: refresh its retained status's last_seen, now and then."""
+        status = self._status.get(device)
+        if status is None:
+            return
+        status["last_seen_ms"] = int(time.time() * 1000)
+        if time.monotonic() - self._status_sent.get(device, -STATUS_EVERY_S) >= STATUS_EVERY_S:
+            self._status_due.add(device)
+
+    # ----- connection -----
+
+    def _tls(self) -> aiomqtt.TLSParameters | None:
+        if not self.mqtt.tls:
+            return None
+        return aiomqtt.TLSParameters(
+            ca_certs=str(self.mqtt.ca_file) if self.mqtt.ca_file else None,
+            certfile=str(self.mqtt.cert_file) if self.mqtt.cert_file else None,
+            keyfile=str(self.mqtt.key_file) if self.mqtt.key_file else None,
+            cert_reqs=ssl.CERT_REQUIRED,  # always verify the broker
+        )
+
+    def _client_for(self) -> aiomqtt.Client:
+        offline = json.dumps({"state": "offline", "gateway": self.settings.gateway_id})
+        return aiomqtt.Client(
+            self.mqtt.host,
+            self.mqtt.port,
+            identifier=self.mqtt.client_id or f"kinhbac-{self.settings.site}-"
+            f"{self.settings.gateway_id}",
+            username=self.mqtt.username,
+            password=self.mqtt.password.get_secret_value() if self.mqtt.password else None,
+            keepalive=self.mqtt.keepalive_s,
+            tls_params=self._tls(),
+            will=aiomqtt.Will(self.gateway_status_topic, offline, qos=1, retain=True),
+            max_inflight_messages=self.mqtt.max_inflight,
+            timeout=30,
+        )
+
+    async def run(self) -> None:
+        """Stay connected and publish until stop(); never raises for a broker problem."""
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                async with self._client_for() as client:
+                    self._client = client
+                    failures = 0
+                    await self._session(client)
+            except aiomqtt.MqttError as exc:
+                if not self._stopping.is_set():
+                    log.warning("broker %s:%d: %s", self.mqtt.host, self.mqtt.port, exc)
+            finally:
+                self._client = None
+                self.connected.clear()
+                self.metrics.uplink_up.set(0)
+            if self._stopping.is_set():
+                return
+            self.state = "reconnecting"
+            failures += 1
+            delay = min(self.mqtt.backoff_max_s, self.mqtt.backoff_min_s * 2 ** (failures - 1))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay * random.uniform(0.5, 1.0))
+
+    async def stop(self, drain_s: float = 5.0) -> None:
+        """Publish what is queued for up to drain_s, say offline, disconnect."""
+        deadline = time.monotonic() + drain_s
+        while self.connected.is_set() and self.queue.stats.depth and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self._stopping.set()
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        self.metrics.reconnects.inc()
+        self.connected_since_ms = int(time.time() * 1000)
+        await client.publish(self.gateway_status_topic, self._gateway_status("online"),
+                             qos=1, retain=True)
+        self.state = "connected"
+        self.connected.set()
+        self.metrics.uplink_up.set(1)
+        log.info("connected to broker %s:%d", self.mqtt.host, self.mqtt.port)
+        self._status_sent.clear()
+        self._status_due.update(self._status)  # a new broker session may have lost them
+        try:
+            await self._publish_loop(client)
+        finally:
+            if self._stopping.is_set():
+                with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
+                    await client.publish(self.gateway_status_topic,
+                                         self._gateway_status("offline"), qos=1, retain=True,
+                                         timeout=2)
+
+    def _gateway_status(self, state: str) -> str:
+        return json.dumps({
+            "state": state,
+            "gateway": self.settings.gateway_id,
+            "since_ms": self.connected_since_ms,
+            "dropped": self.queue.stats.dropped,
+        })
+
+    async def _publish_loop(self, client: aiomqtt.Client) -> None:
+        """Everything still queued, then whatever arrives, until the connection fails."""
+        after_id = 0  # a new session starts from the oldest reading not yet acknowledged
+        tails: dict[str, asyncio.Future] = {}  # each device's last message in flight
+        window = asyncio.Semaphore(self.mqtt.max_inflight)
+        failed: asyncio.Future = asyncio.get_running_loop().create_future()
+        tasks: set[asyncio.Task] = set()
+        try:
+            while not self._stopping.is_set():
+                if failed.done():
+                    failed.result()
+                await self._publish_statuses(client)
+                rows = await self.queue.fetch(after_id, FETCH)
+                if not rows:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(failed), IDLE_POLL_S)
+                    continue
+                after_id = rows[-1].id
+                for message in self._messages(rows):
+                    await window.acquire()
+                    previous = tails.get(message.device)
+                    task = asyncio.create_task(
+                        self._publish(client, message, previous, window, failed))
+                    tails[message.device] = task
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+        finally:
+            for task in tasks:
+                task.cancel()
+            if not failed.done():
+                failed.cancel()
+
+    async def _publish(self, client: aiomqtt.Client, message: Message,
+                       previous: asyncio.Future | None, window: asyncio.Semaphore,
+                       failed: asyncio.Future) -> None:
+        try:
+            if previous is not None:
+                await previous  # the device's earlier message is acknowledged first
+            await client.publish(message.topic, message.payload, qos=1)
+            await self.queue.delete(message.ids)
+            self.published += len(message.ids)
+            self.metrics.readings_published.inc(len(message.ids))
+        except aiomqtt.MqttError as exc:
+            if not failed.done():
+                failed.set_exception(exc)
+            raise
+        finally:
+            window.release()
+
+    def _messages(self, rows: list[Row]) -> list[Message]:
+        """Group consecutive rows of one device and boot, up to readings_per_message."""
+        limit = self.mqtt.readings_per_message
+        groups: dict[tuple[str, int], list[Row]] = {}
+        out: list[Message] = []
+        for row in rows:
+            key = (row.device, row.boot)
+            group = groups.get(key)
+            if group is None or len(group) >= limit:
+                if group:
+                    out.append(self._message(group))
+                group = groups[key] = []
+            group.append(row)
+        out.extend(self._message(g) for g in groups.values() if g)
+        out.sort(key=lambda m: m.ids[0])  # queue order, so per-device order holds
+        return out
+
+    def _message(self, rows: list[Row]) -> Message:
+        first = rows[0]
+        replayed = first.received_ms < self.connected_since_ms
+        payload = {
+            "device": first.device,
+            "site": self.settings.site,
+            "gateway": self.settings.gateway_id,
+            "boot": first.boot,
+            "seq": first.seq,
+            "replayed": replayed,
+            "readings": [_reading(r) for r in rows],
+        }
+        return Message(first.device, self.telemetry_topic(first.device),
+                       json.dumps(payload, separators=(",", ":")).encode(), [r.id for r in rows])
+
+    async def _publish_statuses(self, client: aiomqtt.Client) -> None:
+        while self._status_due:
+            device = self._status_due.pop()
+            await client.publish(self.device_status_topic(device),
+                                 json.dumps(self._status[device]), qos=1, retain=True)
+            self._status_sent[device] = time.monotonic()
+
+
+def _reading(row: Row) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "seq": row.seq,
+        "sensor": row.sensor,
+        "value": row.value,
+        "unit": row.unit,
+        "ts": row.ts_ms,
+        "pre_sync": bool(row.pre_sync),
+    }
+    if row.ts_ms is None:
+        out["boot_ms"] = row.boot_ms
+    return out
