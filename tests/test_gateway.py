@@ -1,0 +1,301 @@
+"""The gateway, end to end: emulated boards with the real firmware -> gateway -> Mosquitto."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers.gateway import Collector, GatewayProcess
+
+from kinhbac import wire
+from kinhbac.broker import LocalBroker
+from kinhbac.emulator import launcher
+
+NODE_SETTINGS = {
+    "interval_ms": 50,
+    "console_window_ms": 100,
+    "send_after_ms": 100,
+    "ack_timeout_ms": 3000,
+    "backoff_min_ms": 100,
+    "backoff_max_ms": 1000,
+    "good_after_ms": 600000,
+}
+
+
+@pytest.fixture
+def broker(tmp_path):
+    with LocalBroker(tmp_path / "broker", persistence=True) as b:
+        print(b.describe())
+        yield b
+
+
+@pytest.fixture
+def collector(broker):
+    c = Collector(broker.port)
+    time.sleep(0.2)
+    yield c
+    c.close()
+
+
+class Site:
+    """Nodes, their key file and a gateway process, torn down whatever happens."""
+
+    def __init__(self, tmp_path, emulator, broker, **gateway_settings):
+        self.tmp_path = tmp_path
+        self.emulator = emulator
+        self.broker = broker
+        self.key_file = tmp_path / "keys.json"
+        self.key_file.write_text('{"devices": []}')
+        self.gateway = GatewayProcess(tmp_path / "gw", key_file=self.key_file,
+                                      broker_port=broker.port, **gateway_settings)
+        self.nodes: list[launcher.Node] = []
+
+    def add_nodes(self, count, **settings):
+        nodes = [launcher.provision(self.emulator, self.gateway.port, **(NODE_SETTINGS | settings))
+                 for _ in range(count)]
+        self.nodes += nodes
+        launcher.write_key_file(self.key_file, self.nodes)
+        return nodes
+
+    def power_on(self):
+        for node in self.nodes:
+            node.board.power_on()
+
+
+@pytest.fixture
+def site(tmp_path, emulator, broker):
+    s = Site(tmp_path, emulator, broker)
+    yield s
+    s.gateway.stop()
+
+
+def assert_complete_and_ordered(collector, node, boot=1):
+    keys = [k for k in collector.arrival[node.device] if k[0] == boot]
+    seqs = [s for _, s in keys]
+    assert seqs == list(range(1, len(seqs) + 1)), (
+        f"{node.device}: gaps or disorder near {seqs[:3]}..{seqs[-3:]}")
+
+
+def test_every_reading_reaches_the_broker_once_in_order_with_its_values(site, collector):
+    nodes = site.add_nodes(5)
+    for i, node in enumerate(nodes):
+        node.bme280.set(temperature_c=15.0 + i, humidity_rh=50.0, pressure_pa=100000.0)
+    site.gateway.start()
+    site.power_on()
+    collector.wait_for(lambda: all(collector.count(n.device) >= 150 for n in nodes),
+                       what="150 readings from each node")
+    for i, node in enumerate(nodes):
+        assert_complete_and_ordered(collector, node)
+        readings = collector.readings[node.device]
+        temps = [r["value"] for (b, s), r in readings.items()
+                 if r["sensor"] == "temperature" and s > 10]
+        assert temps and all(abs(t - (15.0 + i)) <= 0.01 for t in temps)
+        sample = next(iter(readings.values()))
+        assert set(sample) >= {"seq", "sensor", "value", "unit", "ts", "pre_sync"}
+        status = collector.retained[f"kinhbac/testsite/{node.device}/status"]
+        assert status["firmware"] == "0.1.0" and status["boot"] == 1
+    gateway_status = collector.retained["kinhbac/testsite/gateway/gw1/status"]
+    assert gateway_status["state"] == "online"
+    metrics = site.gateway.metrics()
+    assert metrics["kinhbac_gateway_readings_published_total"] >= 750
+    assert metrics["kinhbac_gateway_uplink_connected"] == 1
+
+
+def test_broker_stopped_for_ten_seconds_loses_nothing(site, collector, broker):
+    nodes = site.add_nodes(3)
+    site.gateway.start()
+    site.power_on()
+    collector.wait_for(lambda: collector.count() >= 300, what="readings before the outage")
+    broker.stop()
+    time.sleep(10)
+    assert site.gateway.metrics()["kinhbac_gateway_uplink_connected"] == 0
+    queued = site.gateway.metrics()["kinhbac_gateway_queue_depth"]
+    broker.start()
+    before = {n.device: max(s for _, s in collector.readings[n.device]) for n in nodes}
+    collector.wait_for(lambda: all(collector.count(n.device) >= before[n.device] + 300
+                                   for n in nodes), timeout=90, what="catching up")
+    assert queued > 0  # the gateway held readings while the broker was away
+    for node in nodes:
+        assert_complete_and_ordered(collector, node)
+    assert any(m["replayed"] for m in collector.telemetry)
+
+
+def test_gateway_power_cut_loses_nothing_acked(site, collector):
+    nodes = site.add_nodes(3)
+    site.gateway.start()
+    site.power_on()
+    collector.wait_for(lambda: collector.count() >= 300, what="readings before the cut")
+    site.gateway.kill()
+    time.sleep(2)  # the nodes buffer; their ACKs stop
+    site.gateway.start()
+    before = {n.device: max(s for _, s in collector.readings[n.device]) for n in nodes}
+    collector.wait_for(lambda: all(collector.count(n.device) >= before[n.device] + 200
+                                   for n in nodes), timeout=90, what="catching up")
+    for node in nodes:
+        # A gap would be a reading the gateway acked (so the node forgot it) but lost.
+        assert_complete_and_ordered(collector, node)
+
+
+def test_sigterm_drains_and_marks_the_gateway_offline(site, collector):
+    site.add_nodes(1)
+    site.gateway.start()
+    site.power_on()
+    collector.wait_for(lambda: collector.count() >= 50)
+    assert site.gateway.terminate() == 0
+    collector.wait_for(lambda: collector.retained.get(
+        "kinhbac/testsite/gateway/gw1/status", {}).get("state") == "offline", what="offline")
+    assert "stopped;" in site.gateway.log()
+
+
+class Attacker:
+    """A CPython peer speaking the codec badly, on purpose."""
+
+    def __init__(self, port):
+        self.port = port
+
+    def send(self, data: bytes, read_timeout: float = 2.0) -> bytes:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(data)
+            s.settimeout(read_timeout)
+            got = b""
+            try:
+                while chunk := s.recv(4096):
+                    got += chunk
+            except TimeoutError:
+                pass
+            return got
+
+
+def test_forged_replayed_malformed_oversized_and_slow_frames_are_refused_while_nodes_flow(
+        site, collector):
+    nodes = site.add_nodes(2)
+    secret = os.urandom(32)
+    known = wire.Key(bytes.fromhex("6b6200000000beef"), 1, secret)
+    rows = [{"device_id": n.device, "key_id": 1, "secret": n.secret.hex()} for n in nodes]
+    rows.append({"device_id": "6b6200000000beef", "key_id": 1, "secret": secret.hex()})
+    site.key_file.write_text(json.dumps({"devices": rows}))
+    site.gateway.start()
+    site.power_on()
+    collector.wait_for(lambda: collector.count() >= 100)
+    attacker = Attacker(site.gateway.port)
+
+    forged = wire.encode_hello(wire.Key(known.device_id, 1, os.urandom(32)), 1, 1, "x", 0, [], [])
+    assert attacker.send(forged) == b""  # closed without an answer
+    hello = wire.encode_hello(known, 1, 1, "x", 0, [], [])
+    first = attacker.send(hello)
+    assert first  # an honest HELLO gets its ACK
+    replay = attacker.send(hello)  # the very same bytes again
+    assert wire.ERROR_DOWN in replay[:2]
+    unknown = wire.encode_hello(wire.Key(b"nobody!!", 1, os.urandom(32)), 1, 1, "x", 0, [], [])
+    attacker.send(unknown)
+    assert attacker.send(os.urandom(300)) == b""
+    oversized = bytearray(forged)
+    oversized[2:4] = (5000).to_bytes(2, "big")
+    assert attacker.send(bytes(oversized)) == b""
+    # Slow-loris: half a header, then nothing; the gateway must close it after frame_timeout_s.
+    slow = socket.create_connection(("127.0.0.1", site.gateway.port))
+    slow.sendall(hello[:30])
+    slow.settimeout(20)
+    started = time.monotonic()
+    assert slow.recv(10) == b""
+    assert time.monotonic() - started < 15
+    slow.close()
+
+    before = collector.count()
+    collector.wait_for(lambda: collector.count() >= before + 100, what="honest nodes flowing")
+    m = site.gateway.metrics()
+    for reason in ("bad_mac", "replay", "unknown_device", "bad_version", "bad_length",
+                   "incomplete_frame"):
+        assert m.get(f'kinhbac_gateway_frames_refused_total{{reason="{reason}"}}', 0) >= 1, (
+            reason, {k: v for k, v in m.items() if "refused" in k})
+    for node in nodes:
+        assert_complete_and_ordered(collector, node)
+
+
+def test_disk_cap_drops_the_oldest_counts_them_and_keeps_serving(tmp_path, emulator, broker,
+                                                                 collector):
+    site = Site(tmp_path, emulator, broker, disk_cap_bytes=256 * 1024)
+    try:
+        nodes = site.add_nodes(2, interval_ms=20)
+        site.gateway.start()
+        site.power_on()
+        collector.wait_for(lambda: collector.count() >= 100)
+        broker.stop()
+        deadline = time.monotonic() + 120
+        while site.gateway.metrics().get(
+                'kinhbac_gateway_readings_dropped_total{reason="disk_cap"}', 0) == 0:
+            assert time.monotonic() < deadline, "the cap never ran"
+            time.sleep(1)
+        acked = site.gateway.metrics()["kinhbac_gateway_readings_acked_total"]
+        time.sleep(2)
+        assert site.gateway.metrics()["kinhbac_gateway_readings_acked_total"] > acked
+        broker.start()
+        collector.wait_for(lambda: collector.retained.get(
+            "kinhbac/testsite/gateway/gw1/status", {}).get("dropped", {}).get("disk_cap", 0) > 0,
+            timeout=60, what="the drop count in the gateway's status")
+        before = collector.count()
+        collector.wait_for(lambda: collector.count() >= before + 200, what="flowing again")
+        for node in nodes:
+            seqs = sorted(s for _, s in collector.readings[node.device])
+            # The oldest of the outage are gone, the newest arrived; no gap after the drop.
+            tail = seqs[-100:]
+            assert tail == list(range(tail[0], tail[0] + len(tail)))
+    finally:
+        site.gateway.stop()
+
+
+def test_config_file_for_a_node_is_delivered_on_its_next_hello(tmp_path, emulator, broker,
+                                                              collector):
+    config_dir = tmp_path / "node-config"
+    config_dir.mkdir()
+    site = Site(tmp_path, emulator, broker, node_config_dir=config_dir)
+    try:
+        (node,) = site.add_nodes(1)
+        (config_dir / f"{node.device}.json").write_text('{"interval_ms": 200}')
+        site.gateway.start()
+        site.power_on()
+        node.board.console.wait_for("CONFIG applied: interval_ms", timeout=30)
+    finally:
+        site.gateway.stop()
+
+
+def test_bad_config_stops_the_gateway_with_one_line_naming_the_field(tmp_path):
+    config = tmp_path / "gw.toml"
+    config.write_text('site = "ok"\nkey_file = "/nonexistent"\n[mqtt]\nport = "eighty"\n')
+    done = subprocess.run([sys.executable, "-m", "kinhbac.cli", "gateway", "run", "-c",
+                           str(config)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "mqtt.port" in lines[0], done.stderr
+    config.write_text('site = "Bad Site!"\nkey_file = "/nonexistent"\n')
+    done = subprocess.run([sys.executable, "-m", "kinhbac.cli", "gateway", "run", "-c",
+                           str(config)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "site" in done.stderr
+
+
+def test_gateway_help_explains_every_setting():
+    done = subprocess.run([sys.executable, "-m", "kinhbac.cli", "gateway", "settings"],
+                          capture_output=True, text=True, timeout=30)
+    from kinhbac.gateway.config import GatewaySettings, MqttSettings
+    for name in GatewaySettings.model_fields:
+        assert f"{name} = " in done.stdout or f"[{name}]" in done.stdout, name
+    for name in MqttSettings.model_fields:
+        assert f"mqtt.{name} = " in done.stdout, name
+    assert "KINHBAC_GATEWAY_MQTT__PORT" in done.stdout
+
+
+def test_prometheus_metrics_name_what_the_issue_asks_for(site, collector):
+    site.add_nodes(1)
+    site.gateway.start()
+    site.power_on()
+    collector.wait_for(lambda: collector.count() >= 20)
+    names = set(site.gateway.metrics())
+    for wanted in ("kinhbac_gateway_readings_received_total", "kinhbac_gateway_readings_acked_total",
+                   "kinhbac_gateway_readings_published_total", "kinhbac_gateway_queue_depth",
+                   "kinhbac_gateway_queue_oldest_age_seconds", "kinhbac_gateway_uplink_connected",
+                   "kinhbac_gateway_uplink_reconnects_total",
+                   "kinhbac_gateway_commit_seconds_count"):
+        assert wanted in names, wanted
