@@ -299,3 +299,48 @@ def test_prometheus_metrics_name_what_the_issue_asks_for(site, collector):
                    "kinhbac_gateway_uplink_reconnects_total",
                    "kinhbac_gateway_commit_seconds_count"):
         assert wanted in names, wanted
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB filesystem for the gateway's data, as a nearly full SD card."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a 1 MiB tmpfs needs root (CI runs as root)")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                   check=True)
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_full_disk_drops_the_oldest_and_keeps_serving(tmp_path, emulator, broker, collector,
+                                                      small_disk):
+    site = Site(tmp_path, emulator, broker, data_dir=small_disk,
+                disk_cap_bytes=64 * 1024 * 1024)  # the disk fills long before the cap
+    try:
+        nodes = site.add_nodes(2, interval_ms=20)
+        site.gateway.start()
+        site.power_on()
+        collector.wait_for(lambda: collector.count() >= 100)
+        broker.stop()
+        deadline = time.monotonic() + 120
+        while site.gateway.metrics().get(
+                'kinhbac_gateway_readings_dropped_total{reason="disk_full"}', 0) == 0:
+            assert time.monotonic() < deadline, "the disk never filled"
+            time.sleep(1)
+        acked = site.gateway.metrics()["kinhbac_gateway_readings_acked_total"]
+        time.sleep(3)
+        assert site.gateway.metrics()["kinhbac_gateway_readings_acked_total"] > acked
+        assert site.gateway.proc.poll() is None
+        broker.start()
+        before = collector.count()
+        collector.wait_for(lambda: collector.count() >= before + 200, what="flowing again")
+        status = collector.retained["kinhbac/testsite/gateway/gw1/status"]
+        assert status["dropped"].get("disk_full", 0) > 0
+        for node in nodes:
+            seqs = sorted(s for _, s in collector.readings[node.device])
+            tail = seqs[-100:]
+            assert tail == list(range(tail[0], tail[0] + len(tail)))
+    finally:
+        site.gateway.stop()

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -29,6 +30,11 @@ log = logging.getLogger(__name__)
 _WRITES = ("put", "device", "delete", "config_sent")
 MAX_GROUP = 512  # requests per transaction: bounds one commit's latency under a flood
 CAP_MARGIN = 0.9  # a cap deletion frees down to 90 % of the cap, so it does not run per commit
+# Disk space kept free beside the queue for the WAL and checkpoints: a tenth of the filesystem,
+# between 64 KiB and 4 MiB. Half of it is held by a ballast file, given up when the disk fills
+# anyway (other programs share an SD card), so that deleting the oldest can still be written.
+RESERVE_MIN = 64 * 1024
+RESERVE_MAX = 4 * 1024 * 1024
 PAGE_CACHE_KIB = 8 * 1024
 
 SCHEMA = """
@@ -217,13 +223,20 @@ class Queue:
                     self._answer(fut, error=QueueError(f"{kind} failed: {exc}"))
 
     def _do_open(self, _: None) -> None:
+        fs = os.statvfs(self.path.parent)
+        self._reserve = max(RESERVE_MIN, min(RESERVE_MAX, fs.f_blocks * fs.f_frsize // 10))
+        self._ballast = self.path.parent / "ballast"
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")  # a commit fsyncs the WAL: acked means on disk
         db.execute(f"PRAGMA cache_size=-{PAGE_CACHE_KIB}")
+        # The WAL is checkpointed (and shrunk) before it outgrows a quarter of the reserve, so it
+        # never holds what the disk has no room to copy back.
+        self._page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        db.execute(f"PRAGMA wal_autocheckpoint={max(8, self._reserve // 4 // self._page_size)}")
+        db.execute(f"PRAGMA journal_size_limit={self._reserve // 4}")
         db.executescript(SCHEMA)
         self._db = db
-        self._page_size = db.execute("PRAGMA page_size").fetchone()[0]
         for device, mark_boot, mark_seq in db.execute(
             "SELECT device, mark_boot, mark_seq FROM devices"
         ):
@@ -231,6 +244,20 @@ class Queue:
         for name, value in db.execute("SELECT name, value FROM counters"):
             self.stats.dropped[name] = value
         self._refresh_stats()
+        self._place_ballast()
+
+    def _place_ballast(self) -> None:
+        size = self._reserve // 2
+        if self._ballast.exists() or self._free_bytes() < self._reserve + size:
+            return
+        with contextlib.suppress(OSError):
+            with open(self._ballast, "wb") as f:
+                f.write(b"\0" * size)
+                os.fsync(f.fileno())
+
+    def _free_bytes(self) -> int:
+        fs = os.statvfs(self.path.parent)
+        return fs.f_bavail * fs.f_frsize
 
     def _close(self) -> None:
         if self._db is not None:
@@ -345,6 +372,7 @@ class Queue:
     def _do_maintain(self, _: None) -> Stats:
         db = self._db
         assert db is not None
+        self._place_ballast()
         cutoff = int(time.time() * 1000) - self.max_age_s * 1000
         expired = db.execute(
             "SELECT COUNT(*) FROM readings WHERE received_ms < ?", (cutoff,)
@@ -372,21 +400,39 @@ class Queue:
         free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
         return (pages - free) * self._page_size
 
+    def effective_cap(self) -> int:
+        """The configured cap, or less when the disk has less room (keeping the reserve).
+
+        The room is the database file (free pages included: they are reused) plus the free
+        disk space, less the reserve.
+        """
+        assert self._db is not None
+        pages = self._db.execute("PRAGMA page_count").fetchone()[0]
+        room = pages * self._page_size + self._free_bytes() - self._reserve
+        return max(0, min(self.disk_cap_bytes, room))
+
     def _enforce_cap(self, db: sqlite3.Connection) -> None:
         used = self.used_bytes()
-        if used <= self.disk_cap_bytes:
+        cap = self.effective_cap()
+        if used <= cap:
             return
+        reason = "disk_cap" if cap == self.disk_cap_bytes else "disk_full"
         rows = max(1, self.stats.depth)
         per_row = used / rows
-        excess = used - self.disk_cap_bytes * CAP_MARGIN
+        excess = used - cap * CAP_MARGIN
         count = min(rows, max(1, int(excess / per_row) + 1))
-        self._drop_oldest(db, "disk_cap", count)
+        self._drop_oldest(db, reason, count)
 
     def _relieve_disk(self, db: sqlite3.Connection) -> None:
-        """After a failed commit (a full disk, say): make room by the stated policy."""
+        """After a failed commit (the disk filled anyway): give up the ballast, drop a tenth of
+        the oldest by the stated policy, and shrink the WAL, so the next commit has room."""
+        with contextlib.suppress(FileNotFoundError):
+            self._ballast.unlink()
         depth = db.execute("SELECT COUNT(*) FROM readings").fetchone()[0]
         if depth:
             self._drop_oldest(db, "disk_full", max(1, depth // 10))
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _drop_oldest(self, db: sqlite3.Connection, reason: str, count: int) -> None:
         self._drop(

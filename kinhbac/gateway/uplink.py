@@ -54,6 +54,7 @@ class Uplink:
         self._status_sent: dict[str, float] = {}
         self._client: aiomqtt.Client | None = None
         self._stopping = asyncio.Event()
+        self._dropped_reported: dict[str, int] = {}
 
     # ----- topics -----
 
@@ -143,6 +144,7 @@ class Uplink:
     async def _session(self, client: aiomqtt.Client) -> None:
         self.metrics.reconnects.inc()
         self.connected_since_ms = int(time.time() * 1000)
+        self._dropped_reported = dict(self.queue.stats.dropped)
         await client.publish(self.gateway_status_topic, self._gateway_status("online"),
                              qos=1, retain=True)
         self.state = "connected"
@@ -250,6 +252,12 @@ class Uplink:
                        json.dumps(payload, separators=(",", ":")).encode(), [r.id for r in rows])
 
     async def _publish_statuses(self, client: aiomqtt.Client) -> None:
+        dropped = dict(self.queue.stats.dropped)
+        if dropped != self._dropped_reported:
+            # Drops are reported upstream as they happen, not only at the next reconnect.
+            await client.publish(self.gateway_status_topic, self._gateway_status("online"),
+                                 qos=1, retain=True)
+            self._dropped_reported = dropped
         while self._status_due:
             device = self._status_due.pop()
             await client.publish(self.device_status_topic(device),
