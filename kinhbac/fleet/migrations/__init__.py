@@ -1,0 +1,1 @@
+"""Alembic migrations of the fleet schema; shipped in the package so an install can run them."""

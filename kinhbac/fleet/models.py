@@ -1,0 +1,441 @@
+"""The fleet's data: one class per role, `XBase -> XCreate / XUpdate -> X(table=True) -> XPublic`.
+
+Table classes hold what is stored (secrets only sealed or hashed); `XPublic` classes are what
+the API returns and what the audit log records, so neither can carry a secret by accident.
+"""
+
+import re
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+import sqlalchemy as sa
+from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
+from sqlmodel import Field, Relationship, SQLModel
+
+from kinhbac.fleet.identity import normalise_mac
+
+_SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # safe inside an MQTT topic and a file name
+_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+MAX_TAGS = 32
+MAX_SENSORS = 255  # the node's sensor index is one byte
+MAX_KEY_ID = 0xFFFF  # the frame header's key id field
+
+
+# Named constraints: later migrations (SQLite's batch mode above all) can then refer to them.
+SQLModel.metadata.naming_convention = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def _check_slug(value: str) -> str:
+    if not _SLUG.match(value):
+        raise ValueError(
+            f"{value!r}: use lower-case letters, digits, '-' and '_', at most 63, "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+# sqlmodel's Field(regex=...) is accepted and then not enforced, so patterns go through here.
+Slug = Annotated[str, AfterValidator(_check_slug)]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(sa.types.TypeDecorator):
+    """Timezone-aware UTC in and out, also on SQLite (which stores no zone)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: the fleet stores timezone-aware UTC only")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _enum(cls: type[StrEnum]) -> sa.Enum:
+    # Stored as plain strings: adding a state later is a code change, not a type migration.
+    return sa.Enum(
+        cls, native_enum=False, create_constraint=False, length=16,
+        values_callable=lambda members: [m.value for m in members],
+    )
+
+
+def _created() -> Any:
+    return Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+
+
+class Role(StrEnum):
+    admin = "admin"  # everything, including users, tokens, sites and gateways
+    technician = "technician"  # registers and re-provisions devices, reads site profiles
+    viewer = "viewer"  # reads the registry
+
+
+class DeviceState(StrEnum):
+    registered = "registered"  # known by MAC, no credentials yet (CSV pre-registration, later)
+    pending = "pending"  # introduced itself with its site's claim key, awaiting approval (later)
+    active = "active"  # has credentials; its site's gateways get its key
+    revoked = "revoked"  # credentials withdrawn; no gateway gets a key for it
+
+
+class TokenKind(StrEnum):
+    login = "login"  # from /api/auth/login, expires
+    api = "api"  # made by an admin for a script or tool
+
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    total: int
+    limit: int
+    offset: int
+
+
+# ---- users and tokens
+
+
+class UserBase(SQLModel):
+    email: str = Field(unique=True, index=True, max_length=254)
+    full_name: str | None = Field(default=None, max_length=100)
+    role: Role = Field(default=Role.viewer, sa_type=_enum(Role))
+    is_active: bool = True
+
+
+def _check_email(value: str) -> str:
+    value = value.strip().lower()
+    if not _EMAIL.match(value):
+        raise ValueError(f"{value!r} is not an e-mail address")
+    return value
+
+
+class UserCreate(UserBase):
+    password: str = Field(min_length=10, max_length=256)
+
+    _email = field_validator("email")(_check_email)
+
+
+class UserUpdate(SQLModel):
+    full_name: str | None = Field(default=None, max_length=100)
+    role: Role | None = None
+    is_active: bool | None = None
+    password: str | None = Field(default=None, min_length=10, max_length=256)
+
+
+class User(UserBase, table=True):
+    __tablename__ = "fleet_user"  # "user" is reserved in PostgreSQL
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    password_hash: str = Field(max_length=255)
+    created_at: datetime = _created()
+    updated_at: datetime = _created()
+
+
+class UserPublic(UserBase):
+    id: uuid.UUID
+    created_at: datetime
+
+
+class ApiTokenBase(SQLModel):
+    name: str = Field(min_length=1, max_length=100)
+
+
+class ApiTokenCreate(ApiTokenBase):
+    user_id: uuid.UUID
+    expires_in_days: int | None = Field(default=None, ge=1, le=3650)
+
+
+class ApiToken(ApiTokenBase, table=True):
+    __tablename__ = "api_token"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    user_id: uuid.UUID = Field(foreign_key="fleet_user.id", index=True, ondelete="CASCADE")
+    kind: TokenKind = Field(sa_type=_enum(TokenKind))
+    token_hash: str = Field(unique=True, max_length=64)
+    created_at: datetime = _created()
+    expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class ApiTokenPublic(ApiTokenBase):
+    id: uuid.UUID
+    user_id: uuid.UUID
+    kind: TokenKind
+    created_at: datetime
+    expires_at: datetime | None
+
+
+class ApiTokenIssued(ApiTokenPublic):
+    token: str = Field(description="the bearer token; shown this once, stored only hashed")
+
+
+class LoginResult(BaseModel):
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"
+    expires_at: datetime
+
+
+# ---- sites and gateways
+
+
+class SensorSpec(BaseModel):
+    """One entry of a site's sensor kit, as the node's config `sensors` takes it."""
+
+    model_config = ConfigDict(extra="allow")  # pins, scale, field...: the node checks those
+
+    name: str = Field(min_length=1, max_length=32)
+    kind: Literal["bme280", "adc", "pulse"]
+    unit: str | None = Field(default=None, max_length=16)
+
+
+def _check_sensor_kit(kit: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    if kit is None:
+        return None
+    if len(kit) > MAX_SENSORS:
+        raise ValueError(f"at most {MAX_SENSORS} sensors")
+    names = set()
+    checked = []
+    for index, entry in enumerate(kit):
+        spec = SensorSpec.model_validate(entry)
+        if spec.kind == "bme280" and "field" not in entry:
+            raise ValueError(f"sensor {index} ({spec.name}): a bme280 entry needs a field")
+        if spec.kind != "bme280" and not isinstance(entry.get("pin"), int):
+            raise ValueError(f"sensor {index} ({spec.name}): an {spec.kind} entry needs a pin")
+        if spec.name in names:
+            raise ValueError(f"sensor {index}: the name {spec.name!r} is used twice")
+        names.add(spec.name)
+        checked.append(spec.model_dump(exclude_none=True))
+    return checked
+
+
+class SiteBase(SQLModel):
+    name: str = Field(min_length=1, max_length=100)
+    wifi_ssid: str | None = Field(default=None, min_length=1, max_length=32)
+    gateway_host: str | None = Field(
+        default=None, min_length=1, max_length=253, description="where the nodes find a gateway"
+    )
+    gateway_port: int | None = Field(default=None, ge=1, le=65535)
+    sensor_kit: list[dict[str, Any]] = Field(
+        default_factory=list, sa_type=sa.JSON, description="the node config's `sensors` list"
+    )
+
+
+class SiteCreate(SiteBase):
+    slug: Slug = Field(description="the site in MQTT topics; cannot change later")
+    wifi_password: str | None = Field(default=None, min_length=8, max_length=63)
+
+    _kit = field_validator("sensor_kit")(_check_sensor_kit)
+
+
+class SiteUpdate(SQLModel):
+    name: str | None = Field(default=None, min_length=1, max_length=100)
+    wifi_ssid: str | None = Field(default=None, min_length=1, max_length=32)
+    wifi_password: str | None = Field(default=None, min_length=8, max_length=63)
+    gateway_host: str | None = Field(default=None, min_length=1, max_length=253)
+    gateway_port: int | None = Field(default=None, ge=1, le=65535)
+    sensor_kit: list[dict[str, Any]] | None = None
+
+    _kit = field_validator("sensor_kit")(_check_sensor_kit)
+
+
+class Site(SiteBase, table=True):
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    slug: str = Field(unique=True, max_length=63)
+    wifi_password_enc: bytes | None = Field(default=None, sa_type=sa.LargeBinary)
+    claim_key_enc: bytes = Field(sa_type=sa.LargeBinary)
+    created_at: datetime = _created()
+    updated_at: datetime = _created()
+
+
+class SitePublic(SiteBase):
+    id: uuid.UUID
+    slug: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class SiteProfile(SitePublic):
+    """What a technician needs to set a node up for the site, secrets included."""
+
+    wifi_password: str | None
+    claim_key: str
+
+
+class GatewayBase(SQLModel):
+    name: Slug = Field(max_length=63, description="the gateway id within its site")
+
+
+class GatewayCreate(GatewayBase):
+    site_id: uuid.UUID
+
+
+class Gateway(GatewayBase, table=True):
+    __table_args__ = (sa.UniqueConstraint("site_id", "name"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    site_id: uuid.UUID = Field(foreign_key="site.id", index=True, ondelete="CASCADE")
+    token_hash: str = Field(unique=True, max_length=64)
+    created_at: datetime = _created()
+
+
+class GatewayPublic(GatewayBase):
+    id: uuid.UUID
+    site_id: uuid.UUID
+    created_at: datetime
+
+
+class GatewayEnrolled(GatewayPublic):
+    token: str = Field(description="the gateway's bearer token; shown this once")
+
+
+class GatewayKey(BaseModel):
+    device_id: str = Field(description="wire id, 16 hex digits")
+    key_id: int
+    secret: str = Field(description="32 bytes, hex")
+
+
+class GatewayKeys(BaseModel):
+    """The gateway's key file format: {"devices": [{"device_id", "key_id", "secret"}]}."""
+
+    devices: list[GatewayKey]
+
+
+# ---- devices
+
+
+class DeviceBase(SQLModel):
+    chip: str | None = Field(default=None, max_length=64, description="e.g. ESP32-D0WD-V3")
+    flash_size: int | None = Field(default=None, ge=0, le=2**31 - 1, description="bytes")
+    board: str | None = Field(default=None, max_length=64)
+
+
+def _check_tags(tags: list[str] | None) -> list[str] | None:
+    if tags is None:
+        return None
+    if len(tags) > MAX_TAGS:
+        raise ValueError(f"at most {MAX_TAGS} tags")
+    for tag in tags:
+        if not _TAG.match(tag):
+            raise ValueError(f"tag {tag!r}: use letters, digits, '_', '.', ':', '-' (64 at most)")
+    return sorted(set(tags))
+
+
+class DeviceCreate(DeviceBase):
+    mac: str = Field(description="aa:bb:cc:dd:ee:ff (also accepted: '-' or no separators)")
+    site_id: uuid.UUID | None = None
+    tags: list[str] = Field(default_factory=list)
+    firmware_version: str | None = Field(default=None, max_length=64)
+
+    _mac = field_validator("mac")(normalise_mac)
+    _tags = field_validator("tags")(_check_tags)
+
+
+class DeviceUpdate(SQLModel):
+    chip: str | None = Field(default=None, max_length=64)
+    flash_size: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    board: str | None = Field(default=None, max_length=64)
+    site_id: uuid.UUID | None = None
+    tags: list[str] | None = None
+
+    _tags = field_validator("tags")(_check_tags)
+
+
+class DeviceTag(SQLModel, table=True):
+    __tablename__ = "device_tag"
+
+    device_id: uuid.UUID = Field(foreign_key="device.id", primary_key=True, ondelete="CASCADE")
+    tag: str = Field(primary_key=True, max_length=64, index=True)
+
+
+class Device(DeviceBase, table=True):
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    mac: str = Field(unique=True, max_length=17)
+    wire_id: str = Field(unique=True, max_length=16)
+    site_id: uuid.UUID | None = Field(
+        default=None, foreign_key="site.id", index=True, ondelete="SET NULL"
+    )
+    firmware_version: str | None = Field(default=None, max_length=64, index=True)
+    boot_counter: int | None = Field(default=None, sa_type=sa.BigInteger)
+    key_id: int = 0
+    secret_enc: bytes | None = Field(default=None, sa_type=sa.LargeBinary)
+    state: DeviceState = Field(default=DeviceState.registered, sa_type=_enum(DeviceState),
+                               index=True)
+    last_seen_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    created_at: datetime = _created()
+    updated_at: datetime = _created()
+
+    tag_rows: list[DeviceTag] = Relationship(
+        sa_relationship_kwargs={
+            "cascade": "all, delete-orphan", "lazy": "selectin", "order_by": "DeviceTag.tag",
+        }
+    )
+
+    @property
+    def tags(self) -> list[str]:
+        return [row.tag for row in self.tag_rows]
+
+    def set_tags(self, tags: list[str]) -> None:
+        wanted = set(tags)
+        self.tag_rows = [row for row in self.tag_rows if row.tag in wanted] + [
+            DeviceTag(tag=tag) for tag in sorted(wanted - set(self.tags))
+        ]
+
+
+class DevicePublic(DeviceBase):
+    id: uuid.UUID
+    mac: str
+    wire_id: str
+    site_id: uuid.UUID | None
+    tags: list[str]
+    firmware_version: str | None
+    boot_counter: int | None
+    key_id: int
+    state: DeviceState
+    last_seen_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class DeviceProvisioned(DevicePublic):
+    secret: str = Field(description="the device secret, 32 bytes hex; shown this once")
+
+
+# ---- audit
+
+
+class AuditEntryBase(SQLModel):
+    at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, index=True)
+    actor_kind: str = Field(max_length=16, description="user, gateway or cli")
+    actor_id: uuid.UUID | None = None
+    actor: str = Field(max_length=320, description="e-mail, site/gateway or cli")
+    action: str = Field(max_length=64, index=True, description="e.g. device.create")
+    entity: str = Field(max_length=32)
+    entity_id: str = Field(max_length=64, index=True)
+    before: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
+    after: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
+
+
+class AuditEntry(AuditEntryBase, table=True):
+    __tablename__ = "audit_entry"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+
+
+class AuditEntryPublic(AuditEntryBase):
+    id: uuid.UUID
