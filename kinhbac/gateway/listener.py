@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -38,11 +39,28 @@ class DeviceInfo:
         self.hello = hello
         sensors = hello.get("sensors", [])
         self.sensors = [(name, unit) for name, unit in sensors]
+        # Each sensor's name and unit as JSON, encoded once: readings are encoded per frame.
+        self._json = [(json.dumps(n), json.dumps(u)) for n, u in self.sensors]
 
-    def sensor(self, index: int) -> tuple[str, str]:
-        if index < len(self.sensors):
-            return self.sensors[index]
-        return (f"sensor{index}", "")
+    def sensor_json(self, index: int) -> tuple[str, str]:
+        if index < len(self._json):
+            return self._json[index]
+        return (f'"sensor{index}"', '""')
+
+
+UNKNOWN_DEVICE_INFO = DeviceInfo({})
+
+
+def reading_json(seq: int, names: tuple[str, str], value: float, time_ms: int,
+                 unsynced: bool, pre_sync: bool) -> str:
+    """One reading as the JSON object the telemetry payload carries (docs/mqtt.md)."""
+    name, unit = names
+    number = repr(value) if math.isfinite(value) else "null"  # JSON has no NaN or infinity
+    if unsynced:  # the node's clock never synced that boot: only ms since its boot are known
+        return (f'{{"seq":{seq},"sensor":{name},"value":{number},"unit":{unit},"ts":null,'
+                f'"boot_ms":{time_ms},"pre_sync":true}}')
+    return (f'{{"seq":{seq},"sensor":{name},"value":{number},"unit":{unit},"ts":{time_ms},'
+            f'"pre_sync":{"true" if pre_sync else "false"}}}')
 
 
 class Listener:
@@ -239,19 +257,18 @@ class Listener:
 
     async def _readings(self, device: str, key: wire.Key, msg: wire.ReadingsMessage,
                         replay: tuple[int, int, int]) -> list[bytes]:
-        info = self.devices.get(device)
-        rows = []
-        for i, (index, offset_ms, value) in enumerate(msg.readings):
-            name, unit = info.sensor(index) if info else (f"sensor{index}", "")
-            t = msg.base_ms + offset_ms
-            rows.append((msg.first_seq + i, name, unit, value,
-                         None if msg.unsynced else t, t if msg.unsynced else None,
-                         int(msg.unsynced or msg.pre_sync)))
-        count = len(rows)
+        info = self.devices.get(device, UNKNOWN_DEVICE_INFO)
+        base, first = msg.base_ms, msg.first_seq
+        unsynced, pre_sync = msg.unsynced, msg.pre_sync
+        readings = [
+            (first + i, reading_json(first + i, info.sensor_json(index), value,
+                                     base + offset_ms, unsynced, pre_sync))
+            for i, (index, offset_ms, value) in enumerate(msg.readings)
+        ]
+        count = len(readings)
         self.metrics.readings_in.inc(count)
         try:
-            fresh = await self.queue.put(
-                Batch(device, msg.readings_boot, msg.first_seq, rows, replay))
+            fresh = await self.queue.put(Batch(device, msg.readings_boot, readings, replay))
         except QueueError:
             self.metrics.frames_refused.labels("busy").inc()
             return [wire.encode_error(key, msg.boot, wire.downlink_counter(msg.counter, 0),

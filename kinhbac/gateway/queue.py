@@ -1,5 +1,8 @@
 """The durable queue: readings on SQLite in WAL mode, committed in groups with fsync.
 
+A row holds one frame's readings, already encoded as the JSON the uplink publishes: a frame
+costs one insert and one delete whatever its size, and nothing is encoded twice.
+
 One thread owns the database. Every request (store these readings, delete those published,
 fetch the next ones) goes to it through a queue; it takes everything waiting, runs the writes
 in one transaction and commits once (synchronous=FULL: the WAL is fsynced), then answers. So
@@ -21,6 +24,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,17 +42,13 @@ RESERVE_MAX = 4 * 1024 * 1024
 PAGE_CACHE_KIB = 8 * 1024
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS readings (
+CREATE TABLE IF NOT EXISTS frames (
     id INTEGER PRIMARY KEY AUTOINCREMENT,   -- never reused: the uplink's cursor relies on it
     device TEXT NOT NULL,
-    boot INTEGER NOT NULL,
-    seq INTEGER NOT NULL,
-    sensor TEXT NOT NULL,
-    unit TEXT NOT NULL,
-    value REAL,
-    ts_ms INTEGER,          -- Unix ms, UTC; NULL when the node's clock never synced that boot
-    boot_ms INTEGER,        -- ms since the node's boot, for readings without ts_ms
-    pre_sync INTEGER NOT NULL,
+    boot INTEGER NOT NULL,                  -- the readings' boot
+    first_seq INTEGER NOT NULL,             -- readings first_seq .. first_seq + count - 1
+    count INTEGER NOT NULL,
+    readings TEXT NOT NULL,                 -- JSON objects, comma-separated, as published
     received_ms INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS devices (
@@ -69,28 +69,25 @@ class QueueError(Exception):
 
 
 @dataclass
-class Row:
+class Stored:
+    """One stored frame's readings, as the uplink reads them back."""
+
     id: int
     device: str
     boot: int
-    seq: int
-    sensor: str
-    unit: str
-    value: float | None
-    ts_ms: int | None
-    boot_ms: int | None
-    pre_sync: bool
+    first_seq: int
+    count: int
+    readings: str  # JSON objects, comma-separated
     received_ms: int
 
 
 @dataclass
 class Batch:
-    """Readings of one READINGS frame, ready to store."""
+    """Readings of one READINGS frame, ready to store: each one's seq and its JSON object."""
 
     device: str
     readings_boot: int
-    first_seq: int
-    rows: list[tuple[int, str, str, float, int | None, int | None, int]]  # seq ... pre_sync
+    readings: list[tuple[int, str]]  # (seq, JSON object), seqs consecutive
     replay: tuple[int, int, int]  # key id, frame boot, frame counter
 
 
@@ -126,6 +123,8 @@ class Queue:
         self._thread = threading.Thread(target=self._run, name="queue", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._db: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._read_pool = ThreadPoolExecutor(1, thread_name_prefix="queue-read")
         self._page_size = 4096
 
     # ----- life cycle -----
@@ -144,6 +143,10 @@ class Queue:
             self._requests.put(("close", None, done))
             await done
             self._thread.join(5)
+        self._read_pool.shutdown(wait=True)
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     async def _ask(self, kind: str, payload: Any = None) -> Any:
         assert self._loop is not None
@@ -162,12 +165,17 @@ class Queue:
         """Remember a node's HELLO and replay window; saved with the next commit."""
         self._requests.put(("device", (device, hello, replay), None))
 
-    async def fetch(self, after_id: int, limit: int) -> list[Row]:
-        return await self._ask("fetch", (after_id, limit))
+    async def fetch(self, after_id: int, limit: int) -> list[Stored]:
+        """The oldest readings after `after_id`, read on a connection of their own so that the
+        uplink never waits behind the listener's commits (WAL lets readers run alongside)."""
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._read_pool, self._fetch, after_id, limit)
 
-    async def delete(self, ids: list[int]) -> None:
-        """Forget readings the broker has acknowledged."""
-        await self._ask("delete", ids)
+    def forget(self, ids: list[tuple[int, int]]) -> None:
+        """Delete readings the broker has acknowledged, with the next commit. Not awaited: if
+        a power cut loses the delete, the readings are published again, harmless duplicates.
+        `ids` are (frame id, readings in it)."""
+        self._requests.put(("delete", ids, None))
 
     async def maintain(self) -> Stats:
         """Apply the age limit, refresh the statistics."""
@@ -296,12 +304,15 @@ class Queue:
     def _write_put(self, db: sqlite3.Connection, batch: Batch, now_ms: int) -> int:
         mark = self.marks.get(batch.device, (0, 0))
         boot = batch.readings_boot
-        fresh = [r for r in batch.rows if (boot, r[0]) > mark]
+        fresh = batch.readings
+        if (boot, fresh[0][0]) <= mark:  # a resend: keep only what is above the mark
+            fresh = [r for r in fresh if (boot, r[0]) > mark]
         if fresh:
-            db.executemany(
-                "INSERT INTO readings (device, boot, seq, sensor, unit, value, ts_ms, boot_ms, "
-                "pre_sync, received_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(batch.device, boot, *r, now_ms) for r in fresh],
+            db.execute(
+                "INSERT INTO frames (device, boot, first_seq, count, readings, received_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (batch.device, boot, fresh[0][0], len(fresh), ",".join(r[1] for r in fresh),
+                 now_ms),
             )
             mark = (boot, fresh[-1][0])
             self.marks[batch.device] = mark
@@ -332,9 +343,10 @@ class Queue:
              json.dumps(hello) if hello is not None else None, now_ms),
         )
 
-    def _write_delete(self, db: sqlite3.Connection, ids: list[int], now_ms: int) -> None:
-        db.executemany("DELETE FROM readings WHERE id = ?", [(i,) for i in ids])
-        self.stats.depth = max(0, self.stats.depth - len(ids))
+    def _write_delete(self, db: sqlite3.Connection, ids: list[tuple[int, int]],
+                      now_ms: int) -> None:
+        db.executemany("DELETE FROM frames WHERE id = ?", [(i,) for i, _ in ids])
+        self.stats.depth = max(0, self.stats.depth - sum(n for _, n in ids))
 
     def _write_config_sent(self, db: sqlite3.Connection, payload: Any, now_ms: int) -> None:
         device, settings = payload
@@ -344,15 +356,15 @@ class Queue:
             (device, settings),
         )
 
-    def _do_fetch(self, args: tuple[int, int]) -> list[Row]:
-        assert self._db is not None
-        after_id, limit = args
-        cursor = self._db.execute(
-            "SELECT id, device, boot, seq, sensor, unit, value, ts_ms, boot_ms, pre_sync, "
-            "received_ms FROM readings WHERE id > ? ORDER BY id LIMIT ?",
+    def _fetch(self, after_id: int, limit: int) -> list[Stored]:
+        if self._reader is None:
+            self._reader = sqlite3.connect(self.path, check_same_thread=False)
+        cursor = self._reader.execute(
+            "SELECT id, device, boot, first_seq, count, readings, received_ms FROM frames "
+            "WHERE id > ? ORDER BY id LIMIT ?",
             (after_id, limit),
         )
-        return [Row(*r) for r in cursor]
+        return [Stored(*r) for r in cursor]
 
     def _do_devices(self, _: None) -> dict[str, dict[str, Any]]:
         assert self._db is not None
@@ -375,18 +387,17 @@ class Queue:
         self._place_ballast()
         cutoff = int(time.time() * 1000) - self.max_age_s * 1000
         expired = db.execute(
-            "SELECT COUNT(*) FROM readings WHERE received_ms < ?", (cutoff,)
-        ).fetchone()[0]
+            "SELECT 1 FROM frames WHERE received_ms < ? LIMIT 1", (cutoff,)
+        ).fetchone()
         if expired:
-            self._drop(db, "max_age", "DELETE FROM readings WHERE received_ms < ?", (cutoff,),
-                       expired)
+            self._drop(db, "max_age", "received_ms < ?", (cutoff,))
         self._refresh_stats()
         return self.stats
 
     def _refresh_stats(self) -> None:
         assert self._db is not None
         depth, oldest = self._db.execute(
-            "SELECT COUNT(*), MIN(received_ms) FROM readings"
+            "SELECT COALESCE(SUM(count), 0), MIN(received_ms) FROM frames"
         ).fetchone()
         self.stats.depth = depth
         self.stats.oldest_received_ms = oldest
@@ -417,38 +428,36 @@ class Queue:
         if used <= cap:
             return
         reason = "disk_cap" if cap == self.disk_cap_bytes else "disk_full"
-        rows = max(1, self.stats.depth)
-        per_row = used / rows
+        frames = db.execute("SELECT COUNT(*) FROM frames").fetchone()[0]
+        if not frames:
+            return
+        per_frame = used / frames
         excess = used - cap * CAP_MARGIN
-        count = min(rows, max(1, int(excess / per_row) + 1))
-        self._drop_oldest(db, reason, count)
+        self._drop_oldest(db, reason, min(frames, max(1, int(excess / per_frame) + 1)))
 
     def _relieve_disk(self, db: sqlite3.Connection) -> None:
         """After a failed commit (the disk filled anyway): give up the ballast, drop a tenth of
         the oldest by the stated policy, and shrink the WAL, so the next commit has room."""
         with contextlib.suppress(FileNotFoundError):
             self._ballast.unlink()
-        depth = db.execute("SELECT COUNT(*) FROM readings").fetchone()[0]
-        if depth:
-            self._drop_oldest(db, "disk_full", max(1, depth // 10))
+        frames = db.execute("SELECT COUNT(*) FROM frames").fetchone()[0]
+        if frames:
+            self._drop_oldest(db, "disk_full", max(1, frames // 10))
         with contextlib.suppress(sqlite3.Error):
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
-    def _drop_oldest(self, db: sqlite3.Connection, reason: str, count: int) -> None:
-        self._drop(
-            db,
-            reason,
-            "DELETE FROM readings WHERE id IN (SELECT id FROM readings ORDER BY id LIMIT ?)",
-            (count,),
-            count,
-        )
+    def _drop_oldest(self, db: sqlite3.Connection, reason: str, frames: int) -> None:
+        self._drop(db, reason, "id IN (SELECT id FROM frames ORDER BY id LIMIT ?)", (frames,))
         self._refresh_stats()
 
-    def _drop(self, db: sqlite3.Connection, reason: str, sql: str, args: tuple,
-              count: int) -> None:
+    def _drop(self, db: sqlite3.Connection, reason: str, where: str, args: tuple) -> None:
+        """Delete the frames `where` selects, counting their readings under `reason`."""
         try:
             db.execute("BEGIN")
-            deleted = db.execute(sql, args).rowcount
+            deleted = db.execute(
+                f"SELECT COALESCE(SUM(count), 0) FROM frames WHERE {where}", args
+            ).fetchone()[0]
+            db.execute(f"DELETE FROM frames WHERE {where}", args)
             total = self.stats.dropped.get(reason, 0) + deleted
             db.execute(
                 "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT(name) "

@@ -21,7 +21,7 @@ import aiomqtt
 
 from kinhbac.gateway.config import GatewaySettings
 from kinhbac.gateway.metrics import Metrics
-from kinhbac.gateway.queue import Queue, Row
+from kinhbac.gateway.queue import Queue, Stored
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,11 @@ class Message:
     device: str
     topic: str
     payload: bytes
-    ids: list[int]
+    frames: list[tuple[int, int]]  # (stored frame id, readings in it)
+
+    @property
+    def readings(self) -> int:
+        return sum(n for _, n in self.frames)
 
 
 class Uplink:
@@ -209,9 +213,9 @@ class Uplink:
             if previous is not None:
                 await previous  # the device's earlier message is acknowledged first
             await client.publish(message.topic, message.payload, qos=1)
-            await self.queue.delete(message.ids)
-            self.published += len(message.ids)
-            self.metrics.readings_published.inc(len(message.ids))
+            self.queue.forget(message.frames)
+            self.published += message.readings
+            self.metrics.readings_published.inc(message.readings)
         except aiomqtt.MqttError as exc:
             if not failed.done():
                 failed.set_exception(exc)
@@ -219,37 +223,42 @@ class Uplink:
         finally:
             window.release()
 
-    def _messages(self, rows: list[Row]) -> list[Message]:
-        """Group consecutive rows of one device and boot, up to readings_per_message."""
+    def _messages(self, frames: list[Stored]) -> list[Message]:
+        """Group stored frames of one device and boot, up to readings_per_message each."""
         limit = self.mqtt.readings_per_message
-        groups: dict[tuple[str, int], list[Row]] = {}
+        groups: dict[tuple[str, int], list[Stored]] = {}
+        sizes: dict[tuple[str, int], int] = {}
         out: list[Message] = []
-        for row in rows:
-            key = (row.device, row.boot)
+        for frame in frames:
+            key = (frame.device, frame.boot)
             group = groups.get(key)
-            if group is None or len(group) >= limit:
-                if group:
-                    out.append(self._message(group))
+            if group is not None and sizes[key] + frame.count > limit:
+                out.append(self._message(group))
+                group = None
+            if group is None:
                 group = groups[key] = []
-            group.append(row)
+                sizes[key] = 0
+            group.append(frame)
+            sizes[key] += frame.count
         out.extend(self._message(g) for g in groups.values() if g)
-        out.sort(key=lambda m: m.ids[0])  # queue order, so per-device order holds
+        out.sort(key=lambda m: m.frames[0][0])  # queue order, so per-device order holds
         return out
 
-    def _message(self, rows: list[Row]) -> Message:
-        first = rows[0]
-        replayed = first.received_ms < self.connected_since_ms
-        payload = {
+    def _message(self, frames: list[Stored]) -> Message:
+        """The telemetry payload (docs/mqtt.md), assembled from the readings' stored JSON."""
+        first = frames[0]
+        head = json.dumps({
             "device": first.device,
             "site": self.settings.site,
             "gateway": self.settings.gateway_id,
             "boot": first.boot,
-            "seq": first.seq,
-            "replayed": replayed,
-            "readings": [_reading(r) for r in rows],
-        }
-        return Message(first.device, self.telemetry_topic(first.device),
-                       json.dumps(payload, separators=(",", ":")).encode(), [r.id for r in rows])
+            "seq": first.first_seq,
+            "replayed": first.received_ms < self.connected_since_ms,
+        }, separators=(",", ":"))
+        body = ",".join(f.readings for f in frames)
+        payload = f'{head[:-1]},"readings":[{body}]}}'
+        return Message(first.device, self.telemetry_topic(first.device), payload.encode(),
+                       [(f.id, f.count) for f in frames])
 
     async def _publish_statuses(self, client: aiomqtt.Client) -> None:
         dropped = dict(self.queue.stats.dropped)
@@ -264,16 +273,3 @@ class Uplink:
                                  json.dumps(self._status[device]), qos=1, retain=True)
             self._status_sent[device] = time.monotonic()
 
-
-def _reading(row: Row) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "seq": row.seq,
-        "sensor": row.sensor,
-        "value": row.value,
-        "unit": row.unit,
-        "ts": row.ts_ms,
-        "pre_sync": bool(row.pre_sync),
-    }
-    if row.ts_ms is None:
-        out["boot_ms"] = row.boot_ms
-    return out
