@@ -210,16 +210,19 @@ def test_gateway_that_cannot_log_in_says_why_and_keeps_acking_nodes(
     assert fleet.under("kinhbac/site-a/") == []
 
 
-def test_gateway_account_must_match_its_site_or_the_broker_drops_it_silently(
+def test_gateway_whose_account_does_not_match_its_site_keeps_its_readings_and_says_why(
         start_gateway, fleet, tls_material, broker):
     # Site B's gateway configured with site A's account: the broker accepts the login, and
-    # with MQTT 3.1.1 acknowledges every publish that the ACL then discards.
+    # with MQTT 3.1.1 would acknowledge every publish that the ACL then discards. The gateway's
+    # write probe catches it: nothing is published, so nothing is deleted.
     node = FakeNode()
     gateway = start_gateway(node, site="site-b", tls=True, ca_file=tls_material.ca_file,
                             username="gw-site-a", password=SITE_USERS["gw-site-a"])
     assert node.send(gateway.port, 10) == 10
-    wait_until(lambda: metric(gateway, "readings_published_total") == 10, "PUBACKs for all 10")
-    assert metric(gateway, "queue_depth") == 0  # gone from the gateway, too
+    wait_until(lambda: "check the broker's acl" in gateway.log().lower(), "the ACL diagnosis")
+    wait_until(lambda: metric(gateway, "queue_depth") == 10, "10 readings kept")
+    assert metric(gateway, "readings_published_total") == 0
+    assert metric(gateway, "uplink_connected") == 0
 
     # Site B's own account reaches the fleet, after the discarded publishes were acknowledged.
     sentinel = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="gw-site-b-sentinel")

@@ -34,7 +34,9 @@ class MqttSettings(BaseModel):
     ca_file: Path | None = Field(None, description="CA bundle that signed the broker's certificate")
     cert_file: Path | None = Field(None, description="client certificate, for mutual TLS")
     key_file: Path | None = Field(None, description="client certificate's private key")
-    client_id: str | None = Field(None, description="MQTT client id (default: kinhbac-<gateway>)")
+    client_id: str | None = Field(
+        None, description="MQTT client id (default: kinhbac-<site>-<gateway_id>)"
+    )
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive")
     topic_prefix: str = Field("kinhbac", description="first level of every topic")
     max_inflight: int = Field(
@@ -84,8 +86,8 @@ class GatewaySettings(BaseSettings):
         2.0, ge=0, le=1000, description="how long a commit waits to gather more frames"
     )
     metrics_host: str = Field("127.0.0.1", description="address of the /metrics endpoint")
-    metrics_port: int | None = Field(
-        9108, ge=0, le=65535, description="port of /metrics (Prometheus text); unset: none"
+    metrics_port: int = Field(
+        9108, ge=0, le=65535, description="port of /metrics (Prometheus text; 0: any free port)"
     )
     idle_timeout_s: float = Field(
         300, gt=0, description="a node connection silent this long is closed"

@@ -68,8 +68,7 @@ class Gateway:
             "firmware": hello["fw_version"],
             "boot": hello["boot"],
             "reset_cause": hello["reset_cause"],
-            "drops": dict(zip(("buffer_full", "storage_error", "sensor_error"), hello["drops"],
-                              strict=False)),
+            "drops": _drop_names(hello["drops"]),
             "sensors": [{"name": n, "unit": u} for n, u in info.sensors],
         })
 
@@ -79,9 +78,8 @@ class Gateway:
     async def run(self) -> None:
         await self.queue.open()
         port = await self.listener.start()
-        if self.settings.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(self.settings.metrics_host,
-                                                   self.settings.metrics_port)
+        self.metrics_port = self.metrics.serve(self.settings.metrics_host,
+                                               self.settings.metrics_port)
         uplink = asyncio.create_task(self.uplink.run(), name="uplink")
         housekeeping = asyncio.create_task(self._housekeeping(), name="housekeeping")
         log.info("gateway %s of site %s: nodes on %s:%d, %d device keys, broker %s:%d",
@@ -106,6 +104,12 @@ class Gateway:
                 0 if oldest is None else max(0.0, time.time() - oldest / 1000))
             self.keys.refresh()
             await asyncio.sleep(HOUSEKEEPING_S)
+
+
+def _drop_names(drops: list[int]) -> dict[str, int]:
+    """A node's drop counters by name; counters a later firmware adds keep their position."""
+    names = ("buffer_full", "storage_error", "sensor_error")
+    return {names[i] if i < len(names) else f"counter_{i}": n for i, n in enumerate(drops)}
 
 
 class _JsonLines(logging.Formatter):

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import random
 import ssl
 import time
@@ -25,7 +26,8 @@ from kinhbac.gateway.queue import Queue, Stored
 
 log = logging.getLogger(__name__)
 
-FETCH = 2000  # rows read from the queue at a time
+FETCH = 2000  # frames read from the queue at a time
+PROBE_TIMEOUT_S = 5.0  # a publish to our own subtree must come back within this
 IDLE_POLL_S = 0.02  # how often an empty queue is looked at again
 STATUS_EVERY_S = 30.0  # a device's retained status is refreshed at most this often
 
@@ -40,6 +42,10 @@ class Message:
     @property
     def readings(self) -> int:
         return sum(n for _, n in self.frames)
+
+
+class AccessDenied(aiomqtt.MqttError):
+    """The broker accepted our login but does not deliver what we publish under our site."""
 
 
 class Uplink:
@@ -145,7 +151,38 @@ class Uplink:
             await asyncio.sleep(0.05)
         self._stopping.set()
 
+    async def _probe(self, client: aiomqtt.Client) -> None:
+        """Publish to our own subtree and read it back before trusting PUBACKs.
+
+        With MQTT 3.1.1 a broker acknowledges a publish its ACL then discards: an account that
+        does not match the site would see every reading "delivered" and deleted. So the uplink
+        proves it can write (and read) kinhbac/<site>/# first, and otherwise keeps everything
+        queued and says why.
+        """
+        topic = f"{self._prefix}/gateway/{self.settings.gateway_id}/probe"
+        nonce = json.dumps({"probe": os.urandom(8).hex()}).encode()  # JSON, like every topic
+        await client.subscribe(topic, qos=1)
+        await client.publish(topic, nonce, qos=1)
+
+        async def echoed() -> None:
+            async for message in client.messages:
+                if message.payload == nonce:
+                    return
+
+        try:
+            await asyncio.wait_for(echoed(), PROBE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise AccessDenied(
+                f"the broker accepted user {self.mqtt.username!r} but did not deliver its "
+                f"publish to {topic}: this account may not read and write {self._prefix}/#; "
+                "check the broker's ACL (a gateway's account must match its site)"
+            ) from None
+        finally:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.unsubscribe(topic)
+
     async def _session(self, client: aiomqtt.Client) -> None:
+        await self._probe(client)
         self.metrics.reconnects.inc()
         self.connected_since_ms = int(time.time() * 1000)
         self._dropped_reported = dict(self.queue.stats.dropped)
@@ -212,14 +249,15 @@ class Uplink:
         try:
             if previous is not None:
                 await previous  # the device's earlier message is acknowledged first
+            if failed.done():
+                return  # the session failed: keep order, this one goes again next session
             await client.publish(message.topic, message.payload, qos=1)
             self.queue.forget(message.frames)
             self.published += message.readings
             self.metrics.readings_published.inc(message.readings)
         except aiomqtt.MqttError as exc:
             if not failed.done():
-                failed.set_exception(exc)
-            raise
+                failed.set_exception(exc)  # the publish loop raises it and ends the session
         finally:
             window.release()
 

@@ -116,7 +116,7 @@ class Collector:
     """A subscriber on the site's topics with a persistent session, so that what is published
     while it reconnects (after a broker restart) still reaches it. Deduplicates readings."""
 
-    def __init__(self, port: int, topic: str = "kinhbac/#", **tls: Any) -> None:
+    def __init__(self, port: int, topic: str = "kinhbac/#") -> None:
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2,
                                   client_id=f"collector-{port}-{time.monotonic_ns()}",
                                   clean_session=False)
