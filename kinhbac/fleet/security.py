@@ -5,6 +5,7 @@ Tokens are 256 random bits, so a plain SHA-256 of one cannot be reversed by gues
 lets a request find its token with one indexed lookup instead of an Argon2 run per request.
 """
 
+import functools
 import hashlib
 import secrets
 
@@ -16,8 +17,12 @@ GATEWAY_TOKEN_PREFIX = "kbg_"  # a gateway's token
 _TOKEN_BYTES = 32
 
 _hasher = PasswordHasher()
-# Verifying against this when the e-mail is unknown keeps login time the same either way.
-_DUMMY_HASH = _hasher.hash("no such user")
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    # Verifying against this when the e-mail is unknown keeps login time the same either way.
+    return _hasher.hash("no such user")
 
 
 def hash_password(password: str) -> str:
@@ -27,7 +32,7 @@ def hash_password(password: str) -> str:
 def verify_password(password_hash: str | None, password: str) -> bool:
     """True if `password` matches; takes as long for an unknown user (hash None)."""
     try:
-        return _hasher.verify(password_hash or _DUMMY_HASH, password) and bool(password_hash)
+        return _hasher.verify(password_hash or _dummy_hash(), password) and bool(password_hash)
     except (VerificationError, InvalidHashError):
         return False
 

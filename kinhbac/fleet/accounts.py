@@ -1,0 +1,132 @@
+"""Users and their bearer tokens: creation, changes, login, revocation; each change audited."""
+
+import uuid
+from datetime import timedelta
+
+from sqlmodel import Session, func, select
+
+from kinhbac.fleet import audit
+from kinhbac.fleet.audit import Actor
+from kinhbac.fleet.errors import Conflict, Invalid, NotFound
+from kinhbac.fleet.models import (
+    ApiToken,
+    ApiTokenCreate,
+    ApiTokenIssued,
+    ApiTokenPublic,
+    LoginResult,
+    Role,
+    TokenKind,
+    User,
+    UserCreate,
+    UserPublic,
+    UserUpdate,
+    utcnow,
+)
+from kinhbac.fleet.security import (
+    USER_TOKEN_PREFIX,
+    hash_password,
+    hash_token,
+    new_token,
+    verify_password,
+)
+from kinhbac.fleet.store import commit, get_or_404
+
+
+class LoginFailed(Exception):
+    """Wrong e-mail or password, or a deactivated user (the caller is not told which)."""
+
+
+def create_user(session: Session, actor: Actor, data: UserCreate) -> User:
+    if session.exec(select(User).where(User.email == data.email)).first() is not None:
+        raise Conflict(f"a user with e-mail {data.email} already exists")
+    user = User.model_validate(data, update={"password_hash": hash_password(data.password)})
+    session.add(user)
+    audit.record(session, actor, "user.create", "user", user.id,
+                 after=audit.snapshot(user, UserPublic))
+    commit(session, f"a user with e-mail {data.email} already exists")
+    session.refresh(user)
+    return user
+
+
+def update_user(session: Session, actor: Actor, user_id: uuid.UUID, data: UserUpdate) -> User:
+    user = get_or_404(session, User, user_id, "user")
+    before = audit.snapshot(user, UserPublic)
+    changes = data.model_dump(exclude_unset=True)
+    password = changes.pop("password", None)
+    for name, value in changes.items():
+        if value is None and name != "full_name":
+            raise Invalid(name, f"{name} cannot be null")
+        setattr(user, name, value)
+    if password is not None:
+        user.password_hash = hash_password(password)
+    if before["role"] == Role.admin and before["is_active"] and not _is_active_admin(user):
+        _keep_an_admin(session, user)
+    user.updated_at = utcnow()
+    after = audit.snapshot(user, UserPublic)
+    if password is not None:
+        after["password_changed"] = True
+    audit.record(session, actor, "user.update", "user", user.id, before=before, after=after)
+    session.add(user)
+    commit(session, "the user changed meanwhile; try again")
+    session.refresh(user)
+    return user
+
+
+def _is_active_admin(user: User) -> bool:
+    return user.role == Role.admin and user.is_active
+
+
+def _keep_an_admin(session: Session, leaving: User) -> None:
+    others = session.exec(
+        select(func.count()).select_from(User).where(
+            User.role == Role.admin, User.is_active, User.id != leaving.id
+        )
+    ).one()
+    if others == 0:
+        raise Conflict(f"{leaving.email} is the last active admin; make another admin first")
+
+
+def login(session: Session, email: str, password: str, *, ttl: timedelta) -> LoginResult:
+    """A new login token for the user; LoginFailed otherwise."""
+    user = session.exec(select(User).where(User.email == email.strip().lower())).first()
+    if not verify_password(user.password_hash if user else None, password):
+        raise LoginFailed
+    assert user is not None
+    if not user.is_active:
+        raise LoginFailed
+    token = new_token(USER_TOKEN_PREFIX)
+    expires_at = utcnow() + ttl
+    row = ApiToken(name="login", user_id=user.id, kind=TokenKind.login,
+                   token_hash=hash_token(token), expires_at=expires_at)
+    session.add(row)
+    audit.record(session, Actor("user", user.email, user.id), "api_token.login", "api_token",
+                 row.id, after=audit.snapshot(row, ApiTokenPublic))
+    commit(session, "token collision; try again")
+    return LoginResult(access_token=token, expires_at=expires_at)
+
+
+def issue_api_token(session: Session, actor: Actor, data: ApiTokenCreate) -> ApiTokenIssued:
+    """A long-lived token for a user (a script, a technician's tool), shown once."""
+    user = session.get(User, data.user_id)
+    if user is None:
+        raise Invalid("user_id", f"no user {data.user_id}")
+    token = new_token(USER_TOKEN_PREFIX)
+    expires_at = utcnow() + timedelta(days=data.expires_in_days) if data.expires_in_days else None
+    row = ApiToken(name=data.name, user_id=user.id, kind=TokenKind.api,
+                   token_hash=hash_token(token), expires_at=expires_at)
+    session.add(row)
+    audit.record(session, actor, "api_token.create", "api_token", row.id,
+                 after=audit.snapshot(row, ApiTokenPublic))
+    commit(session, "token collision; try again")
+    session.refresh(row)
+    return ApiTokenIssued.model_validate(row, update={"token": token})
+
+
+def revoke_api_token(session: Session, actor: Actor, token_id: uuid.UUID) -> None:
+    row = session.get(ApiToken, token_id)
+    if row is None:
+        raise NotFound(f"no token {token_id}")
+    audit.record(session, actor, "api_token.delete", "api_token", row.id,
+                 before=audit.snapshot(row, ApiTokenPublic))
+    session.delete(row)
+    commit(session, "the token changed meanwhile; try again")

@@ -1,0 +1,85 @@
+"""The FastAPI application and its start-up order: settings, wait for the database, migrate.
+
+    uvicorn --factory kinhbac.fleet.app:create_app     (or: kinhbac fleet serve)
+
+Nothing is seeded: the first admin comes from `kinhbac fleet create-admin`.
+"""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.engine import Engine
+from starlette.concurrency import run_in_threadpool
+
+from kinhbac.fleet.crypto import SecretBox
+from kinhbac.fleet.db import make_engine, upgrade, wait_for_database
+from kinhbac.fleet.errors import FleetError, Invalid
+from kinhbac.fleet.routes import (
+    audit,
+    auth,
+    devices,
+    gateway_api,
+    gateways,
+    health,
+    sites,
+    tokens,
+    users,
+)
+from kinhbac.fleet.settings import Settings, load_settings, secret_key_problem
+
+log = logging.getLogger(__name__)
+
+ROUTERS = (auth, users, tokens, sites, gateways, devices, gateway_api, audit, health)
+
+
+def prepare_database(settings: Settings, engine: Engine) -> None:
+    """Start-up, in order: wait until the database answers, then `alembic upgrade head`."""
+    problem = secret_key_problem(settings.secret_key)
+    if problem:
+        log.warning("KINHBAC_SECRET_KEY %s: fine for development, refused in production",
+                    problem)
+    wait_for_database(engine, timeout_s=settings.db_wait_s)
+    upgrade(engine)
+
+
+def create_app(settings: Settings | None = None, *, prepare: bool = True) -> FastAPI:
+    """The service for `settings` (default: from the environment).
+
+    With `prepare`, start-up runs prepare_database(); a caller that did it already passes False.
+    """
+    settings = settings or load_settings()
+    engine = make_engine(settings.database)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if prepare:
+            await run_in_threadpool(prepare_database, settings, engine)
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="Kinhbac fleet",
+        summary="Device registry, provisioning and roles for a city's sensor network.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.secret_box = SecretBox(settings.secret_key)
+    for module in ROUTERS:
+        app.include_router(module.router)
+    app.add_exception_handler(FleetError, _refused)
+    return app
+
+
+async def _refused(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, FleetError)
+    if isinstance(exc, Invalid):
+        # The shape FastAPI gives its own 422s, so clients read one format.
+        detail: object = [{"loc": ["body", exc.field], "msg": str(exc), "type": "value_error"}]
+    else:
+        detail = str(exc)
+    return JSONResponse(status_code=exc.status, content={"detail": detail})

@@ -1,0 +1,69 @@
+"""The audit log: who changed what, when, and the record before and after.
+
+Snapshots are taken through the public models, which hold no secrets; the scrub below is a
+second guard, so that a field added to a public model by mistake still never reaches the log.
+"""
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlmodel import Session, SQLModel
+
+from kinhbac.fleet.models import AuditEntry
+
+# Keys never written to the log, whatever model they come from.
+SECRET_FIELDS = frozenset({
+    "secret", "secret_enc", "password", "password_hash", "token", "token_hash",
+    "access_token", "wifi_password", "wifi_password_enc", "claim_key", "claim_key_enc",
+})
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who made a change: a user, a gateway, or the command line."""
+
+    kind: str
+    label: str
+    id: uuid.UUID | None = None
+
+
+CLI = Actor("cli", "cli")
+
+
+def snapshot(record: SQLModel, public: type[SQLModel]) -> dict[str, Any]:
+    """`record` as the API shows it (`public` model), JSON-ready, secrets scrubbed."""
+    return scrub(public.model_validate(record).model_dump(mode="json"))
+
+
+def scrub(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: scrub(v) for k, v in value.items() if k not in SECRET_FIELDS}
+    if isinstance(value, list):
+        return [scrub(v) for v in value]
+    return value
+
+
+def record(
+    session: Session,
+    actor: Actor,
+    action: str,
+    entity: str,
+    entity_id: uuid.UUID | str,
+    *,
+    before: dict[str, Any] | None = None,
+    after: dict[str, Any] | None = None,
+) -> AuditEntry:
+    """Add an entry to the session: it commits with the change it describes, or not at all."""
+    entry = AuditEntry(
+        actor_kind=actor.kind,
+        actor_id=actor.id,
+        actor=actor.label,
+        action=action,
+        entity=entity,
+        entity_id=str(entity_id),
+        before=scrub(before),
+        after=scrub(after),
+    )
+    session.add(entry)
+    return entry

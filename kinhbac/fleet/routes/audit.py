@@ -1,0 +1,34 @@
+"""Reading the audit log (admin only)."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from sqlmodel import select
+
+from kinhbac.fleet.deps import Admin, Limit, Offset, SessionDep
+from kinhbac.fleet.models import AuditEntry, AuditEntryPublic, Page
+from kinhbac.fleet.store import page
+
+router = APIRouter(prefix="/api/audit", tags=["audit"])
+
+
+@router.get("", response_model=Page[AuditEntryPublic])
+def list_audit_entries(
+    session: SessionDep,
+    caller: Admin,
+    entity: Annotated[str | None, Query(max_length=32)] = None,
+    entity_id: Annotated[str | None, Query(max_length=64)] = None,
+    action: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Limit = 50,
+    offset: Offset = 0,
+) -> Page:
+    """Changes, newest first."""
+    query = select(AuditEntry)
+    if entity is not None:
+        query = query.where(AuditEntry.entity == entity)
+    if entity_id is not None:
+        query = query.where(AuditEntry.entity_id == entity_id)
+    if action is not None:
+        query = query.where(AuditEntry.action == action)
+    return page(session, query, AuditEntryPublic,
+                order_by=(AuditEntry.at.desc(), AuditEntry.id), limit=limit, offset=offset)

@@ -1,0 +1,50 @@
+"""Sites and their profiles."""
+
+import uuid
+
+from fastapi import APIRouter, status
+from sqlmodel import select
+
+from kinhbac.fleet import sites
+from kinhbac.fleet.deps import Admin, AnyUser, Limit, Offset, SecretBoxDep, SessionDep, Staff
+from kinhbac.fleet.models import Page, Site, SiteCreate, SiteProfile, SitePublic, SiteUpdate
+from kinhbac.fleet.store import get_or_404, page
+
+router = APIRouter(prefix="/api/sites", tags=["sites"])
+
+
+@router.post("", response_model=SitePublic, status_code=status.HTTP_201_CREATED)
+def create_site(data: SiteCreate, session: SessionDep, box: SecretBoxDep, caller: Admin) -> Site:
+    """A site; the fleet makes its claim key (see its profile)."""
+    return sites.create_site(session, box, caller.actor, data)
+
+
+@router.get("", response_model=Page[SitePublic])
+def list_sites(
+    session: SessionDep,
+    caller: AnyUser,
+    limit: Limit = 50,
+    offset: Offset = 0,
+) -> Page:
+    return page(session, select(Site), SitePublic, order_by=(Site.slug,),
+                limit=limit, offset=offset)
+
+
+@router.get("/{site_id}", response_model=SitePublic)
+def get_site(site_id: uuid.UUID, session: SessionDep, caller: AnyUser) -> Site:
+    return get_or_404(session, Site, site_id, "site")
+
+
+@router.patch("/{site_id}", response_model=SitePublic)
+def update_site(
+    site_id: uuid.UUID, data: SiteUpdate, session: SessionDep, box: SecretBoxDep, caller: Admin
+) -> Site:
+    return sites.update_site(session, box, caller.actor, site_id, data)
+
+
+@router.get("/{site_id}/profile", response_model=SiteProfile)
+def get_site_profile(
+    site_id: uuid.UUID, session: SessionDep, box: SecretBoxDep, caller: Staff
+) -> SiteProfile:
+    """The site with its WiFi password and claim key: what a node is set up from."""
+    return sites.site_profile(box, get_or_404(session, Site, site_id, "site"))
