@@ -156,16 +156,17 @@ class Attacker:
     def __init__(self, port):
         self.port = port
 
-    def send(self, data: bytes, read_timeout: float = 2.0) -> bytes:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+    def send(self, data: bytes, timeout: float = 15.0) -> bytes:
+        """Send `data`; return the first frame the gateway answers, or b"" if it closes."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
             s.sendall(data)
-            s.settimeout(read_timeout)
             got = b""
-            try:
-                while chunk := s.recv(4096):
-                    got += chunk
-            except TimeoutError:
-                pass
+            while len(got) < wire.HEADER_SIZE or len(got) < wire.frame_length(
+                    got[:wire.HEADER_SIZE]):
+                chunk = s.recv(4096)
+                if not chunk:
+                    return got
+                got += chunk
             return got
 
 
