@@ -1,0 +1,73 @@
+"""Fleet fixtures: an app per database backend (SQLite, and PostgreSQL when it answers),
+migrated once per session, its tables emptied after each test."""
+
+from collections.abc import Iterator
+
+import pytest
+from argon2 import PasswordHasher
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlmodel import Session, SQLModel
+
+from kinhbac.fleet import security
+from kinhbac.fleet.app import create_app
+from kinhbac.fleet.crypto import SecretBox
+from kinhbac.fleet.db import upgrade
+from kinhbac.fleet.settings import Settings
+
+from .backends import BACKENDS, empty_database
+from .utils import SECRET_KEY
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quick_argon2() -> Iterator[None]:
+    """Argon2id with its cheapest parameters: the same code path and hash format, without
+    spending the suite's time budget on deliberately slow hashing."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(security, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
+    security._dummy_hash.cache_clear()
+    yield
+    mp.undo()
+    security._dummy_hash.cache_clear()
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def app(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FastAPI]:
+    """The service on a freshly migrated database of `backend`, in production mode."""
+    with empty_database(backend, tmp_path_factory.mktemp("fleet")) as url:
+        settings = Settings(env="production", secret_key=SECRET_KEY, database_url=url)
+        app = create_app(settings, prepare=False)
+        upgrade(app.state.engine)
+        yield app
+        app.state.engine.dispose()
+
+
+@pytest.fixture
+def session(app: FastAPI) -> Iterator[Session]:
+    with Session(app.state.engine) as session:
+        yield session
+    with app.state.engine.begin() as connection:
+        for table in reversed(SQLModel.metadata.sorted_tables):
+            connection.execute(table.delete())
+
+
+@pytest.fixture(scope="session")
+def _client(app: FastAPI) -> Iterator[TestClient]:
+    with TestClient(app) as client:  # one event loop for the session: much faster requests
+        yield client
+
+
+@pytest.fixture
+def client(_client: TestClient, session: Session) -> TestClient:
+    """A client of the app; depends on `session` so that the tables are emptied after."""
+    return _client
+
+
+@pytest.fixture
+def box(app: FastAPI) -> SecretBox:
+    return app.state.secret_box

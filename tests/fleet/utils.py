@@ -1,0 +1,150 @@
+"""Factories for the fleet tests: users with tokens, sites, gateways, devices."""
+
+import functools
+import os
+import uuid
+from dataclasses import dataclass
+
+from sqlmodel import Session
+
+from kinhbac.fleet import provisioning, sites
+from kinhbac.fleet.audit import CLI
+from kinhbac.fleet.crypto import SecretBox
+from kinhbac.fleet.models import (
+    ApiToken,
+    DeviceCreate,
+    DeviceProvisioned,
+    Gateway,
+    GatewayCreate,
+    Role,
+    Site,
+    SiteCreate,
+    TokenKind,
+    User,
+)
+from kinhbac.fleet.security import (
+    GATEWAY_TOKEN_PREFIX,
+    USER_TOKEN_PREFIX,
+    hash_password,
+    hash_token,
+    new_token,
+)
+
+PASSWORD = "correct horse battery"
+SECRET_KEY = "test-service-key-" + "k" * 32
+KIT = [
+    {"name": "temperature", "unit": "C", "kind": "bme280", "field": "temperature"},
+    {"name": "level", "unit": "m", "kind": "adc", "pin": 34, "scale": 1.5},
+]
+
+
+@functools.cache
+def password_hash() -> str:
+    """PASSWORD hashed once: Argon2 is slow on purpose, and the factories need many users."""
+    return hash_password(PASSWORD)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def random_mac() -> str:
+    raw = bytearray(os.urandom(6))
+    raw[0] = (raw[0] & 0xFE) | 0x02  # unicast, locally administered: never a real device's
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+def make_user(session: Session, role: Role, *, email: str | None = None,
+              is_active: bool = True, commit: bool = True) -> tuple[User, str]:
+    """A user with PASSWORD, and an API token for it."""
+    user = User(email=email or f"{role.value}-{uuid.uuid4().hex[:8]}@example.org", role=role,
+                is_active=is_active, password_hash=password_hash())
+    session.add(user)
+    session.flush()  # the token refers to it, and no ORM relationship orders the two
+    token, _ = make_token(session, user, commit=commit)
+    return user, token
+
+
+def make_token(session: Session, user: User, *, commit: bool = True,
+               **fields: object) -> tuple[str, ApiToken]:
+    """A bearer token for `user`, and its row."""
+    token = new_token(USER_TOKEN_PREFIX)
+    row = ApiToken(name="test", user_id=user.id, kind=TokenKind.api,
+                   token_hash=hash_token(token), **fields)
+    session.add(row)
+    if commit:
+        session.commit()
+    return token, row
+
+
+def make_site(session: Session, box: SecretBox, slug: str | None = None, **fields: object) -> Site:
+    data = SiteCreate(name="Riverside pumping station", slug=slug or f"site-{uuid.uuid4().hex[:8]}",
+                      wifi_ssid="kinhbac-field", wifi_password="field-password",
+                      gateway_host="10.0.0.2", gateway_port=7878, sensor_kit=KIT, **fields)
+    return sites.create_site(session, box, CLI, data)
+
+
+def make_gateway(session: Session, site: Site, name: str = "gw1") -> tuple[Gateway, str]:
+    enrolled = sites.enrol_gateway(session, CLI, GatewayCreate(name=name, site_id=site.id))
+    return session.get(Gateway, enrolled.id), enrolled.token
+
+
+def make_device(session: Session, box: SecretBox, site: Site | None = None,
+                **fields: object) -> DeviceProvisioned:
+    fields.setdefault("mac", random_mac())
+    data = DeviceCreate(site_id=site.id if site else None, **fields)
+    return provisioning.register_device(session, box, CLI, data)
+
+
+@dataclass
+class Callers:
+    """Users of each role and a gateway, with their bearer tokens (caller name -> token)."""
+
+    admin: User
+    technician: User
+    viewer: User
+    site: Site
+    gateway: Gateway
+    tokens: dict[str, str]
+
+
+def make_callers(session: Session, box: SecretBox) -> Callers:
+    """Callers of every kind, in one commit: the role matrix makes these for each of its cells."""
+    admin, admin_token = make_user(session, Role.admin, commit=False)
+    technician, technician_token = make_user(session, Role.technician, commit=False)
+    viewer, viewer_token = make_user(session, Role.viewer, commit=False)
+    site = Site(name="Callers' site", slug=f"site-{uuid.uuid4().hex[:8]}", claim_key_enc=b"")
+    gateway_token = new_token(GATEWAY_TOKEN_PREFIX)
+    gateway = Gateway(name="gw1", site_id=site.id, token_hash=hash_token(gateway_token))
+    session.add(site)
+    session.flush()
+    session.add(gateway)
+    session.commit()
+    return Callers(
+        admin=admin, technician=technician, viewer=viewer, site=site, gateway=gateway,
+        tokens={"admin": admin_token, "technician": technician_token, "viewer": viewer_token,
+                "gateway": gateway_token},
+    )
+
+
+@dataclass
+class World:
+    """One of everything, for calls that must succeed: the callers, a site with a profile,
+    a device at it, and a spare API token."""
+
+    callers: Callers
+    site: Site
+    device: DeviceProvisioned
+    spare_token_id: uuid.UUID
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.callers.gateway
+
+
+def make_world(session: Session, box: SecretBox) -> World:
+    callers = make_callers(session, box)
+    _, spare = make_token(session, callers.viewer)
+    site = make_site(session, box)
+    device = make_device(session, box, site)
+    return World(callers=callers, site=site, device=device, spare_token_id=spare.id)
