@@ -46,6 +46,11 @@ def _check_slug(value: str) -> str:
 Slug = Annotated[str, AfterValidator(_check_slug)]
 
 
+# Request bodies refuse fields they do not have: {"secret": ...} in a registration is a 422
+# naming the field, not silently dropped.
+_INPUT = ConfigDict(extra="forbid")
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -127,12 +132,16 @@ def _check_email(value: str) -> str:
 
 
 class UserCreate(UserBase):
+    model_config = _INPUT
+
     password: str = Field(min_length=10, max_length=256)
 
     _email = field_validator("email")(_check_email)
 
 
 class UserUpdate(SQLModel):
+    model_config = _INPUT
+
     full_name: str | None = Field(default=None, max_length=100)
     role: Role | None = None
     is_active: bool | None = None
@@ -158,6 +167,8 @@ class ApiTokenBase(SQLModel):
 
 
 class ApiTokenCreate(ApiTokenBase):
+    model_config = _INPUT
+
     user_id: uuid.UUID
     expires_in_days: int | None = Field(default=None, ge=1, le=3650)
 
@@ -237,6 +248,8 @@ class SiteBase(SQLModel):
 
 
 class SiteCreate(SiteBase):
+    model_config = _INPUT
+
     slug: Slug = Field(description="the site in MQTT topics; cannot change later")
     wifi_password: str | None = Field(default=None, min_length=8, max_length=63)
 
@@ -244,6 +257,8 @@ class SiteCreate(SiteBase):
 
 
 class SiteUpdate(SQLModel):
+    model_config = _INPUT
+
     name: str | None = Field(default=None, min_length=1, max_length=100)
     wifi_ssid: str | None = Field(default=None, min_length=1, max_length=32)
     wifi_password: str | None = Field(default=None, min_length=8, max_length=63)
@@ -282,6 +297,8 @@ class GatewayBase(SQLModel):
 
 
 class GatewayCreate(GatewayBase):
+    model_config = _INPUT
+
     site_id: uuid.UUID
 
 
@@ -337,6 +354,8 @@ def _check_tags(tags: list[str] | None) -> list[str] | None:
 
 
 class DeviceCreate(DeviceBase):
+    model_config = _INPUT
+
     mac: str = Field(description="aa:bb:cc:dd:ee:ff (also accepted: '-' or no separators)")
     site_id: uuid.UUID | None = None
     tags: list[str] = Field(default_factory=list)
@@ -347,6 +366,8 @@ class DeviceCreate(DeviceBase):
 
 
 class DeviceUpdate(SQLModel):
+    model_config = _INPUT
+
     chip: str | None = Field(default=None, max_length=64)
     flash_size: int | None = Field(default=None, ge=0, le=2**31 - 1)
     board: str | None = Field(default=None, max_length=64)

@@ -66,6 +66,8 @@ def test_malformed_mac_is_a_422_naming_the_field(client, session, technician, ma
     ({"mac": "24:0a:c4:00:00:02", "tags": ["has space"]}, "tags"),
     ({"mac": "24:0a:c4:00:00:02", "flash_size": -1}, "flash_size"),
     ({}, "mac"),
+    ({"mac": "24:0a:c4:00:00:02", "secret": "00" * 32}, "secret"),
+    ({"mac": "24:0a:c4:00:00:02", "key_id": 7}, "key_id"),
 ])
 def test_other_bad_input_is_a_422_naming_the_field(client, technician, body, field):
     response = client.post("/api/devices", headers=technician, json=body)
