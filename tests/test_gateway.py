@@ -216,34 +216,41 @@ def test_forged_replayed_malformed_oversized_and_slow_frames_are_refused_while_n
         assert_complete_and_ordered(collector, node)
 
 
+def outage_until_the_queue_drops(site, broker, collector, reason):
+    """Run nodes, take the broker away until the gateway drops queued readings for `reason`,
+    then check it kept acknowledging, reported the drops upstream, and flows again."""
+    nodes = site.add_nodes(2, interval_ms=20)
+    site.gateway.start()
+    site.power_on()
+    collector.wait_for(lambda: collector.count() >= 100)
+    broker.stop()
+    dropped = f'kinhbac_gateway_readings_dropped_total{{reason="{reason}"}}'
+    deadline = time.monotonic() + 120
+    while site.gateway.metrics().get(dropped, 0) == 0:
+        assert time.monotonic() < deadline, f"no {reason} drop within 120 s"
+        time.sleep(1)
+    acked = site.gateway.metrics()["kinhbac_gateway_readings_acked_total"]
+    time.sleep(3)
+    assert site.gateway.metrics()["kinhbac_gateway_readings_acked_total"] > acked
+    assert site.gateway.proc.poll() is None
+    broker.start()
+    collector.wait_for(lambda: collector.retained.get(
+        "kinhbac/testsite/gateway/gw1/status", {}).get("dropped", {}).get(reason, 0) > 0,
+        timeout=60, what="the drop count in the gateway's status")
+    before = collector.count()
+    collector.wait_for(lambda: collector.count() >= before + 200, what="flowing again")
+    for node in nodes:
+        seqs = sorted(s for _, s in collector.readings[node.device])
+        # The oldest of the outage are gone, the newest arrived; no gap after the drop.
+        tail = seqs[-100:]
+        assert tail == list(range(tail[0], tail[0] + len(tail)))
+
+
 def test_disk_cap_drops_the_oldest_counts_them_and_keeps_serving(tmp_path, emulator, broker,
                                                                  collector):
     site = Site(tmp_path, emulator, broker, disk_cap_bytes=256 * 1024)
     try:
-        nodes = site.add_nodes(2, interval_ms=20)
-        site.gateway.start()
-        site.power_on()
-        collector.wait_for(lambda: collector.count() >= 100)
-        broker.stop()
-        deadline = time.monotonic() + 120
-        while site.gateway.metrics().get(
-                'kinhbac_gateway_readings_dropped_total{reason="disk_cap"}', 0) == 0:
-            assert time.monotonic() < deadline, "the cap never ran"
-            time.sleep(1)
-        acked = site.gateway.metrics()["kinhbac_gateway_readings_acked_total"]
-        time.sleep(2)
-        assert site.gateway.metrics()["kinhbac_gateway_readings_acked_total"] > acked
-        broker.start()
-        collector.wait_for(lambda: collector.retained.get(
-            "kinhbac/testsite/gateway/gw1/status", {}).get("dropped", {}).get("disk_cap", 0) > 0,
-            timeout=60, what="the drop count in the gateway's status")
-        before = collector.count()
-        collector.wait_for(lambda: collector.count() >= before + 200, what="flowing again")
-        for node in nodes:
-            seqs = sorted(s for _, s in collector.readings[node.device])
-            # The oldest of the outage are gone, the newest arrived; no gap after the drop.
-            tail = seqs[-100:]
-            assert tail == list(range(tail[0], tail[0] + len(tail)))
+        outage_until_the_queue_drops(site, broker, collector, "disk_cap")
     finally:
         site.gateway.stop()
 
@@ -320,28 +327,6 @@ def test_full_disk_drops_the_oldest_and_keeps_serving(tmp_path, emulator, broker
     site = Site(tmp_path, emulator, broker, data_dir=small_disk,
                 disk_cap_bytes=64 * 1024 * 1024)  # the disk fills long before the cap
     try:
-        nodes = site.add_nodes(2, interval_ms=20)
-        site.gateway.start()
-        site.power_on()
-        collector.wait_for(lambda: collector.count() >= 100)
-        broker.stop()
-        deadline = time.monotonic() + 120
-        while site.gateway.metrics().get(
-                'kinhbac_gateway_readings_dropped_total{reason="disk_full"}', 0) == 0:
-            assert time.monotonic() < deadline, "the disk never filled"
-            time.sleep(1)
-        acked = site.gateway.metrics()["kinhbac_gateway_readings_acked_total"]
-        time.sleep(3)
-        assert site.gateway.metrics()["kinhbac_gateway_readings_acked_total"] > acked
-        assert site.gateway.proc.poll() is None
-        broker.start()
-        before = collector.count()
-        collector.wait_for(lambda: collector.count() >= before + 200, what="flowing again")
-        status = collector.retained["kinhbac/testsite/gateway/gw1/status"]
-        assert status["dropped"].get("disk_full", 0) > 0
-        for node in nodes:
-            seqs = sorted(s for _, s in collector.readings[node.device])
-            tail = seqs[-100:]
-            assert tail == list(range(tail[0], tail[0] + len(tail)))
+        outage_until_the_queue_drops(site, broker, collector, "disk_full")
     finally:
         site.gateway.stop()
