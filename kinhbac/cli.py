@@ -72,5 +72,48 @@ def gateway_settings() -> None:
     typer.echo(describe_settings())
 
 
+fleet_app = typer.Typer(help="The fleet service: registry, provisioning, roles (fleet extra).")
+app.add_typer(fleet_app, name="fleet")
+
+
+@fleet_app.command("serve")
+def fleet_serve(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, min=1, max=65535, help="Port to listen on."),
+    config: Path = typer.Option(
+        None, "--config", "-c",
+        help="TOML settings file; KINHBAC_* environment variables win over it.",
+    ),
+) -> None:
+    """Wait for the database, migrate it, then serve the fleet API until Ctrl-C or SIGTERM."""
+    from kinhbac.fleet.cli import FleetCliError, serve
+
+    try:
+        serve(host=host, port=port, config=config)
+    except FleetCliError as exc:
+        typer.echo(f"kinhbac fleet: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+@fleet_app.command("create-admin")
+def fleet_create_admin(
+    email: str = typer.Argument(..., help="The admin's e-mail address (their login)."),
+    password: str = typer.Option(
+        ..., prompt=True, hide_input=True, confirmation_prompt=True,
+        envvar="KINHBAC_ADMIN_PASSWORD", help="Asked for when not given (10+ characters).",
+    ),
+    config: Path = typer.Option(None, "--config", "-c", help="TOML settings file."),
+) -> None:
+    """Create an admin user, migrating the database first if needed."""
+    from kinhbac.fleet.cli import FleetCliError, create_admin
+
+    try:
+        user_id = create_admin(email, password, config=config)
+    except FleetCliError as exc:
+        typer.echo(f"kinhbac fleet: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"admin {email} created (id {user_id})")
+
+
 if __name__ == "__main__":
     app()
