@@ -202,8 +202,9 @@ def test_config_frame_changes_the_interval_and_survives_a_power_cut(emulator, re
     wait_until(lambda: len([r for r in receiver.readings_of(node.device)
                             if r.boot == 2 and r.sensor == 0]) >= 5, what="boot-2 readings")
     times = [r.time_ms for r in receiver.readings_of(node.device) if r.boot == 2 and r.sensor == 0]
-    gaps = [b - a for a, b in zip(times, times[1:])]
-    assert all(180 <= g <= 260 for g in gaps[1:]), gaps
+    gaps = sorted(b - a for a, b in zip(times, times[1:]))
+    # The median, since a loaded machine can delay one round; the old interval was 20 ms.
+    assert 180 <= gaps[len(gaps) // 2] <= 260, gaps
     node.board.power_cut(restore=False)
     saved = node.board.read_file("/config.json")
     assert b'"interval_ms": 200' in saved

@@ -4,6 +4,8 @@
 # when they are sent, so a reading taken before the first sync still gets an exact time.
 import time
 
+STEP_MS = 500  # clock corrections below this are ACK delay, not drift (a crystal: ~4 s/day)
+
 
 class Clock:
     def __init__(self, start_ms=0):
@@ -20,12 +22,20 @@ class Clock:
         return self._ms
 
     def sync(self, unix_ms):
-        """Take the gateway's clock; returns True on the boot's first sync."""
+        """Take the gateway's clock; returns True on the boot's first sync.
+
+        After the first sync the offset moves only for a real step (STEP_MS): smaller
+        differences are the ACK's network delay, and following them would make a boot's
+        timestamps jitter and even go backwards.
+        """
         now = self.now()
-        self.offset = unix_ms - now
+        offset = unix_ms - now
         if self.synced_at is None:
+            self.offset = offset
             self.synced_at = now
             return True
+        if abs(offset - self.offset) > STEP_MS:
+            self.offset = offset
         return False
 
     @property

@@ -135,10 +135,13 @@ class BME280:
         buf = self._status
         start = time.ticks_ms()
         while True:
+            # Whether the time was up is decided before the read: a task held up past the
+            # deadline (by an IRQ, a flash write) still looks once more before giving up.
+            expired = time.ticks_diff(time.ticks_ms(), start) > timeout_ms
             self.i2c.readfrom_mem_into(self.address, _REG_STATUS, buf)
             if not (buf[0] & status_bits or buf[1] & 0x03):
                 return
-            if time.ticks_diff(time.ticks_ms(), start) > timeout_ms:
+            if expired:
                 raise OSError(ETIMEDOUT, "BME280 at 0x%02x stays busy" % self.address)
             time.sleep_ms(1)
 
