@@ -39,7 +39,7 @@ CAP_MARGIN = 0.9  # a cap deletion frees down to 90 % of the cap, so it does not
 # anyway (other programs share an SD card), so that deleting the oldest can still be written.
 RESERVE_MIN = 64 * 1024
 RESERVE_MAX = 4 * 1024 * 1024
-PAGE_CACHE_KIB = 8 * 1024
+PAGE_CACHE_KIB = 2 * 1024  # the queue is written and read in order: little worth caching
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (

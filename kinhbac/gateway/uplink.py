@@ -26,7 +26,7 @@ from kinhbac.gateway.queue import Queue, Stored
 
 log = logging.getLogger(__name__)
 
-FETCH = 2000  # frames read from the queue at a time
+FETCH = 256  # frames read from the queue at a time: ~13,000 readings, a few MB in memory
 PROBE_TIMEOUT_S = 5.0  # a publish to our own subtree must come back within this
 IDLE_POLL_S = 0.02  # how often an empty queue is looked at again
 STATUS_EVERY_S = 30.0  # a device's retained status is refreshed at most this often
