@@ -578,8 +578,12 @@ async def run_bench(args: argparse.Namespace, workdir: Path) -> Bench:
         b.notes.append(f"the subscriber lost its broker connection {b.sub.disconnects} times: "
                        "readings published meanwhile are missing from the end-to-end counts")
     if b.sub.broker_dropped:
-        b.notes.append(f"mosquitto counted {b.sub.broker_dropped:,} messages dropped "
-                       "($SYS/broker/publish/messages/dropped, as last published)")
+        b.notes.append(
+            f"mosquitto counted {b.sub.broker_dropped:,} messages dropped over the run "
+            "($SYS/broker/publish/messages/dropped, as last published): messages it could not "
+            "queue for the bench's subscriber, which had fallen behind. They are missing from "
+            "the end-to-end counts; the systems' own publish counts (the gateway's metrics "
+            "below) say whether the broker had them.")
     if b.sub.bad_payloads:
         b.notes.append(f"{b.sub.bad_payloads} telemetry messages were not JSON with a "
                        "readings list (not counted)")
@@ -736,6 +740,13 @@ def build_report(b: Bench, machine: list[tuple[str, str]], command: str) -> str:
     else:
         lines.append(f"| Gateway RSS flat over a soak | - | | within {100 * TARGET_RSS_DRIFT:g}%"
                      f" over 5 min | not measured{' (--soak 0)' if a.soak == 0 else ''} |")
+    busy = [ph for ph in b.phases if (ph.others_cpu_pct or 0) > 25]
+    if busy:
+        worst = max(ph.others_cpu_pct or 0 for ph in busy)
+        lines += ["", (f"**This run shared the machine with other work** (up to {worst:.0f}% of "
+                  f"a core outside the benchmark, in {len(busy)} of {len(b.phases)} phases: "
+                  "see 'others' below). Its figures are pessimistic; for the record, run it on "
+                  "a quiet machine.")]
     lines += ["", "## Every phase", "",
               ("| System | Phase | Acked/s | End to end/s | ACK p50 / p90 / p99 / max (ms) | "
               "Latency samples | Delivered / acked (after drain) | Drain (s) | CPU % of a "
