@@ -9,6 +9,7 @@ import re
 import socket
 import tomllib
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -73,8 +74,24 @@ class GatewaySettings(BaseSettings):
     )
     listen_host: str = Field("0.0.0.0", description="address the node listener binds")
     listen_port: int = Field(7878, ge=0, le=65535, description="TCP port for nodes (0: any)")
-    data_dir: Path = Field(Path("/var/lib/kinhbac"), description="where the queue database lives")
-    key_file: Path = Field(description="JSON file of device keys (until the fleet supplies them)")
+    data_dir: Path = Field(
+        Path("/var/lib/kinhbac"),
+        description="where the queue database and the fleet key cache live",
+    )
+    key_file: Path | None = Field(
+        None, description="JSON file of device keys: the offline option (set this or fleet_url)"
+    )
+    fleet_url: str | None = Field(
+        None, description="the fleet service (https://host): device keys come from its "
+        "/api/gateway/keys (set this or key_file)"
+    )
+    fleet_token: SecretStr | None = Field(
+        None, description="this gateway's token from the fleet (kbg_...), needed with fleet_url"
+    )
+    key_refresh_s: float = Field(
+        60, ge=1, le=86400, description="how often the keys are fetched from the fleet: a "
+        "revoked device is refused within this"
+    )
     node_config_dir: Path | None = Field(
         None, description="folder of <device id>.json CONFIG settings, sent on a node's next HELLO"
     )
@@ -106,9 +123,36 @@ class GatewaySettings(BaseSettings):
             raise ValueError("use lower-case letters, digits, '-' and '_' (at most 63)")
         return value
 
+    @field_validator("fleet_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("give an http:// or https:// URL, e.g. https://fleet.example.org")
+        if parts.query or parts.fragment:
+            raise ValueError("give the service's base URL, without ? or #")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> "GatewaySettings":
+        if (self.key_file is None) == (self.fleet_url is None):
+            which = "neither is" if self.key_file is None else "both are"
+            raise ValueError(f"set exactly one of key_file and fleet_url ({which} set)")
+        if self.fleet_url is not None and not (
+                self.fleet_token and self.fleet_token.get_secret_value()):
+            raise ValueError("fleet_url needs fleet_token (or KINHBAC_GATEWAY_FLEET_TOKEN)")
+        return self
+
     @property
     def database(self) -> Path:
         return self.data_dir / "queue.sqlite3"
+
+    @property
+    def fleet_key_cache(self) -> Path:
+        """The last device keys the fleet gave, for a start while it is unreachable."""
+        return self.data_dir / "fleet-keys.json"
 
     _toml_file: Path | None = None
 

@@ -12,8 +12,10 @@ import sys
 import time
 from typing import Any
 
+from prometheus_client import Counter
+
 from kinhbac.gateway.config import GatewaySettings
-from kinhbac.gateway.keys import FileKeyStore
+from kinhbac.gateway.keys import FileKeyStore, FleetKeyStore, KeyStore
 from kinhbac.gateway.listener import DeviceInfo, Listener
 from kinhbac.gateway.metrics import Metrics
 from kinhbac.gateway.queue import Queue
@@ -31,7 +33,7 @@ class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.keys = FileKeyStore(settings.key_file)
+        self.keys = self._key_store()
         self.queue = Queue(
             settings.database,
             disk_cap_bytes=settings.disk_cap_bytes,
@@ -58,6 +60,23 @@ class Gateway:
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
 
+    def _key_store(self) -> KeyStore:
+        """The local key file, or the fleet (with a failure counter beside the other metrics)."""
+        settings = self.settings
+        if settings.key_file is not None:
+            return FileKeyStore(settings.key_file)
+        assert settings.fleet_url is not None and settings.fleet_token is not None
+        failures = Counter("kinhbac_gateway_key_fetch_failures", "Failed fetches of device "
+                           "keys from the fleet, by kind", ["kind"],
+                           registry=self.metrics.registry)
+        return FleetKeyStore(
+            url=settings.fleet_url,
+            token=settings.fleet_token.get_secret_value(),
+            cache_file=settings.fleet_key_cache,
+            refresh_s=settings.key_refresh_s,
+            on_failure=lambda kind: failures.labels(kind).inc(),
+        )
+
     def _on_hello(self, device: str, info: DeviceInfo) -> None:
         hello = info.hello
         self.uplink.device_status(device, {
@@ -77,6 +96,10 @@ class Gateway:
 
     async def run(self) -> None:
         await self.queue.open()
+        fleet_keys = None
+        if isinstance(self.keys, FleetKeyStore):
+            await self.keys.update()  # the fleet's answer (or the cache) before the first node
+            fleet_keys = asyncio.create_task(self.keys.run(), name="fleet-keys")
         port = await self.listener.start()
         self.metrics_port = self.metrics.serve(self.settings.metrics_host,
                                                self.settings.metrics_port)
@@ -92,6 +115,8 @@ class Gateway:
         await self.uplink.stop(DRAIN_S)
         await asyncio.wait_for(uplink, timeout=DRAIN_S + 5)
         housekeeping.cancel()
+        if fleet_keys is not None:
+            fleet_keys.cancel()
         await self.queue.close()
         log.info("stopped; %d readings still queued for next time", self.queue.stats.depth)
 
