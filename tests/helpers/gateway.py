@@ -35,7 +35,7 @@ def _toml_value(value: Any) -> str:
 class GatewayProcess:
     """`kinhbac gateway run` in a subprocess, with its TOML written from keyword settings."""
 
-    def __init__(self, workdir: Path, *, key_file: Path, broker_port: int,
+    def __init__(self, workdir: Path, *, key_file: Path | None, broker_port: int,
                  mqtt: dict[str, Any] | None = None, **settings: Any) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -52,7 +52,7 @@ class GatewayProcess:
             "metrics_port": self.metrics_port,
             "commit_window_ms": 1.0,
         } | settings
-        lines = [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines = [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
         lines.append("[mqtt]")
         mqtt_values = {"host": "127.0.0.1", "port": broker_port, "backoff_min_s": 0.2,
                        "backoff_max_s": 1.0} | (mqtt or {})

@@ -1,0 +1,265 @@
+"""Gateways learn device keys from the fleet, end to end: the fleet service, a gateway process
+with fleet_url, emulated boards flashed with the identity the fleet issued, and a private
+Mosquitto. Everything is set up through the API, as an admin and a technician would."""
+
+import functools
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from argon2 import PasswordHasher
+from helpers.gateway import Collector, GatewayProcess, free_port
+
+from kinhbac import wire
+from kinhbac.broker import LocalBroker
+from kinhbac.emulator import launcher
+from kinhbac.emulator.devices import BME280, AnalogSource, PulseSource
+from kinhbac.firmware import config_file, firmware_files
+from kinhbac.fleet import cli as fleet_cli
+from kinhbac.fleet import security
+from kinhbac.fleet.app import create_app
+from kinhbac.fleet.settings import load_settings as load_fleet_settings
+from kinhbac.gateway.config import ConfigError, load_settings
+
+REFRESH_S = 1.0
+MARGIN_S = 2.0  # a request, a node's next frame, a loaded CI machine
+SITE = "testsite"
+ADMIN = ("admin@example.org", "admin password 1")
+TECHNICIAN = ("tech@example.org", "technician password 1")
+NODE_SETTINGS = {
+    "interval_ms": 50,
+    "console_window_ms": 100,
+    "send_after_ms": 100,
+    "ack_timeout_ms": 3000,
+    "backoff_min_ms": 100,
+    "backoff_max_ms": 1000,
+    "good_after_ms": 600000,
+}
+REFUSED_UNKNOWN = 'kinhbac_gateway_frames_refused_total{reason="unknown_device"}'
+
+
+def fetch_failures(kind: str) -> str:
+    return f'kinhbac_gateway_key_fetch_failures_total{{kind="{kind}"}}'
+
+
+class Fleet:
+    """The fleet service over HTTP on a free port (uvicorn on a thread: the app's imports are
+    paid once per test run), SQLite in `workdir`, a real service key."""
+
+    def __init__(self, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config = workdir / "fleet.toml"
+        self.config.write_text(f'env = "production"\nsecret_key = "{secrets.token_urlsafe(32)}"\n'
+                               f'database_url = "sqlite:///{workdir / "fleet.sqlite3"}"\n')
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.http = httpx.Client(base_url=self.url, timeout=10)
+        self.server: uvicorn.Server | None = None
+        self.thread: threading.Thread | None = None
+
+    def create_admin(self, email: str, password: str) -> None:
+        """What `kinhbac fleet create-admin` does (it migrates the new database first)."""
+        fleet_cli.create_admin(email, password, config=self.config)
+
+    def start(self, timeout: float = 30.0) -> None:
+        app = create_app(load_fleet_settings(self.config))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="fleet", daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.server.started, timeout, "the fleet serving")
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+            self.thread.join(15)
+            assert not self.thread.is_alive(), "the fleet did not stop"
+            self.server = None
+
+    def login(self, email: str, password: str) -> str:
+        answer = self.http.post("/api/auth/login", data={"username": email, "password": password})
+        assert answer.status_code == 200, answer.text
+        return answer.json()["access_token"]
+
+    def call(self, method: str, path: str, token: str, expect: int = 200,
+             **kwargs: Any) -> dict[str, Any]:
+        answer = self.http.request(method, path, headers={"Authorization": f"Bearer {token}"},
+                                   **kwargs)
+        assert answer.status_code == expect, (method, path, answer.status_code, answer.text)
+        return answer.json()
+
+
+@functools.cache
+def firmware() -> dict[str, bytes]:
+    return firmware_files()  # mpy-cross once, not once per board
+
+
+@pytest.fixture
+def fleet(tmp_path, monkeypatch):
+    # Argon2id at its cheapest, as in tests/fleet: the same code path and hash format, without
+    # the deliberate slowness (each user and each login hashes once).
+    monkeypatch.setattr(security, "_hasher",
+                        PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
+    f = Fleet(tmp_path / "fleet")
+    f.create_admin(*ADMIN)
+    f.start()
+    yield f
+    f.stop()
+    f.http.close()
+
+
+@pytest.fixture
+def broker(tmp_path):
+    with LocalBroker(tmp_path / "broker") as b:
+        yield b
+
+
+@pytest.fixture
+def collector(broker):
+    c = Collector(broker.port)
+    time.sleep(0.2)
+    yield c
+    c.close()
+
+
+class Site:
+    """What an admin sets up in the fleet for a site, and the technician who registers its
+    devices: a site, its gateway (and token), a technician user."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.admin = fleet.login(*ADMIN)
+        self.site_id = fleet.call("POST", "/api/sites", self.admin, 201, json={
+            "name": "Test site", "slug": SITE, "sensor_kit": launcher.SENSOR_KIT})["id"]
+        enrolled = fleet.call("POST", "/api/gateways", self.admin, 201,
+                              json={"name": "gw1", "site_id": self.site_id})
+        self.gateway_id, self.gateway_token = enrolled["id"], enrolled["token"]
+        fleet.call("POST", "/api/users", self.admin, 201, json={
+            "email": TECHNICIAN[0], "password": TECHNICIAN[1], "role": "technician"})
+        self.technician = fleet.login(*TECHNICIAN)
+
+    def register_node(self, emulator, gateway_port: int) -> tuple[launcher.Node, str]:
+        """A board registered by its MAC, flashed with the identity the fleet issued; off."""
+        board = emulator.add_board()
+        device = self.fleet.call("POST", "/api/devices", self.technician, 201,
+                                 json={"mac": board.mac.hex(":"), "site_id": self.site_id})
+        secret = bytes.fromhex(device["secret"])
+        key = wire.Key(bytes.fromhex(device["wire_id"]), device["key_id"], secret)
+        node = launcher.Node(board, key, secret, BME280(0x76), AnalogSource(volts=1.0),
+                             PulseSource(launcher.PULSE_PIN))
+        board.attach_i2c(node.bme280)
+        board.attach_analog(launcher.LEVEL_PIN, node.level)
+        board.attach_pulses(launcher.PULSE_PIN, node.meter)
+        config = launcher.node_config(node, gateway_port, emulator, **NODE_SETTINGS)
+        board.write_files(firmware() | config_file(config))
+        return node, device["id"]
+
+
+def wait_until(condition, timeout: float, what: str) -> float:
+    """Seconds until `condition()` held; fails after `timeout`."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, f"{what}: not within {timeout} s"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_device_registered_in_the_fleet_flows_and_is_refused_within_one_refresh_of_revoking(
+        tmp_path, fleet, emulator, broker, collector):
+    site = Site(fleet)
+    gateway = GatewayProcess(tmp_path / "gw", key_file=None, broker_port=broker.port,
+                             fleet_url=fleet.url, fleet_token=site.gateway_token,
+                             key_refresh_s=REFRESH_S)
+    try:
+        kept, _ = site.register_node(emulator, gateway.port)
+        revoked, revoked_id = site.register_node(emulator, gateway.port)
+        gateway.start()
+        kept.board.power_on()
+        revoked.board.power_on()
+        collector.wait_for(lambda: collector.count(kept.device) >= 20
+                           and collector.count(revoked.device) >= 20, timeout=30,
+                           what="readings from both devices")
+        assert gateway.metrics().get(REFUSED_UNKNOWN, 0) == 0
+
+        fleet.call("POST", f"/api/devices/{revoked_id}/revoke", site.technician)
+        took = wait_until(lambda: gateway.metrics().get(REFUSED_UNKNOWN, 0) >= 1,
+                          REFRESH_S + MARGIN_S, "the revoked device refused")
+        print(f"revoked device refused {took:.2f} s after the revocation")
+        time.sleep(0.5)  # readings acked before the revocation may still be on their way
+        stopped_at, kept_at = collector.count(revoked.device), collector.count(kept.device)
+        time.sleep(REFRESH_S + MARGIN_S)
+        assert collector.count(revoked.device) == stopped_at, "readings after the revocation"
+        assert collector.count(kept.device) >= kept_at + 20, "the other device stopped too"
+        assert f"withdrawn 1 ({revoked.device})" in gateway.log()
+    finally:
+        gateway.stop()
+
+
+def test_the_gateway_keeps_its_keys_through_a_wrong_token_a_fleet_outage_and_a_restart(
+        tmp_path, fleet, emulator, broker, collector, monkeypatch):
+    site = Site(fleet)
+    monkeypatch.setenv("KINHBAC_GATEWAY_FLEET_TOKEN", site.gateway_token)  # not in the file
+    gateway = GatewayProcess(tmp_path / "gw", key_file=None, broker_port=broker.port,
+                             fleet_url=fleet.url, key_refresh_s=REFRESH_S)
+    cache = gateway.workdir / "data" / "fleet-keys.json"
+
+    def flowing(what: str) -> None:
+        before = collector.count(node.device)
+        collector.wait_for(lambda: collector.count(node.device) >= before + 20, timeout=20,
+                           what=what)
+
+    try:
+        node, _ = site.register_node(emulator, gateway.port)
+        gateway.start()
+        node.board.power_on()
+        flowing("readings at first")
+        assert node.device in cache.read_text() and cache.stat().st_mode & 0o777 == 0o600
+
+        # An admin rotates the gateway's token: the one the gateway has is now refused.
+        fleet.call("POST", f"/api/gateways/{site.gateway_id}/token", site.admin)
+        wait_until(lambda: gateway.metrics().get(fetch_failures("refused"), 0) >= 3,
+                   3 * REFRESH_S + MARGIN_S, "three refused fetches")
+        flowing("readings with the token refused")
+        assert gateway.log().count("refused this gateway's token") == 1  # once per streak
+
+        # The fleet goes away.
+        fleet.stop()
+        wait_until(lambda: gateway.metrics().get(fetch_failures("unreachable"), 0) >= 3,
+                   3 * REFRESH_S + MARGIN_S, "three failed fetches")
+        flowing("readings with the fleet away")
+        assert gateway.log().count("the fleet is unreachable") == 1
+        assert gateway.proc.poll() is None
+
+        # A gateway restarted while the fleet is down starts from its cache.
+        assert gateway.terminate() == 0
+        gateway.start()
+        assert f"device keys from the cache {cache}: 1" in gateway.log()
+        flowing("readings after a restart without the fleet")
+        assert gateway.metrics().get(REFUSED_UNKNOWN, 0) == 0
+    finally:
+        gateway.stop()
+
+
+FLEET = 'fleet_url = "https://fleet.example.org"\n'
+
+
+@pytest.mark.parametrize(("toml", "message"), [
+    ("", "set exactly one of key_file and fleet_url (neither is set)"),
+    ('key_file = "k.json"\n' + FLEET + 'fleet_token = "kbg_x"\n',
+     "set exactly one of key_file and fleet_url (both are set)"),
+    (FLEET, "fleet_url needs fleet_token (or KINHBAC_GATEWAY_FLEET_TOKEN)"),
+    ('fleet_url = "fleet.example.org"\nfleet_token = "kbg_x"\n',
+     "config error in fleet_url: give an http:// or https:// URL"),
+])
+def test_a_gateway_takes_its_keys_from_exactly_one_source(tmp_path, monkeypatch, toml, message):
+    monkeypatch.delenv("KINHBAC_GATEWAY_FLEET_TOKEN", raising=False)
+    config = tmp_path / "gw.toml"
+    config.write_text('site = "s"\n' + toml)
+    with pytest.raises(ConfigError) as refused:
+        load_settings(config)
+    assert message in str(refused.value) and "\n" not in str(refused.value)
