@@ -1,23 +1,30 @@
-"""Device identities: registration by MAC, re-provisioning, revocation, and the key listing a
-gateway fetches for its site.
+"""Device identities: registration by MAC (one, or many from a CSV file), re-provisioning,
+revocation, and the key listing a gateway fetches for its site.
 
 A device's secret is returned once, to whoever registered it, and then stored only sealed
 with the service key; it is opened again only for a gateway enrolled at the device's site.
 """
 
+import csv
+import io
 import os
+import re
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import sqlalchemy as sa
+from pydantic import BaseModel, Field, ValidationError
 from sqlmodel import Session, select
 
 from kinhbac.fleet import audit
 from kinhbac.fleet.audit import Actor
 from kinhbac.fleet.crypto import SecretBox
-from kinhbac.fleet.errors import Conflict, Invalid
-from kinhbac.fleet.identity import wire_id_for
+from kinhbac.fleet.errors import Conflict, FleetError, Invalid
+from kinhbac.fleet.identity import normalise_mac, wire_id_for
 from kinhbac.fleet.models import (
     MAX_KEY_ID,
+    AuditEntry,
     Device,
     DeviceCreate,
     DeviceProvisioned,
@@ -192,3 +199,279 @@ def gateway_keys(session: Session, box: SecretBox, gateway: Gateway) -> GatewayK
         for device in devices
         if device.secret_enc is not None
     ])
+
+
+# ---- bulk pre-registration from CSV
+
+BULK_MAX_BYTES = 1024 * 1024
+BULK_MAX_ROWS = 10_000
+BULK_COLUMNS = ("mac", "site", "board", "chip", "flash_size", "tags")
+BULK_REQUIRED = ("mac",)
+BULK_MAX_ERRORS = 1000  # a file wrong in one way throughout needs no 10,000-entry answer
+_FLASH_SIZE = re.compile(r"^(\d+)\s*(?:(k|kb|kib)|(m|mb|mib))?$", re.IGNORECASE)
+_IN_CHUNK = 500  # values per IN (...): well inside SQLite's and PostgreSQL's parameter limits
+
+
+class TooLarge(FleetError):
+    """A bulk file over the size or row limit."""
+
+    status = 413
+
+
+class BulkRowError(BaseModel):
+    """One problem of a bulk file: where (row and column, as a spreadsheet shows them) and what."""
+
+    loc: list[str | int] = Field(description='["body"], ["body", row] or ["body", row, column]')
+    row: int | None = Field(description="the header is row 1; None for the file as a whole")
+    column: str | None
+    msg: str
+    type: str
+
+
+class BulkRefusal(BaseModel):
+    """A refused bulk file: every problem found; nothing was written."""
+
+    detail: list[BulkRowError]
+
+
+class BulkInvalid(Exception):
+    """The file's problems; the API answers 422 with them and writes nothing."""
+
+    def __init__(self, errors: list[BulkRowError]) -> None:
+        super().__init__(f"{len(errors)} problems")
+        self.errors = errors
+
+
+class BulkProvisioned(BaseModel):
+    created: int
+    devices: list[DeviceProvisioned] = Field(
+        description="in the file's order, each with its secret: shown this once"
+    )
+
+
+@dataclass
+class _BulkRow:
+    row: int
+    mac: str | None  # normalised; None when missing or malformed
+    site: str | None
+    data: dict[str, object]
+    valid: bool
+
+
+def _problem(row: int | None, column: str | None, msg: str, kind: str) -> BulkRowError:
+    loc: list[str | int] = ["body"]
+    if row is not None:
+        loc += [row] if column is None else [row, column]
+    return BulkRowError(loc=loc, row=row, column=column, msg=msg, type=kind)
+
+
+def _refuse(errors: list[BulkRowError]) -> BulkInvalid:
+    if len(errors) > BULK_MAX_ERRORS:
+        more = len(errors) - BULK_MAX_ERRORS
+        errors = errors[:BULK_MAX_ERRORS] + [
+            _problem(None, None, f"and {more} more problems not listed", "truncated")
+        ]
+    return BulkInvalid(errors)
+
+
+def _flash_size(text: str) -> int:
+    """Bytes, or a size as esptool prints it: 4MB, 4M, 4MiB, 512KB (binary multiples)."""
+    found = _FLASH_SIZE.match(text)
+    if found is None:
+        raise ValueError(f"{text!r} is not a flash size: give bytes (4194304) or e.g. 4MB")
+    number, kib, mib = found.groups()
+    return int(number) * (1024 if kib else 1024 * 1024 if mib else 1)
+
+
+def _csv_records(body: bytes) -> list[list[str]]:
+    """The records of a UTF-8 CSV body (a byte-order mark is fine); BulkInvalid if it is not one."""
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise _refuse([_problem(
+            None, None,
+            f"not UTF-8 text (byte 0x{body[exc.start]:02x} at offset {exc.start}): "
+            "save or export the sheet as CSV, UTF-8", "encoding",
+        )]) from None
+    if "\x00" in text:
+        raise _refuse([_problem(None, None, "not CSV text: it holds NUL characters "
+                                "(a binary file?)", "not_csv")])
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    records: list[list[str]] = []
+    try:
+        records.extend(reader)  # what was read before an error stays: it tells the row
+    except csv.Error as exc:
+        row = len(records) + 1
+        raise _refuse([_problem(row, None, f"not valid CSV at row {row}: {exc}",
+                                "not_csv")]) from None
+    return records
+
+
+def _read_header(record: list[str] | None) -> tuple[list[str], list[BulkRowError]]:
+    if record is None or not any(name.strip() for name in record):
+        return [], [_problem(1, None, "the first row must name the columns, e.g. "
+                             + ",".join(BULK_COLUMNS), "missing_header")]
+    names = [name.strip().lower() for name in record]
+    errors = []
+    for index, name in enumerate(names, start=1):
+        if not name:
+            errors.append(_problem(1, None, f"column {index} has no name", "unknown_column"))
+        elif name not in BULK_COLUMNS:
+            errors.append(_problem(1, name, f"unknown column {name!r}; the columns are "
+                                   + ", ".join(BULK_COLUMNS), "unknown_column"))
+        elif name in names[:index - 1]:
+            errors.append(_problem(1, name, f"column {name!r} is named twice", "duplicate_column"))
+    for name in BULK_REQUIRED:
+        if name not in names:
+            errors.append(_problem(1, name, f"missing required column {name!r}",
+                                   "missing_column"))
+    return names, errors
+
+
+def _read_row(number: int, names: list[str], record: list[str],
+              errors: list[BulkRowError]) -> _BulkRow:
+    """Row `number`'s device; its problems go to `errors` (and `valid` says whether it had any)."""
+    found = len(errors)
+    if len(record) > len(names):
+        errors.append(_problem(number, None, f"{len(record)} values, but the header names "
+                               f"{len(names)} columns", "too_many_values"))
+    values = {name: value.strip() for name, value in zip(names, record, strict=False)}
+    data: dict[str, object] = {"mac": values.get("mac", "")}
+    for name in ("board", "chip"):
+        if values.get(name):
+            data[name] = values[name]
+    if values.get("flash_size"):
+        try:
+            data["flash_size"] = _flash_size(values["flash_size"])
+        except ValueError as exc:
+            errors.append(_problem(number, "flash_size", str(exc), "flash_size"))
+    tags = [tag.strip() for tag in values.get("tags", "").split(";") if tag.strip()]
+    if tags:
+        data["tags"] = tags
+    mac_given = bool(data["mac"])
+    if not mac_given:
+        errors.append(_problem(number, "mac", "no MAC: the mac column is required",
+                               "missing_value"))
+        data["mac"] = "02:00:00:00:00:01"  # a stand-in, so that the other columns are checked
+    mac_ok = mac_given
+    try:
+        data = DeviceCreate.model_validate(data).model_dump(exclude_unset=True)
+    except ValidationError as exc:
+        for error in exc.errors():
+            column = str(error["loc"][0]) if error["loc"] else None
+            mac_ok = mac_ok and column != "mac"
+            errors.append(_problem(number, column, error["msg"].removeprefix("Value error, "),
+                                   error["type"]))
+    return _BulkRow(row=number, mac=normalise_mac(str(data["mac"])) if mac_ok else None,
+                    site=values.get("site") or None, data=data, valid=len(errors) == found)
+
+
+def _chunks(values: list[str]) -> Iterator[list[str]]:
+    for start in range(0, len(values), _IN_CHUNK):
+        yield values[start:start + _IN_CHUNK]
+
+
+def read_device_csv(session: Session, body: bytes) -> list[DeviceCreate]:
+    """The devices a bulk CSV describes, checked against each other and the registry.
+
+    BulkInvalid lists every problem (row, column, what); TooLarge for more than BULK_MAX_ROWS.
+    """
+    if len(body) > BULK_MAX_BYTES:
+        raise TooLarge(f"the file is larger than {BULK_MAX_BYTES} bytes: split it")
+    records = _csv_records(body)
+    names, errors = _read_header(records[0] if records else None)
+    if errors:
+        raise _refuse(errors)
+    numbered = [(number, record) for number, record in enumerate(records[1:], start=2)
+                if any(value.strip() for value in record)]  # blank lines are skipped
+    if len(numbered) > BULK_MAX_ROWS:
+        raise TooLarge(f"{len(numbered)} devices in one file, more than {BULK_MAX_ROWS}: "
+                       "split it")
+    if not numbered:
+        errors.append(_problem(None, None, "no devices: the file has a header and no rows",
+                               "empty"))
+    rows: list[_BulkRow] = []
+    seen: dict[str, int] = {}
+    for number, record in numbered:
+        row = _read_row(number, names, record, errors)
+        rows.append(row)
+        if row.mac is None:
+            continue
+        if row.mac in seen:
+            errors.append(_problem(number, "mac", f"MAC {row.mac} is also on row "
+                                   f"{seen[row.mac]}", "duplicate_mac"))
+        else:
+            seen[row.mac] = number
+    for chunk in _chunks(list(seen)):
+        for mac, device_id in session.exec(
+            select(Device.mac, Device.id).where(Device.mac.in_(chunk))
+        ):
+            errors.append(_problem(seen[mac], "mac", f"a device with MAC {mac} is already "
+                                   f"registered (id {device_id})", "already_registered"))
+    slugs = sorted({row.site for row in rows if row.site})
+    site_ids: dict[str, uuid.UUID] = {}
+    for chunk in _chunks(slugs):
+        rows_found = session.exec(select(Site.slug, Site.id).where(Site.slug.in_(chunk))).all()
+        site_ids.update((slug, site_id) for slug, site_id in rows_found)
+    for row in rows:
+        if row.site and row.site not in site_ids:
+            errors.append(_problem(row.row, "site", f"no site with slug {row.site!r}",
+                                   "unknown_site"))
+    if errors:
+        errors.sort(key=lambda error: (error.row or 0, BULK_COLUMNS.index(error.column)
+                                       if error.column in BULK_COLUMNS else -1))
+        raise _refuse(errors)
+    return [
+        DeviceCreate.model_validate({**row.data, "site_id": site_ids.get(row.site or "")})
+        for row in rows
+    ]
+
+
+def register_bulk(
+    session: Session, box: SecretBox, actor: Actor, devices: list[DeviceCreate]
+) -> BulkProvisioned:
+    """Register every device of a checked bulk file in one transaction, or none of them.
+
+    Each device is what register_device() makes (active, key id 1, a fresh secret, a
+    `device.create` audit entry), written as rows with one INSERT per table: ten thousand
+    ORM objects would take long enough for a client to give up.
+    """
+    # The audit entries are audit.record()'s, one per device: made once, copied per device.
+    template = audit.record(session, actor, "device.create", "device", "")
+    session.expunge(template)
+    entry = {column.name: getattr(template, column.name) for column in AuditEntry.__table__.columns}
+    device_columns = [column.name for column in Device.__table__.columns]
+    device_rows: list[dict[str, object]] = []
+    tag_rows: list[dict[str, object]] = []
+    audit_rows: list[dict[str, object]] = []
+    answers = []
+    for data in devices:
+        secret = os.urandom(SECRET_BYTES)
+        device_id = uuid.uuid4()
+        device = Device.model_validate(data.model_dump(exclude={"tags"}), update={
+            "id": device_id,
+            "wire_id": wire_id_for(data.mac),
+            "key_id": 1,
+            "secret_enc": box.seal(secret, context=_secret_context(device_id, 1)),
+            "state": DeviceState.active,
+        })
+        answer = DeviceProvisioned.model_validate(
+            device, update={"tags": data.tags, "secret": secret.hex()}
+        )
+        answers.append(answer)
+        device_rows.append({name: getattr(device, name) for name in device_columns})
+        tag_rows += [{"device_id": device_id, "tag": tag} for tag in data.tags]
+        audit_rows.append({**entry, "id": uuid.uuid4(), "entity_id": str(device_id),
+                           "after": audit.scrub(answer.model_dump(mode="json"))})
+    conflict = "a device of the file was registered meanwhile; nothing was written, try again"
+    connection = session.connection()
+    try:
+        connection.execute(Device.__table__.insert(), device_rows)
+        if tag_rows:
+            connection.execute(DeviceTag.__table__.insert(), tag_rows)
+        connection.execute(AuditEntry.__table__.insert(), audit_rows)
+    except sa.exc.IntegrityError as exc:
+        session.rollback()
+        raise Conflict(conflict) from exc
+    commit(session, conflict)
+    return BulkProvisioned(created=len(answers), devices=answers)

@@ -1,9 +1,9 @@
-"""The device registry and the first provisioning path: register by MAC."""
+"""The device registry and its provisioning paths: register by MAC, one or many (CSV)."""
 
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 from pydantic import AfterValidator
 
 from kinhbac.fleet import provisioning
@@ -32,6 +32,92 @@ def register_device(
     The secret is in this response only; the fleet keeps it encrypted for the gateways.
     """
     return provisioning.register_device(session, box, caller.actor, data)
+
+
+async def csv_body(request: Request) -> bytes:
+    """The request body of a bulk registration: text/csv, at most BULK_MAX_BYTES.
+
+    Read here, after the caller's role is checked, and no further than the limit.
+    """
+    media_type, _, parameters = request.headers.get("content-type", "").partition(";")
+    if media_type.strip().lower() != "text/csv":
+        raise HTTPException(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            detail="send the CSV file as the request body with Content-Type: text/csv "
+            f"(this request's is {media_type.strip() or 'missing'!r})",
+        )
+    charset = {
+        key.strip().lower(): value.strip().strip('"').lower()
+        for key, _, value in (item.partition("=") for item in parameters.split(";"))
+    }.get("charset", "utf-8")
+    if charset not in ("utf-8", "utf8", "us-ascii"):
+        raise HTTPException(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            detail=f"the CSV must be UTF-8 (this request says charset={charset}): "
+            "save or export it as CSV UTF-8",
+        )
+    too_large = HTTPException(
+        status.HTTP_413_CONTENT_TOO_LARGE,
+        detail=f"the CSV file is larger than {provisioning.BULK_MAX_BYTES} bytes "
+        f"({provisioning.BULK_MAX_BYTES // 1024 // 1024} MiB): split it into smaller files",
+    )
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > provisioning.BULK_MAX_BYTES:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > provisioning.BULK_MAX_BYTES:
+            raise too_large
+    return bytes(body)
+
+
+_CSV_EXAMPLE = (
+    "mac,site,board,chip,flash_size,tags\n"
+    "24:0a:c4:12:34:56,riverside,devkitc,ESP32-D0WD-V3,4MB,pump;north\n"
+)
+
+
+@router.post(
+    "/bulk",
+    response_model=provisioning.BulkProvisioned,
+    status_code=status.HTTP_201_CREATED,
+    openapi_extra={"requestBody": {
+        "required": True,
+        "description": "a UTF-8 CSV file whose first row names its columns: "
+        + ", ".join(provisioning.BULK_COLUMNS) + " (only mac is required; tags are "
+        "separated by ';'; flash_size in bytes or like 4MB)",
+        "content": {"text/csv": {"schema": {"type": "string"}, "example": _CSV_EXAMPLE}},
+    }},
+    responses={
+        413: {"description": "over 1 MiB or over 10,000 devices"},
+        415: {"description": "not sent as text/csv (UTF-8)"},
+        422: {"model": provisioning.BulkRefusal,
+              "description": "every problem of the file, by row and column; nothing written"},
+    },
+)
+def register_bulk(
+    response: Response,
+    session: SessionDep,
+    box: SecretBoxDep,
+    caller: Staff,
+    body: Annotated[bytes, Depends(csv_body)],
+) -> provisioning.BulkProvisioned:
+    """Pre-register many devices from a CSV file: all of them, or none.
+
+    Each device gets its wire id, key id 1 and a secret, as a single registration does, and is
+    active. The secrets are in this response only. A file with any problem writes nothing and
+    is answered 422 with every problem found, by row (the header is row 1) and column.
+    """
+    try:
+        devices = provisioning.read_device_csv(session, body)
+    except provisioning.BulkInvalid as exc:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            detail=[error.model_dump() for error in exc.errors],
+        ) from None
+    response.headers["Cache-Control"] = "no-store"  # secrets: no proxy or cache keeps them
+    return provisioning.register_bulk(session, box, caller.actor, devices)
 
 
 @router.get("", response_model=Page[DevicePublic])

@@ -68,6 +68,9 @@ ROUTES = [
     Route("DELETE", "/api/gateways/{gateway_id}", frozenset({ADMIN}), 204),
     Route("POST", "/api/devices", STAFF, 201,
           lambda w: {"json": {"mac": random_mac(), "site_id": str(w.site.id)}}),
+    Route("POST", "/api/devices/bulk", STAFF, 201,
+          lambda w: {"content": f"mac,site\n{random_mac()},{w.site.slug}\n",
+                     "headers": {"Content-Type": "text/csv"}}),
     Route("GET", "/api/devices", USERS, 200),
     Route("GET", "/api/devices/{device_id}", USERS, 200),
     Route("PATCH", "/api/devices/{device_id}", STAFF, 200,
@@ -127,8 +130,8 @@ def test_route_answers_each_caller_as_its_role_table_says(client: TestClient, se
                ("user_id", "token_id", "site_id", "gateway_id", "device_id")}
         request = {}
 
-    response = client.request(route.method, route.path.format(**ids),
-                              headers=_headers(tokens, caller), **request)
+    headers = _headers(tokens, caller) | request.pop("headers", {})
+    response = client.request(route.method, route.path.format(**ids), headers=headers, **request)
 
     assert response.status_code == expected, response.text
     if expected == 401:
