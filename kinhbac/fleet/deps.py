@@ -38,7 +38,7 @@ async def get_secret_box(request: Request) -> SecretBox:
 SessionDep = Annotated[Session, Depends(get_session)]
 # Pagination of list routes.
 Limit = Annotated[int, Query(ge=1, le=500, description="items per page")]
-Offset = Annotated[int, Query(ge=0, description="items to skip")]
+Offset = Annotated[int, Query(ge=0, le=2**31 - 1, description="items to skip")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SecretBoxDep = Annotated[SecretBox, Depends(get_secret_box)]
 
