@@ -8,7 +8,7 @@ import re
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, Optional, TypeVar
 
 import sqlalchemy as sa
 from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
@@ -333,6 +333,44 @@ class GatewayKeys(BaseModel):
     devices: list[GatewayKey]
 
 
+# ---- what the MQTT ingest keeps (kinhbac/fleet/ingest.py, docs/mqtt.md)
+
+
+class DeviceStatusBase(SQLModel):
+    wire_id: str = Field(primary_key=True, max_length=16, description="the device id on the wire")
+    site: str = Field(max_length=63, description="the site in the status topic")
+    gateway: str = Field(max_length=63, description="the gateway that heard the device last")
+    last_seen_at: datetime = Field(sa_type=UTCDateTime, description="when a gateway last heard it")
+    offline_at: datetime = Field(
+        sa_type=UTCDateTime, description="when it counts as offline unless heard again"
+    )
+    firmware: str | None = Field(default=None, max_length=64)
+    boot: int | None = Field(default=None, sa_type=sa.BigInteger, description="boot counter")
+    reset_cause: str | None = Field(default=None, max_length=32)
+    drops: dict[str, int] = Field(
+        default_factory=dict, sa_type=sa.JSON, description="the node's drop counters"
+    )
+    sensors: list[dict[str, str]] = Field(
+        default_factory=list, sa_type=sa.JSON, description="[{name, unit}] from its HELLO"
+    )
+    received_at: datetime = Field(sa_type=UTCDateTime, description="when the fleet took it")
+
+
+class DeviceStatus(DeviceStatusBase, table=True):
+    """A device's last status as its gateway published it; also for wire ids the registry
+    does not know (unknown but seen)."""
+
+    __tablename__ = "device_status"
+
+    @property
+    def online(self) -> bool:
+        return utcnow() < self.offline_at
+
+
+class DeviceStatusPublic(DeviceStatusBase):
+    pass
+
+
 # ---- devices
 
 
@@ -406,10 +444,22 @@ class Device(DeviceBase, table=True):
             "cascade": "all, delete-orphan", "lazy": "selectin", "order_by": "DeviceTag.tag",
         }
     )
+    # Joined by wire id, not a foreign key: statuses also arrive for devices not registered.
+    status: Optional["DeviceStatus"] = Relationship(
+        sa_relationship_kwargs={
+            "primaryjoin": "foreign(DeviceStatus.wire_id) == Device.wire_id",
+            "viewonly": True, "lazy": "selectin", "uselist": False,
+        }
+    )
 
     @property
     def tags(self) -> list[str]:
         return [row.tag for row in self.tag_rows]
+
+    @property
+    def online(self) -> bool:
+        """Heard from within the ingest's offline_after_s (KINHBAC_INGEST_OFFLINE_AFTER_S)."""
+        return self.status is not None and self.status.online
 
     def set_tags(self, tags: list[str]) -> None:
         wanted = set(tags)
@@ -431,6 +481,8 @@ class DevicePublic(DeviceBase):
     last_seen_at: datetime | None
     created_at: datetime
     updated_at: datetime
+    online: bool = Field(description="its gateway reported it within the offline silence")
+    status: DeviceStatusPublic | None = Field(description="its last status from MQTT, if any")
 
 
 class DeviceProvisioned(DevicePublic):
@@ -460,3 +512,46 @@ class AuditEntry(AuditEntryBase, table=True):
 
 class AuditEntryPublic(AuditEntryBase):
     id: uuid.UUID
+
+
+class GatewayStatus(SQLModel, table=True):
+    """A gateway's last status message: online/offline and its policy drops."""
+
+    __tablename__ = "gateway_status"
+
+    site: str = Field(primary_key=True, max_length=63)
+    gateway: str = Field(primary_key=True, max_length=63)
+    state: str = Field(max_length=16, description="online or offline")
+    since_at: datetime | None = Field(
+        default=None, sa_type=UTCDateTime, description="when its broker session began"
+    )
+    dropped: dict[str, int] = Field(default_factory=dict, sa_type=sa.JSON)
+    received_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class ReadingBase(SQLModel):
+    boot: int = Field(sa_type=sa.BigInteger)
+    seq: int = Field(sa_type=sa.BigInteger)
+    sensor: str = Field(max_length=64)
+    unit: str = Field(max_length=16)
+    value: float | None = Field(description="null for NaN or infinity at the node")
+    ts: datetime | None = Field(sa_type=UTCDateTime, description="null: the node's clock never "
+                                "synced in that boot")
+    boot_ms: int | None = Field(default=None, sa_type=sa.BigInteger,
+                                description="ms since boot, when ts is null")
+    pre_sync: bool
+
+
+class RecentReading(ReadingBase, table=True):
+    """The ingest's bounded window: the newest readings of each device by (boot, seq)."""
+
+    __tablename__ = "recent_reading"
+    # (device, boot, seq) identifies a reading: duplicates conflict, and the key's index
+    # serves "newest first" per device.
+    __table_args__ = (sa.PrimaryKeyConstraint("wire_id", "boot", "seq"),)
+
+    wire_id: str = Field(max_length=16)
+
+
+class ReadingPublic(ReadingBase):
+    pass
