@@ -9,7 +9,14 @@ import tomllib
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -56,6 +63,45 @@ class Settings(BaseSettings):
         30, ge=0, description="how long start-up waits for the database to answer"
     )
 
+    # MQTT ingest (kinhbac/fleet/ingest.py): device and gateway statuses, recent readings.
+    ingest_enabled: bool = Field(
+        False, description="run the MQTT ingest inside `kinhbac fleet serve`"
+    )
+    mqtt_host: str = Field("127.0.0.1", min_length=1, description="the city's MQTT broker")
+    mqtt_port: int = Field(1883, ge=1, le=65535)
+    mqtt_username: str | None = Field(None, description="the fleet's broker account")
+    mqtt_password: SecretStr | None = None
+    mqtt_tls: bool = Field(
+        False, description="connect with TLS; the broker's certificate is always verified"
+    )
+    mqtt_ca_file: Path | None = Field(
+        None, description="CA that signed the broker's certificate (default: the system's CAs)"
+    )
+    mqtt_client_id: str | None = Field(
+        None, min_length=1, max_length=128,
+        description="one per instance, fixed: the broker keeps its session (and what is "
+        "published meanwhile) across restarts (default: kinhbac-fleet-<host name>)",
+    )
+    mqtt_topic_prefix: str = Field("kinhbac", description="the gateways' mqtt.topic_prefix")
+    mqtt_shared: bool = Field(
+        False, description="subscribe through $share/<mqtt_share_group>/... so that the "
+        "instances of one group split telemetry and device statuses between them",
+    )
+    mqtt_share_group: str = Field("kinhbac-fleet", min_length=1, max_length=64)
+    ingest_offline_after_s: float = Field(
+        180, gt=0, description="a device is offline once no gateway heard it for this long"
+    )
+    ingest_readings_per_device: int = Field(
+        100, ge=1, le=10_000, description="the recent readings kept per device (newest by "
+        "boot and seq)",
+    )
+    ingest_batch_interval_s: float = Field(
+        0.25, gt=0, le=60, description="longest a received message waits for its transaction"
+    )
+    ingest_batch_max: int = Field(
+        5000, ge=1, description="messages that start a transaction at once"
+    )
+
     _toml_file: ClassVar[Path | None] = None  # set only while load_settings() builds one
     _config_dir: Path | None = PrivateAttr(None)
 
@@ -85,6 +131,21 @@ class Settings(BaseSettings):
         if not url.startswith(("sqlite:", "postgresql+")):
             raise ValueError("use a sqlite:/// or postgresql:// URL")
         return url
+
+    @field_validator("mqtt_topic_prefix", "mqtt_share_group")
+    @classmethod
+    def _topic_safe(cls, value: str) -> str:
+        if not value or any(c in value for c in "+#\0") or value.startswith("$"):
+            raise ValueError(f"{value!r}: no MQTT wildcards (+ #), no leading $")
+        if value.startswith("/") or value.endswith("/"):
+            raise ValueError(f"{value!r}: no leading or trailing /")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_for_a_ca_file(self) -> "Settings":
+        if self.mqtt_ca_file is not None and not self.mqtt_tls:
+            raise ValueError("KINHBAC_MQTT_CA_FILE is set but KINHBAC_MQTT_TLS is false")
+        return self
 
     @model_validator(mode="after")
     def _real_secret_outside_development(self) -> "Settings":
