@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.engine import Engine
 from starlette.concurrency import run_in_threadpool
 
+from kinhbac.fleet import ingest
 from kinhbac.fleet.crypto import SecretBox
 from kinhbac.fleet.db import make_engine, upgrade, wait_for_database
 from kinhbac.fleet.errors import FleetError, Invalid
@@ -24,6 +25,7 @@ from kinhbac.fleet.routes import (
     gateway_api,
     gateways,
     health,
+    readings,
     sites,
     tokens,
     users,
@@ -32,7 +34,8 @@ from kinhbac.fleet.settings import Settings, load_settings, secret_key_problem
 
 log = logging.getLogger(__name__)
 
-ROUTERS = (auth, users, tokens, sites, gateways, devices, gateway_api, audit, health)
+ROUTERS = (auth, users, tokens, sites, gateways, devices, readings, gateway_api, audit,
+           health)
 
 
 def prepare_database(settings: Settings, engine: Engine) -> None:
@@ -57,7 +60,8 @@ def create_app(settings: Settings | None = None, *, prepare: bool = True) -> Fas
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if prepare:
             await run_in_threadpool(prepare_database, settings, engine)
-        yield
+        async with ingest.running(app):  # when settings.ingest_enabled
+            yield
         engine.dispose()
 
     app = FastAPI(

@@ -73,6 +73,7 @@ ROUTES = [
                      "headers": {"Content-Type": "text/csv"}}),
     Route("GET", "/api/devices", USERS, 200),
     Route("GET", "/api/devices/{device_id}", USERS, 200),
+    Route("GET", "/api/devices/{device_id}/readings", USERS, 200),
     Route("PATCH", "/api/devices/{device_id}", STAFF, 200,
           lambda w: {"json": {"tags": ["north"]}}),
     Route("POST", "/api/devices/{device_id}/reprovision", STAFF, 200),

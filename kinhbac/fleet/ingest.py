@@ -1,0 +1,654 @@
+"""MQTT ingest: device statuses, gateway statuses and a bounded window of recent readings.
+
+    kinhbac fleet serve      with KINHBAC_INGEST_ENABLED=true: a background task of the app
+    kinhbac fleet ingest     the same worker on its own (run_standalone)
+
+It subscribes at QoS 1 to what the gateways publish (docs/mqtt.md): `<prefix>/+/+/telemetry`,
+`<prefix>/+/+/status` and `<prefix>/+/gateway/+/status`. Each message is validated as it
+arrives and merged into one pending batch; one writer thread commits the batch in a single
+transaction every `ingest_batch_interval_s` (sooner once `ingest_batch_max` messages wait).
+
+The pending batch coalesces: per device it holds the newest status and the newest N readings
+(N = `ingest_readings_per_device`, the window), per gateway its latest status. So however far
+the database falls behind, what waits in memory is bounded by the fleet's size, and what the
+merge drops is what the window would have dropped anyway. A failed write is merged back and
+retried; a malformed message is counted and skipped. Neither stops the worker.
+
+Nothing relies on arrival order (a shared subscription splits one device's messages between
+instances; a broker redelivers): a status older than the stored one is ignored, readings are
+keyed by (device, boot, seq) and inserted with "ignore conflicts", and the window keeps the
+newest by (boot, seq), whatever order they came in.
+"""
+
+import asyncio
+import json
+import logging
+import random
+import signal
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+from sqlmodel import Session, select
+
+from kinhbac.fleet.models import (
+    Device,
+    DeviceStatus,
+    GatewayStatus,
+    RecentReading,
+    UTCDateTime,
+    utcnow,
+)
+from kinhbac.fleet.settings import Settings
+
+if TYPE_CHECKING:
+    import aiomqtt
+    from fastapi import FastAPI
+
+log = logging.getLogger(__name__)
+
+RECONNECT_MIN_S = 0.5  # first delay after a lost or refused broker connection
+RECONNECT_MAX_S = 30.0  # delays double up to this, jittered
+WRITE_RETRY_MAX_S = 10.0  # a failing database is retried at most this far apart
+MALFORMED_LOG_EVERY_S = 10.0  # one log line per this long, whatever the rate of bad messages
+KEEPALIVE_S = 30
+INT64 = 2**63 - 1  # the database's BIGINT
+MAX_TS_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last instant a datetime holds
+MAX_READINGS_PER_MESSAGE = 10_000  # the gateway sends at most mqtt.readings_per_message (200)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+# ---- payloads, as docs/mqtt.md describes them; fields a later gateway adds are ignored
+
+
+class _Payload(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+DeviceId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=63)]
+Counters = Annotated[
+    dict[Annotated[str, StringConstraints(max_length=32)], Annotated[int, Field(ge=0, le=INT64)]],
+    Field(max_length=64),
+]
+Millis = Annotated[int, Field(ge=0, le=MAX_TS_MS)]
+
+
+class TelemetryReading(_Payload):
+    seq: int = Field(ge=0, le=INT64)
+    sensor: str = Field(max_length=64)
+    unit: str = Field(max_length=16)
+    value: Annotated[float, Field(allow_inf_nan=False)] | None
+    ts: Millis | None = None
+    boot_ms: int | None = Field(default=None, ge=0, le=INT64)
+    pre_sync: bool = False
+
+
+class Telemetry(_Payload):
+    device: DeviceId
+    boot: int = Field(ge=0, le=INT64)
+    readings: list[TelemetryReading] = Field(max_length=MAX_READINGS_PER_MESSAGE)
+
+
+class SensorEntry(_Payload):
+    name: str = Field(max_length=64)
+    unit: str = Field(max_length=16)
+
+
+class DeviceStatusMessage(_Payload):
+    device: DeviceId
+    gateway: Name
+    last_seen_ms: Millis
+    firmware: str | None = Field(default=None, max_length=64)
+    boot: int | None = Field(default=None, ge=0, le=INT64)
+    reset_cause: str | None = Field(default=None, max_length=32)
+    drops: Counters = Field(default_factory=dict)
+    sensors: list[SensorEntry] = Field(default_factory=list, max_length=256)
+
+
+class GatewayStatusMessage(_Payload):
+    state: Literal["online", "offline"]
+    gateway: Name
+    since_ms: Millis | None = None  # absent from the last will
+    dropped: Counters | None = None
+
+
+class Malformed(Exception):
+    """A message the ingest cannot take: the reason is the message."""
+
+
+class SubscriptionRefused(Exception):
+    """The broker refused a filter (SUBACK failure): the fleet account's ACL."""
+
+
+def _from_ms(ms: int) -> datetime:
+    return EPOCH + timedelta(milliseconds=ms)
+
+
+# ---- the pending batch
+
+
+@dataclass
+class Batch:
+    """What waits for the next transaction, coalesced (see the module's docstring)."""
+
+    window: int
+    statuses: dict[str, dict[str, Any]] = field(default_factory=dict)  # wire id -> row
+    gateways: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    readings: dict[str, dict[tuple[int, int], dict[str, Any]]] = field(default_factory=dict)
+    messages: int = 0  # accepted messages merged in
+
+    def add_status(self, row: dict[str, Any]) -> None:
+        held = self.statuses.get(row["wire_id"])
+        if held is None or held["last_seen_at"] <= row["last_seen_at"]:
+            self.statuses[row["wire_id"]] = row
+
+    def add_gateway(self, row: dict[str, Any]) -> None:
+        key = (row["site"], row["gateway"])
+        held = self.gateways.get(key)
+        if held is None:
+            self.gateways[key] = row
+        elif row["since_at"] is None:  # a last will: the held session ended
+            self.gateways[key] = {**held, "state": row["state"],
+                                  "received_at": row["received_at"]}
+        elif held["since_at"] is None or held["since_at"] <= row["since_at"]:
+            self.gateways[key] = row
+
+    def add_readings(self, wire_id: str, rows: list[dict[str, Any]]) -> None:
+        held = self.readings.setdefault(wire_id, {})
+        for row in rows:
+            held.setdefault((row["boot"], row["seq"]), row)
+        if len(held) > 2 * self.window:  # trimming at 2N keeps the cost per reading constant
+            self._trim(wire_id)
+
+    def _trim(self, wire_id: str) -> None:
+        held = self.readings[wire_id]
+        if len(held) > self.window:
+            newest = sorted(held, reverse=True)[: self.window]
+            self.readings[wire_id] = {key: held[key] for key in newest}
+
+    def extend(self, other: "Batch") -> None:
+        """Merge in `other`, as if its messages had come after this batch's."""
+        for row in other.statuses.values():
+            self.add_status(row)
+        for row in other.gateways.values():
+            self.add_gateway(row)
+        for wire_id, rows in other.readings.items():
+            self.add_readings(wire_id, list(rows.values()))
+        self.messages += other.messages
+
+    def reading_rows(self) -> list[dict[str, Any]]:
+        """The readings to insert: per device at most the window, in key order."""
+        rows = []
+        for wire_id in sorted(self.readings):
+            self._trim(wire_id)
+            held = self.readings[wire_id]
+            rows.extend(held[key] for key in sorted(held))
+        return rows
+
+
+# ---- the transaction
+
+
+def _insert(connection: Connection, table: sa.Table) -> Any:
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table)
+
+
+_DEVICE = Device.__table__
+_UPDATE_DEVICE = (
+    sa.update(_DEVICE)
+    .where(_DEVICE.c.wire_id == sa.bindparam("b_wire_id"))
+    .where(sa.or_(_DEVICE.c.last_seen_at.is_(None),
+                  _DEVICE.c.last_seen_at <= sa.bindparam("b_seen", type_=UTCDateTime())))
+    .values(
+        firmware_version=sa.func.coalesce(sa.bindparam("b_firmware", type_=sa.String()),
+                                          _DEVICE.c.firmware_version),
+        boot_counter=sa.func.coalesce(sa.bindparam("b_boot", type_=sa.BigInteger()),
+                                      _DEVICE.c.boot_counter),
+        last_seen_at=sa.bindparam("b_seen", type_=UTCDateTime()),
+    )
+)
+# Everything older, by (boot, seq), than the device's newest `keep` readings. Row values with
+# a subquery: PostgreSQL, and SQLite since 3.15.
+_PRUNE = sa.text(
+    "DELETE FROM recent_reading WHERE wire_id = :wire_id AND (boot, seq) <= ("
+    "SELECT boot, seq FROM recent_reading WHERE wire_id = :wire_id "
+    "ORDER BY boot DESC, seq DESC LIMIT 1 OFFSET :keep)"
+)
+
+
+def write_batch(engine: Engine, batch: Batch) -> None:
+    """Commit `batch` in one transaction. Rows go in key order, so that instances writing at
+    once take their row locks in the same order."""
+    with engine.begin() as connection:
+        if batch.gateways:
+            _write_gateways(connection, [batch.gateways[k] for k in sorted(batch.gateways)])
+        if batch.statuses:
+            _write_statuses(connection, [batch.statuses[k] for k in sorted(batch.statuses)])
+        if batch.readings:
+            _write_readings(connection, batch)
+
+
+def _write_gateways(connection: Connection, rows: list[dict[str, Any]]) -> None:
+    table = GatewayStatus.__table__
+    full = [row for row in rows if row["since_at"] is not None]
+    wills = [{**row, "since_at": None, "dropped": {}} for row in rows if row["since_at"] is None]
+    if full:
+        insert = _insert(connection, table)
+        connection.execute(insert.on_conflict_do_update(
+            index_elements=["site", "gateway"],
+            set_={name: insert.excluded[name]
+                  for name in ("state", "since_at", "dropped", "received_at")},
+            where=sa.or_(table.c.since_at.is_(None), table.c.since_at <= insert.excluded.since_at),
+        ), full)
+    if wills:  # only the state changes: the session and its drop counts stay as they were
+        insert = _insert(connection, table)
+        connection.execute(insert.on_conflict_do_update(
+            index_elements=["site", "gateway"],
+            set_={"state": insert.excluded.state, "received_at": insert.excluded.received_at},
+        ), wills)
+
+
+def _write_statuses(connection: Connection, rows: list[dict[str, Any]]) -> None:
+    if connection.dialect.name == "postgresql":
+        statuses = _records(rows)
+        connection.execute(_PG_UPSERT_STATUSES, {"rows": statuses})
+        connection.execute(_PG_UPDATE_DEVICES, {"rows": statuses})
+        return
+    table = DeviceStatus.__table__
+    insert = _insert(connection, table)
+    connection.execute(insert.on_conflict_do_update(
+        index_elements=["wire_id"],
+        set_={column.name: insert.excluded[column.name]
+              for column in table.columns if column.name != "wire_id"},
+        where=table.c.last_seen_at <= insert.excluded.last_seen_at,
+    ), rows)
+    # Registered devices: their registry row too (no match for an unknown one).
+    connection.execute(_UPDATE_DEVICE, [
+        {"b_wire_id": row["wire_id"], "b_seen": row["last_seen_at"],
+         "b_firmware": row["firmware"], "b_boot": row["boot"]}
+        for row in rows
+    ])
+
+
+def _write_readings(connection: Connection, batch: Batch) -> None:
+    rows = batch.reading_rows()
+    devices = sorted(batch.readings)
+    if connection.dialect.name == "postgresql":
+        connection.execute(_PG_INSERT_READINGS, {"rows": _records(rows)})
+        connection.execute(_PG_PRUNE, {"devices": json.dumps(devices), "keep": batch.window})
+        return
+    insert = _insert(connection, RecentReading.__table__)
+    connection.execute(insert.on_conflict_do_nothing(index_elements=["wire_id", "boot", "seq"]),
+                       rows)
+    connection.execute(_PRUNE, [{"wire_id": wire_id, "keep": batch.window}
+                                for wire_id in devices])
+
+
+# PostgreSQL: one statement per table and batch, the rows passed as one JSON document that the
+# server takes apart (json_to_recordset). Measured on 1,600-message batches, this costs the
+# ingest a seventh of the CPU time of executemany (or of arrays, which psycopg's text dumper
+# escapes element by element), and the server half the time.
+
+
+def _records(rows: list[dict[str, Any]]) -> str:
+    return json.dumps(rows, default=datetime.isoformat)
+
+
+_PG_STATUS_RECORD = """json_to_recordset(CAST(:rows AS json)) AS heard (
+    wire_id text, site text, gateway text, last_seen_at timestamptz, offline_at timestamptz,
+    firmware text, boot bigint, reset_cause text, drops json, sensors json,
+    received_at timestamptz)"""
+_PG_UPSERT_STATUSES = sa.text(f"""
+INSERT INTO device_status AS held (wire_id, site, gateway, last_seen_at, offline_at, firmware,
+                                   boot, reset_cause, drops, sensors, received_at)
+SELECT wire_id, site, gateway, last_seen_at, offline_at, firmware, boot, reset_cause, drops,
+       sensors, received_at
+FROM {_PG_STATUS_RECORD}
+ON CONFLICT (wire_id) DO UPDATE SET
+    site = excluded.site, gateway = excluded.gateway, last_seen_at = excluded.last_seen_at,
+    offline_at = excluded.offline_at, firmware = excluded.firmware, boot = excluded.boot,
+    reset_cause = excluded.reset_cause, drops = excluded.drops, sensors = excluded.sensors,
+    received_at = excluded.received_at
+WHERE held.last_seen_at <= excluded.last_seen_at
+""")
+_PG_UPDATE_DEVICES = sa.text(f"""
+UPDATE device SET
+    firmware_version = COALESCE(heard.firmware, device.firmware_version),
+    boot_counter = COALESCE(heard.boot, device.boot_counter),
+    last_seen_at = heard.last_seen_at
+FROM {_PG_STATUS_RECORD}
+WHERE device.wire_id = heard.wire_id
+  AND (device.last_seen_at IS NULL OR device.last_seen_at <= heard.last_seen_at)
+""")
+_PG_INSERT_READINGS = sa.text("""
+INSERT INTO recent_reading (wire_id, boot, seq, sensor, unit, value, ts, boot_ms, pre_sync)
+SELECT wire_id, boot, seq, sensor, unit, value, ts, boot_ms, pre_sync
+FROM json_to_recordset(CAST(:rows AS json)) AS r (
+    wire_id text, boot bigint, seq bigint, sensor text, unit text, value float8,
+    ts timestamptz, boot_ms bigint, pre_sync boolean)
+ON CONFLICT (wire_id, boot, seq) DO NOTHING
+""")
+_PG_PRUNE = sa.text("""
+DELETE FROM recent_reading AS r
+USING json_array_elements_text(CAST(:devices AS json)) AS d (wire_id),
+      LATERAL (SELECT boot, seq FROM recent_reading AS x WHERE x.wire_id = d.wire_id
+               ORDER BY boot DESC, seq DESC LIMIT 1 OFFSET :keep) AS cut
+WHERE r.wire_id = d.wire_id AND (r.boot, r.seq) <= (cut.boot, cut.seq)
+""")
+
+
+def recent_readings(session: Session, wire_id: str, limit: int) -> list[RecentReading]:
+    """The device's newest readings in the window, newest first by (boot, seq)."""
+    query = (select(RecentReading).where(RecentReading.wire_id == wire_id)
+             .order_by(RecentReading.boot.desc(), RecentReading.seq.desc()).limit(limit))
+    return list(session.exec(query).all())
+
+
+# ---- the worker
+
+
+def subscriptions(settings: Settings, *, shared: bool | None = None) -> list[str]:
+    """The filters the ingest subscribes to. Gateway statuses are never shared: a shared
+    subscription gets no retained messages, and each instance should know every gateway."""
+    shared = settings.mqtt_shared if shared is None else shared
+    share = f"$share/{settings.mqtt_share_group}/" if shared else ""
+    prefix = settings.mqtt_topic_prefix
+    return [f"{share}{prefix}/+/+/telemetry", f"{share}{prefix}/+/+/status",
+            f"{prefix}/+/gateway/+/status"]
+
+
+@dataclass
+class IngestStats:
+    """Counters since the worker started."""
+
+    received: int = 0  # messages from the broker
+    malformed: int = 0  # skipped: not JSON, not the documented shape, or a topic not read
+    ignored: int = 0  # empty payloads (a retained status being cleared)
+    written: int = 0  # accepted messages whose batch committed
+    readings_written: int = 0  # readings offered to the database, after merging
+    batches: int = 0  # transactions committed
+    write_failures: int = 0  # transactions that failed (and were retried)
+
+
+class IngestWorker:
+    """Subscribe, validate, batch and write until cancelled. One per fleet instance."""
+
+    def __init__(self, settings: Settings, engine: Engine, *,
+                 on_commit: Callable[[Batch, float], None] | None = None) -> None:
+        """`on_commit(batch, seconds)` is called on the event loop after each transaction."""
+        self.settings = settings
+        self.engine = engine
+        self.stats = IngestStats()
+        self.subscribed = asyncio.Event()  # set while connected and subscribed
+        self.client_id = settings.mqtt_client_id or f"kinhbac-fleet-{socket.gethostname()}"
+        self._on_commit = on_commit
+        self._window = settings.ingest_readings_per_device
+        self._offline_after = timedelta(seconds=settings.ingest_offline_after_s)
+        self._prefix = settings.mqtt_topic_prefix + "/"
+        self._pending = Batch(self._window)
+        self._wake = asyncio.Event()  # the batch is full, or the worker is stopping
+        self._stopping = False
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="fleet-ingest-db")
+        self._malformed_logged_at = -MALFORMED_LOG_EVERY_S
+        self._malformed_unlogged = 0
+
+    async def run(self) -> None:
+        """Receive and write until cancelled; then write what was received, and return."""
+        writer = asyncio.create_task(self._write_loop(), name="fleet-ingest-writer")
+        try:
+            await self._receive_loop()
+        finally:
+            self._stopping = True
+            self._wake.set()
+            try:
+                await writer
+            finally:
+                self._executor.shutdown(wait=False)
+
+    # -- receiving
+
+    async def _receive_loop(self) -> None:
+        import aiomqtt  # the fleet extra's API works without it while ingest is off
+
+        failures = 0
+        where = f"{self.settings.mqtt_host}:{self.settings.mqtt_port}"
+        while True:
+            try:
+                async with self._client(aiomqtt) as client:
+                    await self._subscribe(client)
+                    log.info("ingest subscribed at %s as %s", where, self.client_id)
+                    failures = 0
+                    async for message in client.messages:
+                        self.accept(message.topic.value, message.payload)
+            except (aiomqtt.MqttError, SubscriptionRefused) as exc:
+                log.warning("ingest: MQTT broker %s: %s; reconnecting", where, exc)
+            except Exception:  # a bug or a bad TLS file: keep trying, loudly, never stop
+                log.exception("ingest: MQTT broker %s; reconnecting", where)
+            finally:
+                self.subscribed.clear()
+            failures += 1
+            delay = min(RECONNECT_MAX_S, RECONNECT_MIN_S * 2 ** (failures - 1))
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+
+    def _client(self, aiomqtt: Any) -> "aiomqtt.Client":
+        settings = self.settings
+        tls = None
+        if settings.mqtt_tls:
+            tls = aiomqtt.TLSParameters(
+                ca_certs=str(settings.mqtt_ca_file) if settings.mqtt_ca_file else None,
+                cert_reqs=ssl.CERT_REQUIRED,  # always verify the broker
+            )
+        password = settings.mqtt_password
+        return aiomqtt.Client(
+            settings.mqtt_host, settings.mqtt_port,
+            identifier=self.client_id,
+            username=settings.mqtt_username,
+            password=password.get_secret_value() if password else None,
+            clean_session=False,  # the broker keeps what is published while we are away
+            keepalive=KEEPALIVE_S,
+            tls_params=tls,
+            timeout=30,
+        )
+
+    async def _subscribe(self, client: "aiomqtt.Client") -> None:
+        wanted = subscriptions(self.settings)
+        granted = await client.subscribe([(topic, 1) for topic in wanted])
+        refused = [topic for topic, code in zip(wanted, granted, strict=False)
+                   if int(getattr(code, "value", code)) >= 0x80]
+        if refused:
+            raise SubscriptionRefused(f"the broker refused {', '.join(refused)}: check the fleet "
+                            "account's ACL (it needs read on the prefix)")
+        # The session outlives this connection: drop the filters of the other mode, or a
+        # change of KINHBAC_MQTT_SHARED would leave both subscribed.
+        other_mode = subscriptions(self.settings, shared=not self.settings.mqtt_shared)
+        stale = [topic for topic in other_mode if topic not in wanted]
+        await client.unsubscribe(stale)
+        self.subscribed.set()
+
+    def accept(self, topic: str, payload: Any, received: datetime | None = None) -> None:
+        """Validate one message and merge it into the pending batch; a bad one is counted,
+        logged (at most every MALFORMED_LOG_EVERY_S) and skipped."""
+        self.stats.received += 1
+        if not payload:
+            self.stats.ignored += 1
+            return
+        try:
+            self._merge(topic, payload, received or utcnow())
+        except (Malformed, ValidationError) as exc:
+            self._skip(topic, _reason(exc))
+            return
+        except Exception as exc:  # a bug here must not stop the ingest of everything else
+            log.exception("ingest: message on %s", topic)
+            self._skip(topic, repr(exc))
+            return
+        self._pending.messages += 1
+        if self._pending.messages >= self.settings.ingest_batch_max:
+            self._wake.set()
+
+    def _merge(self, topic: str, payload: Any, received: datetime) -> None:
+        if not topic.startswith(self._prefix):
+            raise Malformed("not under the topic prefix")
+        parts = topic[len(self._prefix):].split("/")
+        if len(parts[0]) > 63:
+            raise Malformed("site longer than 63 characters")
+        match parts:
+            case [site, device, "telemetry"] if site:
+                telemetry = Telemetry.model_validate_json(payload)
+                _same(device, telemetry.device)
+                self._pending.add_readings(device, [
+                    {"wire_id": device, "boot": telemetry.boot, "seq": r.seq, "sensor": r.sensor,
+                     "unit": r.unit, "value": r.value,
+                     "ts": None if r.ts is None else _from_ms(r.ts), "boot_ms": r.boot_ms,
+                     "pre_sync": r.pre_sync}
+                    for r in telemetry.readings
+                ])
+            case [site, device, "status"] if site:
+                status = DeviceStatusMessage.model_validate_json(payload)
+                _same(device, status.device)
+                # A gateway's clock ahead of ours must not keep a device online for long.
+                seen = min(_from_ms(status.last_seen_ms), received)
+                self._pending.add_status({
+                    "wire_id": device, "site": site, "gateway": status.gateway,
+                    "last_seen_at": seen, "offline_at": seen + self._offline_after,
+                    "firmware": status.firmware, "boot": status.boot,
+                    "reset_cause": status.reset_cause, "drops": status.drops,
+                    "sensors": [sensor.model_dump() for sensor in status.sensors],
+                    "received_at": received,
+                })
+            case [site, "gateway", gateway, "status"] if site:
+                gateway_status = GatewayStatusMessage.model_validate_json(payload)
+                _same(gateway, gateway_status.gateway)
+                since = gateway_status.since_ms
+                self._pending.add_gateway({
+                    "site": site, "gateway": gateway, "state": gateway_status.state,
+                    "since_at": None if since is None else _from_ms(since),
+                    "dropped": gateway_status.dropped or {}, "received_at": received,
+                })
+            case _:
+                raise Malformed("not a topic the ingest reads")
+
+    def _skip(self, topic: str, reason: str) -> None:
+        self.stats.malformed += 1
+        now = time.monotonic()
+        if now - self._malformed_logged_at < MALFORMED_LOG_EVERY_S:
+            self._malformed_unlogged += 1
+            return
+        more = (f" ({self._malformed_unlogged} more skipped since the last report)"
+                if self._malformed_unlogged else "")
+        log.warning("ingest: skipped a malformed message on %s: %s%s", topic, reason, more)
+        self._malformed_logged_at = now
+        self._malformed_unlogged = 0
+
+    # -- writing
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        failures = 0
+        while True:
+            if not self._stopping:
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.settings.ingest_batch_interval_s)
+            self._wake.clear()
+            batch = self._pending
+            if not batch.messages:
+                if self._stopping:
+                    return
+                continue
+            self._pending = Batch(self._window)
+            started = time.perf_counter()
+            try:
+                await loop.run_in_executor(self._executor, write_batch, self.engine, batch)
+            except Exception as exc:  # noqa: BLE001  (the database is down, a deadlock...: retry)
+                self.stats.write_failures += 1
+                failures += 1
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                if self._stopping:
+                    log.error("ingest: stopping; %d received messages not written: %s",
+                              batch.messages, reason)
+                    return
+                log.warning("ingest: writing %d messages failed (%s); retrying",
+                            batch.messages, reason)
+                batch.extend(self._pending)  # what came meanwhile is newer
+                self._pending = batch
+                delay = min(WRITE_RETRY_MAX_S, 0.1 * 2 ** (failures - 1))
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                continue
+            failures = 0
+            self.stats.batches += 1
+            self.stats.written += batch.messages
+            self.stats.readings_written += sum(len(r) for r in batch.readings.values())
+            if self._on_commit is not None:
+                self._on_commit(batch, time.perf_counter() - started)
+
+
+def _same(in_topic: str, in_payload: str) -> None:
+    if in_topic != in_payload:
+        raise Malformed(f"the topic names {in_topic!r} but the payload {in_payload!r}")
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        return f"{where}: {first['msg']}" if where else first["msg"]
+    return str(exc)
+
+
+# ---- where it runs
+
+
+@asynccontextmanager
+async def running(app: "FastAPI") -> AsyncIterator[IngestWorker | None]:
+    """The app's ingest as a background task while the block runs, if the settings enable
+    it (app.state.ingest is the worker, or None)."""
+    settings: Settings = app.state.settings
+    app.state.ingest = None
+    if not settings.ingest_enabled:
+        yield None
+        return
+    worker = IngestWorker(settings, app.state.engine)
+    app.state.ingest = worker
+    task = asyncio.create_task(worker.run(), name="fleet-ingest")
+    try:
+        yield worker
+    finally:
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+
+
+def run_standalone(config: Path | None = None) -> None:
+    """`kinhbac fleet ingest`: wait for the database, migrate it, then ingest until Ctrl-C or
+    SIGTERM (both write what was received first). FleetCliError for a bad setup."""
+    from kinhbac.fleet.cli import _prepared, _settings
+
+    settings = _settings(config)
+    engine = _prepared(settings)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        await IngestWorker(settings, engine).run()
+
+    try:
+        asyncio.run(main())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        pass
+    finally:
+        engine.dispose()
