@@ -361,8 +361,8 @@ def recent_readings(session: Session, wire_id: str, limit: int) -> list[RecentRe
 
 
 def subscriptions(settings: Settings, *, shared: bool | None = None) -> list[str]:
-    """The filters the ingest subscribes to. Gateway statuses are never shared: a shared
-    subscription gets no retained messages, and each instance should know every gateway."""
+    """The filters the ingest subscribes to. Gateway statuses are never shared: there are few,
+    and every instance takes each one (the states converge whatever the order)."""
     shared = settings.mqtt_shared if shared is None else shared
     share = f"$share/{settings.mqtt_share_group}/" if shared else ""
     prefix = settings.mqtt_topic_prefix
@@ -465,6 +465,10 @@ class IngestWorker:
 
     async def _subscribe(self, client: "aiomqtt.Client") -> None:
         wanted = subscriptions(self.settings)
+        # Every SUBSCRIBE brings the retained statuses again, one per device and gateway (also
+        # to a shared subscription, from mosquitto): a burst the guards turn into no-ops. MQTT 5
+        # could ask for them only for a new subscription, but paho costs a quarter more CPU
+        # per message with it, and reconnects are rare (docs/fleet.md).
         granted = await client.subscribe([(topic, 1) for topic in wanted])
         refused = [topic for topic, code in zip(wanted, granted, strict=False)
                    if int(getattr(code, "value", code)) >= 0x80]
