@@ -76,10 +76,16 @@ class _Payload(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+def _text(max_length: int, min_length: int = 0) -> Any:
+    # No NUL: PostgreSQL's text refuses it, and a batch it fails must not be retried forever.
+    return Annotated[str, StringConstraints(min_length=min_length, max_length=max_length,
+                                            pattern=r"^[^\x00]*$")]
+
+
 DeviceId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]
-Name = Annotated[str, StringConstraints(min_length=1, max_length=63)]
+Name = _text(63, min_length=1)
 Counters = Annotated[
-    dict[Annotated[str, StringConstraints(max_length=32)], Annotated[int, Field(ge=0, le=INT64)]],
+    dict[_text(32), Annotated[int, Field(ge=0, le=INT64)]],
     Field(max_length=64),
 ]
 Millis = Annotated[int, Field(ge=0, le=MAX_TS_MS)]
@@ -87,8 +93,8 @@ Millis = Annotated[int, Field(ge=0, le=MAX_TS_MS)]
 
 class TelemetryReading(_Payload):
     seq: int = Field(ge=0, le=INT64)
-    sensor: str = Field(max_length=64)
-    unit: str = Field(max_length=16)
+    sensor: _text(64)
+    unit: _text(16)
     value: Annotated[float, Field(allow_inf_nan=False)] | None
     ts: Millis | None = None
     boot_ms: int | None = Field(default=None, ge=0, le=INT64)
@@ -102,17 +108,17 @@ class Telemetry(_Payload):
 
 
 class SensorEntry(_Payload):
-    name: str = Field(max_length=64)
-    unit: str = Field(max_length=16)
+    name: _text(64)
+    unit: _text(16)
 
 
 class DeviceStatusMessage(_Payload):
     device: DeviceId
     gateway: Name
     last_seen_ms: Millis
-    firmware: str | None = Field(default=None, max_length=64)
+    firmware: _text(64) | None = None
     boot: int | None = Field(default=None, ge=0, le=INT64)
-    reset_cause: str | None = Field(default=None, max_length=32)
+    reset_cause: _text(32) | None = None
     drops: Counters = Field(default_factory=dict)
     sensors: list[SensorEntry] = Field(default_factory=list, max_length=256)
 
@@ -244,7 +250,7 @@ def write_batch(engine: Engine, batch: Batch) -> None:
 def _write_gateways(connection: Connection, rows: list[dict[str, Any]]) -> None:
     table = GatewayStatus.__table__
     full = [row for row in rows if row["since_at"] is not None]
-    wills = [{**row, "since_at": None, "dropped": {}} for row in rows if row["since_at"] is None]
+    wills = [row for row in rows if row["since_at"] is None]
     if full:
         insert = _insert(connection, table)
         connection.execute(insert.on_conflict_do_update(
@@ -378,6 +384,7 @@ class IngestStats:
     malformed: int = 0  # skipped: not JSON, not the documented shape, or a topic not read
     ignored: int = 0  # empty payloads (a retained status being cleared)
     written: int = 0  # accepted messages whose batch committed
+    dropped: int = 0  # accepted messages whose batch failed for a reason a retry cannot mend
     readings_written: int = 0  # readings offered to the database, after merging
     batches: int = 0  # transactions committed
     write_failures: int = 0  # transactions that failed (and were retried)
@@ -575,7 +582,8 @@ class IngestWorker:
             started = time.perf_counter()
             try:
                 await loop.run_in_executor(self._executor, write_batch, self.engine, batch)
-            except Exception as exc:  # noqa: BLE001  (the database is down, a deadlock...: retry)
+            except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+                # The database is away, or a deadlock with another instance: retry.
                 self.stats.write_failures += 1
                 failures += 1
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
@@ -589,6 +597,12 @@ class IngestWorker:
                 self._pending = batch
                 delay = min(WRITE_RETRY_MAX_S, 0.1 * 2 ** (failures - 1))
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                continue
+            except Exception:  # data the checks let through, or a bug: the same next time
+                self.stats.write_failures += 1
+                self.stats.dropped += batch.messages
+                log.exception("ingest: dropped a batch of %d messages that cannot be written",
+                              batch.messages)
                 continue
             failures = 0
             self.stats.batches += 1

@@ -18,6 +18,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from helpers.certs import make_tls_material
@@ -25,6 +26,7 @@ from pydantic import SecretStr
 from sqlmodel import Session, func, select
 
 from kinhbac.broker import BrokerUnavailable, LocalBroker, TlsFiles
+from kinhbac.fleet import ingest
 from kinhbac.fleet.app import create_app
 from kinhbac.fleet.ingest import Batch, IngestWorker, subscriptions
 from kinhbac.fleet.models import DeviceStatus, GatewayStatus, RecentReading
@@ -364,6 +366,8 @@ def test_malformed_messages_are_counted_and_skipped_without_stopping_the_worker(
         ("site-a/gateway/status", json.dumps({"state": "online", "gateway": "pi-01"})),
         ("site-a/gateway/pi-01/status", json.dumps({"state": "sleeping", "gateway": "pi-01"})),
         (f"site-a/{device.upper()}/telemetry", json.dumps({**good, "device": device.upper()})),
+        (f"site-a/{device}/status", json.dumps({"device": device, "gateway": "pi-01",
+                                                "last_seen_ms": now_ms(), "firmware": "0.1\x00"})),
     ]
     for topic, payload in bad:
         gw.publish(topic, payload)
@@ -376,6 +380,34 @@ def test_malformed_messages_are_counted_and_skipped_without_stopping_the_worker(
     session.expire_all()
     stored = session.get(RecentReading, (device, 1, 1))
     assert (stored.ts, stored.boot_ms, stored.pre_sync) == (None, 4210, True)
+
+
+def test_a_refused_write_is_retried_and_a_batch_that_cannot_be_written_is_dropped(
+        fleet, session, monkeypatch):
+    real = ingest.write_batch
+    failures = iter([
+        sa.exc.OperationalError("COMMIT", {}, Exception("server closed the connection")),
+        None,
+        sa.exc.DataError("INSERT", {}, Exception("invalid input syntax")),
+    ])
+
+    def flaky(engine, batch):
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        real(engine, batch)
+
+    monkeypatch.setattr(ingest, "write_batch", flaky)
+    retried, dropped, after = random_wire_id(), random_wire_id(), random_wire_id()
+    stats = fleet.worker.stats
+    fleet.gateway.telemetry(retried, 1, range(1, 2))
+    wait_until(lambda: stats.written == 1, "the retried batch")
+    fleet.gateway.telemetry(dropped, 1, range(1, 2))
+    wait_until(lambda: stats.dropped == 1, "the batch to be dropped")
+    fleet.gateway.telemetry(after, 1, range(1, 2))
+    wait_until(lambda: stats.written == 2, "the next batch")
+    assert stats.write_failures == 2
+    assert [bool(stored_keys(session, d)) for d in (retried, dropped, after)] == [True, False, True]
 
 
 # ---- where it runs, and how it connects
