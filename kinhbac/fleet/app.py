@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DataError
 from starlette.concurrency import run_in_threadpool
 
 from kinhbac.fleet import ingest
@@ -76,7 +77,30 @@ def create_app(settings: Settings | None = None, *, prepare: bool = True) -> Fas
     for module in ROUTERS:
         app.include_router(module.router)
     app.add_exception_handler(FleetError, _refused)
+    app.add_exception_handler(DataError, _unstorable)
+    app.middleware("http")(_refuse_nul_in_query)
     return app
+
+
+NUL_MESSAGE = "text must not contain NUL characters (\\u0000)"
+
+
+async def _refuse_nul_in_query(request: Request, call_next):  # type: ignore[no-untyped-def]
+    """A NUL in a query parameter is refused up front, the same on every database."""
+    for name, value in request.query_params.multi_items():
+        if "\x00" in name or "\x00" in value:
+            return JSONResponse(status_code=422, content={"detail": [
+                {"loc": ["query", name.replace("\x00", "")], "msg": NUL_MESSAGE,
+                 "type": "value_error"}]})
+    return await call_next(request)
+
+
+async def _unstorable(request: Request, exc: DataError) -> JSONResponse:
+    """A value the database refuses to store (PostgreSQL: a NUL in text) is the caller's
+    mistake, not a server error."""
+    log.info("refused a value the database cannot store: %s", exc.orig)
+    return JSONResponse(status_code=422, content={"detail": "a value cannot be stored: " +
+                                                  NUL_MESSAGE})
 
 
 async def _refused(request: Request, exc: Exception) -> JSONResponse:

@@ -86,3 +86,16 @@ def test_a_malformed_authorization_header_is_a_401(client):
     for header in ("Basic YWRtaW46YWRtaW4=", "Bearer", "kbt_abc"):
         response = client.get("/api/auth/me", headers={"Authorization": header})
         assert response.status_code == 401
+
+
+def test_text_with_a_nul_character_is_a_422_not_a_server_error(client, session):
+    # PostgreSQL cannot store NUL in text; the fuzz test runs on SQLite, so this pins it here.
+    _, admin = make_user(session, Role.admin)
+    login = client.post("/api/auth/login", data={"username": "a\x00b@example.org",
+                                                 "password": PASSWORD})
+    listing = client.get("/api/devices", params={"tag": "x\x00y"}, headers=bearer(admin))
+    site = client.post("/api/sites", json={"name": "Ri\x00ver", "slug": "river"},
+                       headers=bearer(admin))
+    assert login.status_code in (401, 422)  # SQLite finds no such user; PostgreSQL refuses
+    assert listing.status_code == 422 and "NUL" in listing.text
+    assert site.status_code != 500
