@@ -115,5 +115,23 @@ def fleet_create_admin(
     typer.echo(f"admin {email} created (id {user_id})")
 
 
+@fleet_app.command("ingest")
+def fleet_ingest(
+    config: Path = typer.Option(
+        None, "--config", "-c",
+        help="TOML settings file; KINHBAC_* environment variables win over it.",
+    ),
+) -> None:
+    """Run the MQTT ingest alone (no API) until Ctrl-C or SIGTERM."""
+    from kinhbac.fleet.cli import FleetCliError
+    from kinhbac.fleet.ingest import run_standalone
+
+    try:
+        run_standalone(config)
+    except FleetCliError as exc:
+        typer.echo(f"kinhbac fleet: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
 if __name__ == "__main__":
     app()
