@@ -7,7 +7,7 @@ A bad value stops the service with one line that names the setting.
 
 import tomllib
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 
 from pydantic import (
     Field,
@@ -18,11 +18,10 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
+
+from kinhbac.tomlsettings import TomlFileSettings
 
 MIN_SECRET_KEY = 32  # characters; a token_urlsafe(32) is 43, well above brute force
 PLACEHOLDER = "changethis"
@@ -35,7 +34,7 @@ class SettingsError(Exception):
     """The settings cannot be used; the message names the setting."""
 
 
-class Settings(BaseSettings):
+class Settings(TomlFileSettings):
     model_config = SettingsConfigDict(env_prefix="KINHBAC_", extra="ignore")
 
     env: Literal["development", "production"] = Field(
@@ -102,22 +101,8 @@ class Settings(BaseSettings):
         5000, ge=1, description="messages that start a transaction at once"
     )
 
-    _toml_file: ClassVar[Path | None] = None  # set only while load_settings() builds one
     _config_dir: Path | None = PrivateAttr(None)
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if cls._toml_file is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_file))
-        return tuple(sources)
 
     @field_validator("database_url")
     @classmethod

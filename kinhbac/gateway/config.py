@@ -13,11 +13,10 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
+
+from kinhbac.tomlsettings import TomlFileSettings
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # safe inside an MQTT topic and a file name
 
@@ -62,7 +61,7 @@ class MqttSettings(BaseModel):
         return self
 
 
-class GatewaySettings(BaseSettings):
+class GatewaySettings(TomlFileSettings):
     model_config = SettingsConfigDict(
         env_prefix="KINHBAC_GATEWAY_", env_nested_delimiter="__", extra="forbid"
     )
@@ -154,21 +153,6 @@ class GatewaySettings(BaseSettings):
         """The last device keys the fleet gave, for a start while it is unreachable."""
         return self.data_dir / "fleet-keys.json"
 
-    _toml_file: Path | None = None
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if cls._toml_file is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_file))
-        return tuple(sources)
 
 
 def describe_settings() -> str:
