@@ -60,12 +60,14 @@ _NEG_INF = float("-inf")
 
 HELLO = const(0x01)
 READINGS = const(0x02)
+CLAIM = const(0x03)  # a node with only its site's claim key asks for an identity
 ERROR_UP = const(0x04)
 OTA_CHUNK_REQUEST = const(0x11)  # reserved for OTA, refused as BAD_TYPE in version 1
 OTA_RESULT = const(0x13)  # reserved
 ACK = const(0x83)
 ERROR_DOWN = const(0x84)
 CONFIG = const(0x85)
+IDENTITY = const(0x86)  # answer to an approved CLAIM: the key id the node is to use
 OTA_OFFER = const(0x90)  # reserved
 OTA_CHUNK = const(0x92)  # reserved
 DOWNLINK_BIT = const(0x80)
@@ -73,18 +75,25 @@ DOWNLINK_BIT = const(0x80)
 TYPE_NAMES = {
     HELLO: "HELLO",
     READINGS: "READINGS",
+    CLAIM: "CLAIM",
     ERROR_UP: "ERROR_UP",
     OTA_CHUNK_REQUEST: "OTA_CHUNK_REQUEST",
     OTA_RESULT: "OTA_RESULT",
     ACK: "ACK",
     ERROR_DOWN: "ERROR_DOWN",
     CONFIG: "CONFIG",
+    IDENTITY: "IDENTITY",
     OTA_OFFER: "OTA_OFFER",
     OTA_CHUNK: "OTA_CHUNK",
 }
 RESERVED_TYPES = (OTA_CHUNK_REQUEST, OTA_RESULT, OTA_OFFER, OTA_CHUNK)
-UPLINK_TYPES = (HELLO, READINGS, ERROR_UP)
-DOWNLINK_TYPES = (ACK, ERROR_DOWN, CONFIG)
+UPLINK_TYPES = (HELLO, READINGS, CLAIM, ERROR_UP)
+DOWNLINK_TYPES = (ACK, ERROR_DOWN, CONFIG, IDENTITY)
+
+# CLAIM frames, and the gateway's ERROR answers to them, are signed with the site's claim key
+# under this key id; device keys never use it.
+CLAIM_KEY_ID = const(0xFFFF)
+CLAIM_NONCE_SIZE = const(16)
 
 # ---- Reason codes: carried by FrameError and by ERROR frames --------------------------------
 
@@ -100,6 +109,8 @@ BAD_PAYLOAD = const(9)
 BUSY = const(10)
 INTERNAL = const(11)
 UNSUPPORTED = const(12)
+CLAIM_PENDING = const(13)  # the claim is waiting for an admin: ask again later
+CLAIM_REJECTED = const(14)  # an admin rejected the claim: this board is kept out
 
 REASON_NAMES = {
     BAD_LENGTH: "BAD_LENGTH",
@@ -114,6 +125,8 @@ REASON_NAMES = {
     BUSY: "BUSY",
     INTERNAL: "INTERNAL",
     UNSUPPORTED: "UNSUPPORTED",
+    CLAIM_PENDING: "CLAIM_PENDING",
+    CLAIM_REJECTED: "CLAIM_REJECTED",
 }
 
 # ---- HELLO vocabularies ---------------------------------------------------------------------
@@ -256,6 +269,14 @@ class Key:
         return "Key(%s, %d)" % (device_hex(self.device_id), self.key_id)
 
 
+def claim_secret(claim_key, device_id, nonce):
+    """The secret of a device approved through a claim: both ends derive it, so it never
+    crosses the network. HMAC-SHA256(claim key, "kinhbac-claim-v1" | device id | nonce)."""
+    if len(nonce) != CLAIM_NONCE_SIZE:
+        raise FrameError(BAD_PAYLOAD, "claim nonce must be %d bytes" % CLAIM_NONCE_SIZE)
+    return hmac_sha256(claim_key, b"kinhbac-claim-v1" + bytes(device_id) + bytes(nonce))
+
+
 def device_hex(device_id):
     """The device id as 16 lowercase hex digits, the form used in logs and topics."""
     return "".join(["%02x" % b for b in device_id])
@@ -377,6 +398,27 @@ def encode_config(key, boot, counter, settings):
     except (TypeError, ValueError):
         raise FrameError(BAD_PAYLOAD, "settings are not JSON-serialisable")  # noqa: B904
     return _frame(CONFIG, key, boot, counter, payload)
+
+
+def encode_claim(claim_key, boot, counter, nonce, fw_version):
+    """CLAIM: the node's nonce and firmware version, signed with the site's claim key.
+
+    claim_key is a Key whose key id is CLAIM_KEY_ID and whose secret is the site's claim key.
+    """
+    if claim_key.key_id != CLAIM_KEY_ID:
+        raise FrameError(BAD_PAYLOAD, "a CLAIM is signed under key id %d" % CLAIM_KEY_ID)
+    if not isinstance(nonce, (bytes, bytearray)) or len(nonce) != CLAIM_NONCE_SIZE:
+        raise FrameError(BAD_PAYLOAD, "claim nonce must be %d bytes" % CLAIM_NONCE_SIZE)
+    payload = bytes(nonce) + _str8(fw_version, "firmware version")
+    return _frame(CLAIM, claim_key, boot, counter, payload)
+
+
+def encode_identity(key, boot, counter):
+    """IDENTITY (downlink): signed with the device's own key (claim_secret() under the key id
+    the fleet issued), which only a node holding the claimed nonce can verify. No payload."""
+    if key.key_id == CLAIM_KEY_ID:
+        raise FrameError(BAD_PAYLOAD, "an IDENTITY is signed with the device's own key")
+    return _frame(IDENTITY, key, boot, counter, b"")
 
 
 class ReadingsWriter:
@@ -642,6 +684,14 @@ class ConfigMessage(Message):
     """CONFIG: .settings (dict)."""
 
 
+class ClaimMessage(Message):
+    """CLAIM: .nonce (bytes), .fw_version."""
+
+
+class IdentityMessage(Message):
+    """IDENTITY: the header's key id is the node's from now on."""
+
+
 class _Reader:
     """Bounds-checked reads within a payload (never into the MAC)."""
 
@@ -726,6 +776,17 @@ def _parse_error(m, r):
     m.detail = r.str8()
 
 
+def _parse_claim(m, r):
+    off = r.take(CLAIM_NONCE_SIZE)
+    m.nonce = bytes(r.frame[off : off + CLAIM_NONCE_SIZE])
+    m.fw_version = r.str8()
+
+
+def _parse_identity(m, r):
+    if m.key_id == CLAIM_KEY_ID:
+        raise ValueError("key id %d is the claim key's" % CLAIM_KEY_ID)
+
+
 def _parse_config(m, r):
     settings = json.loads(str(r.rest(), "utf-8"))
     if not isinstance(settings, dict):
@@ -740,6 +801,8 @@ _PARSERS = {
     ACK: (AckMessage, _parse_ack),
     ERROR_DOWN: (ErrorMessage, _parse_error),
     CONFIG: (ConfigMessage, _parse_config),
+    CLAIM: (ClaimMessage, _parse_claim),
+    IDENTITY: (IdentityMessage, _parse_identity),
 }
 
 

@@ -19,8 +19,7 @@ FAST = settings(
     deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]
 )
 
-keys = st.builds(
-    wire.Key,
+key_parts = st.tuples(
     st.binary(min_size=8, max_size=8),
     st.integers(0, 0xFFFF),
     st.binary(min_size=16, max_size=100),  # over 64 bytes: HMAC hashes the key first
@@ -92,6 +91,11 @@ FIELDS = {
     wire.CONFIG: st.fixed_dictionaries(
         {"settings": st.dictionaries(st.text(max_size=10), json_values, max_size=6)}
     ),
+    wire.CLAIM: st.fixed_dictionaries(
+        {"nonce": st.binary(min_size=wire.CLAIM_NONCE_SIZE, max_size=wire.CLAIM_NONCE_SIZE),
+         "fw_version": texts}
+    ),
+    wire.IDENTITY: st.fixed_dictionaries({}),
 }
 
 
@@ -111,7 +115,20 @@ def encode(ftype, key, boot, counter, f):
         return wire.encode_error(
             key, boot, counter, f["reason"], f["ref"], f["detail"], ftype == wire.ERROR_DOWN
         )
+    if ftype == wire.CLAIM:
+        return wire.encode_claim(key, boot, counter, f["nonce"], f["fw_version"])
+    if ftype == wire.IDENTITY:
+        return wire.encode_identity(key, boot, counter)
     return wire.encode_config(key, boot, counter, f["settings"])
+
+
+def key_for(ftype, device_id, key_id, secret):
+    """CLAIM frames are signed under the claim key id, IDENTITY frames under any other."""
+    if ftype == wire.CLAIM:
+        key_id = wire.CLAIM_KEY_ID
+    elif ftype == wire.IDENTITY and key_id == wire.CLAIM_KEY_ID:
+        key_id = 1
+    return wire.Key(device_id, key_id, secret)
 
 
 class Case:
@@ -150,7 +167,7 @@ class Case:
 @st.composite
 def cases(draw, types=tuple(FIELDS)):
     ftype = draw(st.sampled_from(types))
-    key = draw(keys)
+    key = key_for(ftype, *draw(key_parts))
     boot = draw(u32s)
     counter = draw(downlink_counters if ftype & wire.DOWNLINK_BIT else uplink_counters)
     fields = draw(FIELDS[ftype])

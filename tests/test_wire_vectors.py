@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VECTORS = ROOT / "tests" / "vectors"
 SCRIPTS = ROOT / "tests" / "micropython"
 CASES = json.loads((VECTORS / "wire_v1.json").read_text(encoding="utf-8"))["cases"]
-DOWNLINK = {"ACK", "ERROR_DOWN", "CONFIG"}
+DOWNLINK = {"ACK", "ERROR_DOWN", "CONFIG", "IDENTITY"}
 
 
 def key_of(case):
@@ -51,6 +51,10 @@ def encode(case, key):
         return wire.encode_error(
             key, boot, counter, f["reason"], f["ref"], f["detail"], t == "ERROR_DOWN"
         )
+    if t == "CLAIM":
+        return wire.encode_claim(key, boot, counter, bytes.fromhex(f["nonce"]), f["fw_version"])
+    if t == "IDENTITY":
+        return wire.encode_identity(key, boot, counter)
     assert t == "CONFIG"
     return wire.encode_config(key, boot, counter, f["settings"])
 
@@ -61,6 +65,8 @@ def fields_of(case, m):
     for name in ("readings", "sensors"):
         if name in got:
             got[name] = [list(item) for item in got[name]]
+    if "nonce" in got:
+        got["nonce"] = got["nonce"].hex()
     return got
 
 
@@ -74,7 +80,8 @@ def guard_for(case):
 
 def test_vectors_cover_every_frame_type_and_the_largest_frame():
     types = {c["type"] for c in CASES}
-    assert types == {"HELLO", "READINGS", "ACK", "ERROR_UP", "ERROR_DOWN", "CONFIG"}
+    assert types == {"HELLO", "READINGS", "CLAIM", "ACK", "ERROR_UP", "ERROR_DOWN", "CONFIG",
+                     "IDENTITY"}
     assert max(c["length"] for c in CASES) == wire.MAX_FRAME
 
 
@@ -132,7 +139,34 @@ def run_script(name, *args, lib):
 
 
 def expected_vector_checks():
-    return 14 * len(CASES)  # check_vectors.py runs 14 checks per case
+    # check_vectors.py runs 14 checks per case, and one more where a claim secret derives.
+    return 14 * len(CASES) + sum(1 for c in CASES if "claim" in c)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "claim" in c], ids=lambda c: c["name"])
+def test_claim_secret_derives_the_vectors_key(case):
+    claim = case["claim"]
+    derived = wire.claim_secret(bytes.fromhex(claim["claim_key"]), key_of(case).device_id,
+                                bytes.fromhex(claim["nonce"]))
+    assert derived.hex() == case["key"]["secret"]
+
+
+def test_claim_frames_refuse_the_wrong_key_ids():
+    device = bytes.fromhex("6b62000102030405")
+    claim_key = wire.Key(device, wire.CLAIM_KEY_ID, b"c" * 32)
+    with pytest.raises(wire.FrameError, match="CLAIM is signed under key id 65535"):
+        wire.encode_claim(wire.Key(device, 1, b"c" * 32), 1, 1, bytes(16), "0.1.0")
+    with pytest.raises(wire.FrameError, match="nonce must be 16 bytes"):
+        wire.encode_claim(claim_key, 1, 1, bytes(15), "0.1.0")
+    with pytest.raises(wire.FrameError, match="signed with the device's own key"):
+        wire.encode_identity(claim_key, 1, 16)
+    # An IDENTITY under the claim key id, however it was signed, is refused as malformed.
+    forged = wire._frame(wire.IDENTITY, claim_key, 1, 16, b"")
+    guard = wire.DownlinkGuard(1)
+    guard.last_sent = 1
+    with pytest.raises(wire.FrameError) as refused:
+        wire.decode(forged, wire.lookup_for(claim_key), guard, True)
+    assert refused.value.name == "BAD_PAYLOAD"
 
 
 def test_micropython_encodes_decodes_and_refuses_every_vector(node_lib):

@@ -22,6 +22,9 @@ def check(name, what, ok, detail=""):
         print("FAIL", name, what, detail)
 
 
+DOWNLINK = ("ACK", "ERROR_DOWN", "CONFIG", "IDENTITY")
+
+
 def key_of(case):
     k = case["key"]
     return wire.Key(unhexlify(k["device_id"]), k["key_id"], unhexlify(k["secret"]))
@@ -60,6 +63,11 @@ def encode(case, key):
         )
     if t == "CONFIG":
         return wire.encode_config(key, h["boot"], h["counter"], f["settings"])
+    if t == "CLAIM":
+        return wire.encode_claim(key, h["boot"], h["counter"], unhexlify(f["nonce"]),
+                                 f["fw_version"])
+    if t == "IDENTITY":
+        return wire.encode_identity(key, h["boot"], h["counter"])
     raise ValueError("unknown type " + t)
 
 
@@ -89,12 +97,16 @@ def decoded_fields(case, m):
         }
     if t == "ERROR_DOWN" or t == "ERROR_UP":
         return {"reason": m.reason, "ref": m.ref, "detail": m.detail}
+    if t == "CLAIM":
+        return {"nonce": hexlify(m.nonce).decode(), "fw_version": m.fw_version}
+    if t == "IDENTITY":
+        return {}
     return {"settings": m.settings}
 
 
 def new_guard(case):
     h = case["header"]
-    if case["type"] in ("ACK", "ERROR_DOWN", "CONFIG"):
+    if case["type"] in DOWNLINK:
         g = wire.DownlinkGuard(h["boot"])
         g.last_sent = h["counter"] // wire.DOWNLINK_ANSWERS  # the uplink it answers was sent
         return g
@@ -115,7 +127,11 @@ def run_case(case):
     name = case["name"]
     key = key_of(case)
     lookup = wire.lookup_for(key)
-    downlink = case["type"] in ("ACK", "ERROR_DOWN", "CONFIG")
+    downlink = case["type"] in DOWNLINK
+    if "claim" in case:
+        c = case["claim"]
+        derived = wire.claim_secret(unhexlify(c["claim_key"]), key.device_id, unhexlify(c["nonce"]))
+        check(name, "claim secret derives", hexlify(derived).decode() == case["key"]["secret"])
     frame = encode(case, key)
     got = hexlify(frame).decode()
     check(name, "encodes to the golden bytes", got == case["hex"], got)

@@ -18,6 +18,16 @@ from kinhbac import wire  # noqa: E402  (after the sys.path line: runs as a scri
 
 KEY = {"device_id": "6b62000102030405", "key_id": 1, "secret": bytes(range(32)).hex()}
 OTHER_KEY = {"device_id": "6b620a0b0c0d0e0f", "key_id": 65535, "secret": "a5" * 20}
+# A site's claim key as the fleet issues it (a string; its UTF-8 bytes are the HMAC key).
+CLAIM_SECRET = b"golden-claim-key-of-a-test-site_".hex()
+CLAIM_KEY = {"device_id": "6b62000102030405", "key_id": wire.CLAIM_KEY_ID, "secret": CLAIM_SECRET}
+CLAIM_NONCE = bytes(range(0xA0, 0xB0)).hex()
+CLAIMED_KEY = {
+    "device_id": "6b62000102030405",
+    "key_id": 2,
+    "secret": wire.claim_secret(bytes.fromhex(CLAIM_SECRET), bytes.fromhex("6b62000102030405"),
+                                bytes.fromhex(CLAIM_NONCE)).hex(),
+}
 BASE_MS = 1767225600000  # 2026-01-01T00:00:00Z
 
 CASES = [
@@ -151,6 +161,22 @@ CASES = [
         "header": {"boot": 3, "counter": 3 * 16 + 1},
         "fields": {"settings": {"sampling": {"interval_ms": [1000, 1000, 60000]}}},
     },
+    {
+        "name": "claim",
+        "type": "CLAIM",
+        "key": CLAIM_KEY,
+        "header": {"boot": 1, "counter": 1},
+        "fields": {"nonce": CLAIM_NONCE, "fw_version": "0.1.0"},
+    },
+    {
+        "name": "identity_after_approval",
+        "type": "IDENTITY",
+        "key": CLAIMED_KEY,
+        # How the key's secret is derived: checked on both interpreters.
+        "claim": {"claim_key": CLAIM_SECRET, "nonce": CLAIM_NONCE},
+        "header": {"boot": 1, "counter": 2 * 16},
+        "fields": {},
+    },
 ]
 
 
@@ -174,6 +200,11 @@ def encode_case(case):
         return wire.encode_error(key, h["boot"], h["counter"], *args)
     if t == "CONFIG":
         return wire.encode_config(key, h["boot"], h["counter"], f["settings"])
+    if t == "CLAIM":
+        return wire.encode_claim(key, h["boot"], h["counter"], bytes.fromhex(f["nonce"]),
+                                 f["fw_version"])
+    if t == "IDENTITY":
+        return wire.encode_identity(key, h["boot"], h["counter"])
     raise ValueError(t)
 
 
