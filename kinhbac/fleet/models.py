@@ -4,6 +4,7 @@ Table classes hold what is stored (secrets only sealed or hashed); `XPublic` cla
 the API returns and what the audit log records, so neither can carry a secret by accident.
 """
 
+import json
 import re
 import uuid
 from datetime import UTC, datetime
@@ -21,7 +22,7 @@ _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 MAX_TAGS = 32
 MAX_SENSORS = 255  # the node's sensor index is one byte
-MAX_KEY_ID = 0xFFFF  # the frame header's key id field
+MAX_KEY_ID = 0xFFFE  # the frame header's key id field; 0xFFFF is the site claim key's
 
 
 # Named constraints: later migrations (SQLite's batch mode above all) can then refer to them.
@@ -94,9 +95,10 @@ class Role(StrEnum):
 
 class DeviceState(StrEnum):
     registered = "registered"  # known by MAC, no credentials yet (CSV pre-registration, later)
-    pending = "pending"  # introduced itself with its site's claim key, awaiting approval (later)
+    pending = "pending"  # introduced itself with its site's claim key, awaiting approval
     active = "active"  # has credentials; its site's gateways get its key
     revoked = "revoked"  # credentials withdrawn; no gateway gets a key for it
+    rejected = "rejected"  # its claim was rejected: its claims are refused from then on
 
 
 class TokenKind(StrEnum):
@@ -327,10 +329,101 @@ class GatewayKey(BaseModel):
     secret: str = Field(description="32 bytes, hex")
 
 
+class ApprovedClaim(BaseModel):
+    device_id: str = Field(description="wire id, 16 hex digits")
+    nonce: str = Field(description="the nonce of the claim that was approved, 32 hex digits")
+    key_id: int = Field(description="answer the node's CLAIM with IDENTITY under this key id")
+
+
+class PendingConfig(BaseModel):
+    device_id: str = Field(description="wire id, 16 hex digits")
+    settings: dict[str, Any] = Field(description="deliver to the node as a CONFIG frame")
+
+
 class GatewayKeys(BaseModel):
-    """The gateway's key file format: {"devices": [{"device_id", "key_id", "secret"}]}."""
+    """The gateway's key file format, {"devices": [{"device_id", "key_id", "secret"}]}, and what
+    only the fleet supplies: the site's claim key, approved claims and CONFIG for nodes."""
 
     devices: list[GatewayKey]
+    claim_key: str | None = Field(default=None, description="the site's claim key")
+    claims: list[ApprovedClaim] = Field(default_factory=list)
+    configs: list[PendingConfig] = Field(default_factory=list)
+
+
+_WIRE_ID = re.compile(r"^6b62[0-9a-f]{12}$")  # "kb" + MAC: the only ids a claim may use
+_NONCE = re.compile(r"^[0-9a-f]{32}$")
+
+
+class ClaimCreate(BaseModel):
+    """A node's CLAIM as its gateway verified it with the site's claim key."""
+
+    model_config = _INPUT
+
+    device_id: str = Field(description="the node's wire id: 6b62 and its MAC, 16 hex digits")
+    nonce: str = Field(description="the claim's nonce, 32 hex digits")
+    fw_version: str | None = Field(default=None, max_length=64)
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, value: str) -> str:
+        if not _WIRE_ID.match(value):
+            raise ValueError("a claiming node's wire id is 6b62 and its MAC: 16 lower-case hex "
+                             "digits")
+        return value
+
+    @field_validator("nonce")
+    @classmethod
+    def _nonce(cls, value: str) -> str:
+        if not _NONCE.match(value):
+            raise ValueError("the nonce is 16 bytes: 32 lower-case hex digits")
+        return value
+
+
+class ClaimAnswer(BaseModel):
+    device_id: str
+    state: Literal["pending", "approved", "rejected", "refused"] = Field(
+        description="pending: wait for an admin; approved: the keys listing has its identity; "
+        "rejected: an admin rejected it; refused: the device has another identity"
+    )
+    detail: str
+
+
+# The settings a node takes from a CONFIG frame (firmware/node/config.py REMOTE); the node
+# checks their values itself and answers a refusal that the gateway logs.
+NODE_SETTINGS = (
+    "interval_ms", "batch_max", "send_after_ms", "flash_every", "flash_after_ms",
+    "no_network_reboot_s", "deep_sleep_ms", "log_level", "sensors",
+)
+MAX_NODE_CONFIG_BYTES = 1300  # a CONFIG frame's payload is at most 1362 bytes
+
+
+class NodeConfigUpdate(BaseModel):
+    model_config = _INPUT
+
+    settings: dict[str, Any] = Field(
+        description="settings for the node, delivered by its gateway on its next connection; "
+        "{} delivers nothing more. Allowed: " + ", ".join(NODE_SETTINGS)
+    )
+
+    @field_validator("settings")
+    @classmethod
+    def _settings(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(settings) - set(NODE_SETTINGS))
+        if unknown:
+            raise ValueError(f"not settable on a node: {', '.join(unknown)} (allowed: "
+                             f"{', '.join(NODE_SETTINGS)})")
+        for name, value in settings.items():
+            if name == "sensors":
+                if not isinstance(value, list):
+                    raise ValueError("sensors must be a list, as a site's sensor kit")
+                settings[name] = _check_sensor_kit(value)
+            elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a whole number, 0 or more")
+        size = len(json.dumps(settings, separators=(",", ":")).encode())
+        if size > MAX_NODE_CONFIG_BYTES:
+            raise ValueError(f"the settings take {size} bytes as JSON; a CONFIG frame carries "
+                             f"{MAX_NODE_CONFIG_BYTES} at most")
+        return settings
 
 
 # ---- what the MQTT ingest keeps (kinhbac/fleet/ingest.py, docs/mqtt.md)
@@ -436,6 +529,9 @@ class Device(DeviceBase, table=True):
     state: DeviceState = Field(default=DeviceState.registered, sa_type=_enum(DeviceState),
                                index=True)
     last_seen_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # The nonce of its claim (claim path only): with the site's claim key it derives the secret.
+    claim_nonce: str | None = Field(default=None, max_length=32)
+    node_config: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
     created_at: datetime = _created()
     updated_at: datetime = _created()
 
@@ -479,6 +575,8 @@ class DevicePublic(DeviceBase):
     key_id: int
     state: DeviceState
     last_seen_at: datetime | None
+    node_config: dict[str, Any] | None = Field(
+        description="settings its gateway delivers to it (PUT .../config)")
     created_at: datetime
     updated_at: datetime
     online: bool = Field(description="its gateway reported it within the offline silence")

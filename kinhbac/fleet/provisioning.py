@@ -1,10 +1,12 @@
-"""Device identities: registration by MAC (one, or many from a CSV file), re-provisioning,
-revocation, and the key listing a gateway fetches for its site.
+"""Device identities: registration by MAC (one, or many from a CSV file), claims made with a
+site's claim key (pending until an admin approves or rejects them), re-provisioning,
+revocation, CONFIG settings for nodes, and the listing a gateway fetches for its site.
 
 A device's secret is returned once, to whoever registered it, and then stored only sealed
 with the service key; it is opened again only for a gateway enrolled at the device's site.
 """
 
+import contextlib
 import csv
 import io
 import os
@@ -17,14 +19,18 @@ import sqlalchemy as sa
 from pydantic import BaseModel, Field, ValidationError
 from sqlmodel import Session, select
 
-from kinhbac.fleet import audit
+from kinhbac import wire
+from kinhbac.fleet import audit, sites
 from kinhbac.fleet.audit import Actor
 from kinhbac.fleet.crypto import SecretBox
 from kinhbac.fleet.errors import Conflict, FleetError, Invalid
-from kinhbac.fleet.identity import normalise_mac, wire_id_for
+from kinhbac.fleet.identity import WIRE_ID_PREFIX, normalise_mac, wire_id_for
 from kinhbac.fleet.models import (
     MAX_KEY_ID,
+    ApprovedClaim,
     AuditEntry,
+    ClaimAnswer,
+    ClaimCreate,
     Device,
     DeviceCreate,
     DeviceProvisioned,
@@ -35,7 +41,9 @@ from kinhbac.fleet.models import (
     Gateway,
     GatewayKey,
     GatewayKeys,
+    NodeConfigUpdate,
     Page,
+    PendingConfig,
     Site,
     utcnow,
 )
@@ -125,6 +133,7 @@ def reprovision(
             key_id=key_id,
             secret_enc=box.seal(secret, context=_secret_context(device.id, key_id)),
             state=DeviceState.active,
+            claim_nonce=None,  # its secret is random from now on, not derived from a claim
             updated_at=utcnow(),
         )
     )
@@ -183,22 +192,166 @@ def list_devices(
 
 
 def gateway_keys(session: Session, box: SecretBox, gateway: Gateway) -> GatewayKeys:
-    """The keys of the active devices at the gateway's site, as the gateway's key file has them."""
+    """What the gateway's site needs: the keys of its active devices (as the gateway's key
+    file has them), its claim key, the claims approved there, and CONFIG for its nodes."""
+    site = session.get(Site, gateway.site_id)
+    assert site is not None  # a gateway's site cannot be deleted under it (ON DELETE CASCADE)
     devices = session.exec(
         select(Device)
         .where(Device.site_id == gateway.site_id, Device.state == DeviceState.active)
         .order_by(Device.wire_id)
     ).all()
-    return GatewayKeys(devices=[
-        GatewayKey(
-            device_id=device.wire_id,
-            key_id=device.key_id,
-            secret=box.open(device.secret_enc, context=_secret_context(device.id, device.key_id))
-            .hex(),
-        )
-        for device in devices
-        if device.secret_enc is not None
-    ])
+    keyed = [device for device in devices if device.secret_enc is not None]
+    return GatewayKeys(
+        devices=[
+            GatewayKey(
+                device_id=device.wire_id,
+                key_id=device.key_id,
+                secret=box.open(device.secret_enc,
+                                context=_secret_context(device.id, device.key_id)).hex(),
+            )
+            for device in keyed
+        ],
+        claim_key=sites.claim_key(box, site),
+        claims=[
+            ApprovedClaim(device_id=device.wire_id, nonce=device.claim_nonce,
+                          key_id=device.key_id)
+            for device in keyed if device.claim_nonce is not None
+        ],
+        configs=[
+            PendingConfig(device_id=device.wire_id, settings=device.node_config)
+            for device in devices if device.node_config
+        ],
+    )
+
+
+# ---- claims: a node with only its site's claim key introduces itself at a gateway
+
+
+def record_claim(session: Session, gateway: Gateway, actor: Actor,
+                 claim: ClaimCreate) -> ClaimAnswer:
+    """Take a claim the gateway verified with its site's claim key, and say where it stands.
+
+    A device the fleet does not know, or knows only as pending or pre-registered, is (again)
+    pending at the gateway's site. Nothing else a claim can change: a rejected device stays
+    rejected, and a device with another identity (or revoked) is refused, so that holding the
+    claim key is not enough to take over a registered device.
+    """
+    mac = ":".join(f"{b:02x}" for b in bytes.fromhex(claim.device_id)[len(WIRE_ID_PREFIX):])
+    try:
+        mac = normalise_mac(mac)
+    except ValueError as exc:
+        raise Invalid("device_id", str(exc)) from None
+    device = session.exec(select(Device).where(Device.mac == mac)).first()
+    if device is None:
+        device = Device(mac=mac, wire_id=claim.device_id, site_id=gateway.site_id,
+                        state=DeviceState.pending, claim_nonce=claim.nonce,
+                        firmware_version=claim.fw_version)
+        session.add(device)
+        audit.record(session, actor, "device.claim", "device", device.id,
+                     after=audit.snapshot(device, DevicePublic))
+        # A Conflict: another gateway recorded the same claim at the same moment.
+        with contextlib.suppress(Conflict):
+            commit(session, "claimed meanwhile")
+        return ClaimAnswer(device_id=claim.device_id, state="pending",
+                           detail="awaiting an admin's approval")
+    answer = _claim_standing(device, gateway, claim)
+    if answer is not None:
+        return answer
+    # Pending or pre-registered: the latest claim is the one an approval answers.
+    if (device.claim_nonce, device.site_id, device.state) != (
+            claim.nonce, gateway.site_id, DeviceState.pending):
+        before = audit.snapshot(device, DevicePublic)
+        device.claim_nonce = claim.nonce
+        device.site_id = gateway.site_id
+        device.state = DeviceState.pending
+        device.firmware_version = claim.fw_version or device.firmware_version
+        device.updated_at = utcnow()
+        session.add(device)
+        audit.record(session, actor, "device.claim", "device", device.id,
+                     before=before, after=audit.snapshot(device, DevicePublic))
+        commit(session, "the device changed meanwhile; try again")
+    return ClaimAnswer(device_id=claim.device_id, state="pending",
+                       detail="awaiting an admin's approval")
+
+
+def _claim_standing(device: Device, gateway: Gateway, claim: ClaimCreate) -> ClaimAnswer | None:
+    """The answer for a device a claim cannot make pending; None when it can."""
+    def answer(state: str, detail: str) -> ClaimAnswer:
+        return ClaimAnswer(device_id=claim.device_id, state=state, detail=detail)
+
+    if device.state == DeviceState.rejected:
+        return answer("rejected", f"an admin rejected device {device.mac}")
+    if device.state == DeviceState.revoked:
+        return answer("refused", f"device {device.mac} is revoked: re-provision it to use it "
+                      "again")
+    if device.state == DeviceState.active:
+        if device.claim_nonce == claim.nonce and device.site_id == gateway.site_id:
+            return answer("approved", f"approved under key id {device.key_id}")
+        return answer("refused", f"device {device.mac} already has an identity: flash it "
+                      "with its own identity, or re-provision it")
+    return None
+
+
+def approve_claim(session: Session, box: SecretBox, actor: Actor,
+                  device_id: uuid.UUID) -> Device:
+    """Give a pending device its identity: the next key id, and the secret its claim derives
+    (both ends compute it; it never crosses the network)."""
+    device = get_or_404(session, Device, device_id, "device")
+    if device.state != DeviceState.pending or device.claim_nonce is None:
+        raise Conflict(f"device {device.mac} is {device.state.value}: only a pending claim "
+                       "can be approved")
+    site = session.get(Site, device.site_id) if device.site_id is not None else None
+    if site is None:
+        raise Conflict(f"device {device.mac} has no site: set its site, then approve it")
+    if device.key_id >= MAX_KEY_ID:
+        raise Conflict(f"device {device.mac} has used every key id up to {MAX_KEY_ID}")
+    before = audit.snapshot(device, DevicePublic)
+    key_id = device.key_id + 1
+    secret = wire.claim_secret(sites.claim_key(box, site).encode(),
+                               bytes.fromhex(device.wire_id), bytes.fromhex(device.claim_nonce))
+    device.key_id = key_id
+    device.secret_enc = box.seal(secret, context=_secret_context(device.id, key_id))
+    device.state = DeviceState.active
+    device.updated_at = utcnow()
+    session.add(device)
+    audit.record(session, actor, "device.approve", "device", device.id,
+                 before=before, after=audit.snapshot(device, DevicePublic))
+    commit(session, "the device changed meanwhile; try again")
+    session.refresh(device)
+    return device
+
+
+def reject_claim(session: Session, actor: Actor, device_id: uuid.UUID) -> Device:
+    """Keep a pending device out: its claims are answered `rejected` from now on."""
+    device = get_or_404(session, Device, device_id, "device")
+    if device.state != DeviceState.pending:
+        raise Conflict(f"device {device.mac} is {device.state.value}: only a pending claim "
+                       "can be rejected")
+    before = audit.snapshot(device, DevicePublic)
+    device.state = DeviceState.rejected
+    device.updated_at = utcnow()
+    session.add(device)
+    audit.record(session, actor, "device.reject", "device", device.id,
+                 before=before, after=audit.snapshot(device, DevicePublic))
+    commit(session, "the device changed meanwhile; try again")
+    session.refresh(device)
+    return device
+
+
+def set_node_config(session: Session, actor: Actor, device_id: uuid.UUID,
+                    data: NodeConfigUpdate) -> Device:
+    """Settings the device's gateway delivers on its next connection ({} clears them)."""
+    device = get_or_404(session, Device, device_id, "device")
+    before = audit.snapshot(device, DevicePublic)
+    device.node_config = data.settings or None
+    device.updated_at = utcnow()
+    session.add(device)
+    audit.record(session, actor, "device.config", "device", device.id,
+                 before=before, after=audit.snapshot(device, DevicePublic))
+    commit(session, "the device changed meanwhile; try again")
+    session.refresh(device)
+    return device
 
 
 # ---- bulk pre-registration from CSV

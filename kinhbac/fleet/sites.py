@@ -82,15 +82,19 @@ def update_site(
     return site
 
 
+def claim_key(box: SecretBox, site: Site) -> str:
+    """The site's claim key, opened: for its gateways and for approving claims."""
+    return box.open(site.claim_key_enc, context=_claim_context(site.id)).decode()
+
+
 def site_profile(box: SecretBox, site: Site) -> SiteProfile:
     """The site with its secrets opened, for the technician who sets a node up."""
     wifi_password = (
         box.open(site.wifi_password_enc, context=_wifi_context(site.id)).decode()
         if site.wifi_password_enc is not None else None
     )
-    claim_key = box.open(site.claim_key_enc, context=_claim_context(site.id)).decode()
     return SiteProfile.model_validate(
-        site, update={"wifi_password": wifi_password, "claim_key": claim_key}
+        site, update={"wifi_password": wifi_password, "claim_key": claim_key(box, site)}
     )
 
 

@@ -5,13 +5,15 @@ import os
 import uuid
 from dataclasses import dataclass
 
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from kinhbac.fleet import provisioning, sites
 from kinhbac.fleet.audit import CLI
 from kinhbac.fleet.crypto import SecretBox
 from kinhbac.fleet.models import (
     ApiToken,
+    ClaimCreate,
+    Device,
     DeviceCreate,
     DeviceProvisioned,
     Gateway,
@@ -113,7 +115,10 @@ def make_callers(session: Session, box: SecretBox) -> Callers:
     admin, admin_token = make_user(session, Role.admin, commit=False)
     technician, technician_token = make_user(session, Role.technician, commit=False)
     viewer, viewer_token = make_user(session, Role.viewer, commit=False)
-    site = Site(name="Callers' site", slug=f"site-{uuid.uuid4().hex[:8]}", claim_key_enc=b"")
+    site_id = uuid.uuid4()
+    site = Site(id=site_id, name="Callers' site", slug=f"site-{uuid.uuid4().hex[:8]}",
+                claim_key_enc=box.seal(b"callers-site-claim-key",
+                                       context=sites._claim_context(site_id)))
     gateway_token = new_token(GATEWAY_TOKEN_PREFIX)
     gateway = Gateway(name="gw1", site_id=site.id, token_hash=hash_token(gateway_token))
     session.add(site)
@@ -136,6 +141,7 @@ class World:
     site: Site
     device: DeviceProvisioned
     spare_token_id: uuid.UUID
+    pending_device_id: uuid.UUID  # claimed at the callers' gateway, awaiting a decision
 
     @property
     def gateway(self) -> Gateway:
@@ -147,4 +153,14 @@ def make_world(session: Session, box: SecretBox) -> World:
     _, spare = make_token(session, callers.viewer)
     site = make_site(session, box)
     device = make_device(session, box, site)
-    return World(callers=callers, site=site, device=device, spare_token_id=spare.id)
+    return World(callers=callers, site=site, device=device, spare_token_id=spare.id,
+                 pending_device_id=make_pending_device(session, callers.gateway))
+
+
+def make_pending_device(session: Session, gateway: Gateway) -> uuid.UUID:
+    """A device that claimed an identity at `gateway`'s site; returns its id."""
+    claim = ClaimCreate(device_id="6b62" + random_mac().replace(":", ""),
+                        nonce=os.urandom(16).hex(), fw_version="0.1.0")
+    provisioning.record_claim(session, gateway, CLI, claim)
+    mac = ":".join(claim.device_id[i:i + 2] for i in range(4, 16, 2))
+    return session.exec(select(Device.id).where(Device.mac == mac)).one()

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response,
 from pydantic import AfterValidator
 
 from kinhbac.fleet import provisioning
-from kinhbac.fleet.deps import AnyUser, Limit, Offset, SecretBoxDep, SessionDep, Staff
+from kinhbac.fleet.deps import Admin, AnyUser, Limit, Offset, SecretBoxDep, SessionDep, Staff
 from kinhbac.fleet.identity import normalise_mac
 from kinhbac.fleet.models import (
     Device,
@@ -16,6 +16,7 @@ from kinhbac.fleet.models import (
     DevicePublic,
     DeviceState,
     DeviceUpdate,
+    NodeConfigUpdate,
     Page,
 )
 from kinhbac.fleet.store import get_or_404
@@ -164,3 +165,27 @@ def reprovision_device(
 def revoke_device(device_id: uuid.UUID, session: SessionDep, caller: Staff) -> Device:
     """Withdraw the device's credentials; gateways stop getting its key."""
     return provisioning.revoke(session, caller.actor, device_id)
+
+
+@router.post("/{device_id}/approve", response_model=DevicePublic)
+def approve_device(
+    device_id: uuid.UUID, session: SessionDep, box: SecretBoxDep, caller: Admin
+) -> Device:
+    """Approve a pending claim: the device gets its own key id, and its site's gateways answer
+    its next claim with its identity (within one of their refresh intervals)."""
+    return provisioning.approve_claim(session, box, caller.actor, device_id)
+
+
+@router.post("/{device_id}/reject", response_model=DevicePublic)
+def reject_device(device_id: uuid.UUID, session: SessionDep, caller: Admin) -> Device:
+    """Reject a pending claim: the device is kept out, and its claims are refused."""
+    return provisioning.reject_claim(session, caller.actor, device_id)
+
+
+@router.put("/{device_id}/config", response_model=DevicePublic)
+def set_device_config(
+    device_id: uuid.UUID, data: NodeConfigUpdate, session: SessionDep, caller: Staff
+) -> Device:
+    """Settings for the node, which its gateway sends as a CONFIG frame on the node's next
+    connection (once per change); `{"settings": {}}` clears them."""
+    return provisioning.set_node_config(session, caller.actor, device_id, data)

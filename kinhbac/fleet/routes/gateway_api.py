@@ -3,8 +3,8 @@
 from fastapi import APIRouter, Response
 
 from kinhbac.fleet import provisioning
-from kinhbac.fleet.deps import GatewayCaller, SecretBoxDep, SessionDep
-from kinhbac.fleet.models import GatewayKeys
+from kinhbac.fleet.deps import GatewayCaller, Principal, SecretBoxDep, SessionDep
+from kinhbac.fleet.models import ClaimAnswer, ClaimCreate, GatewayKeys
 
 router = APIRouter(prefix="/api/gateway", tags=["gateway"])
 
@@ -16,3 +16,12 @@ def device_keys(
     """The keys of the active devices at the calling gateway's site (the key file's format)."""
     response.headers["Cache-Control"] = "no-store"  # secrets: no proxy or cache keeps them
     return provisioning.gateway_keys(session, box, gateway)
+
+
+@router.post("/claims", response_model=ClaimAnswer)
+def report_claim(
+    claim: ClaimCreate, session: SessionDep, gateway: GatewayCaller
+) -> ClaimAnswer:
+    """A node's CLAIM, verified by the calling gateway with its site's claim key: recorded as
+    pending (admins approve or reject it) and answered with where it stands."""
+    return provisioning.record_claim(session, gateway, Principal(gateway=gateway).actor, claim)

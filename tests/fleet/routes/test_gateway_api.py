@@ -20,7 +20,7 @@ def test_keys_come_in_the_key_file_shape_that_the_gateway_loads(client, session,
     assert response.status_code == 200
     assert response.headers["Cache-Control"] == "no-store"
     listing = response.json()
-    assert list(listing) == ["devices"]
+    assert list(listing) == ["devices", "claim_key", "claims", "configs"]
     assert all(list(row) == ["device_id", "key_id", "secret"] for row in listing["devices"])
     assert sorted((row["device_id"], row["key_id"], row["secret"]) for row in listing["devices"]) \
         == sorted((d.wire_id, 1, d.secret) for d in devices)

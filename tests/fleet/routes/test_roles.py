@@ -32,6 +32,8 @@ class Route:
     allowed: frozenset[str]
     ok: int
     request: Callable[[World], dict[str, Any]] = field(default=lambda w: {})
+    # Path ids other than the world's usual ones (e.g. a device awaiting approval).
+    ids: Callable[[World], dict[str, Any]] = field(default=lambda w: {})
 
     @property
     def key(self) -> str:
@@ -78,7 +80,16 @@ ROUTES = [
           lambda w: {"json": {"tags": ["north"]}}),
     Route("POST", "/api/devices/{device_id}/reprovision", STAFF, 200),
     Route("POST", "/api/devices/{device_id}/revoke", STAFF, 200),
+    Route("POST", "/api/devices/{device_id}/approve", frozenset({ADMIN}), 200,
+          ids=lambda w: {"device_id": w.pending_device_id}),
+    Route("POST", "/api/devices/{device_id}/reject", frozenset({ADMIN}), 200,
+          ids=lambda w: {"device_id": w.pending_device_id}),
+    Route("PUT", "/api/devices/{device_id}/config", STAFF, 200,
+          lambda w: {"json": {"settings": {"interval_ms": 5000}}}),
     Route("GET", "/api/gateway/keys", frozenset({GATEWAY}), 200),
+    Route("POST", "/api/gateway/claims", frozenset({GATEWAY}), 200,
+          lambda w: {"json": {"device_id": "6b62" + random_mac().replace(":", ""),
+                              "nonce": "00" * 16, "fw_version": "0.1.0"}}),
     Route("GET", "/api/audit", frozenset({ADMIN}), 200),
     Route("GET", "/api/health", ANYONE, 200),
 ]
@@ -122,7 +133,7 @@ def test_route_answers_each_caller_as_its_role_table_says(client: TestClient, se
         tokens = world.callers.tokens
         ids = {"user_id": world.callers.viewer.id, "token_id": world.spare_token_id,
                "site_id": world.site.id, "gateway_id": world.gateway.id,
-               "device_id": world.device.id}
+               "device_id": world.device.id} | route.ids(world)
         request = route.request(world)
     else:
         # Refused before anything is looked up: the callers suffice, and any ids will do.
