@@ -72,6 +72,16 @@ def gateway_settings() -> None:
     typer.echo(describe_settings())
 
 
+def _add_device_app() -> None:
+    # The technician's commands live in kinhbac.device; its imports (httpx, esptool) are
+    # deferred to the commands, so registering it costs nothing to the other roles.
+    from kinhbac.device.cli import device_app
+
+    app.add_typer(device_app, name="device")
+
+
+_add_device_app()
+
 fleet_app = typer.Typer(help="The fleet service: registry, provisioning, roles (fleet extra).")
 app.add_typer(fleet_app, name="fleet")
 

@@ -2,6 +2,7 @@
 technician's flash tool and (later) OTA put there. One place decides the layout."""
 
 import json
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -9,8 +10,28 @@ from pathlib import Path
 from kinhbac import wire
 
 REPO = Path(__file__).resolve().parent.parent
-FIRMWARE_DIR = REPO / "firmware"
 CONFIG_PATH = "/config.json"
+
+
+def find_firmware_dir() -> Path:
+    """The node's MicroPython sources: in a wheel, the package kinhbac._firmware (pyproject.toml
+    maps it to firmware/); in a checkout or an editable install, firmware/ itself."""
+    packaged = Path(__file__).resolve().parent / "_firmware"
+    if (packaged / "main.py").is_file():
+        return packaged
+    return REPO / "firmware"
+
+
+FIRMWARE_DIR = find_firmware_dir()
+_VERSION = re.compile(r'^VERSION\s*=\s*"([^"]+)"', re.MULTILINE)
+
+
+def firmware_version(firmware_dir: Path = FIRMWARE_DIR) -> str:
+    """The version the node's app reports (node/app.py's VERSION), which the fleet records."""
+    found = _VERSION.search((firmware_dir / "node" / "app.py").read_text())
+    if found is None:
+        raise RuntimeError(f"no VERSION = \"...\" in {firmware_dir / 'node' / 'app.py'}")
+    return found.group(1)
 
 
 def firmware_files(firmware_dir: Path = FIRMWARE_DIR, compiled: bool = True) -> dict[str, bytes]:
@@ -22,8 +43,8 @@ def firmware_files(firmware_dir: Path = FIRMWARE_DIR, compiled: bool = True) -> 
     """
     if not (firmware_dir / "main.py").exists():
         raise FileNotFoundError(
-            f"no firmware in {firmware_dir}: run from a Kinhbac checkout (the firmware files are "
-            "not part of the installed package yet)"
+            f"no firmware in {firmware_dir}: the installed kinhbac lacks its firmware files; "
+            "reinstall it from a wheel or a checkout"
         )
     files = {
         "/boot.py": (firmware_dir / "boot.py").read_bytes(),

@@ -1,0 +1,232 @@
+"""The fleet's REST API as the technician's tools use it: over HTTP, with a bearer token.
+
+Every refusal becomes a FleetError whose message says what to do next; the API's own detail
+(which names the field, the device, the conflict) is kept in it.
+"""
+
+import ipaddress
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from typing import Any, Self
+from urllib.parse import urlsplit
+
+import httpx
+
+from kinhbac.device import FLEET_TOKEN_ENV as TOKEN_ENV
+from kinhbac.device import FLEET_URL_ENV as URL_ENV
+from kinhbac.device.errors import (
+    FleetAuthError,
+    FleetConflict,
+    FleetError,
+    FleetNotFound,
+    FleetUnreachable,
+)
+
+TIMEOUT_S = 15.0  # a site's uplink can be slow; longer than this and the technician should know
+PAGE_SIZE = 500  # the API's largest page
+_MAC = re.compile(r"^(?:[0-9a-fA-F]{2}[:-]){5}[0-9a-fA-F]{2}$|^[0-9a-fA-F]{12}$")
+_WIRE_ID = re.compile(r"^[0-9a-fA-F]{16}$")
+
+
+def is_local(url: str) -> bool:
+    """Whether `url` points at this machine (plain http is acceptable only there)."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _detail(answer: httpx.Response) -> str:
+    """The API's explanation of a refusal, as one line."""
+    try:
+        detail = answer.json().get("detail")
+    except (ValueError, AttributeError):
+        return answer.text.strip()[:300] or answer.reason_phrase
+    if isinstance(detail, list):  # FastAPI's 422: [{"loc": [...], "msg": ...}]
+        parts = []
+        for item in detail:
+            loc = [str(p) for p in item.get("loc", []) if p not in ("body", "query", "path")]
+            parts.append(f"{'.'.join(loc)}: {item.get('msg')}" if loc else str(item.get("msg")))
+        return "; ".join(parts)
+    return str(detail)
+
+
+class FleetClient:
+    """A session with one fleet service. Use as a context manager, or call close()."""
+
+    def __init__(self, url: str | None, token: str | None, *, timeout: float = TIMEOUT_S,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        if not url:
+            raise FleetError(
+                f"no fleet address: give --fleet-url or set {URL_ENV} "
+                "(e.g. https://fleet.example.org); without the fleet, flash with --offline"
+            )
+        if not url.startswith(("http://", "https://")):
+            raise FleetError(f"fleet address {url!r}: give an http:// or https:// URL")
+        if not token:
+            raise FleetError(
+                f"no fleet token: give --token or set {TOKEN_ENV} (an admin makes API tokens "
+                "for technicians with POST /api/tokens)"
+            )
+        self.url = url.rstrip("/")
+        # Redirects are not followed: they would carry the token to another address.
+        self._http = httpx.Client(
+            base_url=self.url, timeout=timeout, follow_redirects=False, transport=transport,
+            headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
+        )
+
+    @classmethod
+    def from_env(cls, url: str | None = None, token: str | None = None) -> "FleetClient":
+        """A client from explicit values, else KINHBAC_FLEET_URL and KINHBAC_FLEET_TOKEN."""
+        return cls(url or os.environ.get(URL_ENV), token or os.environ.get(TOKEN_ENV))
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # ----- requests
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            answer = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise FleetUnreachable(
+                f"the fleet at {self.url} did not answer within {self._http.timeout.read} s: "
+                "check the network, or flash with --offline and approve the device later"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise FleetUnreachable(
+                f"cannot reach the fleet at {self.url} ({exc}): check the address "
+                f"(--fleet-url or {URL_ENV}) and the network, or flash with --offline and "
+                "approve the device later"
+            ) from exc
+        if answer.is_success:
+            return answer.json()
+        detail = _detail(answer)
+        code = answer.status_code
+        if code == 401:
+            raise FleetAuthError(
+                f"the fleet refused the token ({detail}): get a new one from an admin or log "
+                f"in again, and give it with --token or {TOKEN_ENV}", status=code)
+        if code == 403:
+            raise FleetAuthError(
+                f"the fleet refused this request ({detail}): ask an admin for a technician's "
+                "token", status=code)
+        if code == 404:
+            raise FleetNotFound(f"not found in the fleet: {detail}", status=code)
+        if code == 409:
+            raise FleetConflict(f"the fleet refused: {detail}", status=code)
+        if code in (301, 302, 303, 307, 308):
+            raise FleetError(
+                f"the fleet at {self.url} redirects to {answer.headers.get('location')}: "
+                "give that address with --fleet-url (redirects are not followed, they would "
+                "carry the token elsewhere)", status=code)
+        if code >= 500:
+            raise FleetError(
+                f"the fleet failed ({code}: {detail}): try again; if it goes on, tell the "
+                "fleet's admin", status=code)
+        raise FleetError(f"the fleet refused the request ({code}): {detail}", status=code)
+
+    def _pages(self, path: str, params: dict[str, Any], limit: int | None) -> Iterator[dict]:
+        """Every item of a paged listing, up to `limit` (None: all)."""
+        offset = 0
+        while True:
+            size = PAGE_SIZE if limit is None else min(PAGE_SIZE, limit - offset)
+            if size <= 0:
+                return
+            page = self._request("GET", path, params={**params, "limit": size, "offset": offset})
+            yield from page["items"]
+            offset += len(page["items"])
+            if not page["items"] or offset >= page["total"]:
+                return
+
+    # ----- who and where
+
+    def me(self) -> dict[str, Any]:
+        """The calling user: proves the address and the token before anything else is done."""
+        return self._request("GET", "/api/auth/me")
+
+    def sites(self) -> list[dict[str, Any]]:
+        return list(self._pages("/api/sites", {}, None))
+
+    def find_site(self, ref: str) -> dict[str, Any]:
+        """A site by its slug or id."""
+        for site in self.sites():
+            if ref in (site["slug"], site["id"]):
+                return site
+        raise FleetNotFound(
+            f"no site {ref!r} in the fleet: `kinhbac device sites list --remote` lists them"
+        )
+
+    def site_profile(self, site_id: str) -> dict[str, Any]:
+        """The site with its WiFi password and claim key (a technician's or admin's token)."""
+        return self._request("GET", f"/api/sites/{site_id}/profile")
+
+    # ----- devices
+
+    def register_device(self, mac: str, **fields: Any) -> dict[str, Any]:
+        """Register by MAC; the answer holds the device's secret, this once."""
+        body = {"mac": mac} | {k: v for k, v in fields.items() if v is not None}
+        return self._request("POST", "/api/devices", json=body)
+
+    def update_device(self, device_id: str, **fields: Any) -> dict[str, Any]:
+        return self._request("PATCH", f"/api/devices/{device_id}", json=fields)
+
+    def reprovision(self, device_id: str) -> dict[str, Any]:
+        """A new key id and secret (this once); the old key stops working."""
+        return self._request("POST", f"/api/devices/{device_id}/reprovision")
+
+    def revoke(self, device_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/api/devices/{device_id}/revoke")
+
+    def device(self, device_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/api/devices/{device_id}")
+
+    def devices(self, *, limit: int | None = None, **filters: Any) -> list[dict[str, Any]]:
+        params = {k: v for k, v in filters.items() if v is not None}
+        return list(self._pages("/api/devices", params, limit))
+
+    def count_devices(self, **filters: Any) -> int:
+        params = {k: v for k, v in filters.items() if v is not None}
+        return self._request("GET", "/api/devices", params={**params, "limit": 1})["total"]
+
+    def device_by_mac(self, mac: str) -> dict[str, Any] | None:
+        found = self.devices(mac=mac, limit=1)
+        return found[0] if found else None
+
+    def find_device(self, ref: str) -> dict[str, Any]:
+        """A device by its id, MAC or wire id (16 hex digits), as a technician reads them."""
+        ref = ref.strip()
+        try:
+            uuid.UUID(ref)
+        except ValueError:
+            pass
+        else:
+            return self.device(ref)
+        if _MAC.match(ref):
+            found = self.device_by_mac(ref)
+            if found is None:
+                raise FleetNotFound(f"no device with MAC {ref} in the fleet")
+            return found
+        if _WIRE_ID.match(ref):
+            # The wire id is "kb" + MAC (kinhbac/fleet/identity.py), so its MAC finds it.
+            raw = bytes.fromhex(ref)
+            if raw[:2] == b"kb":
+                found = self.device_by_mac(raw[2:].hex(":"))
+                if found is not None and found["wire_id"] == ref.lower():
+                    return found
+            raise FleetNotFound(f"no device with wire id {ref} in the fleet")
+        raise FleetError(
+            f"{ref!r} names no device: give its id (a UUID), its MAC (aa:bb:cc:dd:ee:ff) or its "
+            "wire id (16 hex digits), as `kinhbac device list` shows them"
+        )

@@ -1,0 +1,364 @@
+"""`kinhbac device flash`: a board from the box to online in the fleet, in an order that never
+leaves a device half-registered.
+
+    1. site profile       fleet (and kept on the laptop), or the kept copy when --offline
+    2. image              esptool: download mode, write, MD5 check; chip, MAC and flash size
+    3. board files        raw REPL: old config removed, firmware files written and checked
+    4. identity           fleet: register by MAC (or re-provision), with chip and flash size
+    5. config             raw REPL: the node's config with that identity, atomic, checked
+    6. reset, wait        the board boots its app; the fleet reports it online
+
+The fleet learns about the board only at step 4, after the board has answered and holds its
+files; nothing that can fail comes between steps 4 and 5 but the config write itself, and if
+that fails the device is revoked at once, so its secret (which only this process saw) is
+withdrawn and no gateway gets its key. The revoked record stays: the fleet's API has no
+delete, and the record says what happened. Running the command again re-provisions it.
+Offline (--offline), step 4 is skipped and the config carries the site's claim key instead:
+the device introduces itself and an admin approves it later.
+"""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from kinhbac.device import node_config
+from kinhbac.device.board_session import BoardSession
+from kinhbac.device.errors import BoardError, DeviceToolError, FleetConflict, FleetError
+from kinhbac.device.esp_flash import AUTO_RESET, NO_RESET, ChipInfo, ResetModes, flash_image
+from kinhbac.device.fleet_client import FleetClient
+from kinhbac.device.site_profiles import SiteProfiles
+from kinhbac.firmware import CONFIG_PATH, firmware_files, firmware_version
+
+ONLINE_POLL_S = 1.0
+SERIAL_TAIL_LINES = 8  # the board's last log lines, shown when it does not come online
+
+
+class Reporter(Protocol):
+    """Where the flow says what it is doing (the CLI: a Rich console; tests: a list)."""
+
+    def step(self, message: str) -> None: ...
+
+    def note(self, message: str) -> None: ...
+
+    def progress(self, label: str, total: int) -> Callable[[int], None]:
+        """A progress bar of `total` units; the callable sets how many are done."""
+        ...
+
+    def ask(self, message: str) -> None:
+        """Wait for the technician (press Enter)."""
+        ...
+
+
+class BootControl(Protocol):
+    """How the board gets into download mode and back into its firmware.
+
+    A real board: esptool's DTR/RTS auto-reset (AutoReset), or the technician's hands on
+    BOOT and EN (ManualReset). An emulated board: the test's power switch.
+    """
+
+    modes: ResetModes
+
+    def enter_download_mode(self) -> None: ...
+
+    def run_firmware(self) -> None: ...
+
+
+class AutoReset:
+    """A USB-serial adapter with the usual auto-reset circuit: esptool does it all."""
+
+    modes = AUTO_RESET
+
+    def enter_download_mode(self) -> None:
+        pass
+
+    def run_firmware(self) -> None:
+        pass
+
+
+class ManualReset:
+    """A board without auto-reset: the technician is asked at each step."""
+
+    modes = NO_RESET
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+
+    def enter_download_mode(self) -> None:
+        self.reporter.ask("Put the board in download mode: hold BOOT, press and release EN, "
+                          "release BOOT. Then press Enter.")
+
+    def run_firmware(self) -> None:
+        self.reporter.ask("Press and release EN (reset) so that the board starts MicroPython. "
+                          "Then press Enter.")
+
+
+@dataclass
+class FlashRequest:
+    """What the technician asked for."""
+
+    port: str
+    site: str  # slug (or id, online)
+    image: Path | None = None  # None: the board already runs MicroPython; copy files only
+    offline: bool = False
+    settings: dict[str, Any] = field(default_factory=dict)  # extra node config (--set)
+    board: str | None = None  # the board model, e.g. devkitc
+    tags: list[str] = field(default_factory=list)
+    reprovision: bool = False  # a board the fleet knows (active): give it a new key
+    use_stub: bool = True
+    flash_baud: int = 115200
+    wait_online_s: float = 120.0  # 0: do not wait
+
+
+@dataclass
+class FlashResult:
+    mac: str
+    site: str
+    firmware_version: str
+    chip: ChipInfo | None = None
+    device: dict[str, Any] | None = None  # the fleet's record, without the secret
+    claim_mode: bool = False
+    online: bool | None = None  # None: not waited for
+    waiting_for: str | None = None  # what was still missing when the wait ended
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "mac": self.mac,
+            "site": self.site,
+            "firmware_version": self.firmware_version,
+            "chip": self.chip.chip if self.chip else None,
+            "flash_size": self.chip.flash_size if self.chip else None,
+            "mode": "claim" if self.claim_mode else "identity",
+            "device": self.device,
+            "online": self.online,
+            "waiting_for": self.waiting_for,
+        }
+
+
+class NotOnline(DeviceToolError):
+    """Provisioned, but the fleet did not report the device online in time."""
+
+    def __init__(self, message: str, result: FlashResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+def _public(device: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in device.items() if k != "secret"}
+
+
+class Provisioner:
+    """Runs one FlashRequest; see the module's docstring for the order and why."""
+
+    def __init__(self, request: FlashRequest, *, fleet: FleetClient | None,
+                 profiles: SiteProfiles, boot: BootControl, reporter: Reporter,
+                 firmware: dict[str, bytes] | None = None) -> None:
+        if not request.offline and fleet is None:
+            raise DeviceToolError("flashing online needs the fleet: give --fleet-url and "
+                                  "--token, or flash with --offline")
+        self.request = request
+        self.fleet = fleet
+        self.profiles = profiles
+        self.boot = boot
+        self.reporter = reporter
+        self._firmware = firmware
+        self.existing: dict[str, Any] | None = None  # the fleet's record of this MAC, if any
+
+    # ----- steps
+
+    def site_profile(self) -> dict[str, Any]:
+        request = self.request
+        if request.offline:
+            profile = self.profiles.load(request.site)
+            self.reporter.step(f"site {profile['slug']}: profile kept on this laptop "
+                               f"(fetched {profile.get('fetched_at', 'at an unknown time')})")
+        else:
+            assert self.fleet is not None
+            self.fleet.me()  # the address and the token, before the board is touched
+            site = self.fleet.find_site(request.site)
+            profile = self.fleet.site_profile(site["id"])
+            path = self.profiles.save(profile)
+            self.reporter.step(f"site {profile['slug']}: profile from the fleet (kept in {path})")
+        node_config.site_part(profile)  # a site without WiFi or gateway fails here, not later
+        return profile
+
+    def check_fleet(self, mac: str) -> None:
+        """Refuse, before anything is written, a board the fleet already has in use."""
+        if self.request.offline:
+            return
+        assert self.fleet is not None
+        self.existing = self.fleet.device_by_mac(mac)
+        if self.existing is None or self.existing["state"] == "revoked":
+            return
+        if not self.request.reprovision:
+            raise FleetConflict(
+                f"the fleet already has this board (MAC {mac}) as device "
+                f"{self.existing['id']}, state {self.existing['state']}: give --reprovision to "
+                "issue it a new key (its current key stops working), or use another board"
+            )
+
+    def flash(self) -> ChipInfo:
+        request = self.request
+        assert request.image is not None
+        try:
+            image = request.image.read_bytes()
+        except OSError as exc:
+            raise DeviceToolError(f"cannot read the image {request.image}: {exc}") from exc
+        self.boot.enter_download_mode()
+        self.reporter.step(f"connecting to the ROM bootloader on {request.port}")
+        bar: Callable[[int], None] | None = None
+
+        def connected(info: ChipInfo) -> None:
+            size = f"{info.flash_size // (1024 * 1024)} MB flash" if info.flash_size else \
+                "flash size unknown"
+            self.reporter.step(f"{info.chip}, MAC {info.mac}, {size}")
+            self.check_fleet(info.mac)
+            nonlocal bar
+            bar = self.reporter.progress(f"writing {request.image.name}", len(image))
+
+        info = flash_image(
+            request.port, image, modes=self.boot.modes, baud=request.flash_baud,
+            use_stub=request.use_stub, on_connected=connected,
+            on_progress=lambda fraction: bar and bar(int(fraction * len(image))),
+        )
+        if bar is not None:
+            bar(len(image))
+        self.reporter.step(f"image written at {info.image_offset:#x} and checked (MD5)")
+        self.boot.run_firmware()
+        return info
+
+    def copy_files(self, session: BoardSession, files: dict[str, bytes]) -> None:
+        # The old config goes first: a board stopped half-way then boots into safe mode
+        # ("provision the node first") rather than new firmware under an old identity.
+        session.remove(CONFIG_PATH)
+        bar = self.reporter.progress("copying the firmware files",
+                                     sum(len(d) for d in files.values()))
+        session.put_files(files, lambda done, _total: bar(done))
+        self.reporter.step(f"{len(files)} firmware files written and checked (SHA-256)")
+
+    def identity(self, mac: str, chip: ChipInfo | None, profile: dict[str, Any],
+                 version: str) -> dict[str, Any]:
+        """Register the board (or re-provision the fleet's record of it); the secret is in
+        the answer, this once."""
+        assert self.fleet is not None
+        fields = {"site_id": profile["id"], "board": self.request.board,
+                  "chip": chip.chip[:64] if chip else None,
+                  "flash_size": chip.flash_size if chip else None}
+        if self.existing is None:
+            device = self.fleet.register_device(mac, tags=self.request.tags or None,
+                                                firmware_version=version, **fields)
+            self.reporter.step(f"registered in the fleet as {device['id']} "
+                               f"(wire id {device['wire_id']})")
+            return device
+        changes = {k: v for k, v in fields.items() if v is not None}
+        if self.request.tags:
+            changes["tags"] = sorted(set(self.existing["tags"]) | set(self.request.tags))
+        self.fleet.update_device(self.existing["id"], **changes)
+        device = self.fleet.reprovision(self.existing["id"])
+        self.reporter.step(f"re-provisioned {device['id']} in the fleet: key id "
+                           f"{device['key_id']} (the old key no longer works)")
+        return device
+
+    def roll_back(self, device: dict[str, Any], cause: Exception) -> DeviceToolError:
+        """Withdraw the identity the board did not get; say what state things are in."""
+        assert self.fleet is not None
+        try:
+            self.fleet.revoke(device["id"])
+        except FleetError as exc:
+            return DeviceToolError(
+                f"{cause}\nThe fleet had registered this board as {device['id']} but it did "
+                f"not get its identity, and revoking it failed ({exc}): revoke it by hand with "
+                f"`kinhbac device revoke {device['id']}`"
+            )
+        return DeviceToolError(
+            f"{cause}\nRolled back: the fleet's record {device['id']} is revoked (no gateway "
+            "gets its key). Run the command again to provision the board; it will be "
+            "re-provisioned."
+        )
+
+    def wait_online(self, session: BoardSession, result: FlashResult) -> None:
+        """Until the fleet reports the device online with the firmware just copied."""
+        assert self.fleet is not None and result.device is not None
+        deadline = time.monotonic() + self.request.wait_online_s
+        self.reporter.step(f"waiting up to {self.request.wait_online_s:.0f} s for the fleet "
+                           "to see the device online")
+        log: list[str] = []
+        device = result.device
+        while True:
+            log = (log + session.read_lines(ONLINE_POLL_S))[-SERIAL_TAIL_LINES:]
+            device = self.fleet.device(device["id"])
+            status = device.get("status") or {}
+            if device.get("online") and status.get("firmware") == result.firmware_version:
+                result.device, result.online = device, True
+                self.reporter.step(f"online: {status.get('site')}/{status.get('gateway')} "
+                                   f"hears it, firmware {status.get('firmware')}")
+                return
+            if time.monotonic() > deadline:
+                break
+        result.device, result.online = device, False
+        status = device.get("status")
+        if status is None:
+            result.waiting_for = (
+                "no gateway has reported this device yet: check that the site's gateway runs "
+                "and is enrolled at this site, that the board is in WiFi range, and the "
+                "board's log below")
+        elif not device.get("online"):
+            result.waiting_for = (f"the gateway {status.get('gateway')} last heard it at "
+                                  f"{status.get('last_seen_at')}, and not since")
+        else:
+            result.waiting_for = (f"it reports firmware {status.get('firmware')}, not "
+                                  f"{result.firmware_version}")
+        tail = "\n".join(f"  | {line}" for line in log) or "  (nothing)"
+        raise NotOnline(
+            f"the board is provisioned (device {device['id']}) but the fleet does not show it "
+            f"online after {self.request.wait_online_s:.0f} s: {result.waiting_for}.\n"
+            f"The board's last output:\n{tail}\n"
+            f"`kinhbac device show {device['id']}` shows what the fleet knows.", result)
+
+    # ----- the whole flow
+
+    def run(self) -> FlashResult:
+        request = self.request
+        profile = self.site_profile()
+        files = self._firmware if self._firmware is not None else firmware_files()
+        version = firmware_version()
+        chip = self.flash() if request.image is not None else None
+
+        self.reporter.step(f"waiting for MicroPython on {request.port}")
+        with BoardSession(request.port) as session:
+            session.stop_app()
+            mac = session.mac()
+            if chip is not None and mac != chip.mac:
+                raise BoardError(
+                    f"the board that answered after flashing has MAC {mac}, but the one "
+                    f"flashed has {chip.mac}: is another board on {request.port}?"
+                )
+            if chip is None:
+                self.reporter.step(f"board MAC {mac}")
+                self.check_fleet(mac)
+            self.copy_files(session, files)
+            result = FlashResult(mac=mac, site=profile["slug"], firmware_version=version,
+                                 chip=chip, claim_mode=request.offline)
+
+            if request.offline:
+                session.write_config(node_config.encode(
+                    node_config.with_claim_key(profile, request.settings)))
+                self.reporter.step("config written with the site's claim key: approve the "
+                                   "device in the fleet once it has introduced itself")
+                session.reset()
+                return result
+
+            device = self.identity(mac, chip, profile, version)
+            try:
+                session.write_config(node_config.encode(
+                    node_config.with_identity(profile, device, request.settings)))
+            except (BoardError, DeviceToolError) as exc:
+                raise self.roll_back(device, exc) from exc
+            result.device = _public(device)
+            self.reporter.step("config written with the device's identity")
+            session.reset()
+            self.reporter.step("board reset: it starts the node's app")
+            if request.wait_online_s > 0:
+                self.wait_online(session, result)
+            return result
