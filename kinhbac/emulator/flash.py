@@ -96,6 +96,34 @@ class FlashImage:
             f.seek(offset)
             return f.read(length)
 
+    def erase(self, offset: int, length: int) -> None:
+        """Erase every sector the range touches: a chip erases whole sectors, never less."""
+        start = offset - offset % SECTOR_SIZE
+        end = -(-(offset + length) // SECTOR_SIZE) * SECTOR_SIZE
+        self._check_range(start, end - start)
+        with open(self.path, "r+b") as f:
+            f.seek(start)
+            f.write(bytes([ERASED]) * (end - start))
+
+    def program(self, offset: int, data: bytes) -> None:
+        """Program bytes as NOR flash does: a bit can go from 1 to 0, never back without an
+        erase, so data written over unerased flash comes out as the AND of old and new."""
+        self._check_range(offset, len(data))
+        with open(self.path, "r+b") as f:
+            f.seek(offset)
+            old = f.read(len(data))
+            merged = (int.from_bytes(old, "little") & int.from_bytes(data, "little")).to_bytes(
+                len(data), "little"
+            )
+            f.seek(offset)
+            f.write(merged)
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > FLASH_SIZE:
+            raise ValueError(
+                f"0x{offset:x}+0x{length:x} is outside the {FLASH_SIZE // 1024} KiB flash"
+            )
+
     def partitions(self) -> tuple[Partition, ...]:
         return decode_partition_table(self.read(PARTITION_TABLE_OFFSET, PARTITION_TABLE_MAX))
 
