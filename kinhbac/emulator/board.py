@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from kinhbac.emulator.console import Console
 from kinhbac.emulator.devices import AnalogSource, I2CDevice, PulseSource
 from kinhbac.emulator.flash import FlashImage
+from kinhbac.emulator.rom_loader import ROM_FAULTS, RomLoader
 
 if TYPE_CHECKING:
     from kinhbac.emulator.site import Emulator
@@ -124,6 +125,7 @@ class Board:
         self._lock = asyncio.Lock()
         self._stalled = False
         self._unstall: asyncio.Event | None = None
+        self._rom: RomLoader | None = None  # set while the chip sits in download mode
 
         # The serial port: the emulator keeps both ends open so that the path stays valid and
         # a host closing it does not hang up the board.
@@ -145,15 +147,28 @@ class Board:
 
     @property
     def running(self) -> bool:
-        return self._process is not None
+        """Powered and running something: MicroPython, or the ROM in download mode."""
+        return self._process is not None or self._rom is not None
+
+    @property
+    def in_download_mode(self) -> bool:
+        return self._rom is not None
 
     @property
     def reset_cause(self) -> int | None:
         return self.boots[-1] if self.boots else None
 
-    def power_on(self) -> None:
-        """Apply power: the board boots from its flash."""
-        self.emulator.call(self._boot(PWRON_RESET))
+    def power_on(self, download: bool = False, rom_faults: frozenset[str] = frozenset()) -> None:
+        """Apply power: the board boots from its flash. With `download` (GPIO0 held low) it
+        stays in the ROM's serial bootloader on the same port instead, for esptool to flash;
+        `rom_faults` ("no_sync", "corrupt_write") make that ROM misbehave, for tests."""
+        unknown = set(rom_faults) - ROM_FAULTS
+        if unknown:
+            raise ValueError(f"unknown ROM faults {sorted(unknown)}; known: {sorted(ROM_FAULTS)}")
+        if download:
+            self.emulator.call(self._boot_download_mode(frozenset(rom_faults)))
+        else:
+            self.emulator.call(self._boot(PWRON_RESET))
 
     def power_cut(self, restore: bool = True) -> None:
         """Cut the power without warning (SIGKILL): flash keeps what was written, RAM and RTC
@@ -198,7 +213,39 @@ class Board:
 
     async def _boot(self, cause: int) -> None:
         async with self._lock:
+            self._rom = None  # power applied again: the chip resets out of download mode
             await self._spawn(cause)
+
+    async def _boot_download_mode(self, faults: frozenset[str]) -> None:
+        async with self._lock:
+            await self._kill()
+            self.rtc_memory = b""  # a chip reset, as the EN button is
+            self.boots.append(PWRON_RESET)
+            self._emit(_rom_banner(PWRON_RESET, download=True))
+            self._rom = RomLoader(
+                flash=self.flash,
+                mac=self.mac,
+                send=self._emit,
+                on_exit=self._leave_download_mode,
+                faults=faults,
+            )
+
+    def _leave_download_mode(self, reboot: bool) -> None:
+        """FLASH_END: the ROM reboots (booting from flash: GPIO0 is no longer held by then) or
+        jumps to the code in flash, which is no chip reset."""
+        rom = self._rom
+
+        async def leave() -> None:
+            async with self._lock:
+                if self._rom is not rom:
+                    return  # power was cut or applied meanwhile
+                self._rom = None
+                if reboot:
+                    await self._spawn(HARD_RESET)
+                else:
+                    await self._spawn(self.boots[-1], chip_reset=False)
+
+        asyncio.get_running_loop().create_task(leave())
 
     async def _power_cut(self, restore: bool) -> None:
         async with self._lock:
@@ -237,8 +284,9 @@ class Board:
         ]
         asyncio.get_running_loop().add_reader(self._ext_master, self._on_host_input)
 
-    async def _spawn(self, cause: int) -> None:
-        self.boots.append(cause)
+    async def _spawn(self, cause: int, chip_reset: bool = True) -> None:
+        if chip_reset:
+            self.boots.append(cause)
         self._stalled = False
         self._unstall = asyncio.Event()
         self._wlan_credentials = None
@@ -262,7 +310,7 @@ class Board:
             "KINHBAC_RESET_CAUSE": str(cause),
             "KINHBAC_BOARD_INDEX": str(self.index),
         }
-        if cause != SOFT_RESET:
+        if cause != SOFT_RESET and chip_reset:
             self._emit(_rom_banner(cause))
         self._process = await asyncio.create_subprocess_exec(
             self.emulator.micropython,
@@ -281,6 +329,7 @@ class Board:
         asyncio.get_running_loop().create_task(self._watch(self._process))
 
     async def _kill(self) -> None:
+        self._rom = None
         proc, self._process = self._process, None
         if self._unstall is not None:
             self._unstall.set()  # release calls parked by stall_peripherals()
@@ -377,6 +426,9 @@ class Board:
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
+            return
+        if self._rom is not None:
+            self._rom.feed(data)  # replies come back through _emit
             return
         if self._process is None or self._int_master < 0:
             return  # the board is off or in reset: the bytes go nowhere
@@ -586,10 +638,12 @@ class Board:
         self._wdt_task = None
 
 
-def _rom_banner(cause: int) -> bytes:
+def _rom_banner(cause: int, download: bool = False) -> bytes:
     """The first lines an ESP32's ROM prints on every chip reset."""
     code, name = ROM_RESET_REASONS[cause]
-    return (
-        f"ets Jul 29 2019 12:21:46\r\n\r\nrst:0x{code:x} ({name}),"
-        "boot:0x13 (SPI_FAST_FLASH_BOOT)\r\n"
-    ).encode()
+    boot_mode = (
+        "boot:0x3 (DOWNLOAD_BOOT(UART0/UART1/SDIO_REI_REO_V2))\r\nwaiting for download"
+        if download
+        else "boot:0x13 (SPI_FAST_FLASH_BOOT)"
+    )
+    return f"ets Jul 29 2019 12:21:46\r\n\r\nrst:0x{code:x} ({name}),{boot_mode}\r\n".encode()
