@@ -73,7 +73,40 @@ def test_esptool_command_line_writes_and_verifies_in_a_few_seconds(board, tmp_pa
     assert board.flash.read(BOOTLOADER_OFFSET, image_path.stat().st_size) == image_path.read_bytes()
 
 
-def test_esptool_image_info_accepts_the_synthetic_image(tmp_path, capsys):
+@pytest.fixture
+def esptool_output():
+    """What esptool prints, whatever logger another test left installed (esptool keeps one)."""
+    from esptool.logger import EspLog, TemplateLogger, log
+
+    class Collector(TemplateLogger):
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def print(self, *args, **kwargs) -> None:
+            self.lines.append(" ".join(str(arg) for arg in args))
+
+        def note(self, message: str) -> None:
+            self.lines.append(message)
+
+        warning = error = note
+
+        def stage(self, finish: bool = False) -> None:
+            pass
+
+        def progress_bar(self, *args, **kwargs) -> None:
+            pass
+
+        def set_verbosity(self, verbosity: str) -> None:
+            pass
+
+    previous = EspLog.instance
+    collector = Collector()
+    log.set_logger(collector)
+    yield collector.lines
+    EspLog.instance = previous
+
+
+def test_esptool_image_info_accepts_the_synthetic_image(tmp_path, esptool_output):
     image = synthetic_image(8192, seed=7)
     assert len(image) == 8192
     parsed = LoadFirmwareImage("esp32", image)
@@ -85,7 +118,7 @@ def test_esptool_image_info_accepts_the_synthetic_image(tmp_path, capsys):
     path = tmp_path / "synthetic.bin"
     path.write_bytes(image)
     esptool.main(["image-info", str(path)])
-    out = capsys.readouterr().out
+    out = "\n".join(esptool_output)
     assert "Detected image type: ESP32" in out
     assert "Checksum: " in out and "(valid)" in out and "invalid" not in out
     assert "kinhbac synthetic image" in out
