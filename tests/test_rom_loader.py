@@ -1,18 +1,21 @@
 """The ESP32 ROM's download mode on emulated boards, driven by the real esptool over the pty."""
 
 import hashlib
+import struct
 import time
 
 import esptool
 import pytest
+import serial
 from esptool.bin_image import LoadFirmwareImage
 from esptool.cmds import attach_flash, detect_chip, detect_flash_size, write_flash
 from esptool.targets.esp32 import ESP32ROM
 from esptool.util import FatalError
 
-from kinhbac.emulator.board import PWRON_RESET
+from kinhbac.emulator.board import HARD_RESET, PWRON_RESET
 from kinhbac.emulator.esp32_image import synthetic_image
 from kinhbac.emulator.flash import FLASH_SIZE, FlashImage
+from kinhbac.emulator.rom_loader import RomLoader
 
 BOOTLOADER_OFFSET = 0x1000
 # A pty has no DTR/RTS to reset the chip with, and the emulated chip cannot run esptool's
@@ -222,3 +225,38 @@ def test_flash_programming_only_clears_bits_until_an_erase(tmp_path):
     assert flash.read(0x2000, 0x1000) == b"\xff" * 0x1000
     with pytest.raises(ValueError):
         flash.program(FLASH_SIZE - 1, b"\x00\x00")
+
+
+def slip_request(op: int, data: bytes = b"", checksum: int = 0) -> bytes:
+    body = struct.pack("<BBHI", 0x00, op, len(data), checksum) + data
+    return b"\xc0" + body.replace(b"\xdb", b"\xdb\xdd").replace(b"\xc0", b"\xdb\xdc") + b"\xc0"
+
+
+def test_rom_replies_byte_for_byte_and_reboots_on_flash_end(tmp_path):
+    flash = FlashImage(tmp_path / "flash.bin")
+    flash.create()
+    sent: list[bytes] = []
+    exits: list[bool] = []
+    rom = RomLoader(flash=flash, mac=bytes(6), send=sent.append, on_exit=exits.append)
+
+    rom.feed(slip_request(0x14))  # GET_SECURITY_INFO: the ESP32 ROM does not have it
+    assert sent == [b"\xc0\x01\x14\x04\x00\x00\x00\x00\x00\x01\x05\x00\x00\xc0"]
+
+    frame = slip_request(0x0A, struct.pack("<I", 0x40001000))  # READ_REG of the chip magic
+    rom.feed(frame[:5])  # a pty hands over bytes as they come, not frame by frame
+    rom.feed(frame[5:])
+    assert sent[-1] == b"\xc0\x01\x0a\x04\x00\x83\x1d\xf0\x00\x00\x00\x00\x00\xc0"
+
+    rom.feed(slip_request(0x04, struct.pack("<I", 0)))  # FLASH_END, 0: reboot
+    assert exits == [True]
+
+
+def test_flash_end_asking_for_a_reboot_resets_the_chip_into_micropython(board):
+    board.write_files({"main.py": b"print('app running')\n"})
+    board.power_on(download=True)
+    mark = board.console.mark()
+    with serial.Serial(board.tty_path) as port:  # what esptool's stub path sends to reboot
+        port.write(slip_request(0x04, struct.pack("<I", 0)))
+        board.console.wait_for("rst:0xc (SW_CPU_RESET)", timeout=15, since=mark)
+    board.console.wait_for("app running", timeout=15, since=mark)
+    assert board.boots == [PWRON_RESET, HARD_RESET]
