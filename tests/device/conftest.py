@@ -1,0 +1,174 @@
+"""The technician's tools against real parts: the fleet service over HTTP (uvicorn on a thread,
+SQLite, its MQTT ingest on a private broker), a real gateway process, emulated boards running
+MicroPython. Everything in the fleet is set up through its API, as an admin would."""
+
+import functools
+import secrets
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from argon2 import PasswordHasher
+from helpers.gateway import GatewayProcess, free_port
+
+from kinhbac.broker import LocalBroker
+from kinhbac.emulator import launcher
+from kinhbac.firmware import firmware_files
+from kinhbac.fleet import cli as fleet_cli
+from kinhbac.fleet import security
+from kinhbac.fleet.app import create_app
+from kinhbac.fleet.settings import load_settings
+
+ADMIN = ("admin@example.org", "admin password 1")
+TECHNICIAN = ("tech@example.org", "technician password 1")
+VIEWER = ("viewer@example.org", "viewer password 1")
+SITE = "testsite"  # the gateway helper's site
+# Quick node timings, so that a board is heard within a second of booting.
+NODE_SETTINGS = {
+    "interval_ms": 50,
+    "console_window_ms": 300,
+    "send_after_ms": 100,
+    "ack_timeout_ms": 3000,
+    "backoff_min_ms": 100,
+    "backoff_max_ms": 1000,
+    "good_after_ms": 600000,
+}
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.05)
+
+
+class FleetServer:
+    """The fleet service on a free port, its database in `workdir` (kept across restarts), its
+    ingest reading the private broker."""
+
+    def __init__(self, workdir: Path, broker_port: int) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config = workdir / "fleet.toml"
+        self.config.write_text(
+            f'env = "production"\nsecret_key = "{secrets.token_urlsafe(32)}"\n'
+            f'database_url = "sqlite:///{workdir / "fleet.sqlite3"}"\n'
+            f'ingest_enabled = true\nmqtt_port = {broker_port}\n'
+            f'mqtt_client_id = "fleet-{uuid.uuid4().hex[:8]}"\ningest_batch_interval_s = 0.05\n'
+        )
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.http = httpx.Client(base_url=self.url, timeout=10)
+        self.server: uvicorn.Server | None = None
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        app = create_app(load_settings(self.config))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="fleet", daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.server.started, 30, "the fleet serving")
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+            self.thread.join(15)
+            assert not self.thread.is_alive(), "the fleet did not stop"
+            self.server = None
+
+    def login(self, email: str, password: str) -> str:
+        answer = self.http.post("/api/auth/login", data={"username": email, "password": password})
+        assert answer.status_code == 200, answer.text
+        return answer.json()["access_token"]
+
+    def call(self, method: str, path: str, token: str, expect: int = 200,
+             **kwargs: Any) -> Any:
+        answer = self.http.request(method, path, headers={"Authorization": f"Bearer {token}"},
+                                   **kwargs)
+        assert answer.status_code == expect, (method, path, answer.status_code, answer.text)
+        return answer.json()
+
+
+class FleetSite:
+    """What an admin sets up for a site: the site (WiFi of the emulated access point, the
+    gateway's address), its gateway, and API tokens for a technician and a viewer."""
+
+    def __init__(self, fleet: FleetServer, *, ssid: str, password: str, gateway_port: int,
+                 slug: str = SITE) -> None:
+        self.fleet = fleet
+        self.admin = fleet.login(*ADMIN)
+        self.site = fleet.call("POST", "/api/sites", self.admin, 201, json={
+            "name": "Test site", "slug": slug, "wifi_ssid": ssid, "wifi_password": password,
+            "gateway_host": "127.0.0.1", "gateway_port": gateway_port,
+            "sensor_kit": launcher.SENSOR_KIT})
+        self.site_id = self.site["id"]
+        enrolled = fleet.call("POST", "/api/gateways", self.admin, 201,
+                              json={"name": "gw1", "site_id": self.site_id})
+        self.gateway_token = enrolled["token"]
+        self.technician = self._api_token(*TECHNICIAN, role="technician")
+        self.viewer = self._api_token(*VIEWER, role="viewer")
+
+    def _api_token(self, email: str, password: str, role: str) -> str:
+        user = self.fleet.call("POST", "/api/users", self.admin, 201, json={
+            "email": email, "password": password, "role": role})
+        return self.fleet.call("POST", "/api/tokens", self.admin, 201, json={
+            "name": f"{role}'s laptop", "user_id": user["id"]})["token"]
+
+    def devices(self) -> list[dict[str, Any]]:
+        return self.fleet.call("GET", "/api/devices", self.admin,
+                               params={"limit": 500})["items"]
+
+
+@functools.cache
+def firmware() -> dict[str, bytes]:
+    return firmware_files()  # mpy-cross once per test run, not once per board
+
+
+@pytest.fixture
+def broker(tmp_path):
+    with LocalBroker(tmp_path / "broker") as b:
+        yield b
+
+
+@pytest.fixture
+def fleet(tmp_path, broker, monkeypatch):
+    # Argon2id at its cheapest, as in tests/fleet: the same code, without deliberate slowness.
+    monkeypatch.setattr(security, "_hasher",
+                        PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
+    server = FleetServer(tmp_path / "fleet", broker.port)
+    fleet_cli.create_admin(*ADMIN, config=server.config)
+    server.start()
+    yield server
+    server.stop()
+    server.http.close()
+
+
+@pytest.fixture
+def gateway(tmp_path, broker, fleet):
+    """A gateway process taking its keys from the fleet; started by the test (its token comes
+    with the `site` fixture)."""
+    gw = GatewayProcess(tmp_path / "gw", key_file=None, broker_port=broker.port,
+                        fleet_url=fleet.url, key_refresh_s=1.0)
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def site(fleet, emulator, gateway, monkeypatch):
+    found = FleetSite(fleet, ssid=emulator.access_point.ssid,
+                      password=emulator.access_point.password, gateway_port=gateway.port)
+    monkeypatch.setenv("KINHBAC_GATEWAY_FLEET_TOKEN", found.gateway_token)
+    return found
+
+
+@pytest.fixture
+def sites_dir(tmp_path, monkeypatch) -> Path:
+    """Site profiles kept in the test's folder, never the user's."""
+    folder = tmp_path / "laptop" / "sites"
+    monkeypatch.setenv("KINHBAC_SITES_DIR", str(folder))
+    return folder

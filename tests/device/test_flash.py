@@ -1,0 +1,228 @@
+"""`kinhbac device flash` on emulated boards running real MicroPython, with the real fleet,
+gateway and broker: the files and identity land, the board comes online, and every failure
+leaves nothing registered."""
+
+import json
+import os
+import stat
+
+import pytest
+from typer.testing import CliRunner
+
+from kinhbac.cli import app
+from kinhbac.device.board_session import BoardSession
+from kinhbac.device.errors import BoardError, DeviceToolError, FleetUnreachable
+from kinhbac.device.fleet_client import FleetClient
+from kinhbac.device.provision import AutoReset, FlashRequest, Provisioner
+from kinhbac.device.site_profiles import SiteProfiles
+from kinhbac.emulator import launcher
+from kinhbac.emulator.devices import BME280, AnalogSource, PulseSource
+from kinhbac.firmware import firmware_version
+
+from .conftest import NODE_SETTINGS, SITE, firmware
+
+SETTINGS = [f"--set={name}={value}" for name, value in NODE_SETTINGS.items()]
+
+
+def wired_board(emulator):
+    """A board with the site's sensor kit attached, powered on: blank flash, so it boots
+    MicroPython to its prompt."""
+    board = emulator.add_board()
+    board.attach_i2c(BME280(0x76))
+    board.attach_analog(launcher.LEVEL_PIN, AnalogSource(volts=1.0))
+    board.attach_pulses(launcher.PULSE_PIN, PulseSource(launcher.PULSE_PIN))
+    board.power_on()
+    return board
+
+
+def run_cli(site, *args: str):
+    env = {"KINHBAC_FLEET_URL": site.fleet.url, "KINHBAC_FLEET_TOKEN": site.technician}
+    return CliRunner().invoke(app, ["device", *args], env=env)
+
+
+def board_config(board) -> dict:
+    board.power_cut(restore=False)
+    return json.loads(board.read_file("/config.json"))
+
+
+class Steps:
+    """A reporter that records the flow's steps and can act at one of them (a fault)."""
+
+    def __init__(self, at: str | None = None, action=None) -> None:
+        self.seen: list[str] = []
+        self.at, self.action = at, action
+
+    def step(self, message: str) -> None:
+        self.seen.append(message)
+        if self.at and self.at in message and self.action:
+            self.action()
+
+    def note(self, message: str) -> None:
+        self.seen.append(message)
+
+    def progress(self, label: str, total: int):
+        return lambda done: None
+
+    def ask(self, message: str) -> None:
+        raise AssertionError(f"asked the technician: {message}")
+
+
+def provisioner(site, board, reporter=None, **fields) -> Provisioner:
+    request = FlashRequest(port=board.tty_path, site=SITE, settings=dict(NODE_SETTINGS),
+                           wait_online_s=0, **fields)
+    return Provisioner(request, fleet=FleetClient(site.fleet.url, site.technician),
+                       profiles=SiteProfiles(), boot=AutoReset(), reporter=reporter or Steps(),
+                       firmware=firmware())
+
+
+def test_board_running_micropython_gets_its_files_and_identity_and_shows_online(
+        emulator, site, gateway, sites_dir):
+    board = wired_board(emulator)
+    gateway.start()
+
+    done = run_cli(site, "flash", "--port", board.tty_path, "--site", SITE, "--board",
+                   "devkitc", "--tag", "north", "--wait", "60", "--json", *SETTINGS)
+
+    assert done.exit_code == 0, done.output
+    result = json.loads(done.stdout)
+    assert result["online"] is True and result["mode"] == "identity"
+    assert result["mac"] == board.mac.hex(":")
+    device = site.fleet.call("GET", f"/api/devices/{result['device']['id']}", site.technician)
+    assert device["state"] == "active" and device["online"]
+    assert device["firmware_version"] == firmware_version() == device["status"]["firmware"]
+    assert device["site_id"] == site.site_id and device["board"] == "devkitc"
+    assert device["tags"] == ["north"]
+    assert "secret" not in result["device"]
+    # The site's profile is kept on the laptop, readable by its owner only.
+    kept = sites_dir / f"{SITE}.json"
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert stat.S_IMODE(sites_dir.stat().st_mode) == 0o700
+    assert json.loads(kept.read_text())["claim_key"]
+
+    config = board_config(board)
+    assert config["device_id"] == device["wire_id"] and config["key_id"] == 1
+    assert config["gateway"] == {"host": "127.0.0.1", "port": gateway.port}
+    assert config["sensors"] == launcher.SENSOR_KIT
+    assert config["interval_ms"] == 50
+    for path, data in firmware().items():
+        assert board.read_file(path) == data, path
+
+
+def test_a_board_the_fleet_already_has_is_refused_unless_reprovisioned(
+        emulator, site, gateway, sites_dir):
+    board = wired_board(emulator)
+    gateway.start()
+    first = run_cli(site, "flash", "--port", board.tty_path, "--site", SITE, "--wait", "0",
+                    "--json", *SETTINGS)
+    assert first.exit_code == 0, first.output
+    device_id = json.loads(first.stdout)["device"]["id"]
+
+    again = run_cli(site, "flash", "--port", board.tty_path, "--site", SITE, "--wait", "0",
+                    *SETTINGS)
+    assert again.exit_code == 1
+    assert "already has this board" in again.output and "--reprovision" in again.output
+
+    renewed = run_cli(site, "flash", "--port", board.tty_path, "--site", SITE, "--wait", "60",
+                      "--reprovision", "--json", *SETTINGS)
+    assert renewed.exit_code == 0, renewed.output
+    result = json.loads(renewed.stdout)
+    assert result["device"]["id"] == device_id and result["device"]["key_id"] == 2
+    assert result["online"] is True
+    assert len(site.devices()) == 1
+
+
+def test_wrong_port_fails_clearly_and_registers_nothing(site, sites_dir, tmp_path):
+    done = run_cli(site, "flash", "--port", str(tmp_path / "ttyUSB9"), "--site", SITE)
+    assert done.exit_code == 1
+    assert f"cannot open serial port {tmp_path / 'ttyUSB9'}" in done.output
+    assert "ls /dev/ttyUSB*" in done.output
+    assert site.devices() == []
+
+
+def test_unreachable_fleet_stops_before_the_board_is_touched(emulator, site, sites_dir):
+    board = wired_board(emulator)
+    board.console.wait_for(">>> ", timeout=15)
+    mark = board.console.mark()
+    env = {"KINHBAC_FLEET_URL": "http://127.0.0.1:9", "KINHBAC_FLEET_TOKEN": site.technician}
+    done = CliRunner().invoke(app, ["device", "flash", "--port", board.tty_path, "--site", SITE],
+                              env=env)
+    assert done.exit_code == 1
+    assert "cannot reach the fleet at http://127.0.0.1:9" in done.output
+    assert "--offline" in done.output
+    assert board.console.text(mark) == ""  # nothing was sent to the board
+    assert site.devices() == []
+
+
+def test_fleet_lost_after_the_files_are_copied_leaves_nothing_registered(
+        emulator, site, sites_dir):
+    board = wired_board(emulator)
+    flow = provisioner(site, board, Steps(at="firmware files written", action=site.fleet.stop))
+    with pytest.raises(FleetUnreachable, match="cannot reach the fleet"):
+        flow.run()
+    site.fleet.start()  # the same database: did anything get in before it went away?
+    assert site.devices() == []
+    board.power_cut(restore=False)
+    assert board.read_file("/config.json") is None  # boots into safe mode, not half set up
+
+
+def test_config_write_failing_after_registration_revokes_the_device(
+        emulator, site, sites_dir):
+    board = wired_board(emulator)
+    # The board loses power the moment the fleet has registered it: the config never lands.
+    flow = provisioner(site, board, Steps(at="registered in the fleet",
+                                          action=lambda: board.power_cut(restore=False)))
+    with pytest.raises(DeviceToolError) as failed:
+        flow.run()
+    message = str(failed.value)
+    assert "Rolled back" in message and "revoked" in message
+    [device] = site.devices()
+    assert device["state"] == "revoked" and device["mac"] == board.mac.hex(":")
+    keys = site.fleet.call("GET", "/api/gateway/keys", site.gateway_token)
+    assert keys["devices"] == []  # no gateway gets a key for it
+    assert board.read_file("/config.json") is None
+
+    # Run again: the revoked record is re-provisioned, and the board gets its identity.
+    board.power_on()
+    result = provisioner(site, board).run()
+    assert result.device["id"] == device["id"] and result.device["state"] == "active"
+    assert board_config(board)["key_id"] == result.device["key_id"] == 2
+
+
+def test_offline_flash_writes_the_site_claim_key_and_registers_nothing(
+        emulator, site, sites_dir):
+    fetched = run_cli(site, "sites", "fetch", SITE)
+    assert fetched.exit_code == 0, fetched.output
+    profile = SiteProfiles().load(SITE)
+    board = wired_board(emulator)
+    board.console.wait_for(">>> ", timeout=15)
+    mark = board.console.mark()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KINHBAC_FLEET")}
+    done = CliRunner().invoke(app, ["device", "flash", "--port", board.tty_path, "--site", SITE,
+                                    "--offline", "--json", *SETTINGS], env=env)
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["mode"] == "claim"
+    board.console.wait_for("SW_CPU_RESET", since=mark, timeout=15)  # machine.reset() took
+    board.console.wait_for("kinhbac:", since=mark, timeout=15)  # and the app started
+    config = board_config(board)
+    assert config["claim_key"] == profile["claim_key"]
+    assert not {"device_id", "key_id", "secret"} & set(config)
+    assert config["wifi"] == {"ssid": profile["wifi_ssid"], "password": profile["wifi_password"]}
+    assert site.devices() == []
+
+
+def test_offline_flash_without_a_kept_profile_says_how_to_get_one(emulator, sites_dir):
+    board = emulator.add_board()
+    done = CliRunner().invoke(app, ["device", "flash", "--port", board.tty_path, "--site", SITE,
+                                    "--offline"])
+    assert done.exit_code == 1
+    assert f"kinhbac device sites fetch {SITE}" in done.output
+
+
+def test_a_board_that_never_shows_the_prompt_is_reported_with_what_to_check(emulator):
+    board = emulator.add_board()  # powered off: nothing answers on its port
+    with BoardSession(board.tty_path) as session:
+        with pytest.raises(BoardError) as failed:
+            session.stop_app(timeout=2.0)
+    message = str(failed.value)
+    assert "did not reach the MicroPython prompt within 2 s" in message
+    assert "--image" in message and "printed nothing" in message
