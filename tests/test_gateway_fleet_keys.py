@@ -1,8 +1,10 @@
-"""Gateways learn device keys from the fleet, end to end: the fleet service, a gateway process
-with fleet_url, emulated boards flashed with the identity the fleet issued, and a private
-Mosquitto. Everything is set up through the API, as an admin and a technician would."""
+"""Gateways learn device keys from the fleet, end to end: the fleet service (with its MQTT
+ingest), a gateway process with fleet_url, emulated boards flashed with the identity the fleet
+issued or with only their site's claim key, and a private Mosquitto. Everything is set up
+through the API, as an admin and a technician would."""
 
 import functools
+import json
 import secrets
 import threading
 import time
@@ -19,7 +21,7 @@ from kinhbac import wire
 from kinhbac.broker import LocalBroker
 from kinhbac.emulator import launcher
 from kinhbac.emulator.devices import BME280, AnalogSource, PulseSource
-from kinhbac.firmware import config_file, firmware_files
+from kinhbac.firmware import config_file, firmware_files, firmware_version
 from kinhbac.fleet import cli as fleet_cli
 from kinhbac.fleet import security
 from kinhbac.fleet.app import create_app
@@ -27,6 +29,7 @@ from kinhbac.fleet.settings import load_settings as load_fleet_settings
 from kinhbac.gateway.config import ConfigError, load_settings
 
 REFRESH_S = 1.0
+CLAIM_RETRY_MS = 500
 MARGIN_S = 2.0  # a request, a node's next frame, a loaded CI machine
 SITE = "testsite"
 ADMIN = ("admin@example.org", "admin password 1")
@@ -51,11 +54,13 @@ class Fleet:
     """The fleet service over HTTP on a free port (uvicorn on a thread: the app's imports are
     paid once per test run), SQLite in `workdir`, a real service key."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, broker_port: int) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.config = workdir / "fleet.toml"
         self.config.write_text(f'env = "production"\nsecret_key = "{secrets.token_urlsafe(32)}"\n'
-                               f'database_url = "sqlite:///{workdir / "fleet.sqlite3"}"\n')
+                               f'database_url = "sqlite:///{workdir / "fleet.sqlite3"}"\n'
+                               f'ingest_enabled = true\nmqtt_port = {broker_port}\n'
+                               'ingest_batch_interval_s = 0.05\n')
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.http = httpx.Client(base_url=self.url, timeout=10)
@@ -100,12 +105,12 @@ def firmware() -> dict[str, bytes]:
 
 
 @pytest.fixture
-def fleet(tmp_path, monkeypatch):
+def fleet(tmp_path, monkeypatch, broker):
     # Argon2id at its cheapest, as in tests/fleet: the same code path and hash format, without
     # the deliberate slowness (each user and each login hashes once).
     monkeypatch.setattr(security, "_hasher",
                         PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
-    f = Fleet(tmp_path / "fleet")
+    f = Fleet(tmp_path / "fleet", broker.port)
     f.create_admin(*ADMIN)
     f.start()
     yield f
@@ -150,14 +155,43 @@ class Site:
                                  json={"mac": board.mac.hex(":"), "site_id": self.site_id})
         secret = bytes.fromhex(device["secret"])
         key = wire.Key(bytes.fromhex(device["wire_id"]), device["key_id"], secret)
-        node = launcher.Node(board, key, secret, BME280(0x76), AnalogSource(volts=1.0),
-                             PulseSource(launcher.PULSE_PIN))
-        board.attach_i2c(node.bme280)
-        board.attach_analog(launcher.LEVEL_PIN, node.level)
-        board.attach_pulses(launcher.PULSE_PIN, node.meter)
+        node = wired_node(board, key, secret)
         config = launcher.node_config(node, gateway_port, emulator, **NODE_SETTINGS)
         board.write_files(firmware() | config_file(config))
         return node, device["id"]
+
+    def claiming_board(self, emulator, gateway_port: int):
+        """A board set up offline: the site profile's WiFi, gateway and sensor kit, and its
+        claim key instead of an identity; off."""
+        profile = self.fleet.call("GET", f"/api/sites/{self.site_id}/profile", self.technician)
+        board = emulator.add_board()
+        wired_node(board, wire.Key(b"kb" + board.mac, 1, bytes(16)), bytes(16))
+        config = {
+            "claim_key": profile["claim_key"],
+            "wifi": {"ssid": emulator.access_point.ssid,
+                     "password": emulator.access_point.password},
+            "gateway": {"host": "127.0.0.1", "port": gateway_port},
+            "sensors": profile["sensor_kit"],
+            "claim_retry_ms": CLAIM_RETRY_MS,
+            **NODE_SETTINGS,
+        }
+        board.write_files(firmware() | config_file(config))
+        return board, profile["claim_key"]
+
+    def device(self, wire_id: str) -> dict[str, Any]:
+        mac = ":".join(wire_id[i:i + 2] for i in range(4, 16, 2))
+        found = self.fleet.call("GET", "/api/devices", self.admin, params={"mac": mac})["items"]
+        return found[0] if found else {}
+
+
+def wired_node(board, key: wire.Key, secret: bytes) -> launcher.Node:
+    """The board with the launcher's sensor kit attached."""
+    node = launcher.Node(board, key, secret, BME280(0x76), AnalogSource(volts=1.0),
+                         PulseSource(launcher.PULSE_PIN))
+    board.attach_i2c(node.bme280)
+    board.attach_analog(launcher.LEVEL_PIN, node.level)
+    board.attach_pulses(launcher.PULSE_PIN, node.meter)
+    return node
 
 
 def wait_until(condition, timeout: float, what: str) -> float:
@@ -241,6 +275,127 @@ def test_the_gateway_keeps_its_keys_through_a_wrong_token_a_fleet_outage_and_a_r
         assert f"device keys from the cache {cache}: 1" in gateway.log()
         flowing("readings after a restart without the fleet")
         assert gateway.metrics().get(REFUSED_UNKNOWN, 0) == 0
+    finally:
+        gateway.stop()
+
+
+def claims(gateway: GatewayProcess, outcome: str) -> float:
+    return gateway.metrics().get(f'kinhbac_gateway_claims_total{{outcome="{outcome}"}}', 0)
+
+
+def fleet_gateway(tmp_path, broker, fleet, site) -> GatewayProcess:
+    return GatewayProcess(tmp_path / "gw", key_file=None, broker_port=broker.port,
+                          fleet_url=fleet.url, fleet_token=site.gateway_token,
+                          key_refresh_s=REFRESH_S)
+
+
+def test_a_registered_device_shows_online_in_the_fleet_with_its_firmware_version(
+        tmp_path, fleet, emulator, broker, collector):
+    site = Site(fleet)
+    gateway = fleet_gateway(tmp_path, broker, fleet, site)
+    try:
+        node, device_id = site.register_node(emulator, gateway.port)
+        assert fleet.call("GET", f"/api/devices/{device_id}", site.technician)["online"] is False
+        gateway.start()
+        node.board.power_on()
+
+        def shown() -> dict[str, Any]:
+            return fleet.call("GET", f"/api/devices/{device_id}", site.technician)
+
+        wait_until(lambda: shown()["online"], 30, "the device online in the fleet")
+        device = shown()
+        assert device["firmware_version"] == firmware_version()
+        assert device["status"]["gateway"] == "gw1" and device["status"]["site"] == SITE
+        wait_until(lambda: fleet.call("GET", f"/api/devices/{device_id}/readings",
+                                      site.technician), 15, "its readings in the fleet")
+    finally:
+        gateway.stop()
+
+
+def test_a_board_with_only_the_claim_key_is_pending_until_approved_then_flows_as_itself(
+        tmp_path, fleet, emulator, broker, collector):
+    site = Site(fleet)
+    gateway = fleet_gateway(tmp_path, broker, fleet, site)
+    try:
+        board, claim_key = site.claiming_board(emulator, gateway.port)
+        wire_id = (b"kb" + board.mac).hex()
+        gateway.start()
+        board.power_on()
+
+        wait_until(lambda: site.device(wire_id).get("state") == "pending", 30,
+                   "the board pending in the fleet")
+        device = site.device(wire_id)
+        assert device["site_id"] == site.site_id and device["key_id"] == 0
+        wait_until(lambda: claims(gateway, "pending") >= 2, 10, "a claim asked again")
+        assert collector.count(wire_id) == 0  # nothing flows without an identity
+
+        fleet.call("POST", f"/api/devices/{device['id']}/approve", site.admin)
+        took = wait_until(lambda: collector.count(wire_id) >= 20, 30,
+                          "readings under the approved identity")
+        print(f"readings flowed {took:.2f} s after the approval")
+        assert claims(gateway, "identity_sent") >= 1
+        wait_until(lambda: site.device(wire_id)["online"], 15, "the device online in the fleet")
+        board.power_cut(restore=False)
+        saved = json.loads(board.read_file("/config.json"))
+        assert "claim_key" not in saved and "claim_nonce" not in saved
+        assert (saved["device_id"], saved["key_id"]) == (wire_id, 1)
+        listing = httpx.get(f"{fleet.url}/api/gateway/keys",
+                            headers={"Authorization": f"Bearer {site.gateway_token}"}).json()
+        [approved] = listing["claims"]
+        expected = wire.claim_secret(claim_key.encode(), bytes.fromhex(wire_id),
+                                     bytes.fromhex(approved["nonce"]))
+        assert saved["secret"] == expected.hex()  # derived on both ends, never sent
+    finally:
+        gateway.stop()
+
+
+def test_a_rejected_board_is_kept_out(tmp_path, fleet, emulator, broker, collector):
+    site = Site(fleet)
+    gateway = fleet_gateway(tmp_path, broker, fleet, site)
+    try:
+        board, _ = site.claiming_board(emulator, gateway.port)
+        wire_id = (b"kb" + board.mac).hex()
+        gateway.start()
+        board.power_on()
+        wait_until(lambda: site.device(wire_id).get("state") == "pending", 30,
+                   "the board pending in the fleet")
+
+        fleet.call("POST", f"/api/devices/{site.device(wire_id)['id']}/reject", site.admin)
+
+        wait_until(lambda: claims(gateway, "rejected") >= 1, REFRESH_S + 10 * MARGIN_S,
+                   "the claim answered as rejected")
+        assert "claim: CLAIM_REJECTED" in board.console.text()
+        time.sleep(2 * CLAIM_RETRY_MS / 1000)
+        assert collector.count(wire_id) == 0
+        assert claims(gateway, "identity_sent") == 0
+        assert site.device(wire_id)["state"] == "rejected"
+        board.power_cut(restore=False)
+        assert "claim_key" in json.loads(board.read_file("/config.json"))
+    finally:
+        gateway.stop()
+
+
+def test_settings_set_in_the_fleet_reach_the_node_on_its_next_connection(
+        tmp_path, fleet, emulator, broker, collector):
+    site = Site(fleet)
+    gateway = fleet_gateway(tmp_path, broker, fleet, site)
+    try:
+        node, device_id = site.register_node(emulator, gateway.port)
+        gateway.start()
+        node.board.power_on()
+        collector.wait_for(lambda: collector.count(node.device) >= 5, timeout=30,
+                           what="readings at first")
+
+        fleet.call("PUT", f"/api/devices/{device_id}/config", site.technician,
+                   json={"settings": {"interval_ms": 250, "batch_max": 7}})
+        time.sleep(REFRESH_S + MARGIN_S)  # the gateway's next fetch
+        node.board.press_reset()  # its next connection
+
+        node.board.console.wait_for("CONFIG applied: ", timeout=30)
+        assert f"sent CONFIG to {node.device}" in gateway.log()
+        node.board.power_cut(restore=False)
+        saved = json.loads(node.board.read_file("/config.json"))
+        assert (saved["interval_ms"], saved["batch_max"]) == (250, 7)
     finally:
         gateway.stop()
 

@@ -249,6 +249,27 @@ def _console_window(ms):
         time.sleep_ms(ms)
 
 
+def _claim(cfg, state):
+    from node.claim import Claimer  # only a board set up offline needs it
+
+    try:
+        wdt = machine.WDT(timeout=cfg["watchdog_ms"])
+        asyncio.run(Claimer(cfg, state, VERSION, wdt).run())
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        _reboot_after(state, e)
+
+
+def _reboot_after(state, e):
+    """Record why this boot failed (safe mode reports it after too many), then reboot."""
+    sys.print_exception(e)
+    state.last_error = "%s: %s" % (type(e).__name__, e)
+    state.save()
+    time.sleep_ms(100)
+    machine.reset()
+
+
 def main():
     state = State()
     resumed = rtc_load()
@@ -266,6 +287,9 @@ def main():
                 state.bad_boots - 1, state.last_error or "none recorded"))
             return
         _console_window(cfg["console_window_ms"])
+        if config.claiming(cfg):
+            _claim(cfg, state)
+            return
         boot, clock = state.boot, Clock()
     else:
         boot, seq, counter, ms, offset = resumed
@@ -288,8 +312,4 @@ def main():
     except KeyboardInterrupt:
         raise
     except Exception as e:
-        sys.print_exception(e)
-        state.last_error = "%s: %s" % (type(e).__name__, e)
-        state.save()
-        time.sleep_ms(100)
-        machine.reset()
+        _reboot_after(state, e)

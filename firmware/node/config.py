@@ -24,6 +24,7 @@ DEFAULTS = {
     "console_window_ms": 3000,  # after boot, Ctrl-C within this window keeps the WDT off
     "deep_sleep_ms": 0,  # > 0: battery mode, read-send-sleep cycles of this length
     "log_level": 2,
+    "claim_retry_ms": 30000,  # a claiming board asks its gateway again this often
     "i2c": {"id": 0, "scl": 22, "sda": 21},  # the ESP32 DevKit's usual I2C pins
     "sensors": [],
 }
@@ -59,6 +60,7 @@ _POSITIVE = (
     ("console_window_ms", 0, 60000),
     ("deep_sleep_ms", 0, 86400000),
     ("log_level", 0, 3),
+    ("claim_retry_ms", 100, 3600000),
 )
 
 
@@ -66,11 +68,15 @@ def _fail(msg):
     raise ValueError("config: " + msg)
 
 
-def validate(cfg):
-    """Raise ValueError naming the first bad field."""
-    for name in ("device_id", "key_id", "secret", "wifi", "gateway"):
+def claiming(cfg):
+    """True for a board set up offline: it has its site's claim key, not yet an identity."""
+    return "secret" not in cfg and "claim_key" in cfg
+
+
+def _validate_identity(cfg):
+    for name in ("device_id", "key_id", "secret"):
         if name not in cfg:
-            _fail("missing " + name)
+            _fail("missing " + name + " (or a claim_key, to claim an identity)")
     if not isinstance(cfg["device_id"], str) or len(cfg["device_id"]) != 16:
         _fail("device_id must be 16 hex digits")
     if not isinstance(cfg["secret"], str) or len(cfg["secret"]) < 32:
@@ -79,8 +85,32 @@ def validate(cfg):
         bytes.fromhex(cfg["device_id"] + cfg["secret"])
     except ValueError:
         _fail("device_id and secret must be hex")
-    if not isinstance(cfg["key_id"], int) or not 0 <= cfg["key_id"] <= 0xFFFF:
-        _fail("key_id must be 0..65535")
+    if not isinstance(cfg["key_id"], int) or not 0 <= cfg["key_id"] < 0xFFFF:
+        _fail("key_id must be 0..65534 (65535 is the claim key's)")
+
+
+def _validate_claim(cfg):
+    if not isinstance(cfg["claim_key"], str) or len(cfg["claim_key"]) < 16:
+        _fail("claim_key must be the site profile's claim key")
+    nonce = cfg.get("claim_nonce")
+    if nonce is not None:
+        try:
+            ok = isinstance(nonce, str) and len(bytes.fromhex(nonce)) == 16
+        except ValueError:
+            ok = False
+        if not ok:
+            _fail("claim_nonce must be 32 hex digits")
+
+
+def validate(cfg):
+    """Raise ValueError naming the first bad field."""
+    for name in ("wifi", "gateway"):
+        if name not in cfg:
+            _fail("missing " + name)
+    if claiming(cfg):
+        _validate_claim(cfg)
+    else:
+        _validate_identity(cfg)
     wifi = cfg["wifi"]
     if not isinstance(wifi, dict) or not isinstance(wifi.get("ssid"), str):
         _fail("wifi needs an ssid")

@@ -36,6 +36,33 @@ def wire_reset_cause(machine):
     return wire.RESET_UNKNOWN
 
 
+async def wifi_up(wlan, wifi):
+    """Join the site's WiFi (or stay on it); False after WIFI_TIMEOUT_MS without it."""
+    if wlan.isconnected():
+        return True
+    wlan.active(True)
+    if wlan.status() != network.STAT_CONNECTING:
+        wlan.connect(wifi["ssid"], wifi.get("password", ""))
+    start = time.ticks_ms()
+    while not wlan.isconnected():
+        if time.ticks_diff(time.ticks_ms(), start) > WIFI_TIMEOUT_MS:
+            wlan.disconnect()
+            return False
+        await asyncio.sleep_ms(20)
+    log.info("wifi up: %s", wlan.ifconfig()[0])
+    return True
+
+
+async def read_frame(reader, buf, lookup, guard):
+    """The next whole frame from the gateway, verified (FrameError if refused)."""
+    header = await reader.readexactly(wire.HEADER_SIZE)
+    length = wire.frame_length(header)
+    rest = await reader.readexactly(length - wire.HEADER_SIZE)
+    buf[:wire.HEADER_SIZE] = header
+    buf[wire.HEADER_SIZE:length] = rest
+    return wire.decode(memoryview(buf)[:length], lookup, guard, True)
+
+
 class SessionEnded(Exception):
     pass
 
@@ -70,20 +97,7 @@ class Link:
     # ----- WiFi and reconnecting -----
 
     async def _wifi(self):
-        if self.wlan.isconnected():
-            return True
-        wifi = self.node.cfg["wifi"]
-        self.wlan.active(True)
-        if self.wlan.status() != network.STAT_CONNECTING:
-            self.wlan.connect(wifi["ssid"], wifi.get("password", ""))
-        start = time.ticks_ms()
-        while not self.wlan.isconnected():
-            if time.ticks_diff(time.ticks_ms(), start) > WIFI_TIMEOUT_MS:
-                self.wlan.disconnect()
-                return False
-            await asyncio.sleep_ms(20)
-        log.info("wifi up: %s", self.wlan.ifconfig()[0])
-        return True
+        return await wifi_up(self.wlan, self.node.cfg["wifi"])
 
     def _backoff_ms(self, failures):
         cfg = self.node.cfg
@@ -155,13 +169,7 @@ class Link:
         )
 
     async def _read_frame(self, reader):
-        header = await reader.readexactly(wire.HEADER_SIZE)
-        length = wire.frame_length(header)
-        rest = await reader.readexactly(length - wire.HEADER_SIZE)
-        frame = self._frame
-        frame[:wire.HEADER_SIZE] = header
-        frame[wire.HEADER_SIZE:length] = rest
-        return wire.decode(memoryview(frame)[:length], self.lookup, self.guard, True)
+        return await read_frame(reader, self._frame, self.lookup, self.guard)
 
     async def _expect_ack(self, reader):
         """The gateway answers HELLO with an ACK carrying its clock (or an ERROR)."""

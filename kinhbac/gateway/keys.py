@@ -1,5 +1,9 @@
 """Where the gateway learns device secrets. One small interface (KeyStore), two sources: a local
-key file (the offline option), or the fleet service, fetched on an interval and cached on disk."""
+key file (the offline option), or the fleet service, fetched on an interval and cached on disk.
+
+The fleet also supplies what only it can: the site's claim key (to verify CLAIM frames of
+boards set up offline), the claims an admin approved, and CONFIG settings for nodes; claims
+are reported to it as they come (docs/protocol.md, "Claiming an identity")."""
 
 import asyncio
 import contextlib
@@ -12,7 +16,9 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,6 +27,9 @@ from kinhbac import wire
 log = logging.getLogger(__name__)
 
 FLEET_KEYS_PATH = "/api/gateway/keys"
+FLEET_CLAIMS_PATH = "/api/gateway/claims"
+CLAIM_PREFIX = b"kb"  # a claiming node's device id is "kb" and its MAC
+MAX_CLAIMS_KEPT = 10_000  # answers remembered per (device, nonce); a site has far fewer boards
 MAX_ANSWER_BYTES = 32 * 1024 * 1024  # ~250,000 devices: far beyond a site, short of an OOM
 MAX_TIMEOUT_S = 10.0  # a fetch never takes longer, so a hung fleet cannot stall the schedule
 JITTER = 0.1  # fetch up to 10 % early: a city's gateways restarted together spread out
@@ -28,19 +37,42 @@ JITTER = 0.1  # fetch up to 10 % early: a city's gateways restarted together spr
 
 class KeyStore(Protocol):
     def lookup(self, device_id: bytes, key_id: int) -> wire.Key | int | None:
-        """The device's key; None for an unknown device, wire.UNKNOWN_KEY for an unknown key id."""
+        """The device's key; None for an unknown device, wire.UNKNOWN_KEY for an unknown key id.
+        Under wire.CLAIM_KEY_ID: the site's claim key, for any claiming device id."""
 
     def refresh(self) -> None:
         """Pick up changes (called periodically)."""
+
+    def identity_for(self, device_id: bytes, nonce: bytes) -> wire.Key | None:
+        """The device's own key if an admin approved exactly this claim, else None."""
+
+    def report_claim(self, device: str, nonce: bytes, fw_version: str) -> str:
+        """Pass a verified claim on to whoever decides; its standing as last heard:
+        "pending", "rejected" or "refused"."""
+
+    def node_config(self, device: str) -> dict[str, Any] | None:
+        """CONFIG settings the fleet holds for the node, if any."""
 
 
 class KeyFileError(Exception):
     pass
 
 
-def parse_keys(doc: Any) -> tuple[dict[bytes, wire.Key], list[dict[str, Any]]]:
-    """The keys of a listing {"devices": [{"device_id", "key_id", "secret"}]} (hex), and its rows
-    in a canonical form. ValueError, KeyError or TypeError (or wire.FrameError) if malformed."""
+@dataclass
+class Listing:
+    """A key listing, parsed: what the gateway looks frames up in."""
+
+    keys: dict[bytes, wire.Key]
+    doc: dict[str, Any]  # the listing in a canonical form: what the cache file holds
+    claim_key: bytes | None = None
+    claims: dict[bytes, tuple[bytes, int]] = field(default_factory=dict)  # -> (nonce, key id)
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # device hex -> settings
+
+
+def parse_keys(doc: Any) -> Listing:
+    """A listing {"devices": [{"device_id", "key_id", "secret"}]} (hex), with the fleet's
+    optional "claim_key", "claims" and "configs". ValueError, KeyError or TypeError (or
+    wire.FrameError) if malformed."""
     keys: dict[bytes, wire.Key] = {}
     rows: dict[bytes, dict[str, Any]] = {}
     for row in doc["devices"]:
@@ -49,45 +81,88 @@ def parse_keys(doc: Any) -> tuple[dict[bytes, wire.Key], list[dict[str, Any]]]:
         key_id = int(row["key_id"])
         keys[device_id] = wire.Key(device_id, key_id, secret)
         rows[device_id] = {"device_id": device_id.hex(), "key_id": key_id, "secret": secret.hex()}
-    return keys, [rows[d] for d in sorted(rows)]
+    claim_key = doc.get("claim_key")
+    if claim_key is not None and (not isinstance(claim_key, str) or len(claim_key) < 16):
+        raise ValueError("claim_key must be a string of 16 characters or more")
+    claims = {}
+    for row in doc.get("claims", []):
+        nonce = bytes.fromhex(row["nonce"])
+        if len(nonce) != wire.CLAIM_NONCE_SIZE:
+            raise ValueError(f"claim nonce of {row['device_id']} is not 16 bytes")
+        claims[bytes.fromhex(row["device_id"])] = (nonce, int(row["key_id"]))
+    configs = {}
+    for row in doc.get("configs", []):
+        if not isinstance(row["settings"], dict):
+            raise TypeError(f"settings of {row['device_id']} are not an object")
+        configs[bytes.fromhex(row["device_id"]).hex()] = row["settings"]
+    canonical = {
+        "devices": [rows[d] for d in sorted(rows)],
+        "claim_key": claim_key,
+        "claims": [{"device_id": d.hex(), "nonce": n.hex(), "key_id": k}
+                   for d, (n, k) in sorted(claims.items())],
+        "configs": [{"device_id": d, "settings": configs[d]} for d in sorted(configs)],
+    }
+    return Listing(keys, canonical, claim_key.encode() if claim_key else None, claims, configs)
 
 
 class _KeyTable:
-    """The lookup both stores share: one key per device."""
+    """The lookup both stores share: one key per device, and the site's claim key if any."""
 
-    _keys: dict[bytes, wire.Key]
+    _listing: Listing
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._listing.keys)
 
     def lookup(self, device_id: bytes, key_id: int) -> wire.Key | int | None:
-        key = self._keys.get(device_id)
+        if key_id == wire.CLAIM_KEY_ID:
+            claim_key = self._listing.claim_key
+            if claim_key is None or not device_id.startswith(CLAIM_PREFIX):
+                return None if device_id not in self._listing.keys else wire.UNKNOWN_KEY
+            return wire.Key(device_id, wire.CLAIM_KEY_ID, claim_key)
+        key = self._listing.keys.get(device_id)
         if key is None:
             return None
         return key if key.key_id == key_id else wire.UNKNOWN_KEY
 
+    def identity_for(self, device_id: bytes, nonce: bytes) -> wire.Key | None:
+        approved = self._listing.claims.get(device_id)
+        key = self._listing.keys.get(device_id)
+        if approved is None or key is None or approved != (nonce, key.key_id):
+            return None
+        return key
+
+    def report_claim(self, device: str, nonce: bytes, fw_version: str) -> str:
+        return "pending"  # no one to report to: the claim waits
+
+    def node_config(self, device: str) -> dict[str, Any] | None:
+        return self._listing.configs.get(device)
+
+
+_EMPTY = Listing({}, {"devices": []})
+
 
 class FileKeyStore(_KeyTable):
-    """Keys from a JSON file: {"devices": [{"device_id", "key_id", "secret"}]}, hex encoded.
+    """Keys from a JSON file: {"devices": [{"device_id", "key_id", "secret"}]}, hex encoded
+    (the fleet's optional fields are taken too: its cache file has this format).
 
     The file is read again when it changes; a broken file keeps the keys already loaded.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._keys = {}
+        self._listing = _EMPTY
         self._mtime: float | None = None
         self._load()
 
     def _load(self) -> None:
         try:
             stat = self.path.stat()
-            keys, _rows = parse_keys(json.loads(self.path.read_text()))
+            listing = parse_keys(json.loads(self.path.read_text()))
         except FileNotFoundError as exc:
             raise KeyFileError(f"key file {self.path} does not exist") from exc
         except (ValueError, KeyError, TypeError, wire.FrameError) as exc:
             raise KeyFileError(f"key file {self.path} is not valid: {exc}") from exc
-        self._keys = keys
+        self._listing = listing
         self._mtime = stat.st_mtime
 
     def refresh(self) -> None:
@@ -95,7 +170,7 @@ class FileKeyStore(_KeyTable):
             if self.path.stat().st_mtime == self._mtime:
                 return
             self._load()
-            log.info("reloaded %d device keys from %s", len(self._keys), self.path)
+            log.info("reloaded %d device keys from %s", len(self), self.path)
         except (OSError, KeyFileError) as exc:
             log.error("keeping the keys already loaded: %s", exc)
 
@@ -146,8 +221,11 @@ class FleetKeyStore(_KeyTable):
         if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "::1", "localhost"):
             log.warning("fleet_url is plain http: the gateway token and the device secrets "
                         "cross the network unencrypted")
-        self._keys = {}
-        self._cached_rows: list[dict[str, Any]] | None = None
+        self.claims_url = url.rstrip("/") + FLEET_CLAIMS_PATH
+        self._listing = _EMPTY
+        self._cached_doc: dict[str, Any] | None = None
+        # (device hex, nonce) -> [standing as last heard, monotonic time last reported]
+        self._claims: dict[tuple[str, bytes], list[Any]] = {}
         self._failing: str | None = None  # the failure last logged, while failures go on
         self._failures = 0
         self._fetched = False
@@ -156,14 +234,15 @@ class FleetKeyStore(_KeyTable):
 
     def _load_cache(self) -> None:
         try:
-            self._keys, self._cached_rows = parse_keys(json.loads(self.cache_file.read_text()))
+            self._listing = parse_keys(json.loads(self.cache_file.read_text()))
+            self._cached_doc = self._listing.doc
         except FileNotFoundError:
             log.info("no cached device keys yet (%s): waiting for the fleet", self.cache_file)
         except (OSError, ValueError, KeyError, TypeError, wire.FrameError) as exc:
             log.error("cached device keys %s unusable, waiting for the fleet: %s",
                       self.cache_file, exc)
         else:
-            log.info("device keys from the cache %s: %d", self.cache_file, len(self._keys))
+            log.info("device keys from the cache %s: %d", self.cache_file, len(self))
 
     def refresh(self) -> None:
         """Nothing: run() refreshes on its own schedule."""
@@ -178,17 +257,17 @@ class FleetKeyStore(_KeyTable):
     async def update(self) -> bool:
         """One fetch off the event loop; applies the answer if good. True if it was."""
         try:
-            keys, rows = await _in_thread(self._fetch_and_cache)
+            listing = await _in_thread(self._fetch_and_cache)
         except FetchError as exc:
             self._failed(exc)
             return False
-        self._apply(keys, rows)
+        self._apply(listing)
         return True
 
-    def fetch(self) -> tuple[dict[bytes, wire.Key], list[dict[str, Any]]]:
-        """GET the listing (blocking); FetchError says what went wrong."""
-        request = urllib.request.Request(self.url, headers={
-            "Authorization": f"Bearer {self._token}", "Accept": "application/json"})
+    def _request(self, request: urllib.request.Request) -> bytes:
+        """Send a request with the gateway's token (blocking); FetchError says what went wrong."""
+        request.add_header("Authorization", f"Bearer {self._token}")
+        request.add_header("Accept", "application/json")
         try:
             with self._opener.open(request, timeout=self.timeout_s) as answer:
                 body = answer.read(MAX_ANSWER_BYTES + 1)
@@ -203,25 +282,30 @@ class FleetKeyStore(_KeyTable):
             raise FetchError("unreachable", f"the fleet is unreachable: {reason}") from None
         if len(body) > MAX_ANSWER_BYTES:
             raise FetchError("invalid", f"the fleet's answer is over {MAX_ANSWER_BYTES} bytes")
+        return body
+
+    def fetch(self) -> Listing:
+        """GET the listing (blocking); FetchError says what went wrong."""
+        body = self._request(urllib.request.Request(self.url))
         try:
             return parse_keys(json.loads(body))
         except (ValueError, KeyError, TypeError, wire.FrameError) as exc:
             raise FetchError("invalid", f"the fleet's answer is not a key listing: "
                              f"{exc!r}") from None
 
-    def _fetch_and_cache(self) -> tuple[dict[bytes, wire.Key], list[dict[str, Any]]]:
-        keys, rows = self.fetch()
-        if rows != self._cached_rows:  # an SD card: write only what changed
+    def _fetch_and_cache(self) -> Listing:
+        listing = self.fetch()
+        if listing.doc != self._cached_doc:  # an SD card: write only what changed
             try:
-                _write_atomically(self.cache_file, json.dumps({"devices": rows}, indent=1))
+                _write_atomically(self.cache_file, json.dumps(listing.doc, indent=1))
             except OSError as exc:
                 if not self._cache_error_logged:
                     log.error("cannot cache the device keys in %s: %s", self.cache_file, exc)
                     self._cache_error_logged = True
             else:
-                self._cached_rows = rows
+                self._cached_doc = listing.doc
                 self._cache_error_logged = False
-        return keys, rows
+        return listing
 
     def _failed(self, exc: FetchError) -> None:
         self._failures += 1
@@ -229,16 +313,16 @@ class FleetKeyStore(_KeyTable):
             self.on_failure(exc.kind)
         if str(exc) != self._failing:  # once per streak, and again if the problem changes
             log.error("device keys from %s: %s; keeping the %d already known, retrying every "
-                      "%g s", self.url, exc, len(self._keys), self.refresh_s)
+                      "%g s", self.url, exc, len(self), self.refresh_s)
             self._failing = str(exc)
 
-    def _apply(self, keys: dict[bytes, wire.Key], rows: list[dict[str, Any]]) -> None:
+    def _apply(self, listing: Listing) -> None:
         if self._failing is not None:
             log.info("device keys from the fleet again, after %d failed fetches",
                      self._failures)
         self._failing, self._failures = None, 0
-        old = self._keys
-        self._keys = keys
+        old, keys = self._listing.keys, listing.keys
+        self._listing = listing
         added = [d for d in keys if d not in old]
         gone = [d for d in old if d not in keys]
         rekeyed = [d for d in keys if d in old and old[d].key_id != keys[d].key_id]
@@ -246,6 +330,46 @@ class FleetKeyStore(_KeyTable):
             log.info("device keys from the fleet: %d; added %s, withdrawn %s, re-keyed %s",
                      len(keys), _ids(added), _ids(gone), _ids(rekeyed))
         self._fetched = True
+
+    # ----- claims -----
+
+    def report_claim(self, device: str, nonce: bytes, fw_version: str) -> str:
+        """The claim's standing as last heard from the fleet ("pending" until heard); the claim
+        is reported again at most once per refresh interval, off the event loop. An answer
+        "approved" fetches the keys at once, so the node's next claim gets its identity."""
+        entry = self._claims.get((device, nonce))
+        now = time.monotonic()
+        if entry is None:
+            if len(self._claims) >= MAX_CLAIMS_KEPT:
+                self._claims.clear()  # forgetting only costs a report more
+            entry = self._claims[(device, nonce)] = ["pending", -self.refresh_s]
+        if now - entry[1] >= self.refresh_s:
+            entry[1] = now
+            asyncio.get_running_loop().create_task(
+                self._report(device, nonce, fw_version, entry))
+        return entry[0]
+
+    async def _report(self, device: str, nonce: bytes, fw_version: str, entry: list[Any]) -> None:
+        body = json.dumps({"device_id": device, "nonce": nonce.hex(),
+                           "fw_version": fw_version[:64] or None}).encode()
+        request = urllib.request.Request(self.claims_url, data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            answer = json.loads(await _in_thread(lambda: self._request(request)))
+            state = answer["state"]
+        except FetchError as exc:
+            entry[1] = -self.refresh_s  # report it again with the node's next claim
+            self._failed(exc)
+            return
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("the fleet's answer to a claim of %s is not understood: %r", device, exc)
+            return
+        if state != entry[0]:
+            log.info("claim of %s (nonce %s...): %s, %s", device, nonce.hex()[:8], state,
+                     answer.get("detail", ""))
+        entry[0] = state
+        if state == "approved" and self.identity_for(bytes.fromhex(device), nonce) is None:
+            await self.update()
 
 
 def _ids(device_ids: list[bytes], most: int = 5) -> str:

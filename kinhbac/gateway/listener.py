@@ -207,6 +207,10 @@ class Listener:
             return self._hello(device, key, msg, replay)  # type: ignore[arg-type]
         if msg.type == wire.READINGS:
             return asyncio.ensure_future(self._readings(device, key, msg, replay))  # type: ignore
+        if msg.type == wire.CLAIM:
+            # Its replay window is not saved: it would replace the window of the device's own
+            # key in the queue's one row per device, and a forged claim could then reopen it.
+            return self._claim(device, key, msg)  # type: ignore[arg-type]
         if msg.type == wire.ERROR_UP:
             log.warning("node %s refused our frame %d: %s %s", device, msg.ref,  # type: ignore
                         wire.reason_name(msg.reason), msg.detail)  # type: ignore[attr-defined]
@@ -239,17 +243,38 @@ class Listener:
             log.info("sent CONFIG to %s: %s", device, text)
         return answers
 
+    def _claim(self, device: str, claim_key: wire.Key, msg: wire.ClaimMessage) -> list[bytes]:
+        """A board holding only its site's claim key: its identity once an admin approved this
+        very claim, else where the claim stands (the node asks again later)."""
+        counter = wire.downlink_counter(msg.counter, 0)
+        identity = self.keys.identity_for(msg.device_id, msg.nonce)
+        if identity is not None:
+            self.metrics.claims.labels("identity_sent").inc()
+            log.info("claim of %s approved: sent its identity (key id %d)", device,
+                     identity.key_id)
+            return [wire.encode_identity(identity, msg.boot, counter)]
+        state = self.keys.report_claim(device, msg.nonce, msg.fw_version)
+        self.metrics.claims.labels(state).inc()
+        if state in ("rejected", "refused"):
+            return [wire.encode_error(claim_key, msg.boot, counter, wire.CLAIM_REJECTED,
+                                      msg.counter, f"claim {state}")]
+        return [wire.encode_error(claim_key, msg.boot, counter, wire.CLAIM_PENDING, msg.counter,
+                                  "awaiting approval")]
+
     def _pending_config(self, device: str) -> dict[str, Any] | None:
-        """The node's CONFIG file, if it changed since it was last delivered."""
-        if self.node_config_dir is None:
-            return None
-        path = self.node_config_dir / f"{device}.json"
-        try:
-            settings = json.loads(path.read_text())
-        except FileNotFoundError:
-            return None
-        except ValueError as exc:
-            log.error("%s is not valid JSON, not sent: %s", path, exc)
+        """The node's CONFIG (from the fleet, else its file), if it changed since it was last
+        delivered."""
+        settings = self.keys.node_config(device)
+        if settings is None and self.node_config_dir is not None:
+            path = self.node_config_dir / f"{device}.json"
+            try:
+                settings = json.loads(path.read_text())
+            except FileNotFoundError:
+                return None
+            except ValueError as exc:
+                log.error("%s is not valid JSON, not sent: %s", path, exc)
+                return None
+        if settings is None:
             return None
         if json.dumps(settings, sort_keys=True) == self.config_sent.get(device):
             return None

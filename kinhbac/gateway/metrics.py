@@ -21,6 +21,9 @@ class Metrics:
                                         "policy", ["reason"], registry=r)
         self.frames_refused = Counter(_P + "frames_refused", "Frames refused, by reason",
                                       ["reason"], registry=r)
+        self.claims = Counter(_P + "claims", "CLAIM frames of boards holding only the site's "
+                              "claim key, by outcome (pending, rejected, refused, "
+                              "identity_sent)", ["outcome"], registry=r)
         self.queue_depth = Gauge(_P + "queue_depth", "Readings waiting for the broker",
                                  registry=r)
         self.oldest_age = Gauge(_P + "queue_oldest_age_seconds", "Age of the oldest queued "
