@@ -20,7 +20,11 @@ from kinhbac.transport.serial_link import DEFAULT_BAUD, open_serial
 # was just reset gets there within a few seconds; one that must boot MicroPython afresh
 # (first boot formats its filesystem) takes longer.
 PROMPT_TIMEOUT_S = 20.0
-INTERRUPT_EVERY_S = 0.1
+# Ctrl-C every quarter second: often enough to catch the console window, seldom enough that
+# two never land on one boot's hand-over from the app to the REPL (which would end it).
+INTERRUPT_EVERY_S = 0.25
+QUIET_S = 0.3  # after the prompt, this long without a reset banner: the board has settled
+RESTARTED = (b"rst:", b"soft reboot")  # what a board prints when it starts again
 FRIENDLY_PROMPT = b">>> "
 # Code run on the board: the SHA-256 of one file, read in small pieces for a small heap.
 _SHA256_ON_BOARD = """\
@@ -65,17 +69,28 @@ class BoardSession:
         del self._seen[:-4096]
         return data
 
-    def stop_app(self, timeout: float = PROMPT_TIMEOUT_S) -> None:
+    def stop_app(self, timeout: float = PROMPT_TIMEOUT_S, *, just_reset: bool = True) -> None:
         """Interrupt whatever runs (a booting node's app above all) and enter the raw REPL.
 
-        Ctrl-C is sent every 100 ms until the friendly prompt shows: a board that is still
-        in its ROM or booting MicroPython would drop a single one.
+        Ctrl-C is sent until the friendly prompt shows and the board stays quiet: a board still
+        in its ROM, or booting MicroPython, drops a single one. A node interrupted after its
+        console window has armed its watchdog, which cannot be stopped and would reset the
+        board in the middle of the copy, so a board that was not `just_reset` is reset first
+        and caught in its window.
         """
+        self._interrupt_to_prompt(timeout)
+        if not just_reset:
+            self._enter_raw_repl()
+            self.reset()
+            self._interrupt_to_prompt(timeout)
+        self._enter_raw_repl()
+
+    def _interrupt_to_prompt(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         self.link.reset_input_buffer()
         self.link.write(b"\r\x02")  # leave a raw REPL left open by an earlier session
         output = bytearray()
-        while FRIENDLY_PROMPT not in output:
+        while True:
             if time.monotonic() > deadline:
                 tail = bytes(self._seen[-400:]).decode(errors="replace").strip()
                 raise BoardError(
@@ -85,9 +100,19 @@ class BoardSession:
                     + (f"It printed: {tail[-300:]!r}" if tail else "It printed nothing.")
                 )
             self.link.write(b"\r" + CTRL_C)
-            time.sleep(INTERRUPT_EVERY_S)
-            output += self._read_available()
+            sent = time.monotonic()
+            while time.monotonic() - sent < INTERRUPT_EVERY_S:
+                output += self._read_available()
+            if FRIENDLY_PROMPT in output[-64:]:
+                settled = bytearray()
+                quiet_until = time.monotonic() + QUIET_S
+                while time.monotonic() < quiet_until:
+                    settled += self._read_available()
+                if not any(banner in settled for banner in RESTARTED):
+                    return
             del output[:-64]
+
+    def _enter_raw_repl(self) -> None:
         try:
             self.repl.enter_raw_repl()
         except TransportError as exc:

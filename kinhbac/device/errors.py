@@ -14,7 +14,15 @@ class FleetError(DeviceToolError):
 
 
 class FleetUnreachable(FleetError):
-    """No answer from the fleet (wrong address, network down, the service not running)."""
+    """No answer from the fleet (wrong address, network down, the service not running).
+
+    `maybe_done`: the request may have reached the fleet and been carried out, its answer
+    lost (a timeout after sending); False when no connection was ever made.
+    """
+
+    def __init__(self, message: str, *, maybe_done: bool) -> None:
+        super().__init__(message)
+        self.maybe_done = maybe_done
 
 
 class FleetAuthError(FleetError):

@@ -6,7 +6,8 @@ MD5 does not match.
 """
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,17 +53,17 @@ def flash_size_bytes(text: str | None) -> int | None:
     return int(found.group(1)) * (1024 if found.group(2).upper() == "KB" else 1024 * 1024)
 
 
-def _progress_logger(base: type) -> type:
-    """esptool's custom-logger interface, reporting write progress to a callback.
+@contextmanager
+def _esptool_logger() -> Iterator[Any]:
+    """A logger for esptool's output during one flash: its progress goes to a callback, its
+    words are kept for an error message. esptool has one logger per process, so the one
+    installed before is put back afterwards."""
+    from esptool.logger import EspLog, TemplateLogger, log
 
-    esptool keeps one logger for the process; it is installed once and pointed at the
-    progress callback of the flash in hand.
-    """
-
-    class ProgressLogger(base):  # type: ignore[misc, valid-type]
+    class FlashLogger(TemplateLogger):
         def __init__(self) -> None:
             self.on_progress: Callable[[float], None] | None = None
-            self.lines: list[str] = []  # esptool's own words, for an error message
+            self.lines: list[str] = []
 
         def print(self, *args: object, **kwargs: object) -> None:
             text = " ".join(str(a) for a in args).strip()
@@ -89,20 +90,13 @@ def _progress_logger(base: type) -> type:
         def set_verbosity(self, verbosity: str) -> None:
             pass
 
-    return ProgressLogger
-
-
-_logger = None
-
-
-def _esptool_logger() -> Any:  # esptool's logger; esptool is imported only when flashing
-    global _logger
-    if _logger is None:
-        from esptool.logger import TemplateLogger, log
-
-        _logger = _progress_logger(TemplateLogger)()
-        log.set_logger(_logger)
-    return _logger
+    previous = EspLog.instance
+    logger = FlashLogger()
+    log.set_logger(logger)
+    try:
+        yield logger
+    finally:
+        EspLog.instance = previous
 
 
 def _explain(exc: Exception, port: str, stage: str) -> FlashError:
@@ -157,54 +151,52 @@ def flash_image(
     from esptool import cmds
     from esptool.util import FatalError
 
-    logger = _esptool_logger()
-    logger.lines = []
-    logger.on_progress = None
-    stage = "open"
-    try:
-        esp = cmds.detect_chip(port, ROM_BAUD, modes.before, connect_attempts=connect_attempts)
-    except FatalError as exc:
-        raise _explain(exc, port, "connect" if "could not open" not in str(exc).lower()
-                       else "open") from exc
-    except OSError as exc:
-        raise _explain(exc, port, "open") from exc
-    try:
-        stage = "reading the chip"
-        mac = bytes(esp.read_mac("BASE_MAC")).hex(":")
-        chip = esp.get_chip_description()
-        if use_stub:
-            stage = "starting esptool's stub"
-            esp = cmds.run_stub(esp)
-        if baud != ROM_BAUD:
-            stage = "changing the baud rate"
-            esp.change_baud(baud)
-        stage = "attaching the flash"
-        cmds.attach_flash(esp)
+    with _esptool_logger() as logger:
         try:
-            size = flash_size_bytes(cmds.detect_flash_size(esp))
-        except FatalError:
-            size = None  # secure download mode, or a flash id esptool does not know
-        info = ChipInfo(chip=chip, mac=mac, flash_size=size,
-                        image_offset=esp.BOOTLOADER_FLASH_OFFSET if offset is None else offset)
-        if size is not None and info.image_offset + len(image) > size:
-            raise FlashError(
-                f"the image ({len(image)} bytes at {info.image_offset:#x}) does not fit this "
-                f"board's {size // 1024} KiB flash: use an image built for it"
-            )
-        if on_connected is not None:
-            on_connected(info)
-        stage = "writing the image"
-        logger.on_progress = on_progress
-        cmds.write_flash(esp, [(info.image_offset, image)], flash_size="keep")
-        logger.on_progress = None
-        stage = "resetting the board"
-        cmds.reset_chip(esp, modes.after)
-        return info
-    except FatalError as exc:
-        raise _explain(exc, port, stage) from exc
-    except OSError as exc:  # the port vanished (USB unplugged)
-        raise FlashError(f"the serial port {port} failed while {stage}: {exc}; check the "
-                         "cable and flash again") from exc
-    finally:
-        logger.on_progress = None
-        esp._port.close()
+            esp = cmds.detect_chip(port, ROM_BAUD, modes.before,
+                                   connect_attempts=connect_attempts)
+        except FatalError as exc:
+            opening = "could not open" in str(exc).lower()
+            raise _explain(exc, port, "open" if opening else "connect") from exc
+        except OSError as exc:
+            raise _explain(exc, port, "open") from exc
+        stage = "reading the chip"
+        try:
+            mac = bytes(esp.read_mac("BASE_MAC")).hex(":")
+            chip = esp.get_chip_description()
+            if use_stub:
+                stage = "starting esptool's stub"
+                esp = cmds.run_stub(esp)
+            if baud != ROM_BAUD:
+                stage = "changing the baud rate"
+                esp.change_baud(baud)
+            stage = "attaching the flash"
+            cmds.attach_flash(esp)
+            try:
+                size = flash_size_bytes(cmds.detect_flash_size(esp))
+            except FatalError:
+                size = None  # secure download mode, or a flash id esptool does not know
+            info = ChipInfo(chip=chip, mac=mac, flash_size=size,
+                            image_offset=esp.BOOTLOADER_FLASH_OFFSET if offset is None
+                            else offset)
+            if size is not None and info.image_offset + len(image) > size:
+                raise FlashError(
+                    f"the image ({len(image)} bytes at {info.image_offset:#x}) does not fit "
+                    f"this board's {size // 1024} KiB flash: use an image built for it"
+                )
+            if on_connected is not None:
+                on_connected(info)
+            stage = "writing the image"
+            logger.on_progress = on_progress
+            cmds.write_flash(esp, [(info.image_offset, image)], flash_size="keep")
+            logger.on_progress = None
+            stage = "resetting the board"
+            cmds.reset_chip(esp, modes.after)
+            return info
+        except FatalError as exc:
+            raise _explain(exc, port, stage) from exc
+        except OSError as exc:  # the port vanished (USB unplugged)
+            raise FlashError(f"the serial port {port} failed while {stage}: {exc}; check the "
+                             "cable and flash again") from exc
+        finally:
+            esp._port.close()  # esptool's loader has no close() of its own

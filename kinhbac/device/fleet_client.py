@@ -99,16 +99,22 @@ class FleetClient:
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             answer = self._http.request(method, path, **kwargs)
-        except httpx.TimeoutException as exc:
-            raise FleetUnreachable(
-                f"the fleet at {self.url} did not answer within {self._http.timeout.read} s: "
-                "check the network, or flash with --offline and approve the device later"
-            ) from exc
-        except httpx.TransportError as exc:
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise FleetUnreachable(
                 f"cannot reach the fleet at {self.url} ({exc}): check the address "
                 f"(--fleet-url or {URL_ENV}) and the network, or flash with --offline and "
-                "approve the device later"
+                "approve the device later", maybe_done=False
+            ) from exc
+        except httpx.TimeoutException as exc:
+            raise FleetUnreachable(
+                f"the fleet at {self.url} did not answer within {self._http.timeout.read} s: "
+                "check the network, or flash with --offline and approve the device later",
+                maybe_done=True
+            ) from exc
+        except httpx.TransportError as exc:
+            raise FleetUnreachable(
+                f"the connection to the fleet at {self.url} failed ({exc}): check the "
+                "network and try again, or flash with --offline", maybe_done=True
             ) from exc
         if answer.is_success:
             return answer.json()

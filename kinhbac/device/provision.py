@@ -25,13 +25,20 @@ from typing import Any, Protocol
 
 from kinhbac.device import node_config
 from kinhbac.device.board_session import BoardSession
-from kinhbac.device.errors import BoardError, DeviceToolError, FleetConflict, FleetError
+from kinhbac.device.errors import (
+    BoardError,
+    DeviceToolError,
+    FleetConflict,
+    FleetError,
+    FleetUnreachable,
+)
 from kinhbac.device.esp_flash import AUTO_RESET, NO_RESET, ChipInfo, ResetModes, flash_image
 from kinhbac.device.fleet_client import FleetClient
 from kinhbac.device.site_profiles import SiteProfiles
 from kinhbac.firmware import CONFIG_PATH, firmware_files, firmware_version
 
 ONLINE_POLL_S = 1.0
+RECOVER_TIMEOUT_S = 10.0  # a board reset by the tool is back at its prompt within a few seconds
 SERIAL_TAIL_LINES = 8  # the board's last log lines, shown when it does not come online
 
 
@@ -94,6 +101,30 @@ class ManualReset:
                           "Then press Enter.")
 
 
+class EmulatedBoardBoot:
+    """An emulated board (kinhbac.emulator): its power switch plays BOOT and EN.
+
+    Download mode is a power-on with GPIO0 held low (`power_on(download=True)`); the firmware
+    runs after the power is cut and restored. `rom_faults` are the emulated ROM's faults
+    ("no_sync", "corrupt_write"), for tests.
+    """
+
+    modes = NO_RESET
+
+    def __init__(self, board: Any, rom_faults: frozenset[str] = frozenset()) -> None:
+        self.board = board
+        self.rom_faults = rom_faults
+
+    def enter_download_mode(self) -> None:
+        if self.board.running:
+            self.board.power_cut(restore=False)
+        self.board.power_on(download=True, rom_faults=self.rom_faults)
+
+    def run_firmware(self) -> None:
+        self.board.power_cut(restore=False)
+        self.board.power_on()
+
+
 @dataclass
 class FlashRequest:
     """What the technician asked for."""
@@ -108,6 +139,7 @@ class FlashRequest:
     reprovision: bool = False  # a board the fleet knows (active): give it a new key
     use_stub: bool = True
     flash_baud: int = 115200
+    connect_attempts: int = 3  # esptool's SYNC attempts before "not in download mode"
     wait_online_s: float = 120.0  # 0: do not wait
 
 
@@ -164,6 +196,7 @@ class Provisioner:
         self.reporter = reporter
         self._firmware = firmware
         self.existing: dict[str, Any] | None = None  # the fleet's record of this MAC, if any
+        self.recover_timeout_s = RECOVER_TIMEOUT_S
 
     # ----- steps
 
@@ -219,7 +252,8 @@ class Provisioner:
 
         info = flash_image(
             request.port, image, modes=self.boot.modes, baud=request.flash_baud,
-            use_stub=request.use_stub, on_connected=connected,
+            use_stub=request.use_stub, connect_attempts=request.connect_attempts,
+            on_connected=connected,
             on_progress=lambda fraction: bar and bar(int(fraction * len(image))),
         )
         if bar is not None:
@@ -228,13 +262,29 @@ class Provisioner:
         self.boot.run_firmware()
         return info
 
+    def _twice(self, session: BoardSession, what: str, write: Callable[[], None]) -> None:
+        """Run a write to the board; if the board stops answering (a restart, a glitch on the
+        cable), get it back to its REPL and write once more. Writes are atomic, so a second
+        one replaces whatever the first left."""
+        try:
+            write()
+        except BoardError as exc:
+            self.reporter.note(f"the board stopped answering while {what} ({exc}); resetting "
+                               "it and trying once more")
+            session.stop_app(self.recover_timeout_s, just_reset=False)
+            write()
+
     def copy_files(self, session: BoardSession, files: dict[str, bytes]) -> None:
-        # The old config goes first: a board stopped half-way then boots into safe mode
-        # ("provision the node first") rather than new firmware under an old identity.
-        session.remove(CONFIG_PATH)
         bar = self.reporter.progress("copying the firmware files",
                                      sum(len(d) for d in files.values()))
-        session.put_files(files, lambda done, _total: bar(done))
+
+        def copy() -> None:
+            # The old config goes first: a board stopped half-way then boots into safe mode
+            # ("provision the node first") rather than new firmware under an old identity.
+            session.remove(CONFIG_PATH)
+            session.put_files(files, lambda done, _total: bar(done))
+
+        self._twice(session, "copying the files", copy)
         self.reporter.step(f"{len(files)} firmware files written and checked (SHA-256)")
 
     def identity(self, mac: str, chip: ChipInfo | None, profile: dict[str, Any],
@@ -246,8 +296,13 @@ class Provisioner:
                   "chip": chip.chip[:64] if chip else None,
                   "flash_size": chip.flash_size if chip else None}
         if self.existing is None:
-            device = self.fleet.register_device(mac, tags=self.request.tags or None,
-                                                firmware_version=version, **fields)
+            try:
+                device = self.fleet.register_device(mac, tags=self.request.tags or None,
+                                                    firmware_version=version, **fields)
+            except FleetUnreachable as exc:
+                if not exc.maybe_done:
+                    raise  # it never reached the fleet: nothing registered
+                raise self._lost_registration(mac, exc) from exc
             self.reporter.step(f"registered in the fleet as {device['id']} "
                                f"(wire id {device['wire_id']})")
             return device
@@ -260,9 +315,25 @@ class Provisioner:
                            f"{device['key_id']} (the old key no longer works)")
         return device
 
-    def roll_back(self, device: dict[str, Any], cause: Exception) -> DeviceToolError:
+    def _lost_registration(self, mac: str, cause: FleetUnreachable) -> DeviceToolError:
+        """The registration's answer was lost: the fleet may have registered the board without
+        anyone holding its secret. Find that record and revoke it, or say how to."""
+        assert self.fleet is not None
+        try:
+            orphan = self.fleet.device_by_mac(mac)
+        except FleetError:
+            return DeviceToolError(
+                f"{cause}\nThe fleet may have registered this board without its answer "
+                f"arriving: once the fleet answers, `kinhbac device show {mac}` tells; revoke "
+                "what it shows, or flash again with --reprovision")
+        if orphan is None:
+            return cause  # nothing registered
+        return self.roll_back(orphan, cause)
+
+    def roll_back(self, device: dict[str, Any], cause: BaseException) -> DeviceToolError:
         """Withdraw the identity the board did not get; say what state things are in."""
         assert self.fleet is not None
+        cause = str(cause) or "stopped (Ctrl-C)"
         try:
             self.fleet.revoke(device["id"])
         except FleetError as exc:
@@ -327,7 +398,7 @@ class Provisioner:
 
         self.reporter.step(f"waiting for MicroPython on {request.port}")
         with BoardSession(request.port) as session:
-            session.stop_app()
+            session.stop_app(just_reset=chip is not None)
             mac = session.mac()
             if chip is not None and mac != chip.mac:
                 raise BoardError(
@@ -342,18 +413,20 @@ class Provisioner:
                                  chip=chip, claim_mode=request.offline)
 
             if request.offline:
-                session.write_config(node_config.encode(
-                    node_config.with_claim_key(profile, request.settings)))
+                config = node_config.encode(node_config.with_claim_key(profile, request.settings))
+                self._twice(session, "writing the config", lambda: session.write_config(config))
                 self.reporter.step("config written with the site's claim key: approve the "
                                    "device in the fleet once it has introduced itself")
                 session.reset()
                 return result
 
             device = self.identity(mac, chip, profile, version)
+            config = node_config.encode(
+                node_config.with_identity(profile, device, request.settings))
             try:
-                session.write_config(node_config.encode(
-                    node_config.with_identity(profile, device, request.settings)))
-            except (BoardError, DeviceToolError) as exc:
+                self._twice(session, "writing the config",
+                            lambda: session.write_config(config))
+            except (DeviceToolError, KeyboardInterrupt) as exc:
                 raise self.roll_back(device, exc) from exc
             result.device = _public(device)
             self.reporter.step("config written with the device's identity")

@@ -31,7 +31,7 @@ SITE = "testsite"  # the gateway helper's site
 # Quick node timings, so that a board is heard within a second of booting.
 NODE_SETTINGS = {
     "interval_ms": 50,
-    "console_window_ms": 300,
+    "console_window_ms": 1500,  # a re-flash interrupts the app in it, as in the field
     "send_after_ms": 100,
     "ack_timeout_ms": 3000,
     "backoff_min_ms": 100,

@@ -6,17 +6,19 @@ import json
 import os
 import stat
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
 from kinhbac.cli import app
 from kinhbac.device.board_session import BoardSession
-from kinhbac.device.errors import BoardError, DeviceToolError, FleetUnreachable
+from kinhbac.device.errors import BoardError, DeviceToolError, FlashError, FleetUnreachable
 from kinhbac.device.fleet_client import FleetClient
-from kinhbac.device.provision import AutoReset, FlashRequest, Provisioner
+from kinhbac.device.provision import AutoReset, EmulatedBoardBoot, FlashRequest, Provisioner
 from kinhbac.device.site_profiles import SiteProfiles
 from kinhbac.emulator import launcher
 from kinhbac.emulator.devices import BME280, AnalogSource, PulseSource
+from kinhbac.emulator.esp32_image import synthetic_image
 from kinhbac.firmware import firmware_version
 
 from .conftest import NODE_SETTINGS, SITE, firmware
@@ -24,14 +26,15 @@ from .conftest import NODE_SETTINGS, SITE, firmware
 SETTINGS = [f"--set={name}={value}" for name, value in NODE_SETTINGS.items()]
 
 
-def wired_board(emulator):
-    """A board with the site's sensor kit attached, powered on: blank flash, so it boots
-    MicroPython to its prompt."""
+def wired_board(emulator, power_on: bool = True):
+    """A board with the site's sensor kit attached; powered on, it boots MicroPython to its
+    prompt (blank flash)."""
     board = emulator.add_board()
     board.attach_i2c(BME280(0x76))
     board.attach_analog(launcher.LEVEL_PIN, AnalogSource(volts=1.0))
     board.attach_pulses(launcher.PULSE_PIN, PulseSource(launcher.PULSE_PIN))
-    board.power_on()
+    if power_on:
+        board.power_on()
     return board
 
 
@@ -67,12 +70,70 @@ class Steps:
         raise AssertionError(f"asked the technician: {message}")
 
 
-def provisioner(site, board, reporter=None, **fields) -> Provisioner:
+def provisioner(site, board, reporter=None, boot=None, **fields) -> Provisioner:
+    fields.setdefault("wait_online_s", 0)
     request = FlashRequest(port=board.tty_path, site=SITE, settings=dict(NODE_SETTINGS),
-                           wait_online_s=0, **fields)
+                           **fields)
     return Provisioner(request, fleet=FleetClient(site.fleet.url, site.technician),
-                       profiles=SiteProfiles(), boot=AutoReset(), reporter=reporter or Steps(),
-                       firmware=firmware())
+                       profiles=SiteProfiles(), boot=boot or AutoReset(),
+                       reporter=reporter or Steps(), firmware=firmware())
+
+
+def image_file(tmp_path, size: int = 0x6000):
+    path = tmp_path / "micropython.bin"
+    path.write_bytes(synthetic_image(size, seed=11))
+    return path
+
+
+def test_flash_and_register_end_to_end_with_esptool_and_the_raw_repl(
+        emulator, site, gateway, sites_dir, tmp_path):
+    board = wired_board(emulator, power_on=False)
+    image = image_file(tmp_path)
+    gateway.start()
+    steps = Steps()
+    flow = provisioner(site, board, steps, EmulatedBoardBoot(board), image=image,
+                       use_stub=False, wait_online_s=60)
+
+    result = flow.run()
+
+    # The bytes esptool wrote are the image's, where an ESP32 image goes.
+    assert board.flash.read(0x1000, image.stat().st_size) == image.read_bytes()
+    assert result.online is True
+    device = site.fleet.call("GET", f"/api/devices/{result.device['id']}", site.technician)
+    assert device["mac"] == board.mac.hex(":") == result.mac
+    assert device["chip"] == "ESP32-D0WD-V3 (revision v3.0)"
+    assert device["flash_size"] == 4 * 1024 * 1024
+    assert device["online"] and device["status"]["firmware"] == firmware_version()
+    assert device["status"]["gateway"] == "gw1"
+    assert any("image written at 0x1000 and checked (MD5)" in s for s in steps.seen)
+    # It booted the copied firmware with its new identity, and the gateway took its frames.
+    assert board.console.text().count("kinhbac: starting in") >= 1
+    config = board_config(board)
+    assert config["device_id"] == device["wire_id"] and config["key_id"] == device["key_id"]
+
+
+@pytest.mark.parametrize(("fault", "message"), [
+    ("no_sync", "did not answer esptool's SYNC: it is not in download mode. Hold BOOT"),
+    ("corrupt_write", "the flash does not hold it (MD5 check failed"),
+])
+def test_flash_failures_are_explained_and_register_nothing(
+        emulator, site, sites_dir, tmp_path, fault, message):
+    board = wired_board(emulator, power_on=False)
+    flow = provisioner(site, board, boot=EmulatedBoardBoot(board, frozenset({fault})),
+                       image=image_file(tmp_path), use_stub=False, connect_attempts=1)
+    with pytest.raises(FlashError) as failed:
+        flow.run()
+    assert message in str(failed.value)
+    assert site.devices() == []
+
+
+def test_wrong_port_for_esptool_fails_clearly_and_registers_nothing(site, sites_dir, tmp_path):
+    port = tmp_path / "ttyUSB9"
+    done = run_cli(site, "flash", "--port", str(port), "--site", SITE, "--image",
+                   str(image_file(tmp_path)), "--no-stub")
+    assert done.exit_code == 1
+    assert f"cannot open serial port {port}" in done.output and "ls /dev/ttyUSB*" in done.output
+    assert site.devices() == []
 
 
 def test_board_running_micropython_gets_its_files_and_identity_and_shows_online(
@@ -131,7 +192,7 @@ def test_a_board_the_fleet_already_has_is_refused_unless_reprovisioned(
     assert len(site.devices()) == 1
 
 
-def test_wrong_port_fails_clearly_and_registers_nothing(site, sites_dir, tmp_path):
+def test_wrong_port_for_the_raw_repl_fails_clearly_and_registers_nothing(site, sites_dir, tmp_path):
     done = run_cli(site, "flash", "--port", str(tmp_path / "ttyUSB9"), "--site", SITE)
     assert done.exit_code == 1
     assert f"cannot open serial port {tmp_path / 'ttyUSB9'}" in done.output
@@ -165,12 +226,36 @@ def test_fleet_lost_after_the_files_are_copied_leaves_nothing_registered(
     assert board.read_file("/config.json") is None  # boots into safe mode, not half set up
 
 
+class AnswerLost(httpx.HTTPTransport):
+    """Carries requests to the fleet, but loses the answer to the registration, as a link
+    that drops after sending does."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        answer = super().handle_request(request)
+        if request.method == "POST" and request.url.path == "/api/devices":
+            answer.read()
+            raise httpx.ReadTimeout("answer lost", request=request)
+        return answer
+
+
+def test_a_registration_whose_answer_is_lost_is_found_and_revoked(emulator, site, sites_dir):
+    board = wired_board(emulator)
+    flow = provisioner(site, board)
+    flow.fleet = FleetClient(site.fleet.url, site.technician, transport=AnswerLost())
+    with pytest.raises(DeviceToolError) as failed:
+        flow.run()
+    assert "did not answer" in str(failed.value) and "Rolled back" in str(failed.value)
+    [device] = site.devices()
+    assert device["state"] == "revoked" and device["mac"] == board.mac.hex(":")
+
+
 def test_config_write_failing_after_registration_revokes_the_device(
         emulator, site, sites_dir):
     board = wired_board(emulator)
     # The board loses power the moment the fleet has registered it: the config never lands.
     flow = provisioner(site, board, Steps(at="registered in the fleet",
                                           action=lambda: board.power_cut(restore=False)))
+    flow.recover_timeout_s = 2.0  # it will not come back: no need to wait long for it
     with pytest.raises(DeviceToolError) as failed:
         flow.run()
     message = str(failed.value)
@@ -220,9 +305,8 @@ def test_offline_flash_without_a_kept_profile_says_how_to_get_one(emulator, site
 
 def test_a_board_that_never_shows_the_prompt_is_reported_with_what_to_check(emulator):
     board = emulator.add_board()  # powered off: nothing answers on its port
-    with BoardSession(board.tty_path) as session:
-        with pytest.raises(BoardError) as failed:
-            session.stop_app(timeout=2.0)
+    with BoardSession(board.tty_path) as session, pytest.raises(BoardError) as failed:
+        session.stop_app(timeout=2.0)
     message = str(failed.value)
     assert "did not reach the MicroPython prompt within 2 s" in message
     assert "--image" in message and "printed nothing" in message
