@@ -348,8 +348,10 @@ class Provisioner:
             "re-provisioned."
         )
 
-    def wait_online(self, session: BoardSession, result: FlashResult) -> None:
-        """Until the fleet reports the device online with the firmware just copied."""
+    def wait_online(self, session: BoardSession, result: FlashResult,
+                    heard_before: str | None) -> None:
+        """Until the fleet reports the device online with the firmware just copied, from a
+        status newer than `heard_before` (the last one before the reset)."""
         assert self.fleet is not None and result.device is not None
         deadline = time.monotonic() + self.request.wait_online_s
         self.reporter.step(f"waiting up to {self.request.wait_online_s:.0f} s for the fleet "
@@ -360,7 +362,9 @@ class Provisioner:
             log = (log + session.read_lines(ONLINE_POLL_S))[-SERIAL_TAIL_LINES:]
             device = self.fleet.device(device["id"])
             status = device.get("status") or {}
-            if device.get("online") and status.get("firmware") == result.firmware_version:
+            fresh = status.get("last_seen_at") != heard_before
+            if fresh and device.get("online") and \
+                    status.get("firmware") == result.firmware_version:
                 result.device, result.online = device, True
                 self.reporter.step(f"online: {status.get('site')}/{status.get('gateway')} "
                                    f"hears it, firmware {status.get('firmware')}")
@@ -374,9 +378,12 @@ class Provisioner:
                 "no gateway has reported this device yet: check that the site's gateway runs "
                 "and is enrolled at this site, that the board is in WiFi range, and the "
                 "board's log below")
-        elif not device.get("online"):
-            result.waiting_for = (f"the gateway {status.get('gateway')} last heard it at "
-                                  f"{status.get('last_seen_at')}, and not since")
+        elif not device.get("online") or status.get("last_seen_at") == heard_before:
+            result.waiting_for = (f"no gateway has heard it since the reset (the gateway "
+                                  f"{status.get('gateway')} last heard it at "
+                                  f"{status.get('last_seen_at')}): check that the gateway "
+                                  "runs and the board is in WiFi range, and the board's log "
+                                  "below")
         else:
             result.waiting_for = (f"it reports firmware {status.get('firmware')}, not "
                                   f"{result.firmware_version}")
@@ -430,8 +437,11 @@ class Provisioner:
                 raise self.roll_back(device, exc) from exc
             result.device = _public(device)
             self.reporter.step("config written with the device's identity")
+            # What the fleet heard before this reset does not count as the new boot online.
+            heard_before = (self.fleet.device(device["id"]).get("status") or {}).get(
+                "last_seen_at") if request.wait_online_s > 0 else None
             session.reset()
             self.reporter.step("board reset: it starts the node's app")
             if request.wait_online_s > 0:
-                self.wait_online(session, result)
+                self.wait_online(session, result, heard_before)
             return result

@@ -310,3 +310,29 @@ def test_a_board_that_never_shows_the_prompt_is_reported_with_what_to_check(emul
     message = str(failed.value)
     assert "did not reach the MicroPython prompt within 2 s" in message
     assert "--image" in message and "printed nothing" in message
+
+
+def test_a_board_no_gateway_hears_exits_3_saying_what_is_missing(emulator, site, sites_dir):
+    board = wired_board(emulator)  # the site's gateway is not running
+    done = run_cli(site, "flash", "--port", board.tty_path, "--site", SITE, "--wait", "3",
+                   "--json", *SETTINGS)
+    assert done.exit_code == 3
+    assert "is provisioned (device" in done.output
+    assert "no gateway has reported this device yet" in done.output
+    assert "The board's last output:" in done.output and "| kinhbac:" in done.output
+    result = json.loads(done.stdout)
+    assert result["online"] is False and result["device"]["state"] == "active"
+
+
+def test_an_earlier_status_does_not_count_as_online_after_a_reflash(
+        emulator, site, gateway, sites_dir):
+    board = wired_board(emulator)
+    gateway.start()
+    first = run_cli(site, "flash", "--port", board.tty_path, "--site", SITE, "--wait", "60",
+                    *SETTINGS)
+    assert first.exit_code == 0, first.output
+    gateway.stop()  # the fleet still shows the device online, from before
+    again = run_cli(site, "flash", "--port", board.tty_path, "--site", SITE, "--wait", "3",
+                    "--reprovision", *SETTINGS)
+    assert again.exit_code == 3, again.output
+    assert "no gateway has heard it since the reset" in again.output
