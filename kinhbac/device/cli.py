@@ -343,7 +343,7 @@ def flash(
 ) -> None:
     """Flash a board, copy the node's files, give it its identity from the fleet (or, with
     --offline, its site's claim key), reset it and wait until the fleet sees it online."""
-    from kinhbac.device.fleet_client import FleetClient
+    from kinhbac.device.fleet_client import FleetClient, is_local
     from kinhbac.device.node_config import parse_setting
     from kinhbac.device.provision import (
         AutoReset,
@@ -364,6 +364,9 @@ def flash(
             wait_online_s=0 if offline else wait,
         )
         fleet = None if offline else FleetClient.from_env(fleet_url, token)
+        if fleet is not None and fleet.url.startswith("http://") and not is_local(fleet.url):
+            reporter.note(f"warning: {fleet.url} is plain http: the token and the device's "
+                          "secret cross the network in clear")
         boot = AutoReset() if reset == "auto" else ManualReset(reporter)
         try:
             result = Provisioner(request, fleet=fleet, profiles=SiteProfiles(sites_dir),

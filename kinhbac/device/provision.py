@@ -66,6 +66,9 @@ class BootControl(Protocol):
     """
 
     modes: ResetModes
+    # Whether run_firmware() returns while the board is still booting (its console window is
+    # ahead, to be caught with Ctrl-C); if not, the tool resets the board again itself.
+    returns_while_booting: bool
 
     def enter_download_mode(self) -> None: ...
 
@@ -76,6 +79,7 @@ class AutoReset:
     """A USB-serial adapter with the usual auto-reset circuit: esptool does it all."""
 
     modes = AUTO_RESET
+    returns_while_booting = True
 
     def enter_download_mode(self) -> None:
         pass
@@ -88,6 +92,7 @@ class ManualReset:
     """A board without auto-reset: the technician is asked at each step."""
 
     modes = NO_RESET
+    returns_while_booting = False  # pressing Enter may come after the node's console window
 
     def __init__(self, reporter: Reporter) -> None:
         self.reporter = reporter
@@ -110,6 +115,7 @@ class EmulatedBoardBoot:
     """
 
     modes = NO_RESET
+    returns_while_booting = True
 
     def __init__(self, board: Any, rom_faults: frozenset[str] = frozenset()) -> None:
         self.board = board
@@ -405,7 +411,7 @@ class Provisioner:
 
         self.reporter.step(f"waiting for MicroPython on {request.port}")
         with BoardSession(request.port) as session:
-            session.stop_app(just_reset=chip is not None)
+            session.stop_app(just_reset=chip is not None and self.boot.returns_while_booting)
             mac = session.mac()
             if chip is not None and mac != chip.mac:
                 raise BoardError(
