@@ -166,9 +166,9 @@ def site(fleet, emulator, gateway, monkeypatch):
     return found
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def sites_dir(tmp_path, monkeypatch) -> Path:
-    """Site profiles kept in the test's folder, never the user's."""
+    """Site profiles kept in the test's folder, never the user's (for every test here)."""
     folder = tmp_path / "laptop" / "sites"
     monkeypatch.setenv("KINHBAC_SITES_DIR", str(folder))
     return folder
