@@ -5,27 +5,21 @@ through the API, as an admin and a technician would."""
 
 import functools
 import json
-import secrets
-import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from argon2 import PasswordHasher
-from helpers.gateway import Collector, GatewayProcess, free_port
+from helpers.fleet import FleetServer, wait_until
+from helpers.gateway import Collector, GatewayProcess
 
 from kinhbac import wire
 from kinhbac.broker import LocalBroker
 from kinhbac.emulator import launcher
 from kinhbac.emulator.devices import BME280, AnalogSource, PulseSource
 from kinhbac.firmware import config_file, firmware_files, firmware_version
-from kinhbac.fleet import cli as fleet_cli
 from kinhbac.fleet import security
-from kinhbac.fleet.app import create_app
-from kinhbac.fleet.settings import load_settings as load_fleet_settings
 from kinhbac.gateway.config import ConfigError, load_settings
 
 REFRESH_S = 1.0
@@ -50,55 +44,6 @@ def fetch_failures(kind: str) -> str:
     return f'kinhbac_gateway_key_fetch_failures_total{{kind="{kind}"}}'
 
 
-class Fleet:
-    """The fleet service over HTTP on a free port (uvicorn on a thread: the app's imports are
-    paid once per test run), SQLite in `workdir`, a real service key."""
-
-    def __init__(self, workdir: Path, broker_port: int) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.config = workdir / "fleet.toml"
-        self.config.write_text(f'env = "production"\nsecret_key = "{secrets.token_urlsafe(32)}"\n'
-                               f'database_url = "sqlite:///{workdir / "fleet.sqlite3"}"\n'
-                               f'ingest_enabled = true\nmqtt_port = {broker_port}\n'
-                               'ingest_batch_interval_s = 0.05\n')
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.http = httpx.Client(base_url=self.url, timeout=10)
-        self.server: uvicorn.Server | None = None
-        self.thread: threading.Thread | None = None
-
-    def create_admin(self, email: str, password: str) -> None:
-        """What `kinhbac fleet create-admin` does (it migrates the new database first)."""
-        fleet_cli.create_admin(email, password, config=self.config)
-
-    def start(self, timeout: float = 30.0) -> None:
-        app = create_app(load_fleet_settings(self.config))
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, name="fleet", daemon=True)
-        self.thread.start()
-        wait_until(lambda: self.server.started, timeout, "the fleet serving")
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.should_exit = True
-            self.thread.join(15)
-            assert not self.thread.is_alive(), "the fleet did not stop"
-            self.server = None
-
-    def login(self, email: str, password: str) -> str:
-        answer = self.http.post("/api/auth/login", data={"username": email, "password": password})
-        assert answer.status_code == 200, answer.text
-        return answer.json()["access_token"]
-
-    def call(self, method: str, path: str, token: str, expect: int = 200,
-             **kwargs: Any) -> dict[str, Any]:
-        answer = self.http.request(method, path, headers={"Authorization": f"Bearer {token}"},
-                                   **kwargs)
-        assert answer.status_code == expect, (method, path, answer.status_code, answer.text)
-        return answer.json()
-
-
 @functools.cache
 def firmware() -> dict[str, bytes]:
     return firmware_files()  # mpy-cross once, not once per board
@@ -110,12 +55,11 @@ def fleet(tmp_path, monkeypatch, broker):
     # the deliberate slowness (each user and each login hashes once).
     monkeypatch.setattr(security, "_hasher",
                         PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
-    f = Fleet(tmp_path / "fleet", broker.port)
+    f = FleetServer(tmp_path / "fleet", broker.port)
     f.create_admin(*ADMIN)
     f.start()
     yield f
-    f.stop()
-    f.http.close()
+    f.close()
 
 
 @pytest.fixture
@@ -136,7 +80,7 @@ class Site:
     """What an admin sets up in the fleet for a site, and the technician who registers its
     devices: a site, its gateway (and token), a technician user."""
 
-    def __init__(self, fleet: Fleet) -> None:
+    def __init__(self, fleet: FleetServer) -> None:
         self.fleet = fleet
         self.admin = fleet.login(*ADMIN)
         self.site_id = fleet.call("POST", "/api/sites", self.admin, 201, json={
@@ -192,15 +136,6 @@ def wired_node(board, key: wire.Key, secret: bytes) -> launcher.Node:
     board.attach_analog(launcher.LEVEL_PIN, node.level)
     board.attach_pulses(launcher.PULSE_PIN, node.meter)
     return node
-
-
-def wait_until(condition, timeout: float, what: str) -> float:
-    """Seconds until `condition()` held; fails after `timeout`."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout, f"{what}: not within {timeout} s"
-        time.sleep(0.05)
-    return time.monotonic() - started
 
 
 def test_device_registered_in_the_fleet_flows_and_is_refused_within_one_refresh_of_revoking(

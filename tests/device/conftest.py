@@ -3,26 +3,18 @@ SQLite, its MQTT ingest on a private broker), a real gateway process, emulated b
 MicroPython. Everything in the fleet is set up through its API, as an admin would."""
 
 import functools
-import secrets
-import threading
-import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-import uvicorn
 from argon2 import PasswordHasher
-from helpers.gateway import GatewayProcess, free_port
+from helpers.fleet import FleetServer
+from helpers.gateway import GatewayProcess
 
 from kinhbac.broker import LocalBroker
 from kinhbac.emulator import launcher
 from kinhbac.firmware import firmware_files
-from kinhbac.fleet import cli as fleet_cli
 from kinhbac.fleet import security
-from kinhbac.fleet.app import create_app
-from kinhbac.fleet.settings import load_settings
 
 ADMIN = ("admin@example.org", "admin password 1")
 TECHNICIAN = ("tech@example.org", "technician password 1")
@@ -38,60 +30,6 @@ NODE_SETTINGS = {
     "backoff_max_ms": 1000,
     "good_after_ms": 600000,
 }
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.05)
-
-
-class FleetServer:
-    """The fleet service on a free port, its database in `workdir` (kept across restarts), its
-    ingest reading the private broker."""
-
-    def __init__(self, workdir: Path, broker_port: int) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.config = workdir / "fleet.toml"
-        self.config.write_text(
-            f'env = "production"\nsecret_key = "{secrets.token_urlsafe(32)}"\n'
-            f'database_url = "sqlite:///{workdir / "fleet.sqlite3"}"\n'
-            f'ingest_enabled = true\nmqtt_port = {broker_port}\n'
-            f'mqtt_client_id = "fleet-{uuid.uuid4().hex[:8]}"\ningest_batch_interval_s = 0.05\n'
-        )
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.http = httpx.Client(base_url=self.url, timeout=10)
-        self.server: uvicorn.Server | None = None
-        self.thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        app = create_app(load_settings(self.config))
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, name="fleet", daemon=True)
-        self.thread.start()
-        wait_until(lambda: self.server.started, 30, "the fleet serving")
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.should_exit = True
-            self.thread.join(15)
-            assert not self.thread.is_alive(), "the fleet did not stop"
-            self.server = None
-
-    def login(self, email: str, password: str) -> str:
-        answer = self.http.post("/api/auth/login", data={"username": email, "password": password})
-        assert answer.status_code == 200, answer.text
-        return answer.json()["access_token"]
-
-    def call(self, method: str, path: str, token: str, expect: int = 200,
-             **kwargs: Any) -> Any:
-        answer = self.http.request(method, path, headers={"Authorization": f"Bearer {token}"},
-                                   **kwargs)
-        assert answer.status_code == expect, (method, path, answer.status_code, answer.text)
-        return answer.json()
 
 
 class FleetSite:
@@ -141,11 +79,10 @@ def fleet(tmp_path, broker, monkeypatch):
     monkeypatch.setattr(security, "_hasher",
                         PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
     server = FleetServer(tmp_path / "fleet", broker.port)
-    fleet_cli.create_admin(*ADMIN, config=server.config)
+    server.create_admin(*ADMIN)
     server.start()
     yield server
-    server.stop()
-    server.http.close()
+    server.close()
 
 
 @pytest.fixture

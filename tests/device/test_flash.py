@@ -8,6 +8,7 @@ import stat
 
 import httpx
 import pytest
+from helpers.fleet import wait_until
 from typer.testing import CliRunner
 
 from kinhbac.cli import app
@@ -336,3 +337,34 @@ def test_an_earlier_status_does_not_count_as_online_after_a_reflash(
                     "--reprovision", *SETTINGS)
     assert again.exit_code == 3, again.output
     assert "no gateway has heard it since the reset" in again.output
+
+
+def test_offline_flash_then_approval_gives_the_board_its_own_identity(
+        emulator, site, gateway, sites_dir):
+    fetched = run_cli(site, "sites", "fetch", SITE)  # earlier, while the fleet was at hand
+    assert fetched.exit_code == 0, fetched.output
+    board = wired_board(emulator)
+    gateway.start()
+    offline = {k: v for k, v in os.environ.items() if not k.startswith("KINHBAC_FLEET")}
+
+    done = CliRunner().invoke(app, ["device", "flash", "--port", board.tty_path, "--site", SITE,
+                                    "--offline", "--json", "--set=claim_retry_ms=500",
+                                    *SETTINGS], env=offline)
+
+    assert done.exit_code == 0, done.output
+    wire_id = (b"kb" + board.mac).hex()
+
+    def device() -> dict:
+        found = [d for d in site.devices() if d["wire_id"] == wire_id]
+        return found[0] if found else {}
+
+    wait_until(lambda: device().get("state") == "pending", 30, "the board pending in the fleet")
+    assert device()["key_id"] == 0 and device()["site_id"] == site.site_id
+    site.fleet.call("POST", f"/api/devices/{device()['id']}/approve", site.admin)
+    wait_until(lambda: site.fleet.call("GET", f"/api/devices/{device()['id']}",
+                                       site.technician)["online"], 30,
+               "the approved board online in the fleet")
+    assert device()["firmware_version"] == firmware_version()
+    config = board_config(board)
+    assert (config["device_id"], config["key_id"]) == (wire_id, 1)
+    assert "claim_key" not in config and len(config["secret"]) == 64
