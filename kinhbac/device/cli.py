@@ -134,7 +134,7 @@ def register(
 def list_devices(
     site: Annotated[str | None, typer.Option(help="Only this site (slug).")] = None,
     state: Annotated[str | None, typer.Option(
-        help="registered, pending, active or revoked.")] = None,
+        help="registered, pending, active, revoked or rejected.")] = None,
     tag: Annotated[str | None, typer.Option(help="Only devices with this tag.")] = None,
     firmware: Annotated[str | None, typer.Option(help="Only this firmware version.")] = None,
     mac: Annotated[str | None, typer.Option(help="Only this MAC.")] = None,
@@ -200,6 +200,42 @@ def revoke(
         return
     typer.echo(f"revoked {revoked['mac']} ({revoked['id']}): its gateways refuse it from their "
                "next key refresh")
+
+
+def _decide(decision: str, device: str, fleet_url: str | None, token: str | None,
+            as_json: bool) -> None:
+    with _fleet(fleet_url, token) as fleet:
+        decided = fleet.decide_claim(fleet.find_device(device)["id"], decision)
+    if as_json:
+        _print_json(decided)
+    elif decision == "approve":
+        typer.echo(f"approved {decided['mac']} ({decided['id']}) as key id {decided['key_id']}: "
+                   "its gateway gives it its identity at its next claim")
+    else:
+        typer.echo(f"rejected {decided['mac']} ({decided['id']}): its claims are refused")
+
+
+@device_app.command("approve")
+def approve(
+    device: Annotated[str, typer.Argument(help="The pending device's id, MAC or wire id.")],
+    fleet_url: FleetUrl = None,
+    token: Token = None,
+    as_json: Json = False,
+) -> None:
+    """Approve a board flashed --offline (admins): `list --state pending` shows the waiting
+    ones."""
+    _decide("approve", device, fleet_url, token, as_json)
+
+
+@device_app.command("reject")
+def reject(
+    device: Annotated[str, typer.Argument(help="The pending device's id, MAC or wire id.")],
+    fleet_url: FleetUrl = None,
+    token: Token = None,
+    as_json: Json = False,
+) -> None:
+    """Reject a pending claim (admins): the board is kept out."""
+    _decide("reject", device, fleet_url, token, as_json)
 
 
 # ----- site profiles

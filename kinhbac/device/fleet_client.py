@@ -125,9 +125,11 @@ class FleetClient:
                 f"the fleet refused the token ({detail}): get a new one from an admin or log "
                 f"in again, and give it with --token or {TOKEN_ENV}", status=code)
         if code == 403:
+            # The fleet's detail names the roles allowed ("only admin may do this; ...").
+            who = "an admin's" if "only admin " in detail else "a technician's"
             raise FleetAuthError(
-                f"the fleet refused this request ({detail}): ask an admin for a technician's "
-                "token", status=code)
+                f"the fleet refused this request ({detail}): it needs {who} token; ask an "
+                "admin", status=code)
         if code == 404:
             raise FleetNotFound(f"not found in the fleet: {detail}", status=code)
         if code == 409:
@@ -194,6 +196,11 @@ class FleetClient:
 
     def revoke(self, device_id: str) -> dict[str, Any]:
         return self._request("POST", f"/api/devices/{device_id}/revoke")
+
+    def decide_claim(self, device_id: str, decision: str) -> dict[str, Any]:
+        """Approve or reject a pending claim (admins)."""
+        assert decision in ("approve", "reject")
+        return self._request("POST", f"/api/devices/{device_id}/{decision}")
 
     def device(self, device_id: str) -> dict[str, Any]:
         return self._request("GET", f"/api/devices/{device_id}")

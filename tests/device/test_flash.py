@@ -360,7 +360,14 @@ def test_offline_flash_then_approval_gives_the_board_its_own_identity(
 
     wait_until(lambda: device().get("state") == "pending", 30, "the board pending in the fleet")
     assert device()["key_id"] == 0 and device()["site_id"] == site.site_id
-    site.fleet.call("POST", f"/api/devices/{device()['id']}/approve", site.admin)
+    refused = run_cli(site, "approve", wire_id)  # a technician's token
+    assert refused.exit_code == 1, refused.output
+    assert "only admin may do this" in refused.output and "needs an admin's token" in \
+        refused.output
+    approved = CliRunner().invoke(app, ["device", "approve", wire_id, "--json"], env={
+        "KINHBAC_FLEET_URL": site.fleet.url, "KINHBAC_FLEET_TOKEN": site.admin})
+    assert approved.exit_code == 0, approved.output
+    assert json.loads(approved.stdout)["state"] == "active"
     wait_until(lambda: site.fleet.call("GET", f"/api/devices/{device()['id']}",
                                        site.technician)["online"], 30,
                "the approved board online in the fleet")
