@@ -1,5 +1,6 @@
 """Emulated ESP32 boards: boot, serial/raw REPL, flash, resets, WiFi, watchdog, devices."""
 
+import os
 import socket
 import subprocess
 import threading
@@ -122,6 +123,23 @@ def test_ctrl_c_interrupts_a_running_main_py(board):
     board.console.wait_for("KeyboardInterrupt", since=mark)
     assert repl.exec("print('reachable')") == b"reachable\r\n"
     assert board.boots == [PWRON_RESET]  # interrupted, not reset
+
+
+def test_ctrl_c_while_the_board_starts_does_not_reset_it(board):
+    # Tools send Ctrl-C to stop a board's app, and may do so while it is still starting.
+    board.write_files({"main.py": b"import time\nprint('looping')\nwhile True:\n"
+                                  b"    time.sleep_ms(10)\n"})
+    port = os.open(board.tty_path, os.O_RDWR | os.O_NOCTTY)
+    try:
+        board.power_on()
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            os.write(port, b"\x03")
+            time.sleep(0.01)
+    finally:
+        os.close(port)
+    board.console.wait_for(">>> ", timeout=15)
+    assert board.boots == [PWRON_RESET]  # interrupted maybe, never reset
 
 
 def test_watchdog_resets_a_hung_main_loop(board):

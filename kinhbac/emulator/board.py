@@ -292,6 +292,7 @@ class Board:
         self._wlan_credentials = None
         self._link_up = False
         self._irq_pins.clear()
+        self._interpreter_up = False  # until the stand-ins call in: see _on_host_input
         self._int_master, self._int_slave = os.openpty()
         # Raw, but with ISIG so that the emulator can tell running code (Ctrl-C must raise
         # KeyboardInterrupt) from the REPL reading input (Ctrl-C is a character).
@@ -434,6 +435,11 @@ class Board:
             return  # the board is off or in reset: the bytes go nowhere
         for_board = bytearray()
         for byte in data:
+            if byte == CTRL_C and not self._interpreter_up:
+                # The micropython launcher is still starting: a SIGINT would kill it and the
+                # board would come back with a hard reset. An ESP32 ignores the UART while its
+                # ROM and early boot run, so the byte is dropped.
+                continue
             if byte == CTRL_C and self._code_running():
                 self._write_to_board(for_board)
                 for_board.clear()
@@ -474,6 +480,7 @@ class Board:
 
     async def _serve_calls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self._call_writer = writer
+        self._interpreter_up = True  # MicroPython runs _rom.py: its own SIGINT handler is set
         try:
             while True:
                 header = await reader.readexactly(_HDR.size)
