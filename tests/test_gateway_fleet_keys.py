@@ -5,6 +5,7 @@ through the API, as an admin and a technician would."""
 
 import functools
 import json
+import socket
 import time
 from typing import Any
 
@@ -306,6 +307,59 @@ def test_a_rejected_board_is_kept_out(tmp_path, fleet, emulator, broker, collect
         assert site.device(wire_id)["state"] == "rejected"
         board.power_cut(restore=False)
         assert "claim_key" in json.loads(board.read_file("/config.json"))
+    finally:
+        gateway.stop()
+
+
+def claim_and_answer(port: int, key: wire.Key, boot: int, counter: int, nonce: bytes):
+    """One CLAIM over a fresh connection; the gateway's decoded answer, or None if it closed."""
+    guard = wire.DownlinkGuard(boot)
+    guard.last_sent = counter
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(wire.encode_claim(key, boot, counter, nonce, "0.1.0"))
+        header = conn.recv(wire.HEADER_SIZE, socket.MSG_WAITALL)
+        if not header:
+            return None
+        rest = conn.recv(wire.frame_length(header) - wire.HEADER_SIZE, socket.MSG_WAITALL)
+    return wire.decode(header + rest, wire.lookup_for(key), guard, True)
+
+
+def test_forged_claims_are_refused_and_a_claim_cannot_take_over_a_registered_device(
+        tmp_path, fleet, emulator, broker, collector):
+    site = Site(fleet)
+    gateway = fleet_gateway(tmp_path, broker, fleet, site)
+    try:
+        node, device_id = site.register_node(emulator, gateway.port)
+        gateway.start()
+        node.board.power_on()
+        collector.wait_for(lambda: collector.count(node.device) >= 5, timeout=30,
+                           what="readings at first")
+        profile = fleet.call("GET", f"/api/sites/{site.site_id}/profile", site.technician)
+        stranger = wire.Key(b"kb" + bytes.fromhex("02aabbccddee"), wire.CLAIM_KEY_ID,
+                            b"not the site's claim key")
+
+        assert claim_and_answer(gateway.port, stranger, 1, 1, bytes(16)) is None  # closed
+        wait_until(lambda: gateway.metrics().get(
+            'kinhbac_gateway_frames_refused_total{reason="bad_mac"}', 0) == 1, 5,
+            "the forged claim counted")
+
+        # Someone holding the claim key claims the registered device's id.
+        hijack = wire.Key(bytes.fromhex(node.device), wire.CLAIM_KEY_ID,
+                          profile["claim_key"].encode())
+        first = claim_and_answer(gateway.port, hijack, 1, 1, bytes(16))
+        assert first.reason == wire.CLAIM_PENDING  # until the fleet's answer is back
+        wait_until(lambda: f"claim of {node.device} (nonce 00000000...): refused" in
+                   gateway.log(), 10, "the fleet's answer to the claim")
+        second = claim_and_answer(gateway.port, hijack, 1, 2, bytes(16))
+        assert second.reason == wire.CLAIM_REJECTED and second.detail == "claim refused"
+
+        device = fleet.call("GET", f"/api/devices/{device_id}", site.admin)
+        assert (device["state"], device["key_id"]) == ("active", 1)
+        assert fleet.call("GET", "/api/devices", site.admin,
+                          params={"state": "pending"})["items"] == []
+        before = collector.count(node.device)
+        collector.wait_for(lambda: collector.count(node.device) >= before + 5, timeout=10,
+                           what="the registered device still flowing")
     finally:
         gateway.stop()
 

@@ -226,6 +226,7 @@ class FleetKeyStore(_KeyTable):
         self._cached_doc: dict[str, Any] | None = None
         # (device hex, nonce) -> [standing as last heard, monotonic time last reported]
         self._claims: dict[tuple[str, bytes], list[Any]] = {}
+        self._reports: set[asyncio.Task] = set()
         self._failing: str | None = None  # the failure last logged, while failures go on
         self._failures = 0
         self._fetched = False
@@ -345,8 +346,11 @@ class FleetKeyStore(_KeyTable):
             entry = self._claims[(device, nonce)] = ["pending", -self.refresh_s]
         if now - entry[1] >= self.refresh_s:
             entry[1] = now
-            asyncio.get_running_loop().create_task(
+            # The loop keeps only a weak reference to a task: hold it until it is done.
+            task = asyncio.get_running_loop().create_task(
                 self._report(device, nonce, fw_version, entry))
+            self._reports.add(task)
+            task.add_done_callback(self._reports.discard)
         return entry[0]
 
     async def _report(self, device: str, nonce: bytes, fw_version: str, entry: list[Any]) -> None:
