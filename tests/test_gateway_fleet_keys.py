@@ -11,8 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from argon2 import PasswordHasher
-from helpers.fleet import FleetServer, wait_until
+from helpers.fleet import FleetServer, running_fleet, wait_until
 from helpers.gateway import Collector, GatewayProcess
 
 from kinhbac import wire
@@ -20,7 +19,6 @@ from kinhbac.broker import LocalBroker
 from kinhbac.emulator import launcher
 from kinhbac.emulator.devices import BME280, AnalogSource, PulseSource
 from kinhbac.firmware import config_file, firmware_files, firmware_version
-from kinhbac.fleet import security
 from kinhbac.gateway.config import ConfigError, load_settings
 
 REFRESH_S = 1.0
@@ -52,15 +50,8 @@ def firmware() -> dict[str, bytes]:
 
 @pytest.fixture
 def fleet(tmp_path, monkeypatch, broker):
-    # Argon2id at its cheapest, as in tests/fleet: the same code path and hash format, without
-    # the deliberate slowness (each user and each login hashes once).
-    monkeypatch.setattr(security, "_hasher",
-                        PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
-    f = FleetServer(tmp_path / "fleet", broker.port)
-    f.create_admin(*ADMIN)
-    f.start()
-    yield f
-    f.close()
+    with running_fleet(tmp_path / "fleet", broker.port, monkeypatch, ADMIN) as server:
+        yield server
 
 
 @pytest.fixture

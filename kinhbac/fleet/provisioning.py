@@ -66,6 +66,19 @@ def _provisioned(device: Device, secret: bytes) -> DeviceProvisioned:
     return DeviceProvisioned.model_validate(device, update={"secret": secret.hex()})
 
 
+def _save_change(session: Session, actor: Actor, device: Device, action: str,
+                 before: dict) -> Device:
+    """Commit a change to `device` with its audit entry (`before` and after), in one
+    transaction; returns the device as stored."""
+    device.updated_at = utcnow()
+    session.add(device)
+    audit.record(session, actor, action, "device", device.id,
+                 before=before, after=audit.snapshot(device, DevicePublic))
+    commit(session, "the device changed meanwhile; try again")
+    session.refresh(device)
+    return device
+
+
 def register_device(
     session: Session, box: SecretBox, actor: Actor, data: DeviceCreate
 ) -> DeviceProvisioned:
@@ -104,13 +117,7 @@ def update_device(
         device.set_tags(changes.pop("tags") or [])
     for name, value in changes.items():
         setattr(device, name, value)
-    device.updated_at = utcnow()
-    audit.record(session, actor, "device.update", "device", device.id,
-                 before=before, after=audit.snapshot(device, DevicePublic))
-    session.add(device)
-    commit(session, "the device changed meanwhile; try again")
-    session.refresh(device)
-    return device
+    return _save_change(session, actor, device, "device.update", before)
 
 
 def reprovision(
@@ -156,13 +163,7 @@ def revoke(session: Session, actor: Actor, device_id: uuid.UUID) -> Device:
     before = audit.snapshot(device, DevicePublic)
     device.state = DeviceState.revoked
     device.secret_enc = None
-    device.updated_at = utcnow()
-    audit.record(session, actor, "device.revoke", "device", device.id,
-                 before=before, after=audit.snapshot(device, DevicePublic))
-    session.add(device)
-    commit(session, "the device changed meanwhile; try again")
-    session.refresh(device)
-    return device
+    return _save_change(session, actor, device, "device.revoke", before)
 
 
 def list_devices(
@@ -266,11 +267,7 @@ def record_claim(session: Session, gateway: Gateway, actor: Actor,
         device.site_id = gateway.site_id
         device.state = DeviceState.pending
         device.firmware_version = claim.fw_version or device.firmware_version
-        device.updated_at = utcnow()
-        session.add(device)
-        audit.record(session, actor, "device.claim", "device", device.id,
-                     before=before, after=audit.snapshot(device, DevicePublic))
-        commit(session, "the device changed meanwhile; try again")
+        _save_change(session, actor, device, "device.claim", before)
     return ClaimAnswer(device_id=claim.device_id, state="pending",
                        detail="awaiting an admin's approval")
 
@@ -313,13 +310,7 @@ def approve_claim(session: Session, box: SecretBox, actor: Actor,
     device.key_id = key_id
     device.secret_enc = box.seal(secret, context=_secret_context(device.id, key_id))
     device.state = DeviceState.active
-    device.updated_at = utcnow()
-    session.add(device)
-    audit.record(session, actor, "device.approve", "device", device.id,
-                 before=before, after=audit.snapshot(device, DevicePublic))
-    commit(session, "the device changed meanwhile; try again")
-    session.refresh(device)
-    return device
+    return _save_change(session, actor, device, "device.approve", before)
 
 
 def reject_claim(session: Session, actor: Actor, device_id: uuid.UUID) -> Device:
@@ -330,13 +321,7 @@ def reject_claim(session: Session, actor: Actor, device_id: uuid.UUID) -> Device
                        "can be rejected")
     before = audit.snapshot(device, DevicePublic)
     device.state = DeviceState.rejected
-    device.updated_at = utcnow()
-    session.add(device)
-    audit.record(session, actor, "device.reject", "device", device.id,
-                 before=before, after=audit.snapshot(device, DevicePublic))
-    commit(session, "the device changed meanwhile; try again")
-    session.refresh(device)
-    return device
+    return _save_change(session, actor, device, "device.reject", before)
 
 
 def set_node_config(session: Session, actor: Actor, device_id: uuid.UUID,
@@ -345,13 +330,7 @@ def set_node_config(session: Session, actor: Actor, device_id: uuid.UUID,
     device = get_or_404(session, Device, device_id, "device")
     before = audit.snapshot(device, DevicePublic)
     device.node_config = data.settings or None
-    device.updated_at = utcnow()
-    session.add(device)
-    audit.record(session, actor, "device.config", "device", device.id,
-                 before=before, after=audit.snapshot(device, DevicePublic))
-    commit(session, "the device changed meanwhile; try again")
-    session.refresh(device)
-    return device
+    return _save_change(session, actor, device, "device.config", before)
 
 
 # ---- bulk pre-registration from CSV

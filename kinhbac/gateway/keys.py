@@ -13,10 +13,10 @@ import logging
 import os
 import random
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path

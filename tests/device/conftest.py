@@ -7,14 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from argon2 import PasswordHasher
-from helpers.fleet import FleetServer
+from helpers.fleet import FleetServer, running_fleet
 from helpers.gateway import GatewayProcess
 
 from kinhbac.broker import LocalBroker
 from kinhbac.emulator import launcher
 from kinhbac.firmware import firmware_files
-from kinhbac.fleet import security
 
 ADMIN = ("admin@example.org", "admin password 1")
 TECHNICIAN = ("tech@example.org", "technician password 1")
@@ -75,14 +73,8 @@ def broker(tmp_path):
 
 @pytest.fixture
 def fleet(tmp_path, broker, monkeypatch):
-    # Argon2id at its cheapest, as in tests/fleet: the same code, without deliberate slowness.
-    monkeypatch.setattr(security, "_hasher",
-                        PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
-    server = FleetServer(tmp_path / "fleet", broker.port)
-    server.create_admin(*ADMIN)
-    server.start()
-    yield server
-    server.close()
+    with running_fleet(tmp_path / "fleet", broker.port, monkeypatch, ADMIN) as server:
+        yield server
 
 
 @pytest.fixture

@@ -6,14 +6,18 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import uvicorn
+from argon2 import PasswordHasher
 
 from helpers.gateway import free_port
 from kinhbac.fleet import cli as fleet_cli
+from kinhbac.fleet import security
 from kinhbac.fleet.app import create_app
 from kinhbac.fleet.settings import load_settings
 
@@ -79,3 +83,19 @@ class FleetServer:
                                    **kwargs)
         assert answer.status_code == expect, (method, path, answer.status_code, answer.text)
         return answer.json()
+
+
+@contextmanager
+def running_fleet(workdir: Path, broker_port: int, monkeypatch,
+                  admin: tuple[str, str]) -> Iterator[FleetServer]:
+    """A started fleet with one admin, stopped afterwards. Argon2id runs at its cheapest, as in
+    tests/fleet: the same code path and hash format, without the deliberate slowness."""
+    monkeypatch.setattr(security, "_hasher",
+                        PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
+    server = FleetServer(workdir, broker_port)
+    server.create_admin(*admin)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
