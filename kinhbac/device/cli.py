@@ -222,8 +222,7 @@ def approve(
     token: Token = None,
     as_json: Json = False,
 ) -> None:
-    """Approve a board flashed --offline (admins): `list --state pending` shows the waiting
-    ones."""
+    """Approve a board flashed offline (admins); `list --state pending` shows them."""
     _decide("approve", device, fleet_url, token, as_json)
 
 
@@ -377,8 +376,11 @@ def flash(
     sites_dir: SitesDir = None,
     as_json: Json = False,
 ) -> None:
-    """Flash a board, copy the node's files, give it its identity from the fleet (or, with
-    --offline, its site's claim key), reset it and wait until the fleet sees it online."""
+    """Flash a board and give it its identity; wait until the fleet sees it online.
+
+    Writes the image with esptool, copies the node's files over the raw REPL, writes its
+    config with its identity from the fleet (or its site's claim key, offline), resets it.
+    """
     from kinhbac.device.fleet_client import FleetClient, is_local
     from kinhbac.device.node_config import parse_setting
     from kinhbac.device.provision import (
