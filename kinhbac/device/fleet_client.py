@@ -117,7 +117,7 @@ class FleetClient:
                 "network and try again, or flash with --offline", maybe_done=True
             ) from exc
         if answer.is_success:
-            return answer.json()
+            return answer.json() if answer.content else None  # a 204 has no body
         detail = _detail(answer)
         code = answer.status_code
         if code == 401:
@@ -196,6 +196,10 @@ class FleetClient:
 
     def revoke(self, device_id: str) -> dict[str, Any]:
         return self._request("POST", f"/api/devices/{device_id}/revoke")
+
+    def delete_device(self, device_id: str) -> None:
+        """Remove a device no gateway has heard from (FleetConflict once one has)."""
+        self._request("DELETE", f"/api/devices/{device_id}")
 
     def decide_claim(self, device_id: str, decision: str) -> dict[str, Any]:
         """Approve or reject a pending claim (admins)."""

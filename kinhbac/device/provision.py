@@ -10,9 +10,11 @@ leaves a device half-registered.
 
 The fleet learns about the board only at step 4, after the board has answered and holds its
 files; nothing that can fail comes between steps 4 and 5 but the config write itself, and if
-that fails the device is revoked at once, so its secret (which only this process saw) is
-withdrawn and no gateway gets its key. The revoked record stays: the fleet's API has no
-delete, and the record says what happened. Running the command again re-provisions it.
+that fails the registration is undone at once: a device this run registered is deleted (the
+fleet deletes only devices no gateway has heard from, and keeps an audit entry), so nothing of
+it remains; a device the fleet had before (re-provisioned) is revoked, so the new secret, which
+only this process saw, is withdrawn and no gateway gets its key. Running the command again
+re-provisions a revoked one.
 Offline (--offline), step 4 is skipped and the config carries the site's claim key instead:
 the device introduces itself and an admin approves it later.
 """
@@ -337,9 +339,19 @@ class Provisioner:
         return self.roll_back(orphan, cause)
 
     def roll_back(self, device: dict[str, Any], cause: BaseException) -> DeviceToolError:
-        """Withdraw the identity the board did not get; say what state things are in."""
+        """Undo the registration the board did not get; say what state things are in."""
         assert self.fleet is not None
         cause = str(cause) or "stopped (Ctrl-C)"
+        if self.existing is None:  # registered by this run: nothing of it should remain
+            try:
+                self.fleet.delete_device(device["id"])
+            except FleetError as exc:
+                self.reporter.note(f"could not delete the new record {device['id']} ({exc}); "
+                                   "revoking it instead")
+            else:
+                return DeviceToolError(
+                    f"{cause}\nRolled back: the fleet's record of this board is deleted, "
+                    "nothing is registered. Run the command again to provision the board.")
         try:
             self.fleet.revoke(device["id"])
         except FleetError as exc:

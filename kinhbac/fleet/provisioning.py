@@ -166,6 +166,20 @@ def revoke(session: Session, actor: Actor, device_id: uuid.UUID) -> Device:
     return _save_change(session, actor, device, "device.revoke", before)
 
 
+def delete_device(session: Session, actor: Actor, device_id: uuid.UUID) -> None:
+    """Remove a device no gateway has ever heard from: a registration that did not reach its
+    board (the technician's tool rolls back with this). A device that has been heard keeps
+    its record (and its history): revoke it instead."""
+    device = get_or_404(session, Device, device_id, "device")
+    if device.last_seen_at is not None or device.status is not None:
+        raise Conflict(f"device {device.mac} has been heard from by a gateway: revoke it "
+                       "instead (its record stays, with its history)")
+    audit.record(session, actor, "device.delete", "device", device.id,
+                 before=audit.snapshot(device, DevicePublic))
+    session.delete(device)
+    commit(session, "the device changed meanwhile; try again")
+
+
 def list_devices(
     session: Session,
     *,

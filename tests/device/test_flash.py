@@ -239,18 +239,20 @@ class AnswerLost(httpx.HTTPTransport):
         return answer
 
 
-def test_a_registration_whose_answer_is_lost_is_found_and_revoked(emulator, site, sites_dir):
+def test_a_registration_whose_answer_is_lost_is_found_and_deleted(emulator, site, sites_dir):
     board = wired_board(emulator)
     flow = provisioner(site, board)
     flow.fleet = FleetClient(site.fleet.url, site.technician, transport=AnswerLost())
     with pytest.raises(DeviceToolError) as failed:
         flow.run()
     assert "did not answer" in str(failed.value) and "Rolled back" in str(failed.value)
-    [device] = site.devices()
-    assert device["state"] == "revoked" and device["mac"] == board.mac.hex(":")
+    assert site.devices() == []
+    deleted = site.fleet.call("GET", "/api/audit", site.admin,
+                              params={"action": "device.delete"})["items"]
+    assert [entry["before"]["mac"] for entry in deleted] == [board.mac.hex(":")]
 
 
-def test_config_write_failing_after_registration_revokes_the_device(
+def test_config_write_failing_after_registration_leaves_nothing_registered(
         emulator, site, sites_dir):
     board = wired_board(emulator)
     # The board loses power the moment the fleet has registered it: the config never lands.
@@ -260,18 +262,34 @@ def test_config_write_failing_after_registration_revokes_the_device(
     with pytest.raises(DeviceToolError) as failed:
         flow.run()
     message = str(failed.value)
-    assert "Rolled back" in message and "revoked" in message
-    [device] = site.devices()
-    assert device["state"] == "revoked" and device["mac"] == board.mac.hex(":")
+    assert "Rolled back" in message and "nothing is registered" in message
+    assert site.devices() == []
     keys = site.fleet.call("GET", "/api/gateway/keys", site.gateway_token)
     assert keys["devices"] == []  # no gateway gets a key for it
     assert board.read_file("/config.json") is None
 
-    # Run again: the revoked record is re-provisioned, and the board gets its identity.
+    # Run again: the board is registered afresh and gets its identity.
     board.power_on()
     result = provisioner(site, board).run()
-    assert result.device["id"] == device["id"] and result.device["state"] == "active"
-    assert board_config(board)["key_id"] == result.device["key_id"] == 2
+    assert result.device["state"] == "active"
+    assert board_config(board)["key_id"] == result.device["key_id"] == 1
+
+
+def test_a_failed_reprovisioning_revokes_the_new_key(emulator, site, sites_dir):
+    board = wired_board(emulator)
+    first = provisioner(site, board).run()
+    board.power_cut(restore=False)
+    board.power_on()
+    # The board loses power the moment the fleet has re-provisioned it: the new key never lands.
+    flow = provisioner(site, board, Steps(at="re-provisioned",
+                                          action=lambda: board.power_cut(restore=False)),
+                       reprovision=True)
+    flow.recover_timeout_s = 2.0
+    with pytest.raises(DeviceToolError) as failed:
+        flow.run()
+    assert "Rolled back" in str(failed.value) and "revoked" in str(failed.value)
+    [device] = site.devices()
+    assert device["id"] == first.device["id"] and device["state"] == "revoked"
 
 
 def test_offline_flash_writes_the_site_claim_key_and_registers_nothing(

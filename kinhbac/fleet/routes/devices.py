@@ -167,6 +167,15 @@ def revoke_device(device_id: uuid.UUID, session: SessionDep, caller: Staff) -> D
     return provisioning.revoke(session, caller.actor, device_id)
 
 
+@router.delete("/{device_id}", status_code=status.HTTP_204_NO_CONTENT,
+               responses={409: {"description": "a gateway has heard from it: revoke it"}})
+def delete_device(device_id: uuid.UUID, session: SessionDep, caller: Staff) -> Response:
+    """Remove a device that no gateway has ever heard from (a registration that never reached
+    its board); a device that has been heard is revoked instead, keeping its record."""
+    provisioning.delete_device(session, caller.actor, device_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
 @router.post("/{device_id}/approve", response_model=DevicePublic)
 def approve_device(
     device_id: uuid.UUID, session: SessionDep, box: SecretBoxDep, caller: Admin

@@ -4,7 +4,7 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import func, select
 
-from kinhbac.fleet.models import Device, Role
+from kinhbac.fleet.models import AuditEntry, Device, DeviceTag, Role, utcnow
 
 from ..utils import bearer, make_device, make_site, make_user
 
@@ -181,3 +181,33 @@ def test_bad_list_parameters_are_a_422_naming_them(client, technician, params, f
     response = client.get("/api/devices", headers=technician, params=params)
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"] == ["query", field]
+
+
+def test_delete_removes_a_device_never_heard_from_with_its_tags(client, session, box,
+                                                                  technician):
+    device = make_device(session, box, tags=["north"])
+
+    response = client.delete(f"/api/devices/{device.id}", headers=technician)
+
+    assert response.status_code == 204
+    session.expire_all()
+    assert session.get(Device, device.id) is None
+    assert session.exec(select(func.count()).select_from(DeviceTag)).one() == 0
+    entry = session.exec(select(AuditEntry).where(AuditEntry.action == "device.delete")).one()
+    assert entry.before["mac"] == device.mac and entry.after is None
+    again = client.delete(f"/api/devices/{device.id}", headers=technician)
+    assert again.status_code == 404
+
+
+def test_a_device_heard_from_is_revoked_not_deleted(client, session, box, technician):
+    device = make_device(session, box)
+    stored = session.get(Device, device.id)
+    stored.last_seen_at = utcnow()
+    session.add(stored)
+    session.commit()
+
+    response = client.delete(f"/api/devices/{device.id}", headers=technician)
+
+    assert response.status_code == 409
+    assert "revoke it instead" in response.json()["detail"]
+    assert session.get(Device, device.id) is not None

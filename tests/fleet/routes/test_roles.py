@@ -80,6 +80,7 @@ ROUTES = [
           lambda w: {"json": {"tags": ["north"]}}),
     Route("POST", "/api/devices/{device_id}/reprovision", STAFF, 200),
     Route("POST", "/api/devices/{device_id}/revoke", STAFF, 200),
+    Route("DELETE", "/api/devices/{device_id}", STAFF, 204),
     Route("POST", "/api/devices/{device_id}/approve", frozenset({ADMIN}), 200,
           ids=lambda w: {"device_id": w.pending_device_id}),
     Route("POST", "/api/devices/{device_id}/reject", frozenset({ADMIN}), 200,
