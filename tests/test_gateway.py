@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from helpers.gateway import Collector, GatewayProcess
+from helpers.gateway import GatewayProcess
 
 from kinhbac import wire
 from kinhbac.broker import LocalBroker
@@ -27,17 +27,10 @@ NODE_SETTINGS = {
 
 @pytest.fixture
 def broker(tmp_path):
+    """Persistent, unlike the shared fixture: the tests here stop and restart it."""
     with LocalBroker(tmp_path / "broker", persistence=True) as b:
         print(b.describe())
         yield b
-
-
-@pytest.fixture
-def collector(broker):
-    c = Collector(broker.port)
-    time.sleep(0.2)
-    yield c
-    c.close()
 
 
 class Site:

@@ -12,10 +12,9 @@ from typing import Any
 import httpx
 import pytest
 from helpers.fleet import FleetServer, running_fleet, wait_until
-from helpers.gateway import Collector, GatewayProcess
+from helpers.gateway import GatewayProcess
 
 from kinhbac import wire
-from kinhbac.broker import LocalBroker
 from kinhbac.emulator import launcher
 from kinhbac.emulator.devices import BME280, AnalogSource, PulseSource
 from kinhbac.firmware import config_file, firmware_files, firmware_version
@@ -52,20 +51,6 @@ def firmware() -> dict[str, bytes]:
 def fleet(tmp_path, monkeypatch, broker):
     with running_fleet(tmp_path / "fleet", broker.port, monkeypatch, ADMIN) as server:
         yield server
-
-
-@pytest.fixture
-def broker(tmp_path):
-    with LocalBroker(tmp_path / "broker") as b:
-        yield b
-
-
-@pytest.fixture
-def collector(broker):
-    c = Collector(broker.port)
-    time.sleep(0.2)
-    yield c
-    c.close()
 
 
 class Site:

@@ -10,7 +10,6 @@ import pytest
 from helpers.fleet import FleetServer, running_fleet
 from helpers.gateway import GatewayProcess
 
-from kinhbac.broker import LocalBroker
 from kinhbac.emulator import launcher
 from kinhbac.firmware import firmware_files
 
@@ -63,12 +62,6 @@ class FleetSite:
 @functools.cache
 def firmware() -> dict[str, bytes]:
     return firmware_files()  # mpy-cross once per test run, not once per board
-
-
-@pytest.fixture
-def broker(tmp_path):
-    with LocalBroker(tmp_path / "broker") as b:
-        yield b
 
 
 @pytest.fixture
