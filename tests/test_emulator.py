@@ -321,3 +321,13 @@ def test_wrong_wifi_password_never_connects(board):
     repl.exec("import network, time\nw = network.WLAN(0)\nw.active(True)\n"
               "w.connect('kinhbac-site', 'wrong')\ntime.sleep_ms(300)")
     assert repl.eval("w.isconnected()") is False
+
+
+def test_powering_on_a_board_that_is_on_is_refused(board):
+    boot_with(board, "pass\n")
+    with pytest.raises(RuntimeError, match="already on"):
+        board.power_on()
+    board.power_cut(restore=False)
+    board.power_on()  # after a power cut it boots again, once
+    board.console.wait_for(">>> ", timeout=15)
+    assert board.boots == [PWRON_RESET, PWRON_RESET]

@@ -170,6 +170,13 @@ class Board:
         else:
             self.emulator.call(self._boot(PWRON_RESET))
 
+    def _refuse_if_on(self) -> None:
+        # Power applied to a board that runs MicroPython changes nothing on a real board; here
+        # it would start a second interpreter beside the first.
+        if self._process is not None:
+            raise RuntimeError(f"{self.name} is already on: power_cut(restore=False) first, "
+                               "or press_reset()")
+
     def power_cut(self, restore: bool = True) -> None:
         """Cut the power without warning (SIGKILL): flash keeps what was written, RAM and RTC
         memory are lost. With `restore`, power comes back at once and the board boots again."""
@@ -213,6 +220,7 @@ class Board:
 
     async def _boot(self, cause: int) -> None:
         async with self._lock:
+            self._refuse_if_on()
             self._rom = None  # power applied again: the chip resets out of download mode
             await self._spawn(cause)
 
