@@ -331,3 +331,16 @@ def test_powering_on_a_board_that_is_on_is_refused(board):
     board.power_on()  # after a power cut it boots again, once
     board.console.wait_for(">>> ", timeout=15)
     assert board.boots == [PWRON_RESET, PWRON_RESET]
+
+
+def test_a_reset_request_read_after_a_power_cut_does_not_power_the_board_on(emulator, board):
+    # machine.reset() sends its request and halts; when the power is cut in that instant, the
+    # emulator may read the request after the cut. It must not bring the board back: that
+    # read is played here, deterministically, through the handler the request reaches.
+    boot_with(board, "pass\n")
+    board.power_cut(restore=False)
+
+    emulator.call(board._restart(HARD_RESET))
+
+    assert not board.running
+    assert board.boots == [PWRON_RESET]

@@ -263,7 +263,11 @@ class Board:
                 await self._spawn(PWRON_RESET)
 
     async def _restart(self, cause: int, delay_s: float = 0.0) -> None:
+        """A reset the running board asked for (machine.reset, deep sleep, its watchdog)."""
+        asked_by = self._process  # a call read after a power cut finds no process: moot
         async with self._lock:
+            if asked_by is None or self._process is not asked_by:
+                return  # the power was cut (or the board reset) first: that reset is moot
             await self._kill()
             if delay_s > 0:
                 await asyncio.sleep(delay_s)
