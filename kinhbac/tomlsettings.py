@@ -1,12 +1,14 @@
 """Settings read from a TOML file chosen at run time, with the environment winning over it.
 
-Shared by the gateway's and the fleet's settings. Their loaders set `_toml_file` on the class
-only while they build one instance (pydantic-settings takes sources per class, not per call).
+Shared by the gateway's and the fleet's settings: `load()` sets `_toml_file` on the class only
+while it builds one instance (pydantic-settings takes sources per class, not per call).
 """
 
+import tomllib
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Self
 
+from pydantic import ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -14,8 +16,42 @@ from pydantic_settings import (
 )
 
 
+class SettingsFileError(Exception):
+    """The settings file is missing or not TOML (the message says which)."""
+
+
+class SettingsValueError(Exception):
+    """The first setting refused: `.field` (dotted, "" for the whole) and `.message`."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.message = message
+
+
 class TomlFileSettings(BaseSettings):
     _toml_file: ClassVar[Path | None] = None
+
+    @classmethod
+    def load(cls, path: Path | None, **overrides: object) -> Self:
+        """Settings from `path` (TOML, optional) under the environment; SettingsFileError or
+        SettingsValueError says what is wrong."""
+        if path is not None:
+            if not path.is_file():
+                raise SettingsFileError(f"config file {path} does not exist")
+            try:
+                tomllib.loads(path.read_text())
+            except tomllib.TOMLDecodeError as exc:
+                raise SettingsFileError(f"{path} is not valid TOML: {exc}") from exc
+        cls._toml_file = path
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise SettingsValueError(".".join(str(part) for part in first["loc"]),
+                                     first["msg"].removeprefix("Value error, ")) from exc
+        finally:
+            cls._toml_file = None
 
     @classmethod
     def settings_customise_sources(

@@ -5,7 +5,6 @@
 A bad value stops the service with one line that names the setting.
 """
 
-import tomllib
 from pathlib import Path
 from typing import Literal
 
@@ -13,7 +12,6 @@ from pydantic import (
     Field,
     PrivateAttr,
     SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -21,7 +19,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from kinhbac.tomlsettings import TomlFileSettings
+from kinhbac.tomlsettings import SettingsFileError, SettingsValueError, TomlFileSettings
 
 MIN_SECRET_KEY = 32  # characters; a token_urlsafe(32) is 43, well above brute force
 PLACEHOLDER = "changethis"
@@ -164,23 +162,10 @@ def secret_key_problem(key: str) -> str | None:
 
 def load_settings(path: Path | None = None, **overrides: object) -> Settings:
     """Settings from `path` (TOML) and the environment; SettingsError names the bad setting."""
-    if path is not None:
-        if not path.is_file():
-            raise SettingsError(f"config file {path} does not exist")
-        try:
-            tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise SettingsError(f"{path} is not valid TOML: {exc}") from exc
-    Settings._toml_file = path
     try:
-        settings = Settings(**overrides)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"])
-        message = first["msg"].removeprefix("Value error, ")
-        raise SettingsError(f"{field}: {message}" if field else message) from exc
-    finally:
-        Settings._toml_file = None
+        settings = Settings.load(path, **overrides)
+    except (SettingsFileError, SettingsValueError) as exc:
+        raise SettingsError(str(exc)) from exc
     if path is not None:
         settings._config_dir = path.parent
     return settings

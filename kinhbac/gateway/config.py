@@ -7,16 +7,15 @@ A bad value stops the gateway with one line that names the field.
 
 import re
 import socket
-import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from kinhbac.tomlsettings import TomlFileSettings
+from kinhbac.tomlsettings import SettingsFileError, SettingsValueError, TomlFileSettings
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # safe inside an MQTT topic and a file name
 
@@ -183,20 +182,11 @@ def describe_settings() -> str:
 
 def load_settings(path: Path | None, **overrides: object) -> GatewaySettings:
     """Settings from `path` (TOML) and the environment; ConfigError names the first bad field."""
-    if path is not None:
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    GatewaySettings._toml_file = path
     try:
-        return GatewaySettings(**overrides)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "config"
-        message = first["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"config error in {field}: {message}") from exc
+        return GatewaySettings.load(path, **overrides)
+    except SettingsFileError as exc:
+        raise ConfigError(str(exc)) from exc
+    except SettingsValueError as exc:
+        raise ConfigError(f"config error in {exc.field or 'config'}: {exc.message}") from exc
     finally:
         GatewaySettings._toml_file = None
