@@ -68,6 +68,10 @@ class QueueError(Exception):
     """The queue could not take the readings (disk full, database failure); nothing was acked."""
 
 
+class QueueFailed(Exception):
+    """The queue's database thread died: nothing can be stored or published any more."""
+
+
 @dataclass
 class Stored:
     """One stored frame's readings, as the uplink reads them back."""
@@ -126,11 +130,13 @@ class Queue:
         self._reader: sqlite3.Connection | None = None
         self._read_pool = ThreadPoolExecutor(1, thread_name_prefix="queue-read")
         self._page_size = 4096
+        self._failed: asyncio.Future | None = None
 
     # ----- life cycle -----
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._failed = self._loop.create_future()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         opened: asyncio.Future = self._loop.create_future()
         self._thread.start()
@@ -147,6 +153,11 @@ class Queue:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+
+    async def watch(self) -> None:
+        """Wait for ever; raise QueueFailed if the database thread dies (for the supervisor)."""
+        assert self._failed is not None
+        await asyncio.shield(self._failed)
 
     async def _ask(self, kind: str, payload: Any = None) -> Any:
         assert self._loop is not None
@@ -205,6 +216,22 @@ class Queue:
         self._loop.call_soon_threadsafe(settle)
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # a bug: every later request would wait for ever
+            log.critical("queue thread died: %r", exc)
+            if self._loop is not None and self._failed is not None:
+                failed = self._failed
+                error = QueueFailed(f"queue thread died: {exc!r}")
+
+                def fail() -> None:
+                    if not failed.done():
+                        failed.set_exception(error)
+
+                self._loop.call_soon_threadsafe(fail)
+            raise
+
+    def _serve(self) -> None:
         while True:
             first = self._requests.get()
             group = [first]
