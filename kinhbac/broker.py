@@ -206,7 +206,7 @@ class LocalBroker:
             raise ValueError(f"prefer must be 'mosquitto' or 'amqtt', not {prefer!r}")
         if prefer == "amqtt" and require_mosquitto:
             raise ValueError("prefer='amqtt' contradicts require_mosquitto=True")
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).resolve()  # mosquitto's config names files in it
         self._persistence = persistence
         self._users = dict(users) if users is not None else None
         self._acl_file = Path(acl_file) if acl_file is not None else None

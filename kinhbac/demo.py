@@ -160,6 +160,9 @@ def run_demo(boards: int, workdir: Path) -> None:
     console = Console()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Resolved once, here: the default (run/demo) is relative to where `make demo` runs, and
+    # the broker and the boards' interpreters are handed paths in it from other folders.
+    workdir = workdir.resolve()
     shutil.rmtree(workdir, ignore_errors=True)  # fresh identities and an empty queue each run
     workdir.mkdir(parents=True)
     with LocalBroker(workdir / "broker") as broker, Emulator(workdir / "boards") as emu:

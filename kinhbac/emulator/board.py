@@ -91,7 +91,8 @@ class Board:
         self.emulator = emulator
         self.index = index
         self.name = name
-        self.workdir = Path(workdir)
+        # Absolute: the interpreter runs in this folder and is handed the flash image's path.
+        self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mac = mac
         self.heap_bytes = heap_bytes

@@ -14,6 +14,7 @@ def run_boards(boards: int, workdir: Path) -> None:
     console = Console()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    workdir = workdir.resolve()  # the default is relative; the boards run in other folders
     with Emulator(workdir) as emu:
         table = Table(title="Emulated ESP32 boards")
         for column in ("board", "serial port", "stable link", "MAC"):

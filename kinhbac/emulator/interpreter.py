@@ -42,7 +42,8 @@ def find_micropython() -> str:
     if chosen:
         if not os.access(chosen, os.X_OK):
             raise MicroPythonNotFound(f"KINHBAC_MICROPYTHON={chosen} is not an executable file")
-        return chosen
+        # Absolute: the emulator runs it from other folders (a board's, the stand-ins').
+        return os.path.abspath(chosen)
     beside = Path(sys.executable).with_name("micropython")
     if beside.exists():
         return str(beside)

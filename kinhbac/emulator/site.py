@@ -39,7 +39,9 @@ class Emulator:
         heap_bytes: int | None = None,
         access_point: AccessPoint | None = None,
     ) -> None:
-        self.workdir = Path(workdir)
+        # Absolute: each board's interpreter runs in the board's own folder and the flash tool
+        # in the stand-ins folder, where a path relative to the caller's would name nothing.
+        self.workdir = Path(workdir).resolve()
         self.micropython = micropython or find_micropython()
         self.heap_bytes = heap_bytes or emulated_heap_bytes()
         self.access_point = access_point or AccessPoint()
