@@ -6,26 +6,45 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _processes_under(path: str) -> list[str]:
+    """Processes whose command line names `path`, or that run in a folder under it."""
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+            cwd = os.readlink(f"/proc/{pid}/cwd")
         except OSError:
             continue
-        if path in cmdline:
-            found.append(cmdline)
+        if path in cmdline or cwd == path or cwd.startswith(path + "/"):
+            found.append(f"{pid} in {cwd}: {cmdline}")
     return found
 
 
-def test_demo_shows_readings_and_ctrl_c_leaves_nothing_running(tmp_path):
-    workdir = tmp_path / "demo"
+def test_make_demo_on_a_fresh_clone_shows_readings_and_ctrl_c_leaves_nothing_running(tmp_path):
+    # `make demo` runs `.venv/bin/kinhbac demo` with no arguments in the folder of a fresh
+    # clone, so the demo's default work folder (run/demo) is relative to it. The console
+    # script beside this Python imports the installed package, not the clone's copy: check
+    # that it is this checkout, so that the code under test is the one being edited.
+    script = Path(sys.executable).with_name("kinhbac")
+    assert script.exists(), f"no {script}: install this checkout (make install)"
+    clone = tmp_path / "kinhbac"
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
+    imported = subprocess.run(
+        [sys.executable, "-P", "-c", "import kinhbac; print(kinhbac.__file__)"],
+        cwd=clone, capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    assert Path(imported).resolve().is_relative_to(REPO), f"{script} runs {imported}"
+    workdir = clone / "run" / "demo"  # the default, as the demo resolves it
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kinhbac.cli", "demo", "--boards", "2", "--workdir", str(workdir)],
+        [str(script), "demo"],
+        cwd=clone,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=dict(os.environ, COLUMNS="200"),
     )
@@ -34,9 +53,11 @@ def test_demo_shows_readings_and_ctrl_c_leaves_nothing_running(tmp_path):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "Broker: mosquitto" in out or "Broker: embedded amqtt" in out
+    assert "5 boards" in out
     assert "uplink connected" in out
     published = [int(n) for n in re.findall(r"(\d+) readings published", out)]
     assert published and max(published) > 20, out[-2000:]
     assert "nothing left running" in out
+    assert (workdir / "boards" / "board-0" / "flash.bin").exists()
     time.sleep(0.5)
     assert _processes_under(str(workdir)) == []
