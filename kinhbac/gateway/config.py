@@ -94,7 +94,8 @@ class GatewaySettings(TomlFileSettings):
         None, description="folder of <device id>.json CONFIG settings, sent on a node's next HELLO"
     )
     disk_cap_bytes: int = Field(
-        512 * 1024 * 1024, ge=64 * 1024, description="queue size limit; beyond it the oldest go"
+        0, ge=0, description="queue size limit; beyond it the oldest go (0: a quarter of the "
+        "data_dir filesystem, 64 MiB to 16 GiB)"
     )
     max_age_s: int = Field(7 * 86400, ge=60, description="queued readings older than this go")
     commit_window_ms: float = Field(
@@ -119,6 +120,13 @@ class GatewaySettings(TomlFileSettings):
     def _topic_safe(cls, value: str) -> str:
         if not _NAME.match(value):
             raise ValueError("use lower-case letters, digits, '-' and '_' (at most 63)")
+        return value
+
+    @field_validator("disk_cap_bytes")
+    @classmethod
+    def _cap_room(cls, value: int) -> int:
+        if 0 < value < 64 * 1024:
+            raise ValueError("give 0 (a quarter of the disk) or at least 65536 bytes")
         return value
 
     @field_validator("fleet_url")

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from kinhbac import wire
 from kinhbac.gateway.keys import KeyStore
 from kinhbac.gateway.metrics import Metrics
 from kinhbac.gateway.queue import Batch, Queue, QueueError
+from kinhbac.gateway.telemetry import sensors_json
 
 log = logging.getLogger(__name__)
 
@@ -39,28 +39,24 @@ class DeviceInfo:
         self.hello = hello
         sensors = hello.get("sensors", [])
         self.sensors = [(name, unit) for name, unit in sensors]
-        # Each sensor's name and unit as JSON, encoded once: readings are encoded per frame.
-        self._json = [(json.dumps(n), json.dumps(u)) for n, u in self.sensors]
-
-    def sensor_json(self, index: int) -> tuple[str, str]:
-        if index < len(self._json):
-            return self._json[index]
-        return (f'"sensor{index}"', '""')
+        # Stored beside each frame (by reference): a later HELLO with another table does not
+        # rename readings already queued.
+        self.sensors_json = sensors_json(self.sensors)
 
 
 UNKNOWN_DEVICE_INFO = DeviceInfo({})
+_READINGS_AT = wire.HEADER_SIZE + wire.READINGS_HEAD_SIZE  # the readings' bytes in a frame
 
 
-def reading_json(seq: int, names: tuple[str, str], value: float, time_ms: int,
-                 unsynced: bool, pre_sync: bool) -> str:
-    """One reading as the JSON object the telemetry payload carries (docs/mqtt.md)."""
-    name, unit = names
-    number = repr(value) if math.isfinite(value) else "null"  # JSON has no NaN or infinity
-    if unsynced:  # the node's clock never synced that boot: only ms since its boot are known
-        return (f'{{"seq":{seq},"sensor":{name},"value":{number},"unit":{unit},"ts":null,'
-                f'"boot_ms":{time_ms},"pre_sync":true}}')
-    return (f'{{"seq":{seq},"sensor":{name},"value":{number},"unit":{unit},"ts":{time_ms},'
-            f'"pre_sync":{"true" if pre_sync else "false"}}}')
+class _Connection:
+    """What the listener tracks of one node connection for the acknowledgement invariant."""
+
+    def __init__(self) -> None:
+        # Per device: the last reading sent on this connection in a batch given to the queue.
+        self.last_sent: dict[str, tuple[int, int]] = {}
+        # Devices with a refused READINGS frame on this connection: their later batches are
+        # refused too (docs/protocol.md, ACK), never stored past the refused ones.
+        self.refused: set[str] = set()
 
 
 class Listener:
@@ -132,9 +128,10 @@ class Listener:
         self._connections.add(task)
         self.metrics.connections.inc()
         replies: asyncio.Queue = asyncio.Queue(PIPELINE)
-        sender = asyncio.create_task(self._send_replies(writer, replies))
+        conn = _Connection()
+        sender = asyncio.create_task(self._send_replies(writer, replies, conn))
         try:
-            await self._read_frames(reader, replies)
+            await self._read_frames(reader, replies, conn)
         except asyncio.CancelledError:
             pass
         finally:
@@ -147,7 +144,8 @@ class Listener:
             self.metrics.connections.dec()
             self._connections.discard(task)
 
-    async def _read_frames(self, reader: asyncio.StreamReader, replies: asyncio.Queue) -> None:
+    async def _read_frames(self, reader: asyncio.StreamReader, replies: asyncio.Queue,
+                           conn: _Connection) -> None:
         while True:
             try:
                 header = await asyncio.wait_for(
@@ -174,21 +172,20 @@ class Listener:
                 self._refused(exc, frame)
                 if exc.reason not in _ANSWERABLE or exc.header is None:
                     return  # cannot be answered, and the stream cannot be trusted
+                if exc.header[0] == wire.READINGS:
+                    conn.refused.add(wire.device_hex(exc.header[1]))
                 await replies.put(self._error_reply(exc))
                 continue
-            await replies.put(self._handle(msg))
+            await replies.put(self._handle(msg, frame, conn))
 
-    async def _send_replies(self, writer: asyncio.StreamWriter, replies: asyncio.Queue) -> None:
+    async def _send_replies(self, writer: asyncio.StreamWriter, replies: asyncio.Queue,
+                            conn: _Connection) -> None:
         """Write each frame's answers in the order the frames came."""
         while True:
             item = await replies.get()
             if item is None:
                 return
-            try:
-                frames = await item if asyncio.isfuture(item) else item
-            except QueueError as exc:
-                log.error("queue refused readings: %s", exc)
-                continue  # not acknowledged: the node keeps them and sends them again
+            frames = await item if asyncio.isfuture(item) else item
             if frames:
                 writer.write(b"".join(frames))
                 try:
@@ -198,7 +195,7 @@ class Listener:
 
     # ----- frames -----
 
-    def _handle(self, msg: wire.Message) -> Any:
+    def _handle(self, msg: wire.Message, frame: bytes, conn: _Connection) -> Any:
         device = wire.device_hex(msg.device_id)
         key = self.keys.lookup(msg.device_id, msg.key_id)
         assert isinstance(key, wire.Key)
@@ -206,7 +203,7 @@ class Listener:
         if msg.type == wire.HELLO:
             return self._hello(device, key, msg, replay)  # type: ignore[arg-type]
         if msg.type == wire.READINGS:
-            return asyncio.ensure_future(self._readings(device, key, msg, replay))  # type: ignore
+            return self._readings(device, key, msg, frame, replay, conn)  # type: ignore
         if msg.type == wire.CLAIM:
             # Its replay window is not saved: it would replace the window of the device's own
             # key in the queue's one row per device, and a forged claim could then reopen it.
@@ -280,31 +277,49 @@ class Listener:
             return None
         return settings
 
-    async def _readings(self, device: str, key: wire.Key, msg: wire.ReadingsMessage,
-                        replay: tuple[int, int, int]) -> list[bytes]:
-        info = self.devices.get(device, UNKNOWN_DEVICE_INFO)
-        base, first = msg.base_ms, msg.first_seq
-        unsynced, pre_sync = msg.unsynced, msg.pre_sync
-        readings = [
-            (first + i, reading_json(first + i, info.sensor_json(index), value,
-                                     base + offset_ms, unsynced, pre_sync))
-            for i, (index, offset_ms, value) in enumerate(msg.readings)
-        ]
-        count = len(readings)
+    def _readings(self, device: str, key: wire.Key, msg: wire.ReadingsMessage, frame: bytes,
+                  replay: tuple[int, int, int], conn: _Connection) -> asyncio.Future | list:
+        """Give the batch to the queue now (so batches reach it in the order they came) and
+        return the future of its answer: an ACK once stored, else BUSY."""
+        count = len(msg.readings)
         self.metrics.readings_in.inc(count)
-        try:
-            fresh = await self.queue.put(Batch(device, msg.readings_boot, readings, replay))
-        except QueueError:
+        busy = [wire.encode_error(key, msg.boot, wire.downlink_counter(msg.counter, 0),
+                                  wire.BUSY, msg.counter, "queue unavailable")]
+        if device in conn.refused:
+            # An earlier batch of this device was refused on this connection: acknowledging a
+            # later one would cover it (ACKs are cumulative).
             self.metrics.frames_refused.labels("busy").inc()
-            return [wire.encode_error(key, msg.boot, wire.downlink_counter(msg.counter, 0),
-                                      wire.BUSY, msg.counter, "queue unavailable")]
-        self.metrics.readings_acked.inc(count)
-        if self.on_seen is not None:
-            self.on_seen(device)
-        if fresh < count:
-            self.metrics.readings_duplicate.inc(count - fresh)
-        return [wire.encode_ack(key, msg.boot, wire.downlink_counter(msg.counter, 0),
-                                msg.readings_boot, msg.last_seq, int(time.time() * 1000))]
+            return busy
+        info = self.devices.get(device, UNKNOWN_DEVICE_INFO)
+        flags = ((wire.READINGS_UNSYNCED if msg.unsynced else 0)
+                 | (wire.READINGS_PRE_SYNC if msg.pre_sync else 0))
+        batch = Batch(
+            device=device, readings_boot=msg.readings_boot, first_seq=msg.first_seq,
+            count=count, base_ms=msg.base_ms, flags=flags,
+            readings=bytes(frame[_READINGS_AT:_READINGS_AT + count * wire.READING_SIZE]),
+            sensors=info.sensors_json, replay=replay, after=conn.last_sent.get(device),
+        )
+        conn.last_sent[device] = (msg.readings_boot, batch.last_seq)
+        stored = self.queue.submit(batch)
+
+        async def answer() -> list[bytes]:
+            try:
+                fresh = await stored
+            except QueueError:
+                # Not stored, not acknowledged: the node keeps the readings and sends them
+                # again. The queue logs the storage fault once; each refusal is counted.
+                conn.refused.add(device)
+                self.metrics.frames_refused.labels("busy").inc()
+                return busy
+            self.metrics.readings_acked.inc(count)
+            if self.on_seen is not None:
+                self.on_seen(device)
+            if fresh < count:
+                self.metrics.readings_duplicate.inc(count - fresh)
+            return [wire.encode_ack(key, msg.boot, wire.downlink_counter(msg.counter, 0),
+                                    msg.readings_boot, msg.last_seq, int(time.time() * 1000))]
+
+        return asyncio.ensure_future(answer())
 
     def _error_reply(self, exc: wire.FrameError) -> list[bytes]:
         _type, device_id, key_id, boot, counter = exc.header

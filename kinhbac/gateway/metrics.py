@@ -19,6 +19,10 @@ class Metrics:
                                            "acknowledged (PUBACK)", registry=r)
         self.readings_dropped = Counter(_P + "readings_dropped", "Queued readings dropped by "
                                         "policy", ["reason"], registry=r)
+        self.storage_faults = Counter(_P + "storage_faults", "Queue commits refused by a storage "
+                                      "fault, by kind (io_error, disk_full, failed): their "
+                                      "frames got BUSY and stay on the nodes", ["kind"],
+                                      registry=r)
         self.frames_refused = Counter(_P + "frames_refused", "Frames refused, by reason",
                                       ["reason"], registry=r)
         self.claims = Counter(_P + "claims", "CLAIM frames of boards holding only the site's "

@@ -1,17 +1,36 @@
 """The durable queue: readings on SQLite in WAL mode, committed in groups with fsync.
 
-A row holds one frame's readings, already encoded as the JSON the uplink publishes: a frame
-costs one insert and one delete whatever its size, and nothing is encoded twice.
+A row holds one frame's readings as they came on the wire (7 bytes each: sensor index, time
+offset, float32 value) beside the frame's identity, base time and flags; the uplink builds the
+JSON it publishes when it reads them back (telemetry.py). So a reading costs about its wire
+size on disk, not the ~100 bytes of its JSON, and a frame costs one insert and one delete.
 
 One thread owns the database. Every request (store these readings, delete those published,
 fetch the next ones) goes to it through a queue; it takes everything waiting, runs the writes
 in one transaction and commits once (synchronous=FULL: the WAL is fsynced), then answers. So
 many nodes' frames share one fsync, and a node hears "durable" only after that fsync.
 
-Duplicates: the node resends what it has no ACK for. Readings of a device arrive in (boot, seq)
-order, so the queue keeps each device's high-water mark and stores only readings above it:
-a resend is acknowledged again and stored once, whether the first copy is still queued or
-already published. The mark is committed with the readings.
+The acknowledgement invariant (docs/protocol.md): the gateway acknowledges readings of a boot
+through seq s only when every reading of that boot up to s that the node sent on this
+connection is stored. It is decided here, in `_write_put`:
+- Each device has a high-water mark, committed with its readings. Readings at or below it are
+  duplicates (acknowledged again, stored once); the mark only ever moves over readings that
+  were stored in the same transaction.
+- A batch carries `after`, the last reading the node sent before it on the same connection. If
+  the mark is below `after`, an earlier batch was not stored (its commit failed, or it was
+  refused): this one is refused too, so the mark never jumps over a refused range and the
+  node's resend of that range is never mistaken for a duplicate.
+
+Storage faults, by kind (docs/mqtt.md, "Drops"):
+- An I/O error (EIO, a failed fsync) refuses the group's frames (BUSY: the nodes keep them and
+  send them again) and deletes nothing. Deletes and device notes of the failed transaction are
+  redone with the next one.
+- A full disk (ENOSPC, or less free space than the reserve) refuses new frames the same way
+  and deletes nothing acknowledged: the readings wait in the nodes' flash. Published readings
+  are still deleted (the ballast file gives the room to write that).
+- The disk cap (`disk_cap_bytes`) is a policy: past it the oldest frames are deleted, just
+  enough to fit, counted under `disk_cap` and logged with what they held; past `max_age_s`,
+  under `max_age`.
 """
 
 import asyncio
@@ -20,7 +39,7 @@ import json
 import logging
 import os
 import queue
-import sqlite3
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -29,30 +48,49 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import apsw
+
+from kinhbac.wire import READING_SIZE, READINGS_PRE_SYNC, READINGS_UNSYNCED
+
 log = logging.getLogger(__name__)
 
 _WRITES = ("put", "device", "delete", "config_sent")
+_REDONE = ("device", "delete")  # fire-and-forget writes: a failed commit's are redone
 MAX_GROUP = 512  # requests per transaction: bounds one commit's latency under a flood
-CAP_MARGIN = 0.9  # a cap deletion frees down to 90 % of the cap, so it does not run per commit
+CAP_MARGIN = 0.99  # a cap deletion frees 1 % below the cap, so that it does not run per commit
 # Disk space kept free beside the queue for the WAL and checkpoints: a tenth of the filesystem,
 # between 64 KiB and 4 MiB. Half of it is held by a ballast file, given up when the disk fills
-# anyway (other programs share an SD card), so that deleting the oldest can still be written.
+# anyway (other programs share an SD card), so that deleting published readings can be written.
 RESERVE_MIN = 64 * 1024
 RESERVE_MAX = 4 * 1024 * 1024
 PAGE_CACHE_KIB = 2 * 1024  # the queue is written and read in order: little worth caching
+FULL_RETRY_S = 1.0  # after a full disk, new frames are refused without a try for this long
+REDO_RETRY_S = 0.5  # a failed commit's deletes are tried again after this, even when idle
+# The default cap (disk_cap_bytes = 0): a quarter of the filesystem that holds the queue,
+# between 64 MiB and 16 GiB. On an 8 GB SD card that is 2 GB: about 37 hours of 1,000
+# readings/s at the ~15 bytes a reading of 20-reading frames costs (bench/RESULTS.md).
+AUTO_CAP_SHARE = 4
+AUTO_CAP_MIN = 64 * 1024 * 1024
+AUTO_CAP_MAX = 16 * 1024**3
+SCHEMA_VERSION = 2
+DROP_LOG_EVERY_S = 60.0  # policy drops are logged at once, then gathered into a line a minute
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
     id INTEGER PRIMARY KEY AUTOINCREMENT,   -- never reused: the uplink's cursor relies on it
-    device TEXT NOT NULL,
+    device INTEGER NOT NULL,                -- devices.ref
     boot INTEGER NOT NULL,                  -- the readings' boot
     first_seq INTEGER NOT NULL,             -- readings first_seq .. first_seq + count - 1
     count INTEGER NOT NULL,
-    readings TEXT NOT NULL,                 -- JSON objects, comma-separated, as published
-    received_ms INTEGER NOT NULL
+    base_ms INTEGER NOT NULL,               -- the frame's base time and flags, as on the wire
+    flags INTEGER NOT NULL,
+    sensors INTEGER NOT NULL,               -- sensor_tables.ref in force when it came
+    received_ms INTEGER NOT NULL,
+    readings BLOB NOT NULL                  -- count x (sensor u8, offset ms u16, value f32), BE
 );
 CREATE TABLE IF NOT EXISTS devices (
-    device TEXT PRIMARY KEY,
+    ref INTEGER PRIMARY KEY,                 -- what frames.device holds: a few bytes, not 16
+    device TEXT NOT NULL UNIQUE,
     mark_boot INTEGER NOT NULL DEFAULT 0,    -- high-water mark of stored readings
     mark_seq INTEGER NOT NULL DEFAULT 0,
     key_id INTEGER, frame_boot INTEGER, frame_counter INTEGER,   -- replay window
@@ -60,12 +98,23 @@ CREATE TABLE IF NOT EXISTS devices (
     last_seen_ms INTEGER,
     config_sent TEXT                         -- the CONFIG last delivered, as JSON
 );
+CREATE TABLE IF NOT EXISTS sensor_tables (
+    ref INTEGER PRIMARY KEY,
+    sensors TEXT NOT NULL UNIQUE             -- JSON [[name, unit], ...] from a HELLO
+);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 
 class QueueError(Exception):
-    """The queue could not take the readings (disk full, database failure); nothing was acked."""
+    """The queue did not store the readings; nothing was acknowledged.
+
+    `reason` says why: `io_error`, `disk_full`, `earlier_refused` (an earlier batch of this
+    connection was not stored) or `failed` (anything else)."""
+
+    def __init__(self, message: str, *, reason: str = "failed") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class QueueFailed(Exception):
@@ -81,18 +130,34 @@ class Stored:
     boot: int
     first_seq: int
     count: int
-    readings: str  # JSON objects, comma-separated
+    base_ms: int
+    flags: int  # wire.READINGS_UNSYNCED, wire.READINGS_PRE_SYNC
+    sensors_ref: int
+    sensors: str  # JSON [[name, unit], ...]
     received_ms: int
+    readings: bytes  # count x 7 bytes, as on the wire
 
 
 @dataclass
 class Batch:
-    """Readings of one READINGS frame, ready to store: each one's seq and its JSON object."""
+    """Readings of one READINGS frame, ready to store."""
 
     device: str
     readings_boot: int
-    readings: list[tuple[int, str]]  # (seq, JSON object), seqs consecutive
+    first_seq: int
+    count: int
+    base_ms: int
+    flags: int
+    readings: bytes  # count x 7 bytes, as on the wire
+    sensors: str  # the device's sensor table as JSON (from its HELLO), "[]" if unknown
     replay: tuple[int, int, int]  # key id, frame boot, frame counter
+    # The last reading the node sent before this batch on the same connection, if any: the
+    # batch is stored only if everything up to it is (the acknowledgement invariant).
+    after: tuple[int, int] | None = None
+
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + self.count - 1
 
 
 @dataclass
@@ -100,6 +165,21 @@ class Stats:
     depth: int = 0
     oldest_received_ms: int | None = None
     dropped: dict[str, int] = field(default_factory=dict)
+    storage_faults: dict[str, int] = field(default_factory=dict)  # failed commits, by kind
+
+
+def default_cap(folder: Path) -> int:
+    """The cap for disk_cap_bytes = 0: a quarter of the filesystem holding `folder`."""
+    fs = os.statvfs(folder)
+    return max(AUTO_CAP_MIN, min(AUTO_CAP_MAX, fs.f_blocks * fs.f_frsize // AUTO_CAP_SHARE))
+
+
+class _Refused(Exception):
+    """One request of a group cannot be taken (the others can)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class Queue:
@@ -114,23 +194,35 @@ class Queue:
         commit_window_ms: float = 0.0,
         on_commit: Callable[[float, int], None] | None = None,
         on_drop: Callable[[str, int], None] | None = None,
+        on_fault: Callable[[str], None] | None = None,
     ) -> None:
         self.path = Path(path)
-        self.disk_cap_bytes = disk_cap_bytes
+        self.disk_cap_bytes = disk_cap_bytes  # 0: default_cap() of the disk, at open
         self.max_age_s = max_age_s
         self.commit_window_s = commit_window_ms / 1000
         self.on_commit = on_commit
         self.on_drop = on_drop
+        self.on_fault = on_fault
         self.marks: dict[str, tuple[int, int]] = {}
         self.stats = Stats()
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="queue", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._db: sqlite3.Connection | None = None
-        self._reader: sqlite3.Connection | None = None
+        self._db: apsw.Connection | None = None
+        self._reader: apsw.Connection | None = None
         self._read_pool = ThreadPoolExecutor(1, thread_name_prefix="queue-read")
         self._page_size = 4096
         self._failed: asyncio.Future | None = None
+        self._device_refs: dict[str, int] = {}
+        self._sensor_refs: dict[str, int] = {}
+        self._redo: list[tuple[str, Any, None]] = []  # a failed commit's deletes and notes
+        self._fault: str | None = None  # the storage fault in progress, if any
+        self._fault_since = 0.0
+        self._fault_commits = 0
+        self._fault_refused = 0
+        self._full_until = 0.0
+        self._drops_logged: dict[str, float] = {}  # reason -> when its drops were last logged
+        self._drops_unlogged: dict[str, list] = {}  # reason -> [count, {(device, boot): span}]
 
     # ----- life cycle -----
 
@@ -144,32 +236,42 @@ class Queue:
         await opened
 
     async def close(self) -> None:
+        # The reader first: the writer, closing last, checkpoints and removes the WAL.
+        self._read_pool.shutdown(wait=True)
+        if self._reader is not None:
+            with contextlib.suppress(apsw.Error):
+                self._reader.close()
+            self._reader = None
         if self._thread.is_alive():
             done: asyncio.Future = asyncio.get_running_loop().create_future()
             self._requests.put(("close", None, done))
             await done
             self._thread.join(5)
-        self._read_pool.shutdown(wait=True)
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
 
     async def watch(self) -> None:
         """Wait for ever; raise QueueFailed if the database thread dies (for the supervisor)."""
         assert self._failed is not None
         await asyncio.shield(self._failed)
 
-    async def _ask(self, kind: str, payload: Any = None) -> Any:
+    def _submit(self, kind: str, payload: Any = None) -> asyncio.Future:
         assert self._loop is not None
         fut: asyncio.Future = self._loop.create_future()
         self._requests.put((kind, payload, fut))
-        return await fut
+        return fut
+
+    async def _ask(self, kind: str, payload: Any = None) -> Any:
+        return await self._submit(kind, payload)
 
     # ----- what the gateway asks -----
 
+    def submit(self, batch: Batch) -> asyncio.Future:
+        """Queue a frame's readings for the next commit, in call order; the future gives how
+        many were new (the rest: duplicates), or raises QueueError: not stored, do not ack."""
+        return self._submit("put", batch)
+
     async def put(self, batch: Batch) -> int:
-        """Store a frame's readings durably; returns how many were new (the rest: duplicates)."""
-        return await self._ask("put", batch)
+        """submit(), awaited."""
+        return await self.submit(batch)
 
     def note_device(self, device: str, hello: dict[str, Any] | None,
                     replay: tuple[int, int, int]) -> None:
@@ -183,13 +285,13 @@ class Queue:
         return await self._loop.run_in_executor(self._read_pool, self._fetch, after_id, limit)
 
     def forget(self, ids: list[tuple[int, int]]) -> None:
-        """Delete readings the broker has acknowledged, with the next commit. Not awaited: if
-        a power cut loses the delete, the readings are published again, harmless duplicates.
-        `ids` are (frame id, readings in it)."""
+        """Delete readings the broker has acknowledged, with the next commit (and again with
+        the one after if that commit fails). If a power cut loses the delete, the readings are
+        published again: harmless duplicates. `ids` are (frame id, readings in it)."""
         self._requests.put(("delete", ids, None))
 
     async def maintain(self) -> Stats:
-        """Apply the age limit, refresh the statistics."""
+        """Apply the age limit, retry what a failed commit left, refresh the statistics."""
         return await self._ask("maintain")
 
     async def devices(self) -> dict[str, dict[str, Any]]:
@@ -233,7 +335,11 @@ class Queue:
 
     def _serve(self) -> None:
         while True:
-            first = self._requests.get()
+            try:
+                first = self._requests.get(timeout=REDO_RETRY_S if self._redo else None)
+            except queue.Empty:
+                self._commit([])  # the redo list alone
+                continue
             group = [first]
             if first[0] in ("put", "device") and self.commit_window_s:
                 time.sleep(self.commit_window_s)  # let more frames join this commit
@@ -244,7 +350,7 @@ class Queue:
                     break
             writes = [r for r in group if r[0] in _WRITES]
             others = [r for r in group if r[0] not in _WRITES]
-            if writes:
+            if writes or self._redo:
                 self._commit(writes)
             for kind, payload, fut in others:
                 try:
@@ -253,29 +359,42 @@ class Queue:
                         self._answer(fut)
                         return
                     self._answer(fut, getattr(self, "_do_" + kind)(payload))
-                except Exception as exc:  # answered to the caller, never kills the thread
-                    log.exception("queue %s failed", kind)
-                    self._answer(fut, error=QueueError(f"{kind} failed: {exc}"))
+                except apsw.Error as exc:  # answered to the caller, never kills the thread
+                    self._storage_fault(_fault_kind(exc), f"{kind}: {exc}")
+                    self._answer(fut, error=QueueError(f"{kind} failed: {exc}",
+                                                       reason=_fault_kind(exc)))
+                except Exception as exc:  # a bug, or a queue it cannot open: the caller hears
+                    self._answer(fut, error=exc)
+                    raise
 
     def _do_open(self, _: None) -> None:
         fs = os.statvfs(self.path.parent)
         self._reserve = max(RESERVE_MIN, min(RESERVE_MAX, fs.f_blocks * fs.f_frsize // 10))
         self._ballast = self.path.parent / "ballast"
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        if not self.disk_cap_bytes:
+            self.disk_cap_bytes = default_cap(self.path.parent)
+        db = apsw.Connection(str(self.path))
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")  # a commit fsyncs the WAL: acked means on disk
         db.execute(f"PRAGMA cache_size=-{PAGE_CACHE_KIB}")
         # The WAL is checkpointed (and shrunk) before it outgrows a quarter of the reserve, so it
         # never holds what the disk has no room to copy back.
-        self._page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        self._page_size = _one(db, "PRAGMA page_size")
         db.execute(f"PRAGMA wal_autocheckpoint={max(8, self._reserve // 4 // self._page_size)}")
         db.execute(f"PRAGMA journal_size_limit={self._reserve // 4}")
-        db.executescript(SCHEMA)
+        version = _one(db, "PRAGMA user_version")
+        if version == 0 and _one(db, "SELECT COUNT(*) FROM sqlite_master WHERE name='frames'"):
+            _convert_v1(db, self.path)
+        db.execute(SCHEMA)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._db = db
-        for device, mark_boot, mark_seq in db.execute(
-            "SELECT device, mark_boot, mark_seq FROM devices"
+        for ref, device, mark_boot, mark_seq in db.execute(
+            "SELECT ref, device, mark_boot, mark_seq FROM devices"
         ):
+            self._device_refs[device] = ref
             self.marks[device] = (mark_boot, mark_seq)
+        for ref, sensors in db.execute("SELECT ref, sensors FROM sensor_tables"):
+            self._sensor_refs[sensors] = ref
         for name, value in db.execute("SELECT name, value FROM counters"):
             self.stats.dropped[name] = value
         self._refresh_stats()
@@ -296,99 +415,191 @@ class Queue:
 
     def _close(self) -> None:
         if self._db is not None:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            with contextlib.suppress(apsw.Error):
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._db.close()
             self._db = None
+
+    # ----- commits -----
 
     def _commit(self, writes: list[tuple[str, Any, asyncio.Future | None]]) -> None:
         db = self._db
         assert db is not None
+        writes = self._redo + writes
+        self._redo = []
+        if any(w[0] == "put" for w in writes) and self._disk_full():
+            writes = self._refuse_puts(writes, "disk_full")
+            if not writes:
+                return
+        puts = sum(1 for w in writes if w[0] == "put")
         started = time.perf_counter()
         now_ms = int(time.time() * 1000)
         results: list[Any] = []
-        marks_before = dict(self.marks)
+        before = (dict(self.marks), dict(self._device_refs), dict(self._sensor_refs),
+                  self.stats.depth, self.stats.oldest_received_ms)
         try:
             db.execute("BEGIN")
             for kind, payload, _ in writes:
-                results.append(getattr(self, "_write_" + kind)(db, payload, now_ms))
+                try:
+                    results.append(getattr(self, "_write_" + kind)(db, payload, now_ms))
+                except _Refused as refused:  # raised before the request wrote anything
+                    results.append(refused)
             db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
+        except apsw.Error as exc:
+            with contextlib.suppress(apsw.Error):
                 db.execute("ROLLBACK")
-            self.marks = marks_before
-            log.error("commit failed, %d requests refused: %s", len(writes), exc)
-            self._relieve_disk(db)
-            for _, _, fut in writes:
-                self._answer(fut, error=QueueError(str(exc)))
+            (self.marks, self._device_refs, self._sensor_refs,
+             self.stats.depth, self.stats.oldest_received_ms) = before
+            kind = _fault_kind(exc)
+            self._storage_fault(kind, str(exc), refused=puts)
+            if kind == "disk_full":
+                self._full_until = time.monotonic() + FULL_RETRY_S
+                self._relieve_disk(db)
+            self._redo = [w for w in writes if w[0] in _REDONE]
+            for name, _, fut in writes:
+                if name not in _REDONE:
+                    self._answer(fut, error=QueueError(f"not stored: {exc}", reason=kind))
             return
+        if puts or self._fault == "io_error":  # a full disk clears only when frames fit again
+            self._storage_recovered()
         new_rows = sum(r for r in results if isinstance(r, int))
         if self.on_commit is not None:
             self.on_commit(time.perf_counter() - started, new_rows)
         for (_, _, fut), result in zip(writes, results, strict=True):
-            self._answer(fut, result)
+            if isinstance(result, _Refused):
+                self._answer(fut, error=QueueError(str(result), reason=result.reason))
+            else:
+                self._answer(fut, result)
         self._enforce_cap(db)
 
-    def _write_put(self, db: sqlite3.Connection, batch: Batch, now_ms: int) -> int:
+    def _refuse_puts(self, writes: list, reason: str) -> list:
+        """Answer every put of `writes` with a refusal; the other writes go on."""
+        kept = []
+        for w in writes:
+            if w[0] == "put":
+                self._fault_refused += 1
+                self._answer(w[2], error=QueueError("the disk is full", reason=reason))
+            else:
+                kept.append(w)
+        return kept
+
+    def _disk_full(self) -> bool:
+        """True while new frames must wait: a full disk was just met, or less room is left
+        than the reserve the WAL and checkpoints need."""
+        if time.monotonic() < self._full_until:
+            return True
+        if self._ballast.exists():
+            return False
+        assert self._db is not None
+        room = self._free_bytes() + _one(self._db, "PRAGMA freelist_count") * self._page_size
+        if room >= self._reserve:
+            return False
+        self._storage_fault("disk_full", f"less than {self._reserve // 2} bytes free")
+        self._full_until = time.monotonic() + FULL_RETRY_S
+        return True
+
+    def _storage_fault(self, kind: str, detail: str, refused: int = 0) -> None:
+        """Count a failed commit; log the first of an episode once, the rest are counted."""
+        self.stats.storage_faults[kind] = self.stats.storage_faults.get(kind, 0) + 1
+        if self.on_fault is not None:
+            self.on_fault(kind)
+        self._fault_commits += 1
+        self._fault_refused += refused
+        if self._fault != kind:
+            self._fault = kind
+            self._fault_since = time.monotonic()
+            what = ("an I/O error" if kind == "io_error" else
+                    "the disk is full" if kind == "disk_full" else "a database error")
+            log.error("queue: %s (%s): new frames are refused (BUSY; the nodes keep them) and "
+                      "nothing queued is deleted until it clears; retrying", what, detail)
+
+    def _storage_recovered(self) -> None:
+        if self._fault is None:
+            return
+        log.info("queue: storage works again after %.1f s of %s: %d failed commits, %d "
+                    "frames refused and left on their nodes", time.monotonic() - self._fault_since,
+                    self._fault, self._fault_commits, self._fault_refused)
+        self._fault = None
+        self._fault_commits = self._fault_refused = 0
+
+    def _device_ref(self, db: apsw.Connection, device: str) -> int:
+        ref = self._device_refs.get(device)
+        if ref is None:
+            db.execute("INSERT INTO devices (device) VALUES (?)", (device,))
+            ref = self._device_refs[device] = db.last_insert_rowid()
+        return ref
+
+    def _sensor_ref(self, db: apsw.Connection, sensors: str) -> int:
+        ref = self._sensor_refs.get(sensors)
+        if ref is None:
+            db.execute("INSERT INTO sensor_tables (sensors) VALUES (?)", (sensors,))
+            ref = self._sensor_refs[sensors] = db.last_insert_rowid()
+        return ref
+
+    def _write_put(self, db: apsw.Connection, batch: Batch, now_ms: int) -> int:
         mark = self.marks.get(batch.device, (0, 0))
         boot = batch.readings_boot
-        fresh = batch.readings
-        if (boot, fresh[0][0]) <= mark:  # a resend: keep only what is above the mark
-            fresh = [r for r in fresh if (boot, r[0]) > mark]
-        if fresh:
+        if batch.after is not None and mark < batch.after:
+            # The node sent readings up to `after` earlier on this connection and they are not
+            # stored: acknowledging this batch would acknowledge them.
+            raise _Refused("an earlier batch of this connection was not stored",
+                           "earlier_refused")
+        ref = self._device_ref(db, batch.device)
+        first, count, blob = batch.first_seq, batch.count, batch.readings
+        if (boot, first) <= mark:  # a resend: keep only what is above the mark
+            skip = count if boot < mark[0] else min(count, mark[1] - first + 1)
+            first, count = first + skip, count - skip
+            blob = blob[skip * READING_SIZE:]  # offsets stay relative to the same base time
+        if count:
             db.execute(
-                "INSERT INTO frames (device, boot, first_seq, count, readings, received_ms) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (batch.device, boot, fresh[0][0], len(fresh), ",".join(r[1] for r in fresh),
-                 now_ms),
+                "INSERT INTO frames (device, boot, first_seq, count, base_ms, flags, sensors, "
+                "received_ms, readings) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (ref, boot, first, count, batch.base_ms, batch.flags,
+                 self._sensor_ref(db, batch.sensors), now_ms, blob),
             )
-            mark = (boot, fresh[-1][0])
+            mark = (boot, first + count - 1)
             self.marks[batch.device] = mark
-            self.stats.depth += len(fresh)
+            self.stats.depth += count
             if self.stats.oldest_received_ms is None:
                 self.stats.oldest_received_ms = now_ms
         key_id, frame_boot, counter = batch.replay
         db.execute(
-            "INSERT INTO devices (device, mark_boot, mark_seq, key_id, frame_boot, frame_counter,"
-            " last_seen_ms) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device) DO UPDATE SET "
-            "mark_boot=excluded.mark_boot, mark_seq=excluded.mark_seq, key_id=excluded.key_id, "
-            "frame_boot=excluded.frame_boot, frame_counter=excluded.frame_counter, "
-            "last_seen_ms=excluded.last_seen_ms",
-            (batch.device, *mark, key_id, frame_boot, counter, now_ms),
+            "UPDATE devices SET mark_boot=?, mark_seq=?, key_id=?, frame_boot=?, "
+            "frame_counter=?, last_seen_ms=? WHERE ref=?",
+            (*mark, key_id, frame_boot, counter, now_ms, ref),
         )
-        return len(fresh)
+        return count
 
-    def _write_device(self, db: sqlite3.Connection, payload: Any, now_ms: int) -> None:
+    def _write_device(self, db: apsw.Connection, payload: Any, now_ms: int) -> None:
         device, hello, (key_id, frame_boot, counter) = payload
-        mark = self.marks.get(device, (0, 0))
+        ref = self._device_ref(db, device)
         db.execute(
-            "INSERT INTO devices (device, mark_boot, mark_seq, key_id, frame_boot, frame_counter,"
-            " hello, last_seen_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device) DO UPDATE "
-            "SET key_id=excluded.key_id, frame_boot=excluded.frame_boot, "
-            "frame_counter=excluded.frame_counter, last_seen_ms=excluded.last_seen_ms, "
-            "hello=COALESCE(excluded.hello, devices.hello)",
-            (device, *mark, key_id, frame_boot, counter,
-             json.dumps(hello) if hello is not None else None, now_ms),
+            "UPDATE devices SET key_id=?, frame_boot=?, frame_counter=?, last_seen_ms=?, "
+            "hello=COALESCE(?, hello) WHERE ref=?",
+            (key_id, frame_boot, counter, now_ms,
+             json.dumps(hello) if hello is not None else None, ref),
         )
 
-    def _write_delete(self, db: sqlite3.Connection, ids: list[tuple[int, int]],
+    def _write_delete(self, db: apsw.Connection, ids: list[tuple[int, int]],
                       now_ms: int) -> None:
         db.executemany("DELETE FROM frames WHERE id = ?", [(i,) for i, _ in ids])
         self.stats.depth = max(0, self.stats.depth - sum(n for _, n in ids))
 
-    def _write_config_sent(self, db: sqlite3.Connection, payload: Any, now_ms: int) -> None:
+    def _write_config_sent(self, db: apsw.Connection, payload: Any, now_ms: int) -> None:
         device, settings = payload
-        db.execute(
-            "INSERT INTO devices (device, config_sent) VALUES (?, ?) ON CONFLICT(device) "
-            "DO UPDATE SET config_sent=excluded.config_sent",
-            (device, settings),
-        )
+        ref = self._device_ref(db, device)
+        db.execute("UPDATE devices SET config_sent=? WHERE ref=?", (settings, ref))
+
+    # ----- reads -----
 
     def _fetch(self, after_id: int, limit: int) -> list[Stored]:
         if self._reader is None:
-            self._reader = sqlite3.connect(self.path, check_same_thread=False)
+            self._reader = apsw.Connection(str(self.path), flags=apsw.SQLITE_OPEN_READONLY)
         cursor = self._reader.execute(
-            "SELECT id, device, boot, first_seq, count, readings, received_ms FROM frames "
-            "WHERE id > ? ORDER BY id LIMIT ?",
+            "SELECT f.id, d.device, f.boot, f.first_seq, f.count, f.base_ms, f.flags, f.sensors, "
+            "s.sensors, f.received_ms, f.readings FROM frames f "
+            "JOIN devices d ON d.ref = f.device JOIN sensor_tables s ON s.ref = f.sensors "
+            "WHERE f.id > ? ORDER BY f.id LIMIT ?",
             (after_id, limit),
         )
         return [Stored(*r) for r in cursor]
@@ -412,12 +623,13 @@ class Queue:
         db = self._db
         assert db is not None
         self._place_ballast()
-        cutoff = int(time.time() * 1000) - self.max_age_s * 1000
-        expired = db.execute(
-            "SELECT 1 FROM frames WHERE received_ms < ? LIMIT 1", (cutoff,)
-        ).fetchone()
-        if expired:
-            self._drop(db, "max_age", "received_ms < ?", (cutoff,))
+        if self._fault is None:
+            cutoff = int(time.time() * 1000) - self.max_age_s * 1000
+            expired = db.execute(
+                "SELECT 1 FROM frames WHERE received_ms < ? LIMIT 1", (cutoff,)
+            ).fetchone()
+            if expired:
+                self._drop(db, "max_age", "received_ms < ?", (cutoff,))
         self._refresh_stats()
         return self.stats
 
@@ -434,56 +646,42 @@ class Queue:
     def used_bytes(self) -> int:
         """Pages holding data (free pages are reused, so the file stays about the cap's size)."""
         assert self._db is not None
-        pages = self._db.execute("PRAGMA page_count").fetchone()[0]
-        free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        pages = _one(self._db, "PRAGMA page_count")
+        free = _one(self._db, "PRAGMA freelist_count")
         return (pages - free) * self._page_size
 
-    def effective_cap(self) -> int:
-        """The configured cap, or less when the disk has less room (keeping the reserve).
-
-        The room is the database file (free pages included: they are reused) plus the free
-        disk space, less the reserve.
-        """
-        assert self._db is not None
-        pages = self._db.execute("PRAGMA page_count").fetchone()[0]
-        room = pages * self._page_size + self._free_bytes() - self._reserve
-        return max(0, min(self.disk_cap_bytes, room))
-
-    def _enforce_cap(self, db: sqlite3.Connection) -> None:
+    def _enforce_cap(self, db: apsw.Connection) -> None:
         used = self.used_bytes()
-        cap = self.effective_cap()
-        if used <= cap:
+        if used <= self.disk_cap_bytes:
             return
-        reason = "disk_cap" if cap == self.disk_cap_bytes else "disk_full"
-        frames = db.execute("SELECT COUNT(*) FROM frames").fetchone()[0]
+        frames = _one(db, "SELECT COUNT(*) FROM frames")
         if not frames:
             return
         per_frame = used / frames
-        excess = used - cap * CAP_MARGIN
-        self._drop_oldest(db, reason, min(frames, max(1, int(excess / per_frame) + 1)))
-
-    def _relieve_disk(self, db: sqlite3.Connection) -> None:
-        """After a failed commit (the disk filled anyway): give up the ballast, drop a tenth of
-        the oldest by the stated policy, and shrink the WAL, so the next commit has room."""
-        with contextlib.suppress(FileNotFoundError):
-            self._ballast.unlink()
-        frames = db.execute("SELECT COUNT(*) FROM frames").fetchone()[0]
-        if frames:
-            self._drop_oldest(db, "disk_full", max(1, frames // 10))
-        with contextlib.suppress(sqlite3.Error):
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-
-    def _drop_oldest(self, db: sqlite3.Connection, reason: str, frames: int) -> None:
-        self._drop(db, reason, "id IN (SELECT id FROM frames ORDER BY id LIMIT ?)", (frames,))
+        excess = used - self.disk_cap_bytes * CAP_MARGIN
+        n = min(frames, max(1, int(excess / per_frame) + 1))
+        self._drop(db, "disk_cap", "id IN (SELECT id FROM frames ORDER BY id LIMIT ?)", (n,))
         self._refresh_stats()
 
-    def _drop(self, db: sqlite3.Connection, reason: str, where: str, args: tuple) -> None:
-        """Delete the frames `where` selects, counting their readings under `reason`."""
+    def _relieve_disk(self, db: apsw.Connection) -> None:
+        """After a full disk: give up the ballast and shrink the WAL, so that deleting what
+        the broker has acknowledged can still be written. Nothing queued is deleted."""
+        with contextlib.suppress(FileNotFoundError):
+            self._ballast.unlink()
+        with contextlib.suppress(apsw.Error):
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _drop(self, db: apsw.Connection, reason: str, where: str, args: tuple) -> None:
+        """Delete the frames `where` selects, counting their readings under `reason` and
+        logging which readings they were."""
         try:
             db.execute("BEGIN")
-            deleted = db.execute(
-                f"SELECT COALESCE(SUM(count), 0) FROM frames WHERE {where}", args
-            ).fetchone()[0]
+            ranges = db.execute(
+                "SELECT d.device, f.boot, MIN(f.first_seq), MAX(f.first_seq + f.count - 1), "
+                f"SUM(f.count) FROM frames f JOIN devices d ON d.ref = f.device WHERE {where} "
+                "GROUP BY f.device, f.boot ORDER BY 5 DESC", args
+            ).fetchall()
+            deleted = sum(r[4] for r in ranges)
             db.execute(f"DELETE FROM frames WHERE {where}", args)
             total = self.stats.dropped.get(reason, 0) + deleted
             db.execute(
@@ -492,12 +690,99 @@ class Queue:
                 (reason, total),
             )
             db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
+        except apsw.Error as exc:
+            with contextlib.suppress(apsw.Error):
                 db.execute("ROLLBACK")
-            log.error("could not drop the oldest readings (%s): %s", reason, exc)
+            self._storage_fault(_fault_kind(exc), f"dropping for {reason}: {exc}")
             return
         self.stats.dropped[reason] = total
-        log.warning("dropped %d queued readings: %s", deleted, reason)
+        self._log_drop(reason, deleted, ranges)
         if self.on_drop is not None:
             self.on_drop(reason, deleted)
+
+    def _log_drop(self, reason: str, deleted: int, ranges: list) -> None:
+        """Log which readings a policy dropped: the first drop of a reason at once, later ones
+        gathered into one line a minute (a full cap drops a little at many commits)."""
+        pending = self._drops_unlogged.setdefault(reason, [0, {}])
+        pending[0] += deleted
+        for device, boot, lo, hi, _ in ranges:
+            span = pending[1].get((device, boot))
+            pending[1][(device, boot)] = (lo, hi) if span is None else (min(span[0], lo),
+                                                                        max(span[1], hi))
+        now = time.monotonic()
+        if now - self._drops_logged.get(reason, -DROP_LOG_EVERY_S) < DROP_LOG_EVERY_S:
+            return
+        self._drops_logged[reason] = now
+        count, spans = self._drops_unlogged.pop(reason)
+        items = sorted(spans.items())
+        shown = ", ".join(f"{d} boot {b} seq {lo}-{hi}" for (d, b), (lo, hi) in items[:8])
+        more = f" and {len(items) - 8} more ranges" if len(items) > 8 else ""
+        log.warning("dropped %d queued readings (%s): %s%s", count, reason, shown, more)
+
+
+def _one(db: apsw.Connection, sql: str) -> Any:
+    return db.execute(sql).fetchone()[0]
+
+
+def _fault_kind(exc: BaseException) -> str:
+    """A storage error by what it means for the readings."""
+    if isinstance(exc, apsw.FullError):
+        return "disk_full"
+    if isinstance(exc, apsw.IOError):
+        return "io_error"
+    return "failed"
+
+
+def _convert_v1(db: apsw.Connection, path: Path) -> None:
+    """Bring a queue of the first layout (each frame's readings as published JSON text) to the
+    compact one, in one transaction, so that an upgrade loses nothing acknowledged."""
+    frames = _one(db, "SELECT COUNT(*) FROM frames")
+    log.info("%s: converting %d queued frames of the earlier layout", path, frames)
+    db.execute("BEGIN")
+    db.execute("ALTER TABLE frames RENAME TO frames_v1")
+    db.execute("ALTER TABLE devices RENAME TO devices_v1")
+    db.execute(SCHEMA)
+    db.execute(
+        "INSERT INTO devices (device, mark_boot, mark_seq, key_id, frame_boot, frame_counter, "
+        "hello, last_seen_ms, config_sent) SELECT device, mark_boot, mark_seq, key_id, "
+        "frame_boot, frame_counter, hello, last_seen_ms, config_sent FROM devices_v1")
+    devices = {d: ref for ref, d in db.execute("SELECT ref, device FROM devices")}
+    tables: dict[str, int] = {}
+    rows = db.execute("SELECT id, device, boot, first_seq, count, readings, received_ms "
+                      "FROM frames_v1 ORDER BY id").fetchall()
+    for frame_id, device, boot, first_seq, count, text, received_ms in rows:
+        readings = json.loads(f"[{text}]")
+        sensors: list[tuple[str, str]] = []
+        unsynced = readings[0]["ts"] is None
+        times = [r["boot_ms"] if unsynced else r["ts"] for r in readings]
+        base = min(times)
+        blob = bytearray()
+        for r, t in zip(readings, times, strict=True):
+            sensor = (r["sensor"], r["unit"])
+            if sensor not in sensors:
+                sensors.append(sensor)
+            value = float("nan") if r["value"] is None else r["value"]
+            blob += struct.pack(">BHf", sensors.index(sensor), t - base, value)
+        table = json.dumps([list(x) for x in sensors], separators=(",", ":"))
+        if table not in tables:
+            db.execute("INSERT OR IGNORE INTO sensor_tables (sensors) VALUES (?)", (table,))
+            tables[table] = _one_arg(db, "SELECT ref FROM sensor_tables WHERE sensors=?", table)
+        flags = READINGS_UNSYNCED if unsynced else (
+            READINGS_PRE_SYNC if readings[0]["pre_sync"] else 0)
+        if device not in devices:
+            db.execute("INSERT INTO devices (device) VALUES (?)", (device,))
+            devices[device] = db.last_insert_rowid()
+        db.execute(
+            "INSERT INTO frames (id, device, boot, first_seq, count, base_ms, flags, sensors, "
+            "received_ms, readings) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (frame_id, devices[device], boot, first_seq, count, base, flags, tables[table],
+             received_ms, bytes(blob)))
+    db.execute("DROP TABLE frames_v1")
+    db.execute("DROP TABLE devices_v1")
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    db.execute("COMMIT")
+    log.info("%s: converted %d frames", path, len(rows))
+
+
+def _one_arg(db: apsw.Connection, sql: str, arg: Any) -> Any:
+    return db.execute(sql, (arg,)).fetchone()[0]

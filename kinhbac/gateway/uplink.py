@@ -23,6 +23,7 @@ import aiomqtt
 from kinhbac.gateway.config import GatewaySettings
 from kinhbac.gateway.metrics import Metrics
 from kinhbac.gateway.queue import Queue, Stored
+from kinhbac.gateway.telemetry import ReadingsEncoder
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class Uplink:
         self._client: aiomqtt.Client | None = None
         self._stopping = asyncio.Event()
         self._dropped_reported: dict[str, int] = {}
+        self._readings_json = ReadingsEncoder()
 
     # ----- topics -----
 
@@ -283,7 +285,7 @@ class Uplink:
         return out
 
     def _message(self, frames: list[Stored]) -> Message:
-        """The telemetry payload (docs/mqtt.md), assembled from the readings' stored JSON."""
+        """The telemetry payload (docs/mqtt.md), its readings encoded from the stored frames."""
         first = frames[0]
         head = json.dumps({
             "device": first.device,
@@ -293,7 +295,7 @@ class Uplink:
             "seq": first.first_seq,
             "replayed": first.received_ms < self.connected_since_ms,
         }, separators=(",", ":"))
-        body = ",".join(f.readings for f in frames)
+        body = ",".join(self._readings_json.encode(f) for f in frames)
         payload = f'{head[:-1]},"readings":[{body}]}}'
         return Message(first.device, self.telemetry_topic(first.device), payload.encode(),
                        [(f.id, f.count) for f in frames])
