@@ -315,11 +315,45 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
-def test_full_disk_drops_the_oldest_and_keeps_serving(tmp_path, emulator, broker, collector,
-                                                      small_disk):
-    site = Site(tmp_path, emulator, broker, data_dir=small_disk,
-                disk_cap_bytes=64 * 1024 * 1024)  # the disk fills long before the cap
+def test_full_disk_refuses_new_readings_and_keeps_every_acknowledged_one(
+        tmp_path, emulator, broker, collector, small_disk):
+    """Another program fills the card during a broker outage: the gateway refuses new frames
+    (the nodes keep them in flash) rather than deleting readings it acknowledged, and once
+    there is room again every reading arrives, with no gap."""
+    site = Site(tmp_path, emulator, broker, data_dir=small_disk)
     try:
-        outage_until_the_queue_drops(site, broker, collector, "disk_full")
+        nodes = site.add_nodes(2, interval_ms=20)
+        site.gateway.start()
+        site.power_on()
+        collector.wait_for(lambda: collector.count() >= 100)
+        broker.stop()
+        time.sleep(2)
+        filler = small_disk / "other-program.log"
+        with open(filler, "wb", buffering=0) as f:  # the disk fills to the last block
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        full = 'kinhbac_gateway_storage_faults_total{kind="disk_full"}'
+        refused = 'kinhbac_gateway_frames_refused_total{reason="busy"}'
+        deadline = time.monotonic() + 60
+        while site.gateway.metrics().get(refused, 0) == 0:
+            assert time.monotonic() < deadline, "the full disk never refused a frame"
+            time.sleep(0.5)
+        time.sleep(3)
+        metrics = site.gateway.metrics()
+        assert metrics.get(full, 0) >= 1
+        assert not [k for k in metrics if k.startswith("kinhbac_gateway_readings_dropped_total")
+                    and metrics[k] > 0], metrics
+        filler.unlink()
+        broker.start()
+        for node in nodes:
+            collector.wait_for(lambda n=node: collector.count(n.device) >= 400, timeout=90,
+                               what="the readings kept on the node")
+            assert_complete_and_ordered(collector, node)
+        log = site.gateway.log()
+        assert log.count("the disk is full") == 1, log[-3000:]
+        assert site.gateway.proc.poll() is None
     finally:
         site.gateway.stop()
