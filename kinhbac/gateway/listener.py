@@ -5,6 +5,12 @@ READINGS frame is acknowledged only once its readings are committed to the queue
 connection are verified in order while earlier ones are still being committed, and their ACKs
 go out in order. A refused frame is counted by reason and logged at most once per device per
 minute; it never disturbs other connections.
+
+The acknowledgement invariant (docs/protocol.md): an ACK through seq s of boot b goes out only
+when every reading of that boot up to s that the node sent on this connection is stored. Here,
+batches reach the queue in the order they came, each naming the last reading sent before it on
+the connection (the queue refuses it unless that one is stored), and once a batch of a device
+is refused its later batches on the connection are refused without a try.
 """
 
 import asyncio
