@@ -29,7 +29,6 @@ import re
 import shlex
 import shutil
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -39,6 +38,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+import apsw
 import paho.mqtt.client as mqtt
 
 from bench import loadgen
@@ -631,7 +631,7 @@ def describe_machine(data_dir: Path, broker: LocalBroker) -> list[tuple[str, str
         ("Disk (gateway data dir)", disk),
         ("OS", f"{platform.system()} {platform.release()}"),
         ("Python", f"{platform.python_implementation()} {platform.python_version()}"),
-        ("SQLite", sqlite3.sqlite_version),
+        ("SQLite", apsw.sqlite_lib_version()),  # the queue's (apsw brings its own)
         ("Broker", broker.describe()),
         ("aiomqtt", aiomqtt_v),
         ("Date", dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")),

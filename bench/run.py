@@ -3,17 +3,19 @@
     heap factor   bench/HEAP_FACTOR.md   the unix port's heap bytes per 32-bit byte
     gateway       bench/RESULTS.md       readings/s end to end, ACK latency, RSS, vs naive
     fleet ingest  bench/RESULTS.md       messages/s from MQTT into PostgreSQL, lag
+    queue         bench/RESULTS.md       bytes a reading on disk, a one-hour backlog's drain
 """
 
 import sys
 
-from bench import fleet_ingest_bench, gateway_bench, heap_factor
+from bench import fleet_ingest_bench, gateway_bench, heap_factor, queue_bench
 
 
 def main() -> int:
     status = heap_factor.main([])
     status = gateway_bench.main([]) or status
     status = fleet_ingest_bench.main([]) or status
+    status = queue_bench.main([]) or status
     return status
 
 
