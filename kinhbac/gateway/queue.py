@@ -67,8 +67,8 @@ PAGE_CACHE_KIB = 2 * 1024  # the queue is written and read in order: little wort
 FULL_RETRY_S = 1.0  # after a full disk, new frames are refused without a try for this long
 REDO_RETRY_S = 0.5  # a failed commit's deletes are tried again after this, even when idle
 # The default cap (disk_cap_bytes = 0): a quarter of the filesystem that holds the queue,
-# between 64 MiB and 16 GiB. On an 8 GB SD card that is 2 GB: about 37 hours of 1,000
-# readings/s at the ~15 bytes a reading of 20-reading frames costs (bench/RESULTS.md).
+# between 64 MiB and 16 GiB. On an 8 GB SD card that is 2 GB: about 66 hours of 1,000
+# readings/s at the ~9 bytes a reading of 20-reading frames costs (bench/RESULTS.md).
 AUTO_CAP_SHARE = 4
 AUTO_CAP_MIN = 64 * 1024 * 1024
 AUTO_CAP_MAX = 16 * 1024**3
