@@ -50,9 +50,13 @@ def gateway_run(
         "file. `kinhbac gateway settings` lists them all.",
     ),
 ) -> None:
-    """Run the gateway until SIGTERM or Ctrl-C (both drain in-flight work first)."""
+    """Run the gateway until SIGTERM or Ctrl-C (both drain in-flight work first).
+
+    Exit status: 0 after such a stop; 1 when one of its tasks died (the log's "gateway
+    stopped:" line says which, and why), to be restarted; 2 for a configuration error.
+    """
     from kinhbac.gateway.config import ConfigError, load_settings
-    from kinhbac.gateway.daemon import run_gateway, setup_logging
+    from kinhbac.gateway.daemon import GatewayFailed, run_gateway, setup_logging
     from kinhbac.gateway.keys import KeyFileError
 
     try:
@@ -62,6 +66,8 @@ def gateway_run(
     except (ConfigError, KeyFileError) as exc:
         typer.echo(f"kinhbac gateway: {exc}", err=True)
         raise typer.Exit(2) from exc
+    except GatewayFailed as exc:
+        raise typer.Exit(1) from exc  # the reason is logged already, in one line
 
 
 @gateway_app.command("settings")

@@ -1,15 +1,24 @@
 """`kinhbac gateway run`: the listener, the queue and the uplink in one asyncio process.
 
+Every long-running task runs under one supervisor, a TaskGroup, as aiomqtt runs its loops: the
+uplink, housekeeping, the fleet key refresh, the node listener's server, the watch on the
+queue's database thread and the systemd watchdog pings. If one of them dies (or returns, which
+none does while the gateway runs), the gateway logs one line naming the task and the error
+("gateway stopped: task housekeeping failed: RuntimeError: ..."), marks itself offline, closes
+the queue and `run()` raises GatewayFailed: the process exits 1 and systemd restarts it.
+
 SIGTERM (or SIGINT) stops accepting nodes, lets frames being committed get their ACKs,
-publishes what it can for a few seconds, marks the gateway offline and exits cleanly.
+publishes what it can for a few seconds, marks the gateway offline and exits cleanly (0).
 """
 
 import asyncio
+import faulthandler
 import json
 import logging
 import signal
 import sys
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from prometheus_client import Counter
@@ -18,17 +27,35 @@ from kinhbac.gateway.config import GatewaySettings
 from kinhbac.gateway.keys import FileKeyStore, FleetKeyStore, KeyStore
 from kinhbac.gateway.listener import DeviceInfo, Listener
 from kinhbac.gateway.metrics import Metrics
-from kinhbac.gateway.queue import Queue
+from kinhbac.gateway.queue import Queue, QueueError
+from kinhbac.gateway.systemd import Notifier
 from kinhbac.gateway.uplink import Uplink
 
 log = logging.getLogger("kinhbac.gateway")
 
 HOUSEKEEPING_S = 1.0  # gauges, key file changes, the age limit
-DRAIN_S = 5.0
+DRAIN_S = 5.0  # a stop publishes what is queued for up to this long
+UPLINK_STOP_S = 5.0  # then the uplink says offline (a 2 s publish) and disconnects within this
+OFFLINE_S = 3.0  # after a task died, the uplink gets this long to mark the gateway offline
+CLOSE_S = 5.0  # the queue's last checkpoint; a disk hung longer is left (commits are in the WAL)
+
+
+class GatewayFailed(Exception):
+    """The gateway stopped on a failure; str() is the one-line reason, `task` names the task
+    that died (None when start-up or the stop itself failed)."""
+
+    def __init__(self, reason: str, *, task: str | None = None) -> None:
+        super().__init__(reason)
+        self.task = task
+
+
+class TaskEnded(Exception):
+    """A supervised task ended by itself while the gateway was running."""
 
 
 class Gateway:
-    """The running gateway; `run()` returns after stop() (or a signal) has drained it."""
+    """The running gateway; `run()` returns after stop() (or a signal) has drained it, or
+    raises GatewayFailed when one of its tasks died."""
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
@@ -41,6 +68,7 @@ class Gateway:
             commit_window_ms=settings.commit_window_ms,
             on_commit=lambda seconds, _rows: self.metrics.commit_seconds.observe(seconds),
             on_drop=lambda reason, n: self.metrics.readings_dropped.labels(reason).inc(n),
+            on_fault=lambda kind: self.metrics.storage_faults.labels(kind).inc(),
         )
         self.uplink = Uplink(settings, self.queue, self.metrics)
         self.listener = Listener(
@@ -57,8 +85,13 @@ class Gateway:
             on_seen=self.uplink.device_seen,
         )
         self.metrics_port: int | None = None
+        self.systemd = Notifier.from_environment()
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
+        self._stopping = False  # a stop or a failure is under way: tasks may end now
+        self._failure: GatewayFailed | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._uplink_task: asyncio.Task | None = None
 
     def _key_store(self) -> KeyStore:
         """The local key file, or the fleet (with a failure counter beside the other metrics)."""
@@ -95,40 +128,194 @@ class Gateway:
         self._stop.set()
 
     async def run(self) -> None:
+        """Serve until stop(), then drain and return. If a task dies (or start-up fails), log
+        the reason in one line, stop without draining, and raise GatewayFailed."""
+        try:
+            try:
+                port = await self._start()
+            except Exception as exc:
+                raise self._failed("start-up failed", exc) from exc
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    self._start_tasks(tasks)
+                    await asyncio.sleep(0)  # every task has taken its first step
+                    self._announce(port)
+                    await self._stop.wait()
+                    await self._drain()
+            except BaseExceptionGroup as group:
+                if self._failure is None:  # no task died: the drain itself failed
+                    raise self._failed("stop failed", group.exceptions[0]) from group
+                raise self._failure  # its cause is the task's error
+            if self._failure is not None:  # a stop cancelled the failed task as it ended
+                raise self._failure
+        finally:
+            await self._close()
+
+    async def _start(self) -> int:
         await self.queue.open()
-        fleet_keys = None
         if isinstance(self.keys, FleetKeyStore):
             await self.keys.update()  # the fleet's answer (or the cache) before the first node
-            fleet_keys = asyncio.create_task(self.keys.run(), name="fleet-keys")
         port = await self.listener.start()
         self.metrics_port = self.metrics.serve(self.settings.metrics_host,
                                                self.settings.metrics_port)
-        uplink = asyncio.create_task(self.uplink.run(), name="uplink")
-        housekeeping = asyncio.create_task(self._housekeeping(), name="housekeeping")
-        log.info("gateway %s of site %s: nodes on %s:%d, %d device keys, broker %s:%d",
-                 self.settings.gateway_id, self.settings.site, self.settings.listen_host, port,
-                 len(self.keys), self.settings.mqtt.host, self.settings.mqtt.port)
+        return port
+
+    def _start_tasks(self, tasks: asyncio.TaskGroup) -> None:
+        def supervise(name: str, work: Coroutine[Any, Any, Any]) -> asyncio.Task:
+            task = tasks.create_task(self._supervised(name, work), name=name)
+            self._tasks.append(task)
+            return task
+
+        supervise("queue", self.queue.watch())
+        supervise("listener", self._serve_nodes())
+        self._uplink_task = supervise("uplink", self.uplink.run())
+        supervise("housekeeping", self._housekeeping())
+        if isinstance(self.keys, FleetKeyStore):
+            supervise("fleet-keys", self.keys.run())
+        interval = self.systemd.ping_interval_s
+        if interval is not None:
+            supervise("watchdog", self._watchdog(interval))
+
+    def _announce(self, port: int) -> None:
+        """Serving: nodes can connect and the uplink runs (connected or not: an absent broker
+        is not a failure, the queue holds the readings)."""
+        where = (f"nodes on {self.settings.listen_host}:{port}, {len(self.keys)} device keys, "
+                 f"broker {self.settings.mqtt.host}:{self.settings.mqtt.port}")
+        log.info("gateway %s of site %s: %s", self.settings.gateway_id, self.settings.site, where)
         self.ready.set()
-        await self._stop.wait()
+        self.systemd.notify("READY=1", f"STATUS=serving {where}")
+
+    async def _drain(self) -> None:
+        """The graceful stop: no new nodes, ACKs being committed go out, the queue drains for
+        DRAIN_S, the gateway says offline; then the other tasks are cancelled."""
+        self._stopping = True
+        self.systemd.notify("STOPPING=1", "STATUS=stopping: draining")
         log.info("stopping: no new nodes, draining")
         await self.listener.stop()
         await self.uplink.stop(DRAIN_S)
-        await asyncio.wait_for(uplink, timeout=DRAIN_S + 5)
-        housekeeping.cancel()
-        if fleet_keys is not None:
-            fleet_keys.cancel()
-        await self.queue.close()
+        assert self._uplink_task is not None
+        done, _ = await asyncio.wait({self._uplink_task}, timeout=UPLINK_STOP_S)
+        if not done:
+            log.warning("the uplink did not stop within %g s: cancelled (what it was sending "
+                        "stays queued)", UPLINK_STOP_S)
+        for task in self._tasks:
+            task.cancel()
+
+    async def _close(self) -> None:
+        """Whatever ended the run: no node connections left, the queue closed (bounded)."""
+        self._stopping = True
+        await self.listener.stop()
+        try:
+            await asyncio.wait_for(self.queue.close(), CLOSE_S)
+        except TimeoutError:
+            log.error("the queue did not close within %g s; what it committed is safe in its "
+                      "write-ahead log", CLOSE_S)
+        except Exception as exc:  # noqa: BLE001 - the process ends anyway: say why, go on
+            log.error("closing the queue: %s", _describe(exc))
+        self.systemd.close()
         log.info("stopped; %d readings still queued for next time", self.queue.stats.depth)
 
-    async def _housekeeping(self) -> None:
+    # ----- the supervisor -----
+
+    async def _supervised(self, name: str, work: Coroutine[Any, Any, Any]) -> None:
+        """Run one of the gateway's tasks; if it dies, or ends while the gateway runs, the
+        gateway stops (the TaskGroup cancels the others) and run() raises GatewayFailed."""
+        try:
+            await work
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._stopping or (task is not None and task.cancelling()):
+                raise  # the supervisor's own cancel (a stop, or another task died)
+            error: BaseException = TaskEnded("cancelled from within")
+        except Exception as exc:  # noqa: BLE001 - whatever it is, it ends the gateway
+            error = exc
+        else:
+            if self._stopping:
+                return
+            error = TaskEnded("returned while the gateway was running")
+        failure = self._failed(f"task {name} failed", error, task=name)
+        if failure is self._failure and name != "uplink":
+            await self._mark_offline()
+        raise failure from error
+
+    def _failed(self, reason: str, error: BaseException, *,
+                task: str | None = None) -> GatewayFailed:
+        """Record a failure and log it in one line (its traceback rides in the same record);
+        only the first one stops the gateway, later ones are what the stop shook loose."""
+        failure = GatewayFailed(f"{reason}: {_describe(error)}", task=task)
+        failure.__cause__ = error
+        if self._failure is not None:
+            log.error("while stopping: %s", failure, exc_info=error)
+            return failure
+        self._failure = failure
+        self._stopping = True
+        log.critical("gateway stopped: %s", failure, exc_info=error)
+        self.systemd.notify("STOPPING=1", f"STATUS=stopped: {failure}")
+        return failure
+
+    async def _mark_offline(self) -> None:
+        """After a task died: let the uplink publish the gateway's offline status (no drain),
+        which a cancelled connection would not (its clean disconnect drops the will)."""
+        uplink = self._uplink_task
+        if uplink is None or uplink.done():
+            return
+        await self.uplink.stop(0)
+        await asyncio.wait({uplink}, timeout=OFFLINE_S)
+
+    async def _serve_nodes(self) -> None:
+        """The node listener's server, until the gateway stops; it closing by itself is a
+        failure (a gateway that no longer hears its nodes must be restarted).
+
+        Each node's connection runs in a task of the server's, not of this supervisor: a
+        connection that breaks, however it breaks, ends only itself. Were they supervised, any
+        peer on the site's WiFi could stop the gateway at will."""
+        server = self.listener._server  # Listener offers no public handle on it (yet)
+        assert server is not None
+        try:
+            await server.serve_forever()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._stopping or (task is not None and task.cancelling()):
+                raise
+        if not self._stopping:
+            raise TaskEnded("the node listener stopped accepting connections")
+
+    async def _watchdog(self, interval_s: float) -> None:
+        """WATCHDOG=1 from the event loop itself: a loop that hangs stops these, and systemd
+        restarts the gateway (WatchdogSec= in the unit)."""
         while True:
-            stats = await self.queue.maintain()
-            self.metrics.queue_depth.set(stats.depth)
-            oldest = stats.oldest_received_ms
-            self.metrics.oldest_age.set(
-                0 if oldest is None else max(0.0, time.time() - oldest / 1000))
+            self.systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval_s)
+
+    async def _housekeeping(self) -> None:
+        """Gauges, the age limit, key file changes. A failed maintenance (an I/O error) is
+        logged once per streak and tried again next round: the queue reports storage faults
+        itself. Anything else ends the task, and so the gateway."""
+        failing: str | None = None
+        while True:
+            try:
+                stats = await self.queue.maintain()
+            except QueueError as exc:
+                if failing is None:
+                    log.warning("queue maintenance failed (%s); trying again every %g s",
+                                _describe(exc), HOUSEKEEPING_S)
+                failing = str(exc)
+            else:
+                if failing is not None:
+                    log.info("queue maintenance works again")
+                    failing = None
+                self.metrics.queue_depth.set(stats.depth)
+                oldest = stats.oldest_received_ms
+                self.metrics.oldest_age.set(
+                    0 if oldest is None else max(0.0, time.time() - oldest / 1000))
             self.keys.refresh()
             await asyncio.sleep(HOUSEKEEPING_S)
+
+
+def _describe(error: BaseException) -> str:
+    """"QueueError: maintain failed: disk I/O error", on one line."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _drop_names(drops: list[int]) -> dict[str, int]:
@@ -150,19 +337,32 @@ class _JsonLines(logging.Formatter):
         return json.dumps(entry)
 
 
+class _OneLine(logging.Formatter):
+    """Text, one line per record: a traceback stays on its record's line, its line breaks
+    written as \\n. The journal stores each line of stderr as an entry of its own, so a
+    multi-line traceback would be split up and interleaved with other lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\n", "\\n")
+
+
 def setup_logging(fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(_JsonLines())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(_OneLine("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
 
 
 def run_gateway(settings: GatewaySettings) -> None:
-    """Run until SIGTERM or SIGINT."""
+    """Run until SIGTERM or SIGINT (then return), or until a task dies (GatewayFailed, already
+    logged in one line: the caller exits 1)."""
+    # systemd's watchdog kills a hung gateway with SIGABRT: the journal then shows where every
+    # thread was stuck.
+    faulthandler.enable(all_threads=True)
 
     async def main() -> None:
         gateway = Gateway(settings)
