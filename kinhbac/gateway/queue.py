@@ -404,10 +404,9 @@ class Queue:
         size = self._reserve // 2
         if self._ballast.exists() or self._free_bytes() < self._reserve + size:
             return
-        with contextlib.suppress(OSError):
-            with open(self._ballast, "wb") as f:
-                f.write(b"\0" * size)
-                os.fsync(f.fileno())
+        with contextlib.suppress(OSError), open(self._ballast, "wb") as f:
+            f.write(b"\0" * size)
+            os.fsync(f.fileno())
 
     def _free_bytes(self) -> int:
         fs = os.statvfs(self.path.parent)

@@ -60,7 +60,7 @@ class FaultyDisk(apsw.VFS):
 
     # ----- the VFS -----
 
-    def xOpen(self, name, flags):  # noqa: N802 (apsw's names)
+    def xOpen(self, name, flags):
         return _File(self, name, flags)
 
     def _sync(self) -> None:
@@ -84,11 +84,11 @@ class _File(apsw.VFSFile):
         self._disk = disk
         super().__init__("unix", name, flags)
 
-    def xSync(self, flags):  # noqa: N802
+    def xSync(self, flags):
         self._disk._sync()
         return super().xSync(flags)
 
-    def xWrite(self, data, offset):  # noqa: N802
+    def xWrite(self, data, offset):
         if self._disk._full and offset + len(data) > self.xFileSize():
             self._disk.failed_writes += 1
             raise apsw.FullError("write: ENOSPC (injected)")
