@@ -36,7 +36,11 @@ class MqttSettings(BaseModel):
     client_id: str | None = Field(
         None, description="MQTT client id (default: kinhbac-<site>-<gateway_id>)"
     )
-    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive")
+    keepalive_s: int = Field(
+        10, ge=5, le=3600, description="MQTT keepalive: the gateway pings an idle broker this "
+        "often; a silent broker is noticed within 2 x this + 2 s (22 s by default), and the "
+        "broker publishes the gateway's last will 1.5 x this after it last heard the gateway"
+    )
     topic_prefix: str = Field("kinhbac", description="first level of every topic")
     max_inflight: int = Field(
         64, ge=1, le=10000, description="QoS 1 messages awaiting PUBACK at once"
@@ -45,7 +49,10 @@ class MqttSettings(BaseModel):
         200, ge=1, le=5000, description="readings batched into one telemetry message at most"
     )
     backoff_min_s: float = Field(0.5, gt=0, description="first reconnect delay")
-    backoff_max_s: float = Field(30.0, gt=0, description="reconnect delays grow to this, jittered")
+    backoff_max_s: float = Field(
+        5.0, gt=0, le=300, description="reconnect delays double up to this, each jittered down "
+        "by up to half: a broker back after an outage of any length is tried again within this"
+    )
 
     @model_validator(mode="after")
     def _tls_files(self) -> "MqttSettings":

@@ -4,7 +4,14 @@ Readings go out in queue order, several per message (one device and boot per mes
 device has at most one message awaiting its PUBACK, so its order holds across reconnects and
 restarts; different devices' messages fly together, up to `max_inflight`. After a reconnect
 everything still queued is sent again, marked `"replayed": true` when it waited through an
-outage. Connection loss is retried with capped, jittered exponential backoff.
+outage.
+
+A lost broker ends the session at once, even when nothing is being published: a task waits on
+the connection (aiomqtt ends its message iteration when the broker closes the connection, or
+when paho's keepalive finds it silent), so `uplink_connected` and the log say so within the
+figures docs/mqtt.md states ("Broker loss and recovery"). Reconnects follow a capped, jittered
+exponential backoff; a lost broker is logged once, and while it stays away a reminder once a
+minute, not a line per attempt.
 """
 
 import asyncio
@@ -31,6 +38,42 @@ FETCH = 256  # frames read from the queue at a time: ~13,000 readings, a few MB 
 PROBE_TIMEOUT_S = 5.0  # a publish to our own subtree must come back within this
 IDLE_POLL_S = 0.02  # how often an empty queue is looked at again
 STATUS_EVERY_S = 30.0  # a device's retained status is refreshed at most this often
+# A CONNACK comes within milliseconds from a live broker; a proxy in front of a stopped one may
+# accept the connection and never answer, and must not hold an attempt for the PUBACK timeout.
+CONNECT_TIMEOUT_S = 10.0
+PUBACK_TIMEOUT_S = 30.0  # on a connection whose keepalive is answered, a longer wait is a fault
+REMIND_EVERY_S = 60.0  # while the broker stays unreachable, one log line this often
+# aiomqtt's and paho's own lines, under the gateway's name. paho logs nothing useful below
+# WARNING for an operator (its DEBUG is every packet).
+_mqtt_log = logging.getLogger("kinhbac.gateway.mqtt")
+_mqtt_log.setLevel(logging.WARNING)
+
+
+class _ConnectionLossLines(logging.Filter):
+    """paho logs a connection that breaks as an ERROR ("failed to receive on socket: [Errno 104]
+    Connection reset by peer"): at every broker restart. The uplink reports the loss itself, once,
+    as a warning; this keeps paho's reason for that report instead of printing it."""
+
+    _FORMATS = ("failed to receive on socket: %s", "timeout on socket: %s")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: tuple[float, str] = (0.0, "")  # (time.time(), paho's reason)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg in self._FORMATS:
+            self.last = (record.created, record.getMessage().partition(": ")[2])
+            return False
+        return True
+
+    def since(self, t: float) -> str | None:
+        """paho's reason for a broken connection, if it logged one after time.time() t."""
+        at, reason = self.last
+        return reason if at >= t else None
+
+
+_connection_loss = _ConnectionLossLines()
+_mqtt_log.addFilter(_connection_loss)
 
 
 @dataclass
@@ -67,6 +110,11 @@ class Uplink:
         self._stopping = asyncio.Event()
         self._dropped_reported: dict[str, int] = {}
         self._readings_json = ReadingsEncoder()
+        # The current outage (or the start-up without a broker yet), for the log.
+        self._offline_since = time.monotonic()
+        self._failures = 0  # attempts failed in a row
+        self._reported_at: float | None = None  # when the outage was last logged
+        self._had_session = False
 
     # ----- topics -----
 
@@ -108,7 +156,7 @@ class Uplink:
 
     def _client_for(self) -> aiomqtt.Client:
         offline = json.dumps({"state": "offline", "gateway": self.settings.gateway_id})
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             self.mqtt.host,
             self.mqtt.port,
             identifier=self.mqtt.client_id or f"kinhbac-{self.settings.site}-"
@@ -119,21 +167,26 @@ class Uplink:
             tls_params=self._tls(),
             will=aiomqtt.Will(self.gateway_status_topic, offline, qos=1, retain=True),
             max_inflight_messages=self.mqtt.max_inflight,
-            timeout=30,
+            timeout=CONNECT_TIMEOUT_S,  # raised to PUBACK_TIMEOUT_S once connected
+            logger=_mqtt_log,
         )
+        # aiomqtt warns of "N pending publish calls" above 10; the gateway itself keeps up to
+        # max_inflight telemetry messages and one status in flight, so only more is news.
+        client.pending_calls_threshold = self.mqtt.max_inflight + 1
+        return client
 
     async def run(self) -> None:
         """Stay connected and publish until stop(); never raises for a broker problem."""
-        failures = 0
+        self._offline_since = time.monotonic()
         while not self._stopping.is_set():
             try:
                 async with self._client_for() as client:
                     self._client = client
-                    failures = 0
+                    client.timeout = PUBACK_TIMEOUT_S
                     await self._session(client)
             except aiomqtt.MqttError as exc:
                 if not self._stopping.is_set():
-                    log.warning("broker %s:%d: %s", self.mqtt.host, self.mqtt.port, exc)
+                    self._note_failure(exc)
             finally:
                 self._client = None
                 self.connected.clear()
@@ -141,10 +194,71 @@ class Uplink:
             if self._stopping.is_set():
                 return
             self.state = "reconnecting"
-            failures += 1
-            delay = min(self.mqtt.backoff_max_s, self.mqtt.backoff_min_s * 2 ** (failures - 1))
+            # 0.5, 1, 2, 4 s, then backoff_max_s (5 s): a broker back after an outage of any
+            # length is tried again within backoff_max_s. Jitter spreads a site's gateways.
+            delay = min(self.mqtt.backoff_max_s, self.mqtt.backoff_min_s * 2 ** self._failures)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay * random.uniform(0.5, 1.0))
+
+    @property
+    def _broker(self) -> str:
+        return f"{self.mqtt.host}:{self.mqtt.port}"
+
+    def _note_failure(self, exc: aiomqtt.MqttError) -> None:
+        """Log a broker problem once as it begins, then once a minute while it lasts."""
+        now = time.monotonic()
+        why = self._why(exc)
+        queued = self.queue.stats.depth
+        if self.connected.is_set():  # a session was running: the broker is lost
+            self._offline_since = self._reported_at = now
+            self._failures = 0
+            log.warning("lost the broker %s: %s; %d readings queued, reconnecting every %g s "
+                        "at most", self._broker, why, queued, self.mqtt.backoff_max_s)
+            return
+        self._failures += 1
+        if self._reported_at is None:  # at start-up: the first attempt failed
+            self._reported_at = now
+            log.warning("cannot connect to the broker %s: %s; readings are queued meanwhile, "
+                        "retrying every %g s at most", self._broker, why,
+                        self.mqtt.backoff_max_s)
+        elif now - self._reported_at >= REMIND_EVERY_S:
+            self._reported_at = now
+            log.warning("broker %s still unreachable after %.0f s (%d attempts, the last: %s); "
+                        "%d readings queued", self._broker, now - self._offline_since,
+                        self._failures, why, queued)
+
+    def _note_connected(self) -> None:
+        """The probe passed: log the connection, and how long the gateway was without one."""
+        away = time.monotonic() - self._offline_since
+        if self._had_session:
+            log.info("reconnected to broker %s after %.0f s (%d failed attempts); %d readings "
+                     "queued to send", self._broker, away, self._failures,
+                     self.queue.stats.depth)
+        elif self._failures:
+            log.info("connected to broker %s after %.0f s (%d failed attempts)", self._broker,
+                     away, self._failures)
+        else:
+            log.info("connected to broker %s", self._broker)
+        self._had_session = True
+        self._failures = 0
+        self._reported_at = None
+
+    def _why(self, exc: BaseException) -> str:
+        """What ended a session or an attempt, in words; paho's reason when it gave one."""
+        root = exc
+        while root.__cause__ is not None:
+            root = root.__cause__
+        if "Keep alive timeout" in str(root):
+            return (f"no answer from the broker within the keepalive "
+                    f"(mqtt.keepalive_s {self.mqtt.keepalive_s})")
+        if isinstance(root, OSError):
+            return f"the connection broke: {root}"
+        if isinstance(root, aiomqtt.MqttCodeError) and root.args == ("Unexpected disconnection",):
+            broken = _connection_loss.since(self.connected_since_ms / 1000)
+            if broken:
+                return f"the connection broke: {broken}"
+            return "the broker closed the connection"
+        return str(exc) if root is exc else f"{exc} ({root})"
 
     async def stop(self, drain_s: float = 5.0) -> None:
         """Publish what is queued for up to drain_s, say offline, disconnect."""
@@ -173,7 +287,7 @@ class Uplink:
 
         try:
             await asyncio.wait_for(echoed(), PROBE_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise AccessDenied(
                 f"the broker accepted user {self.mqtt.username!r} but did not deliver its "
                 f"publish to {topic}: this account may not read and write {self._prefix}/#; "
@@ -193,11 +307,11 @@ class Uplink:
         self.state = "connected"
         self.connected.set()
         self.metrics.uplink_up.set(1)
-        log.info("connected to broker %s:%d", self.mqtt.host, self.mqtt.port)
+        self._note_connected()
         self._status_sent.clear()
         self._status_due.update(self._status)  # a new broker session may have lost them
         try:
-            await self._publish_loop(client)
+            await self._serve(client)
         finally:
             if self._stopping.is_set():
                 with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
@@ -212,6 +326,27 @@ class Uplink:
             "since_ms": self.connected_since_ms,
             "dropped": self.queue.stats.dropped,
         })
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        """Publish until stop(); a lost connection ends it at once, whatever is in flight."""
+        publishing = asyncio.create_task(self._publish_loop(client), name="uplink-publish")
+        watching = asyncio.create_task(self._watch(client), name="uplink-watch")
+        try:
+            await asyncio.wait({publishing, watching}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (publishing, watching):
+                task.cancel()
+            results = await asyncio.gather(publishing, watching, return_exceptions=True)
+        for result in reversed(results):  # the watcher's error says best why the session ended
+            if isinstance(result, Exception):
+                raise result
+
+    async def _watch(self, client: aiomqtt.Client) -> None:
+        """Return only by raising: aiomqtt ends message iteration with an MqttError when the
+        broker closes the connection or paho's keepalive finds it silent."""
+        async for _message in client.messages:
+            pass  # nothing is subscribed after the probe; a late probe echo ends here
+        raise aiomqtt.MqttError("the broker connection's message iteration ended")
 
     async def _publish_loop(self, client: aiomqtt.Client) -> None:
         """Everything still queued, then whatever arrives, until the connection fails."""
@@ -244,6 +379,8 @@ class Uplink:
                 task.cancel()
             if not failed.done():
                 failed.cancel()
+            elif not failed.cancelled():
+                failed.exception()  # seen: the watcher may have ended the session first
 
     async def _publish(self, client: aiomqtt.Client, message: Message,
                        previous: asyncio.Future | None, window: asyncio.Semaphore,
