@@ -9,6 +9,7 @@ two cores, shared with other test runs.
 """
 
 import asyncio
+import struct
 import ctypes
 import logging
 import os
@@ -29,7 +30,7 @@ from helpers.gateway import GatewayProcess
 from kinhbac.gateway import daemon
 from kinhbac.gateway.config import load_settings
 from kinhbac.gateway.keys import FetchError
-from kinhbac.gateway.queue import QueueError
+from kinhbac.gateway.queue import QueueError, Stored
 
 START_S = 30.0  # the gateway listens and its uplink runs within this
 END_S = 30.0  # a dying task ends the gateway within this (it needs well under 10 s)
@@ -159,6 +160,33 @@ def test_a_database_error_in_the_uplink_ends_the_gateway_instead_of_silently_sto
     assert failure.task == "uplink"
     assert_one_reason(caplog, "task uplink failed: DatabaseError: database disk image is "
                               "malformed")
+
+
+def test_a_bug_after_a_publish_ends_the_gateway_instead_of_stalling_that_devices_messages(
+        tmp_path, broker, caplog, monkeypatch):
+    """A publish task that fails with anything but an MQTT error used to end alone, and every
+    later message of its device with it, silently."""
+    gateway = daemon.Gateway(gateway_settings(tmp_path, broker))
+    frame = Stored(id=1, device="6b62000000000001", boot=1, first_seq=1, count=1, base_ms=0,
+                   flags=0, sensors_ref=1, sensors='[["t","C"]]', received_ms=0,
+                   readings=struct.pack(">BHf", 0, 0, 1.0))
+    rows = [[frame]]
+
+    async def fetch(after_id, limit):
+        return rows.pop() if rows and after_id == 0 else []
+
+    def forget(ids):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(gateway.queue, "fetch", fetch)
+    monkeypatch.setattr(gateway.queue, "forget", forget)
+
+    async def scenario():
+        return await failure_of(await started(gateway))
+
+    failure = asyncio.run(scenario())
+    assert failure.task == "uplink"
+    assert_one_reason(caplog, "task uplink failed: RuntimeError: injected fault")
 
 
 def test_a_crashed_fleet_key_refresh_ends_the_gateway(tmp_path, broker, caplog, monkeypatch):

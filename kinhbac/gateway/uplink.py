@@ -394,9 +394,11 @@ class Uplink:
             self.queue.forget(message.frames)
             self.published += message.readings
             self.metrics.readings_published.inc(message.readings)
-        except aiomqtt.MqttError as exc:
+        except Exception as exc:  # noqa: BLE001 - handed on, never swallowed
+            # The publish loop raises it: an MQTT error ends the session (and reconnects),
+            # anything else ends the uplink task, and the supervisor the gateway.
             if not failed.done():
-                failed.set_exception(exc)  # the publish loop raises it and ends the session
+                failed.set_exception(exc)
         finally:
             window.release()
 
