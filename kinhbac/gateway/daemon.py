@@ -269,10 +269,8 @@ class Gateway:
         Each node's connection runs in a task of the server's, not of this supervisor: a
         connection that breaks, however it breaks, ends only itself. Were they supervised, any
         peer on the site's WiFi could stop the gateway at will."""
-        server = self.listener._server  # Listener offers no public handle on it (yet)
-        assert server is not None
         try:
-            await server.serve_forever()
+            await self.listener.serve()
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if self._stopping or (task is not None and task.cancelling()):

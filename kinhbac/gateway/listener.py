@@ -113,6 +113,11 @@ class Listener:
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
+    async def serve(self) -> None:
+        """Accept nodes until stop() (after start())."""
+        assert self._server is not None, "start() first"
+        await self._server.serve_forever()
+
     async def stop(self) -> None:
         """Stop accepting; let each connection finish the frame it is committing."""
         if self._server is not None:
