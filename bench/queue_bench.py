@@ -272,13 +272,13 @@ def report(sizes: list[dict], drain: dict, machine: list[tuple[str, str]]) -> st
               "| Measure | Value |", "|---|---:|"]
     first = drain["first_after_s"]
     last = drain["drained_after_s"]
-    rate = drain["received"] / last if last else 0.0
+    rate = drain["received"] / (last - first) if first is not None and last else 0.0
     lines += [
         f"| First reading at the subscriber after the broker is back | "
         f"{'-' if first is None else f'{first:.1f} s'} |",
         f"| Whole backlog at the subscriber after the broker is back | "
         f"{'-' if last is None else f'{last:.1f} s'} |",
-        f"| Drain rate | {'-' if not last else f'{rate:,.0f} readings/s'} |",
+        f"| Drain rate, first to last reading | {'-' if not rate else f'{rate:,.0f} readings/s'} |",
         f"| Readings received (each once) / missing | {drain['received']:,} / "
         f"{drain['missing']:,} |",
         f"| Duplicates received | {drain['duplicates']:,} |",
