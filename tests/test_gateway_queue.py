@@ -180,6 +180,29 @@ def test_a_reading_costs_at_most_16_bytes_on_disk_in_20_reading_frames(tmp_path)
     assert per_reading <= 16, per_reading
 
 
+def test_a_node_that_keeps_changing_its_sensor_table_cannot_grow_the_queue_without_bound(
+        tmp_path):
+    async def body(queue):
+        for i in range(300):  # a new table with every batch, as a HELLO before each would give
+            b = batch(1 + 20 * i, after=(1, 20 * i) if i else None)
+            b.sensors = f'[["t{i}","C"]]'
+            await queue.put(b)
+            if i % 100 == 99:  # the broker takes all but the newest batch
+                rows = await queue.fetch(0, 1000)
+                queue.forget([(r.id, r.count) for r in rows[:-1]])
+        await queue.maintain()
+        assert len(queue._sensor_refs) <= 4 + 64
+        rows = await queue.fetch(0, 1000)
+        # What is still queued keeps its own table: its readings are named as they came.
+        assert rows[-1].sensors == '[["t299","C"]]'
+        again = batch(6001, after=(1, 6000))
+        again.sensors = '[["t0","C"]]'  # a table that was forgotten comes back
+        await queue.put(again)
+        assert (await queue.fetch(rows[-1].id, 10))[0].sensors == '[["t0","C"]]'
+
+    run(tmp_path, body)
+
+
 V1_SCHEMA = """
 CREATE TABLE frames (id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT NOT NULL,
     boot INTEGER NOT NULL, first_seq INTEGER NOT NULL, count INTEGER NOT NULL,

@@ -73,6 +73,7 @@ AUTO_CAP_SHARE = 4
 AUTO_CAP_MIN = 64 * 1024 * 1024
 AUTO_CAP_MAX = 16 * 1024**3
 SCHEMA_VERSION = 2
+SENSOR_TABLES_PER_DEVICE = 4  # past this many per device, unused sensor tables are deleted
 DROP_LOG_EVERY_S = 60.0  # policy drops are logged at once, then gathered into a line a minute
 
 SCHEMA = """
@@ -596,8 +597,8 @@ class Queue:
             self._reader = apsw.Connection(str(self.path), flags=apsw.SQLITE_OPEN_READONLY)
         cursor = self._reader.execute(
             "SELECT f.id, d.device, f.boot, f.first_seq, f.count, f.base_ms, f.flags, f.sensors, "
-            "s.sensors, f.received_ms, f.readings FROM frames f "
-            "JOIN devices d ON d.ref = f.device JOIN sensor_tables s ON s.ref = f.sensors "
+            "COALESCE(s.sensors, '[]'), f.received_ms, f.readings FROM frames f "
+            "JOIN devices d ON d.ref = f.device LEFT JOIN sensor_tables s ON s.ref = f.sensors "
             "WHERE f.id > ? ORDER BY f.id LIMIT ?",
             (after_id, limit),
         )
@@ -629,8 +630,20 @@ class Queue:
             ).fetchone()
             if expired:
                 self._drop(db, "max_age", "received_ms < ?", (cutoff,))
+            if len(self._sensor_refs) > SENSOR_TABLES_PER_DEVICE * len(self._device_refs) + 64:
+                self._forget_sensor_tables(db)
         self._refresh_stats()
         return self.stats
+
+    def _forget_sensor_tables(self, db: apsw.Connection) -> None:
+        """Delete the sensor tables no queued frame refers to. A node that keeps changing its
+        table (each HELLO may bring a new one) would otherwise grow the database and this
+        process's memory without bound."""
+        with db:
+            db.execute("DELETE FROM sensor_tables WHERE ref NOT IN "
+                       "(SELECT DISTINCT sensors FROM frames)")
+        kept = {ref for (ref,) in db.execute("SELECT ref FROM sensor_tables")}
+        self._sensor_refs = {t: r for t, r in self._sensor_refs.items() if r in kept}
 
     def _refresh_stats(self) -> None:
         assert self._db is not None
