@@ -111,6 +111,7 @@ INTERNAL = const(11)
 UNSUPPORTED = const(12)
 CLAIM_PENDING = const(13)  # the claim is waiting for an admin: ask again later
 CLAIM_REJECTED = const(14)  # an admin rejected the claim: this board is kept out
+BAD_KEY_ID = const(15)  # the claim key id on a frame it may not sign, or a CLAIM without it
 
 REASON_NAMES = {
     BAD_LENGTH: "BAD_LENGTH",
@@ -127,6 +128,7 @@ REASON_NAMES = {
     UNSUPPORTED: "UNSUPPORTED",
     CLAIM_PENDING: "CLAIM_PENDING",
     CLAIM_REJECTED: "CLAIM_REJECTED",
+    BAD_KEY_ID: "BAD_KEY_ID",
 }
 
 # ---- HELLO vocabularies ---------------------------------------------------------------------
@@ -783,8 +785,7 @@ def _parse_claim(m, r):
 
 
 def _parse_identity(m, r):
-    if m.key_id == CLAIM_KEY_ID:
-        raise ValueError("key id %d is the claim key's" % CLAIM_KEY_ID)
+    pass  # no payload; decode() refuses one under the claim key id (BAD_KEY_ID)
 
 
 def _parse_config(m, r):
@@ -841,6 +842,13 @@ def _decode(frame, lookup, guard, downlink):
     if ftype not in (DOWNLINK_TYPES if downlink else UPLINK_TYPES):
         why = "reserved" if ftype in RESERVED_TYPES else "not accepted in this direction"
         raise FrameError(BAD_TYPE, "%s %s" % (type_name(ftype), why), header)
+    # The site's claim key is shared by every board of a site set up offline: it may sign a
+    # CLAIM (and the gateway's ERROR answer to one), nothing else, and a CLAIM needs it.
+    if key_id == CLAIM_KEY_ID:
+        if ftype != (ERROR_DOWN if downlink else CLAIM):
+            raise FrameError(BAD_KEY_ID, "%s under the claim key id" % type_name(ftype), header)
+    elif ftype == CLAIM:
+        raise FrameError(BAD_KEY_ID, "CLAIM under key id %d" % key_id, header)
     found = lookup(device_id, key_id)
     if found is None or (isinstance(found, int) and found != UNKNOWN_KEY):
         raise FrameError(UNKNOWN_DEVICE, "device %s" % device_hex(device_id), header)

@@ -123,12 +123,20 @@ def encode(ftype, key, boot, counter, f):
 
 
 def key_for(ftype, device_id, key_id, secret):
-    """CLAIM frames are signed under the claim key id, IDENTITY frames under any other."""
+    """CLAIM frames are signed under the claim key id; the claim key id signs nothing else but
+    a downlink ERROR (the answer to a CLAIM)."""
     if ftype == wire.CLAIM:
         key_id = wire.CLAIM_KEY_ID
-    elif ftype == wire.IDENTITY and key_id == wire.CLAIM_KEY_ID:
+    elif ftype != wire.ERROR_DOWN and key_id == wire.CLAIM_KEY_ID:
         key_id = 1
     return wire.Key(device_id, key_id, secret)
+
+
+def breaks_the_claim_key_rule(ftype, key_id, downlink):
+    """docs/protocol.md, check 5: BAD_KEY_ID."""
+    if key_id == wire.CLAIM_KEY_ID:
+        return ftype != (wire.ERROR_DOWN if downlink else wire.CLAIM)
+    return ftype == wire.CLAIM
 
 
 class Case:
@@ -204,12 +212,19 @@ def documented_flip_reason(case, flipped, byte_index):
         return "BAD_VERSION"
     if byte_index == 1:
         accepted = wire.DOWNLINK_TYPES if case.downlink else wire.UPLINK_TYPES
-        return "BAD_MAC" if flipped[1] in accepted else "BAD_TYPE"
+        if flipped[1] not in accepted:
+            return "BAD_TYPE"
+        if breaks_the_claim_key_rule(flipped[1], case.key.key_id, case.downlink):
+            return "BAD_KEY_ID"
+        return "BAD_MAC"
     if byte_index in (2, 3):
         return "BAD_LENGTH"
     if 4 <= byte_index < 12:
         return "UNKNOWN_DEVICE"
     if byte_index in (12, 13):
+        key_id = int.from_bytes(flipped[12:14], "big")
+        if breaks_the_claim_key_rule(flipped[1], key_id, case.downlink):
+            return "BAD_KEY_ID"
         return "UNKNOWN_KEY"
     return "BAD_MAC"  # boot, counter, payload, MAC: the MAC is checked before the replay window
 
@@ -390,15 +405,16 @@ def test_random_bytes_only_ever_raise_frame_error(junk, downlink):
 def test_authentic_frames_with_arbitrary_payloads_decode_or_are_bad_payload(ftype, payload):
     # A correctly signed frame from a buggy sender: the parsers meet every byte sequence.
     length = wire.MIN_FRAME + len(payload)
-    head = bytes([wire.VERSION, ftype]) + length.to_bytes(2, "big") + KEY.device_id + bytes(2)
-    head += (7).to_bytes(4, "big") + (16).to_bytes(4, "big")
-    frame = head + payload + KEY.signer.mac(head + payload)
+    key = key_for(ftype, KEY.device_id, KEY.key_id, bytes(32))  # KEY's secret
+    head = bytes([wire.VERSION, ftype]) + length.to_bytes(2, "big") + key.device_id
+    head += key.key_id.to_bytes(2, "big") + (7).to_bytes(4, "big") + (16).to_bytes(4, "big")
+    frame = head + payload + key.signer.mac(head + payload)
     downlink = bool(ftype & wire.DOWNLINK_BIT)
     guard = wire.DownlinkGuard(7) if downlink else wire.ReplayGuard()
     if downlink:
         guard.next_counter()  # the node sent uplink 1, which downlink counter 16 answers
     try:
-        m = wire.decode(frame, wire.lookup_for(KEY), guard, downlink)
+        m = wire.decode(frame, wire.lookup_for(key), guard, downlink)
     except wire.FrameError as e:
         assert e.reason == wire.BAD_PAYLOAD, e
     else:

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VECTORS = ROOT / "tests" / "vectors"
 SCRIPTS = ROOT / "tests" / "micropython"
 CASES = json.loads((VECTORS / "wire_v1.json").read_text(encoding="utf-8"))["cases"]
+REFUSALS = json.loads((VECTORS / "wire_v1.json").read_text(encoding="utf-8"))["refusals"]
 DOWNLINK = {"ACK", "ERROR_DOWN", "CONFIG", "IDENTITY"}
 
 
@@ -139,8 +140,9 @@ def run_script(name, *args, lib):
 
 
 def expected_vector_checks():
-    # check_vectors.py runs 14 checks per case, and one more where a claim secret derives.
-    return 14 * len(CASES) + sum(1 for c in CASES if "claim" in c)
+    # check_vectors.py runs 14 checks per case, one more where a claim secret derives, and 2
+    # per refusal.
+    return 14 * len(CASES) + sum(1 for c in CASES if "claim" in c) + 2 * len(REFUSALS)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if "claim" in c], ids=lambda c: c["name"])
@@ -160,13 +162,48 @@ def test_claim_frames_refuse_the_wrong_key_ids():
         wire.encode_claim(claim_key, 1, 1, bytes(15), "0.1.0")
     with pytest.raises(wire.FrameError, match="signed with the device's own key"):
         wire.encode_identity(claim_key, 1, 16)
-    # An IDENTITY under the claim key id, however it was signed, is refused as malformed.
+    # An IDENTITY under the claim key id, however it was signed, is refused before its MAC.
     forged = wire._frame(wire.IDENTITY, claim_key, 1, 16, b"")
     guard = wire.DownlinkGuard(1)
     guard.last_sent = 1
     with pytest.raises(wire.FrameError) as refused:
         wire.decode(forged, wire.lookup_for(claim_key), guard, True)
-    assert refused.value.name == "BAD_PAYLOAD"
+    assert refused.value.name == "BAD_KEY_ID"
+
+
+@pytest.mark.parametrize("case", REFUSALS, ids=lambda c: c["name"])
+def test_refusal_vectors_encode_to_their_bytes_and_are_refused_for_their_reason(case):
+    key = key_of(case)
+    assert encode(case, key).hex() == case["hex"]
+    with pytest.raises(wire.FrameError) as refused:
+        wire.decode(bytes.fromhex(case["hex"]), wire.lookup_for(key), guard_for(case))
+    assert refused.value.name == case["refused"]
+
+
+def test_the_claim_key_id_signs_claims_only_and_a_claim_needs_it():
+    device = bytes.fromhex("6b62000102030405")
+    claim_key = wire.Key(device, wire.CLAIM_KEY_ID, b"c" * 32)
+    own_key = wire.Key(device, 1, b"d" * 32)
+    uplink = [wire.encode_hello(claim_key, 1, 1, "0.1.0", 1, [], []),
+              wire.encode_error(claim_key, 1, 2, wire.BUSY, 0, "", False)]
+    for frame in uplink:
+        with pytest.raises(wire.FrameError) as refused:
+            wire.decode(frame, wire.lookup_for(claim_key), wire.ReplayGuard())
+        assert refused.value.name == "BAD_KEY_ID"
+    claim_signed_by_own_key = wire._frame(wire.CLAIM, own_key, 1, 3, bytes(16) + b"\x050.1.0")
+    with pytest.raises(wire.FrameError) as refused:
+        wire.decode(claim_signed_by_own_key, wire.lookup_for(own_key), wire.ReplayGuard())
+    assert refused.value.name == "BAD_KEY_ID"
+    # Downlink, the claim key signs the gateway's ERROR answer to a CLAIM, and nothing else.
+    guard = wire.DownlinkGuard(1)
+    guard.last_sent = 5
+    answer = wire.encode_error(claim_key, 1, 16, wire.CLAIM_PENDING, 1, "", True)
+    assert wire.decode(answer, wire.lookup_for(claim_key), guard, True).reason == \
+        wire.CLAIM_PENDING
+    ack = wire.encode_ack(claim_key, 1, 32)
+    with pytest.raises(wire.FrameError) as refused:
+        wire.decode(ack, wire.lookup_for(claim_key), guard, True)
+    assert refused.value.name == "BAD_KEY_ID"
 
 
 def test_micropython_encodes_decodes_and_refuses_every_vector(node_lib):

@@ -178,12 +178,28 @@ def run_case(case):
     check(name, "unknown key refused", r == "UNKNOWN_KEY", r)
 
 
+def run_refusal(case):
+    name = case["name"]
+    key = key_of(case)
+    frame = encode(case, key)
+    check(name, "encodes to the golden bytes", hexlify(frame).decode() == case["hex"])
+    r = refused(unhexlify(case["hex"]), wire.lookup_for(key), new_guard(case),
+                case["type"] in DOWNLINK)
+    check(name, "refused as " + case["refused"], r == case["refused"], r)
+
+
 def main():
     with open(sys.argv[1]) as f:
-        cases = json.load(f)["cases"]
+        vectors = json.load(f)
+    cases = vectors["cases"]
     for case in cases:
         try:
             run_case(case)
+        except Exception as e:
+            check(case["name"], "runs without an exception", False, repr(e))
+    for case in vectors["refusals"]:
+        try:
+            run_refusal(case)
         except Exception as e:
             check(case["name"], "runs without an exception", False, repr(e))
     if failures:

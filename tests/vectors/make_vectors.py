@@ -17,7 +17,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 from kinhbac import wire  # noqa: E402  (after the sys.path line: runs as a script)
 
 KEY = {"device_id": "6b62000102030405", "key_id": 1, "secret": bytes(range(32)).hex()}
-OTHER_KEY = {"device_id": "6b620a0b0c0d0e0f", "key_id": 65535, "secret": "a5" * 20}
+OTHER_KEY = {"device_id": "6b620a0b0c0d0e0f", "key_id": 0xFFFE, "secret": "a5" * 20}  # the last device key id
 # A site's claim key as the fleet issues it (a string; its UTF-8 bytes are the HMAC key).
 CLAIM_SECRET = b"golden-claim-key-of-a-test-site_".hex()
 CLAIM_KEY = {"device_id": "6b62000102030405", "key_id": wire.CLAIM_KEY_ID, "secret": CLAIM_SECRET}
@@ -180,6 +180,30 @@ CASES = [
 ]
 
 
+# Frames a receiver must refuse, with the reason: each is encoded like a case above (its bytes
+# pinned the same way) and decoded to that refusal, on both interpreters.
+REFUSALS = [
+    {
+        "name": "hello_under_the_claim_key_refused",
+        "type": "HELLO",
+        "key": CLAIM_KEY,  # the site's claim key may sign a CLAIM, and speak for no device
+        "header": {"boot": 1, "counter": 2},
+        "fields": {"fw_version": "0.1.0", "reset_cause": 1, "drops": [0, 0, 0],
+                   "sensors": [["temperature", "C"]]},
+        "refused": "BAD_KEY_ID",
+    },
+    {
+        "name": "readings_under_the_claim_key_refused",
+        "type": "READINGS",
+        "key": CLAIM_KEY,
+        "header": {"boot": 1, "counter": 3},
+        "fields": {"readings_boot": 1, "first_seq": 4294967295, "base_ms": 1795917262089,
+                   "unsynced": False, "pre_sync": False, "readings": [[0, 0, 21.5]]},
+        "refused": "BAD_KEY_ID",
+    },
+]
+
+
 def encode_case(case):
     k = case["key"]
     key = wire.Key(bytes.fromhex(k["device_id"]), k["key_id"], bytes.fromhex(k["secret"]))
@@ -238,7 +262,10 @@ def main():
     text = '{"version": %d,\n "generated_by": "tests/vectors/make_vectors.py",\n "cases": [\n' % (
         wire.VERSION
     )
-    (HERE / "wire_v1.json").write_text(text + ",\n".join(lines) + "\n]}\n", encoding="utf-8")
+    refusals = [json.dumps(dict(c, hex=encode_case(c).hex()), ensure_ascii=False)
+                for c in REFUSALS]
+    (HERE / "wire_v1.json").write_text(text + ",\n".join(lines) + '\n],\n "refusals": [\n'
+                                       + ",\n".join(refusals) + "\n]}\n", encoding="utf-8")
 
     rfc = []
     for name, key, data, trunc in RFC4231:
