@@ -319,15 +319,15 @@ def test_forged_claims_are_refused_and_a_claim_cannot_take_over_a_registered_dev
             'kinhbac_gateway_frames_refused_total{reason="bad_mac"}', 0) == 1, 5,
             "the forged claim counted")
 
-        # Someone holding the claim key claims the registered device's id.
+        # Someone holding the claim key claims the registered device's id: the gateway does
+        # not even look the claim key up for a device that has a key of its own.
         hijack = wire.Key(bytes.fromhex(node.device), wire.CLAIM_KEY_ID,
                           profile["claim_key"].encode())
-        first = claim_and_answer(gateway.port, hijack, 1, 1, bytes(16))
-        assert first.reason == wire.CLAIM_PENDING  # until the fleet's answer is back
-        wait_until(lambda: f"claim of {node.device} (nonce 00000000...): refused" in
-                   gateway.log(), 10, "the fleet's answer to the claim")
-        second = claim_and_answer(gateway.port, hijack, 1, 2, bytes(16))
-        assert second.reason == wire.CLAIM_REJECTED and second.detail == "claim refused"
+        assert claim_and_answer(gateway.port, hijack, 1, 1, bytes(16)) is None  # closed
+        wait_until(lambda: gateway.metrics().get(
+            'kinhbac_gateway_frames_refused_total{reason="unknown_key"}', 0) >= 1, 5,
+            "the claim for a registered device refused")
+        assert f"claim of {node.device}" not in gateway.log()  # never reported to the fleet
 
         device = fleet.call("GET", f"/api/devices/{device_id}", site.admin)
         assert (device["state"], device["key_id"]) == ("active", 1)
@@ -383,3 +383,64 @@ def test_a_gateway_takes_its_keys_from_exactly_one_source(tmp_path, monkeypatch,
     with pytest.raises(ConfigError) as refused:
         load_settings(config)
     assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def send_and_answer(port: int, frames: list[bytes], key: wire.Key, boot: int):
+    """Frames over a fresh connection; the gateway's decoded answers until it closes (or is
+    silent for 3 s)."""
+    guard = wire.DownlinkGuard(boot)
+    guard.last_sent = 1 << 20
+    answers = []
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as conn:
+        conn.sendall(b"".join(frames))
+        while True:
+            try:
+                header = conn.recv(wire.HEADER_SIZE, socket.MSG_WAITALL)
+            except TimeoutError:
+                return answers
+            if len(header) < wire.HEADER_SIZE:
+                return answers
+            rest = conn.recv(wire.frame_length(header) - wire.HEADER_SIZE, socket.MSG_WAITALL)
+            answers.append(wire.decode(header + rest, wire.lookup_for(key), guard, True))
+
+
+def test_the_claim_key_cannot_speak_for_a_registered_device(
+        tmp_path, fleet, emulator, broker, collector):
+    """A HELLO and READINGS forged with the site's claim key under a registered device's id,
+    as anyone with a technician's profile or a claiming board could: refused before they touch
+    the device, and the real node's next readings are still stored and published, also after
+    a gateway restart (its mark and replay window were not moved)."""
+    site = Site(fleet)
+    gateway = fleet_gateway(tmp_path, broker, fleet, site)
+    try:
+        node, device_id = site.register_node(emulator, gateway.port)
+        gateway.start()
+        node.board.power_on()
+        collector.wait_for(lambda: collector.count(node.device) >= 5, timeout=30,
+                           what="readings at first")
+        profile = fleet.call("GET", f"/api/sites/{site.site_id}/profile", site.technician)
+        forger = wire.Key(bytes.fromhex(node.device), wire.CLAIM_KEY_ID,
+                          profile["claim_key"].encode())
+        boot = 1 << 30  # far ahead of the node's: it would freeze the node's window
+        hello = wire.encode_hello(forger, boot, 1, "evil", wire.RESET_POWER_ON, [0, 0, 0],
+                                  [["temperature", "C"]])
+        readings = wire.encode_readings(forger, boot, 2, 1, wire.MAX_U32, 1795917262089,
+                                        False, [(0, 0, 99.0)])
+        for frame in (hello, readings):
+            assert send_and_answer(gateway.port, [frame], forger, boot) == []  # closed
+        wait_until(lambda: gateway.metrics().get(
+            'kinhbac_gateway_frames_refused_total{reason="bad_key_id"}', 0) >= 2, 5,
+            "both forged frames refused")
+        before = collector.count(node.device)
+        collector.wait_for(lambda: collector.count(node.device) >= before + 20, timeout=20,
+                           what="the real node still stored and published")
+        gateway.stop()
+        gateway.start()
+        before = collector.count(node.device)
+        collector.wait_for(lambda: collector.count(node.device) >= before + 20, timeout=30,
+                           what="the real node after a gateway restart")
+        assert not any(r["value"] == 99.0 for r in collector.readings[node.device].values())
+        status = collector.retained[f"kinhbac/{SITE}/{node.device}/status"]
+        assert status["firmware"] != "evil"
+    finally:
+        gateway.stop()

@@ -115,8 +115,12 @@ class _KeyTable:
 
     def lookup(self, device_id: bytes, key_id: int) -> wire.Key | int | None:
         if key_id == wire.CLAIM_KEY_ID:
+            # The site's claim key, for a board that has no identity yet (or one an admin just
+            # approved, which asks again for it): never for a device with a key of its own.
             claim_key = self._listing.claim_key
-            if claim_key is None or not device_id.startswith(CLAIM_PREFIX):
+            registered = (device_id in self._listing.keys
+                          and device_id not in self._listing.claims)
+            if claim_key is None or registered or not device_id.startswith(CLAIM_PREFIX):
                 return None if device_id not in self._listing.keys else wire.UNKNOWN_KEY
             return wire.Key(device_id, wire.CLAIM_KEY_ID, claim_key)
         key = self._listing.keys.get(device_id)
