@@ -113,12 +113,17 @@ class GatewaySettings(TomlFileSettings):
         9108, ge=0, le=65535, description="port of /metrics (Prometheus text; 0: any free port)"
     )
     idle_timeout_s: float = Field(
-        300, gt=0, description="a node connection silent this long is closed"
+        120, gt=0, description="a node connection silent this long between frames is closed"
     )
     frame_timeout_s: float = Field(
-        10, gt=0, description="a frame started must be complete within this (slow-loris guard)"
+        10, gt=0, description="a connection's first frame, and every frame once started, must "
+        "be complete within this (silent and slow-loris connections cannot hold slots)"
     )
     max_connections: int = Field(2000, ge=1, description="node connections at once")
+    max_connections_per_address: int = Field(
+        16, ge=1, description="node connections at once from one IP address (one host on the "
+        "site's WiFi cannot take every slot)"
+    )
     log_format: str = Field("text", pattern="^(text|json)$", description="text or json lines")
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
 

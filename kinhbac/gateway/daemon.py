@@ -80,6 +80,7 @@ class Gateway:
             idle_timeout_s=settings.idle_timeout_s,
             frame_timeout_s=settings.frame_timeout_s,
             max_connections=settings.max_connections,
+            max_connections_per_address=settings.max_connections_per_address,
             node_config_dir=settings.node_config_dir,
             on_hello=self._on_hello,
             on_seen=self.uplink.device_seen,

@@ -30,6 +30,7 @@ FLEET_KEYS_PATH = "/api/gateway/keys"
 FLEET_CLAIMS_PATH = "/api/gateway/claims"
 CLAIM_PREFIX = b"kb"  # a claiming node's device id is "kb" and its MAC
 MAX_CLAIMS_KEPT = 10_000  # answers remembered per (device, nonce); a site has far fewer boards
+MAX_REPORTS_WAITING = 64  # claim reports queued for the one worker; more wait for a later claim
 MAX_ANSWER_BYTES = 32 * 1024 * 1024  # ~250,000 devices: far beyond a site, short of an OOM
 MAX_TIMEOUT_S = 10.0  # a fetch never takes longer, so a hung fleet cannot stall the schedule
 JITTER = 0.1  # fetch up to 10 % early: a city's gateways restarted together spread out
@@ -231,6 +232,7 @@ class FleetKeyStore(_KeyTable):
         # (device hex, nonce) -> [standing as last heard, monotonic time last reported]
         self._claims: dict[tuple[str, bytes], list[Any]] = {}
         self._reports: set[asyncio.Task] = set()
+        self._report_worker = asyncio.Semaphore(1)
         self._failing: str | None = None  # the failure last logged, while failures go on
         self._failures = 0
         self._fetched = False
@@ -348,7 +350,7 @@ class FleetKeyStore(_KeyTable):
             if len(self._claims) >= MAX_CLAIMS_KEPT:
                 self._claims.clear()  # forgetting only costs a report more
             entry = self._claims[(device, nonce)] = ["pending", -self.refresh_s]
-        if now - entry[1] >= self.refresh_s:
+        if now - entry[1] >= self.refresh_s and len(self._reports) < MAX_REPORTS_WAITING:
             entry[1] = now
             # The loop keeps only a weak reference to a task: hold it until it is done.
             task = asyncio.get_running_loop().create_task(
@@ -363,7 +365,8 @@ class FleetKeyStore(_KeyTable):
         request = urllib.request.Request(self.claims_url, data=body, method="POST",
                                          headers={"Content-Type": "application/json"})
         try:
-            answer = json.loads(await _in_thread(lambda: self._request(request)))
+            async with self._report_worker:  # one request at a time: one thread, not one each
+                answer = json.loads(await _in_thread(lambda: self._request(request)))
             state = answer["state"]
         except FetchError as exc:
             entry[1] = -self.refresh_s  # report it again with the node's next claim

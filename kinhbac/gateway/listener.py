@@ -32,6 +32,8 @@ from kinhbac.gateway.telemetry import sensors_json
 log = logging.getLogger(__name__)
 
 LOG_EVERY_S = 60.0  # refusals of one device are logged at most this often
+LOG_BUDGET = 20  # refusal lines a minute over all devices: random device ids cannot flood the log
+LOG_DEVICES_KEPT = 1024  # devices whose last refusal line is remembered (bounded memory)
 PIPELINE = 8  # frames of one connection verified ahead of their ACKs
 # Refusals that come after the MAC check: the frame is authentic, so the gateway may answer
 # it with an ERROR frame. Before the MAC it cannot attribute the frame: it closes the stream.
@@ -77,6 +79,7 @@ class Listener:
         idle_timeout_s: float,
         frame_timeout_s: float,
         max_connections: int,
+        max_connections_per_address: int | None = None,
         node_config_dir: Path | None = None,
         on_hello: Callable[[str, DeviceInfo], None] | None = None,
         on_seen: Callable[[str], None] | None = None,
@@ -89,6 +92,10 @@ class Listener:
         self.idle_timeout_s = idle_timeout_s
         self.frame_timeout_s = frame_timeout_s
         self.max_connections = max_connections
+        self.max_per_address = max_connections_per_address or max_connections
+        self._per_address: dict[str, int] = {}
+        self._log_window = (0.0, 0)  # (start of the current minute, refusal lines in it)
+        self._unlogged = 0  # refusal lines held back by the budget since the last one
         self.node_config_dir = node_config_dir
         self.on_hello = on_hello
         self.on_seen = on_seen
@@ -134,6 +141,14 @@ class Listener:
             self._refuse_quietly("connection_limit")
             writer.transport.abort()
             return
+        peer = writer.get_extra_info("peername")
+        address = str(peer[0]) if peer else "?"
+        if self._per_address.get(address, 0) >= self.max_per_address:
+            # One host on the site's WiFi cannot take the slots of every node.
+            self._refuse_quietly("address_limit")
+            writer.transport.abort()
+            return
+        self._per_address[address] = self._per_address.get(address, 0) + 1
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
@@ -154,22 +169,29 @@ class Listener:
             writer.transport.abort()
             self.metrics.connections.dec()
             self._connections.discard(task)
+            left = self._per_address.pop(address) - 1
+            if left:
+                self._per_address[address] = left
 
     async def _read_frames(self, reader: asyncio.StreamReader, replies: asyncio.Queue,
                            conn: _Connection) -> None:
+        # A node speaks at once: the first frame of a connection must be whole within
+        # frame_timeout_s, so silent connections cannot hold slots. Between frames a node may
+        # wait idle_timeout_s; once a frame's first byte came, the rest must follow within
+        # frame_timeout_s (a slow-loris cannot stretch a frame either).
+        wait_s = self.frame_timeout_s
         while True:
             try:
-                header = await asyncio.wait_for(
-                    reader.readexactly(wire.HEADER_SIZE), self.idle_timeout_s
-                )
+                first = await asyncio.wait_for(reader.readexactly(1), wait_s)
             except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
                 return  # closed, or silent for too long
+            wait_s = self.idle_timeout_s
+            deadline = asyncio.get_running_loop().time() + self.frame_timeout_s
             try:
-                length = wire.frame_length(header)
-                # The rest of a frame must come promptly: a slow-loris cannot hold a slot.
-                body = await asyncio.wait_for(
-                    reader.readexactly(length - wire.HEADER_SIZE), self.frame_timeout_s
-                )
+                async with asyncio.timeout_at(deadline):
+                    header = first + await reader.readexactly(wire.HEADER_SIZE - 1)
+                    length = wire.frame_length(header)
+                    body = await reader.readexactly(length - wire.HEADER_SIZE)
             except wire.FrameError as exc:
                 self._refused(exc, header)
                 return
@@ -353,11 +375,25 @@ class Listener:
         self.metrics.frames_refused.labels(exc.name.lower()).inc()
         device = wire.device_hex(exc.header[1]) if exc.header else "?"
         now = time.monotonic()
-        if now - self._last_logged.get(device, -LOG_EVERY_S) >= LOG_EVERY_S:
-            self._last_logged[device] = now
-            log.warning("refused a frame from %s: %s (%s); further refusals of this device "
-                        "are counted, not logged, for %d s", device, exc.name, exc.message,
-                        LOG_EVERY_S)
+        if now - self._last_logged.get(device, -LOG_EVERY_S) < LOG_EVERY_S:
+            return
+        started, lines = self._log_window
+        if now - started >= 60.0:
+            if self._unlogged:
+                log.warning("%d more refused frames were counted, not logged, in the last "
+                            "minute (kinhbac_gateway_frames_refused_total)", self._unlogged)
+            started, lines, self._unlogged = now, 0, 0
+        if lines >= LOG_BUDGET:
+            self._unlogged += 1
+            self._log_window = (started, lines)
+            return
+        self._log_window = (started, lines + 1)
+        if len(self._last_logged) >= LOG_DEVICES_KEPT:
+            self._last_logged.clear()  # forgetting costs at most a line more per device
+        self._last_logged[device] = now
+        log.warning("refused a frame from %s: %s (%s); further refusals of this device "
+                    "are counted, not logged, for %d s", device, exc.name, exc.message,
+                    LOG_EVERY_S)
 
     def _refuse_quietly(self, reason: str) -> None:
         self.refused[reason.upper()] += 1
