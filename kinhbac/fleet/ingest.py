@@ -47,6 +47,7 @@ from kinhbac.fleet.models import (
     DeviceStatus,
     GatewayStatus,
     RecentReading,
+    Site,
     UTCDateTime,
     utcnow,
 )
@@ -66,6 +67,11 @@ KEEPALIVE_S = 30
 INT64 = 2**63 - 1  # the database's BIGINT
 MAX_TS_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last instant a datetime holds
 MAX_READINGS_PER_MESSAGE = 10_000  # the gateway sends at most mqtt.readings_per_message (200)
+# A boot counter this far past the last one the fleet heard is refused: a node adds one per
+# restart (a node waking every minute for two months adds about 90,000), while a forged status
+# far ahead would freeze the device's own later ones out.
+MAX_BOOT_JUMP = 100_000
+REFUSED_LOG_EVERY_S = 10.0  # messages refused for their site or boot: a line per this long
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -195,12 +201,14 @@ class Batch:
         self.messages += other.messages
 
     def reading_rows(self) -> list[dict[str, Any]]:
-        """The readings to insert: per device at most the window, in key order."""
+        """The readings to insert: per device at most the window, in key order (without the
+        topic's site, which only refuse_foreign() reads)."""
         rows = []
         for wire_id in sorted(self.readings):
             self._trim(wire_id)
             held = self.readings[wire_id]
-            rows.extend(held[key] for key in sorted(held))
+            rows.extend({k: v for k, v in held[key].items() if k != "site"}
+                        for key in sorted(held))
         return rows
 
 
@@ -235,16 +243,81 @@ _PRUNE = sa.text(
 )
 
 
-def write_batch(engine: Engine, batch: Batch) -> None:
-    """Commit `batch` in one transaction. Rows go in key order, so that instances writing at
-    once take their row locks in the same order."""
+@dataclass
+class Refusals:
+    """Messages' rows kept out of a batch: a device's status or readings under another site's
+    topics than the one it is registered at, or a boot counter far past its last."""
+
+    site: int = 0
+    boot: int = 0
+    example: str = ""  # one of them, for the log
+
+    def __bool__(self) -> bool:
+        return bool(self.site or self.boot)
+
+
+def refuse_foreign(connection: Connection, batch: Batch) -> Refusals:
+    """Drop from `batch` what its topic's site may not say about a device.
+
+    The broker keeps a site's gateway account to its own subtree, but any device id can be
+    named there: a registered device is believed only under its own site's topics (a device
+    registered without a site, under none), and never with a boot counter MAX_BOOT_JUMP past
+    the last one the fleet heard."""
+    refused = Refusals()
+    ids = sorted(set(batch.statuses) | set(batch.readings))
+    if not ids:
+        return refused
+    site = Site.__table__
+    registered = dict(connection.execute(
+        sa.select(_DEVICE.c.wire_id, site.c.slug)
+        .select_from(_DEVICE.outerjoin(site, site.c.id == _DEVICE.c.site_id))
+        .where(_DEVICE.c.wire_id.in_(ids))).all())
+    status = DeviceStatus.__table__
+    boots = dict(connection.execute(
+        sa.select(status.c.wire_id, status.c.boot).where(status.c.wire_id.in_(ids))).all())
+
+    def why_not(wire_id: str, topic_site: str, boot: int | None) -> str | None:
+        if wire_id in registered and registered[wire_id] != topic_site:
+            refused.site += 1
+            home = registered[wire_id]
+            return (f"{wire_id} under site {topic_site!r}, registered at "
+                    f"{home!r}" if home else f"{wire_id} under site {topic_site!r}, "
+                    "registered at no site")
+        last = boots.get(wire_id)
+        if boot is not None and last is not None and boot > last + MAX_BOOT_JUMP:
+            refused.boot += 1
+            return f"{wire_id} boot {boot}, last heard {last}"
+        return None
+
+    for wire_id, row in list(batch.statuses.items()):
+        reason = why_not(wire_id, row["site"], row["boot"])
+        if reason:
+            refused.example = reason
+            del batch.statuses[wire_id]
+    for wire_id, held in list(batch.readings.items()):
+        for key, row in list(held.items()):
+            reason = why_not(wire_id, row["site"], row["boot"])
+            if reason:
+                refused.example = reason
+                del held[key]
+        if not held:
+            del batch.readings[wire_id]
+    return refused
+
+
+def write_batch(engine: Engine, batch: Batch) -> Refusals:
+    """Commit `batch` in one transaction, less what refuse_foreign() keeps out (returned).
+    Rows go in key order, so that instances writing at once take their row locks in the same
+    order."""
     with engine.begin() as connection:
+        refused = refuse_foreign(connection, batch)
         if batch.gateways:
             _write_gateways(connection, [batch.gateways[k] for k in sorted(batch.gateways)])
         if batch.statuses:
             _write_statuses(connection, [batch.statuses[k] for k in sorted(batch.statuses)])
         if batch.readings:
             _write_readings(connection, batch)
+    return refused
 
 
 def _write_gateways(connection: Connection, rows: list[dict[str, Any]]) -> None:
@@ -388,6 +461,8 @@ class IngestStats:
     readings_written: int = 0  # readings offered to the database, after merging
     batches: int = 0  # transactions committed
     write_failures: int = 0  # transactions that failed (and were retried)
+    refused_site: int = 0  # status or reading rows under another site than the device's
+    refused_boot: int = 0  # status or reading rows with a boot far past the device's last
 
 
 class IngestWorker:
@@ -411,6 +486,8 @@ class IngestWorker:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="fleet-ingest-db")
         self._malformed_logged_at = -MALFORMED_LOG_EVERY_S
         self._malformed_unlogged = 0
+        self._refused_logged_at = -REFUSED_LOG_EVERY_S
+        self._refused_unlogged = 0
 
     async def run(self) -> None:
         """Receive and write until cancelled; then write what was received, and return."""
@@ -520,7 +597,8 @@ class IngestWorker:
                 telemetry = Telemetry.model_validate_json(payload)
                 _same(device, telemetry.device)
                 self._pending.add_readings(device, [
-                    {"wire_id": device, "boot": telemetry.boot, "seq": r.seq, "sensor": r.sensor,
+                    {"wire_id": device, "site": site, "boot": telemetry.boot, "seq": r.seq,
+                     "sensor": r.sensor,
                      "unit": r.unit, "value": r.value,
                      "ts": None if r.ts is None else _from_ms(r.ts), "boot_ms": r.boot_ms,
                      "pre_sync": r.pre_sync}
@@ -563,6 +641,20 @@ class IngestWorker:
         self._malformed_logged_at = now
         self._malformed_unlogged = 0
 
+    def _refused(self, refused: Refusals) -> None:
+        """Count rows refuse_foreign() kept out; log them at most every REFUSED_LOG_EVERY_S."""
+        self.stats.refused_site += refused.site
+        self.stats.refused_boot += refused.boot
+        self._refused_unlogged += refused.site + refused.boot
+        now = time.monotonic()
+        if now - self._refused_logged_at < REFUSED_LOG_EVERY_S:
+            return
+        log.warning("ingest: refused %d status or reading rows (a device under another site's "
+                    "topics, or a boot far ahead), e.g. %s; a site's broker account may be "
+                    "misused", self._refused_unlogged, refused.example)
+        self._refused_logged_at = now
+        self._refused_unlogged = 0
+
     # -- writing
 
     async def _write_loop(self) -> None:
@@ -581,7 +673,8 @@ class IngestWorker:
             self._pending = Batch(self._window)
             started = time.perf_counter()
             try:
-                await loop.run_in_executor(self._executor, write_batch, self.engine, batch)
+                refused = await loop.run_in_executor(self._executor, write_batch, self.engine,
+                                                     batch)
             except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
                 # The database is away, or a deadlock with another instance: retry.
                 self.stats.write_failures += 1
@@ -605,6 +698,8 @@ class IngestWorker:
                               batch.messages)
                 continue
             failures = 0
+            if refused:
+                self._refused(refused)
             self.stats.batches += 1
             self.stats.written += batch.messages
             self.stats.readings_written += sum(len(r) for r in batch.readings.values())

@@ -190,8 +190,9 @@ def stored_keys(session: Session, wire_id: str) -> list[tuple[int, int]]:
 
 def test_status_updates_a_registered_device_and_records_an_unknown_one(fleet, session, box,
                                                                         viewer):
-    device = make_device(session, box, make_site(session, box, slug=f"s-{uuid.uuid4().hex[:6]}"),
-                         firmware_version="0.0.1")
+    site = make_site(session, box, slug=f"s-{uuid.uuid4().hex[:6]}")
+    device = make_device(session, box, site, firmware_version="0.0.1")
+    fleet.gateway.site = site.slug  # the device's own site's gateway
     unknown = random_wire_id()
     seen = now_ms() - 2000
     fleet.gateway.status(device.wire_id, last_seen_ms=seen, firmware="0.1.0", boot=8)
@@ -203,7 +204,7 @@ def test_status_updates_a_registered_device_and_records_an_unknown_one(fleet, se
     assert datetime.fromisoformat(shown["last_seen_at"]) == datetime.fromtimestamp(seen / 1000, UTC)
     assert shown["online"] is True
     status = shown["status"]
-    assert (status["site"], status["gateway"], status["reset_cause"]) == ("site-a", "pi-01",
+    assert (status["site"], status["gateway"], status["reset_cause"]) == (site.slug, "pi-01",
                                                                           "WATCHDOG")
     assert status["drops"] == {"buffer_full": 12, "storage_error": 0, "sensor_error": 1}
     assert [s["name"] for s in status["sensors"]] == ["temperature", "humidity", "pressure"]
@@ -230,6 +231,7 @@ def test_device_goes_offline_after_the_configured_silence(app, broker, publisher
     site = make_site(session, box)
     fresh, silent, clock_ahead = (make_device(session, box, site) for _ in range(3))
     with running_fleet(settings, publisher) as fleet:
+        fleet.gateway.site = site.slug
         heard = time.monotonic()
         fleet.gateway.status(fresh.wire_id)
         fleet.gateway.status(silent.wire_id, last_seen_ms=now_ms() - 10_000)
@@ -249,6 +251,41 @@ def test_device_goes_offline_after_the_configured_silence(app, broker, publisher
         assert (shown["online"], shown["status"]) == (False, None)
 
 
+def test_another_sites_account_cannot_rewrite_a_device_or_push_out_its_readings(
+        fleet, session, box, viewer):
+    """Site B's gateway account may publish under kinhbac/site-b/# only, but it can name any
+    device id there: a device registered at site A is believed only under site A's topics, and
+    a boot counter far ahead of its last is refused whatever the topic."""
+    home = make_site(session, box)
+    device = make_device(session, box, home)
+    fleet.gateway.site = home.slug
+    fleet.gateway.status(device.wire_id, firmware="1.0.0", boot=8)
+    fleet.gateway.telemetry(device.wire_id, 8, range(1, 6))
+    fleet.settled()
+
+    fleet.gateway.site = make_site(session, box).slug  # the attacker's own site
+    fleet.gateway.status(device.wire_id, firmware="6.6.6", boot=9)
+    fleet.gateway.telemetry(device.wire_id, 9, range(1, 41), value=-99.0)
+    fleet.settled()
+    shown = api_device(fleet, viewer, device.id)
+    assert (shown["firmware_version"], shown["boot_counter"]) == ("1.0.0", 8)
+    assert shown["status"]["site"] == home.slug
+    assert api_readings(fleet, viewer, device.id) == [(8, s) for s in (5, 4, 3, 2, 1)]
+    assert fleet.worker.stats.refused_site >= 2  # rows: the status, the readings the batch kept
+
+    # Under its own site's topics, a boot counter two billion ahead is refused too: it would
+    # freeze out every later status of the real node.
+    fleet.gateway.site = home.slug
+    fleet.gateway.status(device.wire_id, firmware="6.6.6", boot=2**31)
+    fleet.settled()
+    assert api_device(fleet, viewer, device.id)["boot_counter"] == 8
+    assert fleet.worker.stats.refused_boot == 1
+    fleet.gateway.status(device.wire_id, firmware="1.0.1", boot=9)  # the real node reboots
+    fleet.settled()
+    assert api_device(fleet, viewer, device.id)["firmware_version"] == "1.0.1"
+
+
+# ---- gateway status
 # ---- gateway status
 
 
@@ -281,7 +318,9 @@ def test_gateway_status_keeps_state_and_drops_through_the_last_will(fleet, sessi
 
 
 def test_readings_window_keeps_the_newest_n_per_device(fleet, session, box, viewer):
-    device = make_device(session, box, make_site(session, box))
+    site = make_site(session, box)
+    device = make_device(session, box, site)
+    fleet.gateway.site = site.slug
     wire_id = device.wire_id
     for first in (1, 5, 9):  # one transaction each: the database's prune, not only the batch's
         fleet.gateway.telemetry(wire_id, 7, range(first, first + 4))
@@ -321,7 +360,9 @@ def test_window_is_per_device_and_holds_for_many_devices_in_one_batch(fleet, ses
 
 
 def test_duplicates_are_stored_once(fleet, session, box, viewer):
-    device = make_device(session, box, make_site(session, box))
+    site = make_site(session, box)
+    device = make_device(session, box, site)
+    fleet.gateway.site = site.slug
     fleet.gateway.telemetry(device.wire_id, 3, range(1, 4))
     fleet.gateway.telemetry(device.wire_id, 3, range(1, 4), replayed=True)  # same transaction
     fleet.settled()
