@@ -105,6 +105,15 @@ def login(session: Session, email: str, password: str, *, ttl: timedelta) -> Log
     return LoginResult(access_token=token, expires_at=expires_at)
 
 
+def record_failed_login(session: Session, email: str, address: str) -> None:
+    """Audit a refused login: who was tried, from where (never the password)."""
+    session.rollback()  # nothing of the refused attempt is kept but this entry
+    user = session.exec(select(User).where(User.email == email)).first()
+    audit.record(session, Actor("anonymous", address), "user.login_failed", "user",
+                 user.id if user else email[:64], after={"email": email[:320]})
+    session.commit()
+
+
 def issue_api_token(session: Session, actor: Actor, data: ApiTokenCreate) -> ApiTokenIssued:
     """A long-lived token for a user (a script, a technician's tool), shown once."""
     user = session.get(User, data.user_id)

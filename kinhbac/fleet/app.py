@@ -19,6 +19,7 @@ from kinhbac.fleet import ingest
 from kinhbac.fleet.crypto import SecretBox
 from kinhbac.fleet.db import make_engine, upgrade, wait_for_database
 from kinhbac.fleet.errors import FleetError, Invalid
+from kinhbac.fleet.login_limits import LoginLimiter
 from kinhbac.fleet.routes import (
     audit,
     auth,
@@ -74,6 +75,12 @@ def create_app(settings: Settings | None = None, *, prepare: bool = True) -> Fas
     app.state.settings = settings
     app.state.engine = engine
     app.state.secret_box = SecretBox(settings.secret_key)
+    app.state.login_limiter = LoginLimiter(
+        per_address=settings.login_failures_per_address,
+        per_account=settings.login_failures_per_account,
+        window_s=settings.login_failure_window_s,
+        concurrent_hashes=settings.login_concurrent_hashes,
+    )
     for module in ROUTERS:
         app.include_router(module.router)
     app.add_exception_handler(FleetError, _refused)

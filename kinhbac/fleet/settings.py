@@ -56,6 +56,21 @@ class Settings(TomlFileSettings):
     login_token_hours: float = Field(
         12, gt=0, le=24 * 30, description="how long a token from /api/auth/login is valid"
     )
+    login_failures_per_address: int = Field(
+        20, ge=1, description="failed logins from one client address within "
+        "login_failure_window_s; then 429 until the oldest leaves the window"
+    )
+    login_failures_per_account: int = Field(
+        10, ge=1, description="failed logins for one account within login_failure_window_s; "
+        "then 429 for that account (whatever the address) until the oldest leaves the window"
+    )
+    login_failure_window_s: float = Field(
+        900, gt=0, description="the window the login failure limits count over"
+    )
+    login_concurrent_hashes: int = Field(
+        2, ge=1, le=64, description="password checks at once (Argon2id takes 64 MiB each); "
+        "more wait up to 5 s, then get 429"
+    )
     db_wait_s: float = Field(
         30, ge=0, description="how long start-up waits for the database to answer"
     )

@@ -51,6 +51,7 @@ def app(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fast
 def session(app: FastAPI) -> Iterator[Session]:
     with Session(app.state.engine) as session:
         yield session
+    app.state.login_limiter.clear()  # failed logins of one test do not count against the next
     with app.state.engine.begin() as connection:
         for table in reversed(SQLModel.metadata.sorted_tables):
             connection.execute(table.delete())

@@ -2,7 +2,10 @@
 
 from datetime import timedelta
 
-from kinhbac.fleet.models import Role, utcnow
+from fastapi.testclient import TestClient
+from sqlmodel import select
+
+from kinhbac.fleet.models import AuditEntry, Role, utcnow
 
 from ..utils import PASSWORD, bearer, make_token, make_user
 
@@ -99,3 +102,81 @@ def test_text_with_a_nul_character_is_a_422_not_a_server_error(client, session):
     assert login.status_code in (401, 422)  # SQLite finds no such user; PostgreSQL refuses
     assert listing.status_code == 422 and "NUL" in listing.text
     assert site.status_code != 500
+
+
+# ---- guessing passwords, from the attacker's side
+
+
+def test_failed_logins_from_one_address_get_429_with_retry_after_and_are_audited(
+        app, session):
+    make_user(session, Role.admin, email="admin@example.org")
+    limit = app.state.settings.login_failures_per_address
+    attacker = TestClient(app, client=("203.0.113.7", 4000))  # no lifespan: the app runs
+    for i in range(limit):  # a different account each time: the address's limit counts
+        wrong = attacker.post("/api/auth/login",
+                              data={"username": f"guess{i}@example.org", "password": "guess"})
+        assert wrong.status_code == 401
+    refused = attacker.post("/api/auth/login",
+                            data={"username": "admin@example.org", "password": PASSWORD})
+    assert refused.status_code == 429  # even the right password: no oracle left
+    assert 1 <= int(refused.headers["Retry-After"]) <= 900
+    assert "address" in refused.json()["detail"]
+    someone_else = TestClient(app, client=("198.51.100.2", 4000))
+    assert someone_else.post("/api/auth/login", data={
+        "username": "admin@example.org", "password": PASSWORD}).status_code == 200
+    session.expire_all()
+    failures = session.exec(select(AuditEntry).where(
+        AuditEntry.action == "user.login_failed")).all()
+    assert {f.actor for f in failures} == {"203.0.113.7"}
+    # The account tried is kept, the password never.
+    assert sorted(f.after["email"] for f in failures) == sorted(
+        f"guess{i}@example.org" for i in range(limit))
+    assert all(set(f.after) == {"email"} for f in failures)
+
+
+def test_guessing_one_account_from_many_addresses_is_refused_for_that_account(app, session):
+    make_user(session, Role.admin, email="admin@example.org")
+    make_user(session, Role.viewer, email="viewer@example.org")
+    limit = app.state.settings.login_failures_per_account
+    for i in range(limit):
+        bot = TestClient(app, client=(f"192.0.2.{i + 1}", 4000))
+        assert bot.post("/api/auth/login", data={"username": "admin@example.org",
+                                                 "password": f"guess {i}"}).status_code == 401
+    bot = TestClient(app, client=("192.0.2.200", 4000))
+    refused = bot.post("/api/auth/login",
+                       data={"username": "ADMIN@example.org", "password": "guess"})
+    assert refused.status_code == 429 and "account" in refused.json()["detail"]
+    # Other accounts are not held up by it.
+    assert bot.post("/api/auth/login", data={"username": "viewer@example.org",
+                                             "password": PASSWORD}).status_code == 200
+
+
+def test_password_checks_at_once_are_bounded():
+    import threading
+
+    from kinhbac.fleet.login_limits import LoginLimiter, TooManyAttempts
+
+    limiter = LoginLimiter(per_address=5, per_account=5, window_s=60, concurrent_hashes=2,
+                           hash_wait_s=0.2)
+    release = threading.Event()
+    holding = threading.Barrier(3)
+
+    def hold():
+        with limiter.hashing():
+            holding.wait()
+            release.wait(5)
+
+    threads = [threading.Thread(target=hold) for _ in range(2)]
+    for t in threads:
+        t.start()
+    holding.wait()  # two checks are running
+    try:
+        with limiter.hashing():
+            raise AssertionError("a third password check ran alongside two")
+    except TooManyAttempts as exc:
+        assert exc.retry_after == 1
+    release.set()
+    for t in threads:
+        t.join()
+    with limiter.hashing():  # free again
+        pass

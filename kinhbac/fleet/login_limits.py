@@ -1,0 +1,105 @@
+"""Limits on logging in: failed attempts per client address and per account, and how many
+password hashes run at once.
+
+Argon2id costs 64 MiB and tens of milliseconds a hash by design, so unlimited logins are both a
+password-guessing oracle and a way to exhaust the service's memory and stall every other
+request (60 concurrent wrong logins took it from 170 MB to 1.09 GB). The limits are per fleet
+instance, in memory: behind several instances an attacker gets each instance's allowance.
+"""
+
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+MAX_TRACKED = 10_000  # addresses and accounts remembered; the oldest are forgotten first
+
+
+class TooManyAttempts(Exception):
+    """Refused before any password is checked; `retry_after` is in whole seconds."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, retry_after)
+
+
+class _Failures:
+    """Failure times per key within a window, for a bounded number of keys."""
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self._times: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def wait_s(self, key: str, now: float) -> float:
+        """0 if `key` may try now, else how long until its oldest failure leaves the window."""
+        times = self._times.get(key)
+        if times is None:
+            return 0.0
+        while times and now - times[0] >= self.window_s:
+            times.popleft()
+        if not times:
+            del self._times[key]
+            return 0.0
+        return times[0] + self.window_s - now if len(times) >= self.limit else 0.0
+
+    def add(self, key: str, now: float) -> None:
+        times = self._times.pop(key, None) or deque(maxlen=self.limit)
+        times.append(now)
+        self._times[key] = times  # most recently failed last
+        while len(self._times) > MAX_TRACKED:
+            self._times.popitem(last=False)
+
+    def forget(self, key: str) -> None:
+        self._times.pop(key, None)
+
+
+class LoginLimiter:
+    def __init__(self, *, per_address: int, per_account: int, window_s: float,
+                 concurrent_hashes: int, hash_wait_s: float = 5.0) -> None:
+        self._addresses = _Failures(per_address, window_s)
+        self._accounts = _Failures(per_account, window_s)
+        self._lock = threading.Lock()
+        self._hashes = threading.BoundedSemaphore(concurrent_hashes)
+        self._hash_wait_s = hash_wait_s
+
+    def check(self, address: str, account: str) -> None:
+        """Raise TooManyAttempts while the address or the account has used its failures."""
+        now = time.monotonic()
+        with self._lock:
+            by_address = self._addresses.wait_s(address, now)
+            by_account = self._accounts.wait_s(account, now)
+        if by_address:
+            raise TooManyAttempts("too many failed logins from this address; try again later",
+                                  int(by_address) + 1)
+        if by_account:
+            raise TooManyAttempts("too many failed logins for this account; try again later",
+                                  int(by_account) + 1)
+
+    def failed(self, address: str, account: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._addresses.add(address, now)
+            self._accounts.add(account, now)
+
+    def succeeded(self, account: str) -> None:
+        """The account's owner is in: earlier failures of the account no longer count (the
+        address's do: one host guessing several accounts stays limited)."""
+        with self._lock:
+            self._accounts.forget(account)
+
+    @contextmanager
+    def hashing(self) -> Iterator[None]:
+        """Hold one of the few password-hash slots; TooManyAttempts if none frees up soon."""
+        if not self._hashes.acquire(timeout=self._hash_wait_s):
+            raise TooManyAttempts("the service is busy checking passwords; try again shortly", 1)
+        try:
+            yield
+        finally:
+            self._hashes.release()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._addresses = _Failures(self._addresses.limit, self._addresses.window_s)
+            self._accounts = _Failures(self._accounts.limit, self._accounts.window_s)
