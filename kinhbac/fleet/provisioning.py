@@ -50,6 +50,7 @@ from kinhbac.fleet.models import (
 from kinhbac.fleet.store import commit, get_or_404, page
 
 SECRET_BYTES = 32  # HMAC-SHA256 key: the hash's block-size half, as the emulator issues
+MAX_PENDING_PER_SITE = 100  # pending claims a site holds: a claim key cannot flood the registry
 
 
 def _secret_context(device_id: uuid.UUID, key_id: int) -> bytes:
@@ -243,14 +244,17 @@ def gateway_keys(session: Session, box: SecretBox, gateway: Gateway) -> GatewayK
 # ---- claims: a node with only its site's claim key introduces itself at a gateway
 
 
-def record_claim(session: Session, gateway: Gateway, actor: Actor,
-                 claim: ClaimCreate) -> ClaimAnswer:
+def record_claim(session: Session, gateway: Gateway, actor: Actor, claim: ClaimCreate, *,
+                 max_pending: int = MAX_PENDING_PER_SITE) -> ClaimAnswer:
     """Take a claim the gateway verified with its site's claim key, and say where it stands.
 
-    A device the fleet does not know, or knows only as pending or pre-registered, is (again)
-    pending at the gateway's site. Nothing else a claim can change: a rejected device stays
-    rejected, and a device with another identity (or revoked) is refused, so that holding the
-    claim key is not enough to take over a registered device.
+    A device the fleet does not know becomes pending at the gateway's site, pinned to the
+    claim's nonce; a pre-registered one is pinned by its first claim (at its own site). Nothing
+    else a claim can change: a pending device's nonce and site stay the first claim's (another
+    is refused and audited as `device.claim_conflict`, for the admin who decides), a rejected
+    device stays rejected, and a device with an identity (or revoked) is refused, so that
+    holding the claim key is not enough to take over a device. A site holds at most
+    `max_pending` pending devices.
     """
     mac = ":".join(f"{b:02x}" for b in bytes.fromhex(claim.device_id)[len(WIRE_ID_PREFIX):])
     try:
@@ -259,6 +263,12 @@ def record_claim(session: Session, gateway: Gateway, actor: Actor,
         raise Invalid("device_id", str(exc)) from None
     device = session.exec(select(Device).where(Device.mac == mac)).first()
     if device is None:
+        pending = session.exec(select(sa.func.count()).select_from(Device).where(
+            Device.site_id == gateway.site_id, Device.state == DeviceState.pending)).one()
+        if pending >= max_pending:
+            return ClaimAnswer(device_id=claim.device_id, state="refused",
+                               detail=f"the site has {pending} pending claims, the most it "
+                               "takes: approve or reject them first")
         device = Device(mac=mac, wire_id=claim.device_id, site_id=gateway.site_id,
                         state=DeviceState.pending, claim_nonce=claim.nonce,
                         firmware_version=claim.fw_version)
@@ -273,7 +283,19 @@ def record_claim(session: Session, gateway: Gateway, actor: Actor,
     answer = _claim_standing(device, gateway, claim)
     if answer is not None:
         return answer
-    # Pending or pre-registered: the latest claim is the one an approval answers.
+    # Pending or pre-registered: the first claim is the one an approval answers. A later one
+    # with another nonce, or from another site, may be an attacker holding a claim key.
+    pinned_site = device.site_id is not None and device.site_id != gateway.site_id
+    pinned_nonce = device.claim_nonce is not None and device.claim_nonce != claim.nonce
+    if pinned_site or pinned_nonce:
+        audit.record(session, actor, "device.claim_conflict", "device", device.id, after={
+            "nonce": claim.nonce, "gateway": gateway.name, "site_id": str(gateway.site_id),
+            "pending_nonce": device.claim_nonce})
+        commit(session, "claimed meanwhile")
+        what = "another site" if pinned_site else "another nonce"
+        return ClaimAnswer(device_id=claim.device_id, state="refused",
+                           detail=f"this device is claimed with {what}: an admin approves, "
+                           "rejects or deletes that claim first")
     if (device.claim_nonce, device.site_id, device.state) != (
             claim.nonce, gateway.site_id, DeviceState.pending):
         before = audit.snapshot(device, DevicePublic)

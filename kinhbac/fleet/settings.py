@@ -71,6 +71,10 @@ class Settings(TomlFileSettings):
         2, ge=1, le=64, description="password checks at once (Argon2id takes 64 MiB each); "
         "more wait up to 5 s, then get 429"
     )
+    max_pending_claims_per_site: int = Field(
+        100, ge=1, description="pending devices (claims awaiting an admin) a site holds; "
+        "further claims are refused until some are approved or rejected"
+    )
     db_wait_s: float = Field(
         30, ge=0, description="how long start-up waits for the database to answer"
     )

@@ -3,7 +3,7 @@
 from fastapi import APIRouter, Response
 
 from kinhbac.fleet import provisioning
-from kinhbac.fleet.deps import GatewayCaller, Principal, SecretBoxDep, SessionDep
+from kinhbac.fleet.deps import GatewayCaller, Principal, SecretBoxDep, SessionDep, SettingsDep
 from kinhbac.fleet.models import ClaimAnswer, ClaimCreate, GatewayKeys
 
 router = APIRouter(prefix="/api/gateway", tags=["gateway"])
@@ -20,8 +20,9 @@ def device_keys(
 
 @router.post("/claims", response_model=ClaimAnswer)
 def report_claim(
-    claim: ClaimCreate, session: SessionDep, gateway: GatewayCaller
+    claim: ClaimCreate, session: SessionDep, gateway: GatewayCaller, settings: SettingsDep
 ) -> ClaimAnswer:
     """A node's CLAIM, verified by the calling gateway with its site's claim key: recorded as
     pending (admins approve or reject it) and answered with where it stands."""
-    return provisioning.record_claim(session, gateway, Principal(gateway=gateway).actor, claim)
+    return provisioning.record_claim(session, gateway, Principal(gateway=gateway).actor, claim,
+                                     max_pending=settings.max_pending_claims_per_site)

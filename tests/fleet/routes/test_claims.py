@@ -92,19 +92,53 @@ def test_approval_gives_the_identity_the_claim_derives(client, session, box, sit
     assert session.exec(select(AuditEntry).where(AuditEntry.action == "device.approve")).one()
 
 
-def test_a_newer_claim_of_a_pending_device_is_the_one_approved(client, site_gateway, admin):
+def test_a_second_claim_with_another_nonce_cannot_hijack_a_pending_device(
+        client, session, site_gateway, admin):
+    """Someone else holding the site's claim key claims a pending device's id: refused, and
+    shown to the admins; the approval goes to the first claim's board."""
     _, gateway = site_gateway
     first = a_claim()
-    second = dict(first, nonce=os.urandom(16).hex())  # the board was set up again
+    hijack = dict(first, nonce=os.urandom(16).hex())
     client.post("/api/gateway/claims", json=first, headers=gateway)
-    client.post("/api/gateway/claims", json=second, headers=gateway)
+    answer = client.post("/api/gateway/claims", json=hijack, headers=gateway).json()
+    assert answer["state"] == "refused" and "another nonce" in answer["detail"]
     device = device_by_wire_id(client, admin, first["device_id"])
 
+    conflicts = client.get("/api/audit", params={"action": "device.claim_conflict",
+                                                 "entity_id": device["id"]},
+                           headers=admin).json()["items"]
+    assert [(c["after"]["nonce"], c["after"]["pending_nonce"]) for c in conflicts] == [
+        (hijack["nonce"], first["nonce"])]
     client.post(f"/api/devices/{device['id']}/approve", headers=admin)
+    assert listing(client, gateway)["claims"][0]["nonce"] == first["nonce"]
+    assert client.post("/api/gateway/claims", json=hijack,
+                       headers=gateway).json()["state"] == "refused"
 
-    assert listing(client, gateway)["claims"][0]["nonce"] == second["nonce"]
-    stale = client.post("/api/gateway/claims", json=first, headers=gateway).json()
-    assert stale["state"] == "refused"
+
+def test_another_sites_gateway_cannot_move_a_pending_device(client, session, box, site_gateway,
+                                                            admin):
+    site, gateway = site_gateway
+    other_site = make_site(session, box)
+    _, other = make_gateway(session, other_site, name="gw-other")
+    claim = a_claim()
+    client.post("/api/gateway/claims", json=claim, headers=gateway)
+    moved = client.post("/api/gateway/claims", json=claim, headers=bearer(other)).json()
+    assert moved["state"] == "refused" and "another site" in moved["detail"]
+    assert device_by_wire_id(client, admin, claim["device_id"])["site_id"] == str(site.id)
+
+
+def test_a_claim_key_cannot_flood_a_site_with_pending_devices(client, session, site_gateway,
+                                                               admin):
+    _, gateway = site_gateway
+    cap = client.app.state.settings.max_pending_claims_per_site
+    for _ in range(cap):
+        assert client.post("/api/gateway/claims", json=a_claim(),
+                           headers=gateway).json()["state"] == "pending"
+    refused = client.post("/api/gateway/claims", json=a_claim(), headers=gateway).json()
+    assert refused["state"] == "refused" and "pending claims" in refused["detail"]
+    pending = client.get("/api/devices", params={"state": "pending", "limit": 1},
+                         headers=admin).json()
+    assert pending["total"] == cap
 
 
 def test_rejection_keeps_the_device_out(client, session, site_gateway, admin):
