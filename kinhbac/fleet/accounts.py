@@ -31,6 +31,8 @@ from kinhbac.fleet.security import (
 )
 from kinhbac.fleet.store import commit, get_or_404
 
+API_TOKEN_DAYS = 90  # an API token's life when the admin gives none (KINHBAC_API_TOKEN_DAYS)
+
 
 class LoginFailed(Exception):
     """Wrong e-mail or password, or a deactivated user (the caller is not told which)."""
@@ -59,12 +61,17 @@ def update_user(session: Session, actor: Actor, user_id: uuid.UUID, data: UserUp
         setattr(user, name, value)
     if password is not None:
         user.password_hash = hash_password(password)
+        # A new password ends every session of the old one: a stolen token dies with it.
+        revoked = session.exec(select(ApiToken).where(ApiToken.user_id == user.id)).all()
+        for row in revoked:
+            session.delete(row)
     if before["role"] == Role.admin and before["is_active"] and not _is_active_admin(user):
         _keep_an_admin(session, user)
     user.updated_at = utcnow()
     after = audit.snapshot(user, UserPublic)
     if password is not None:
         after["password_changed"] = True
+        after["tokens_revoked"] = len(revoked)
     audit.record(session, actor, "user.update", "user", user.id, before=before, after=after)
     session.add(user)
     commit(session, "the user changed meanwhile; try again")
@@ -96,6 +103,9 @@ def login(session: Session, email: str, password: str, *, ttl: timedelta) -> Log
         raise LoginFailed
     token = new_token(USER_TOKEN_PREFIX)
     expires_at = utcnow() + ttl
+    # Expired tokens are of no use to anyone: purged as logins come.
+    for stale in session.exec(select(ApiToken).where(ApiToken.expires_at <= utcnow())).all():
+        session.delete(stale)
     row = ApiToken(name="login", user_id=user.id, kind=TokenKind.login,
                    token_hash=hash_token(token), expires_at=expires_at)
     session.add(row)
@@ -114,13 +124,26 @@ def record_failed_login(session: Session, email: str, address: str) -> None:
     session.commit()
 
 
-def issue_api_token(session: Session, actor: Actor, data: ApiTokenCreate) -> ApiTokenIssued:
-    """A long-lived token for a user (a script, a technician's tool), shown once."""
+def logout(session: Session, actor: Actor, token_id: uuid.UUID) -> None:
+    """End the session of the token that made the request."""
+    row = session.get(ApiToken, token_id)
+    if row is None:
+        return
+    audit.record(session, actor, "api_token.logout", "api_token", row.id,
+                 before=audit.snapshot(row, ApiTokenPublic))
+    session.delete(row)
+    session.commit()
+
+
+def issue_api_token(session: Session, actor: Actor, data: ApiTokenCreate, *,
+                    default_days: int = API_TOKEN_DAYS) -> ApiTokenIssued:
+    """A longer-lived token for a user (a script, a technician's tool), shown once; it
+    expires after `expires_in_days`, by default `default_days`."""
     user = session.get(User, data.user_id)
     if user is None:
         raise Invalid("user_id", f"no user {data.user_id}")
     token = new_token(USER_TOKEN_PREFIX)
-    expires_at = utcnow() + timedelta(days=data.expires_in_days) if data.expires_in_days else None
+    expires_at = utcnow() + timedelta(days=data.expires_in_days or default_days)
     row = ApiToken(name=data.name, user_id=user.id, kind=TokenKind.api,
                    token_hash=hash_token(token), expires_at=expires_at)
     session.add(row)

@@ -5,6 +5,7 @@ Every route states who may call it in its signature, with one of the aliases at 
 bad ones: 401. Good credentials of a role the route does not allow: 403.
 """
 
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated
@@ -49,6 +50,7 @@ class Principal:
 
     user: User | None = None
     gateway: Gateway | None = None
+    token_id: uuid.UUID | None = None  # the user's token that made this request
 
     @property
     def role(self) -> Role | None:
@@ -103,7 +105,7 @@ def get_principal(
                 raise _unauthorized("token expired: log in again")
             if not user.is_active:
                 raise _unauthorized("this user is deactivated")
-            return Principal(user=user)
+            return Principal(user=user, token_id=api_token.id)
     raise _unauthorized("unknown or revoked token")
 
 

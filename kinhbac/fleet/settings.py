@@ -56,6 +56,10 @@ class Settings(TomlFileSettings):
     login_token_hours: float = Field(
         12, gt=0, le=24 * 30, description="how long a token from /api/auth/login is valid"
     )
+    api_token_days: int = Field(
+        90, ge=1, le=3650, description="how long an API token (POST /api/tokens) is valid when "
+        "the request gives no expires_in_days"
+    )
     login_failures_per_address: int = Field(
         20, ge=1, description="failed logins from one client address within "
         "login_failure_window_s; then 429 until the oldest leaves the window"

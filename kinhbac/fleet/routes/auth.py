@@ -47,6 +47,13 @@ def login(
     return result
 
 
+@router.post("/logout", status_code=status.HTTP_204_NO_CONTENT)
+def logout(session: SessionDep, caller: AnyUser) -> None:
+    """End this token's session: it is deleted, and refused from now on."""
+    assert caller.token_id is not None
+    accounts.logout(session, caller.actor, caller.token_id)
+
+
 @router.get("/me", response_model=UserPublic)
 def me(caller: AnyUser) -> UserPublic:
     """The calling user."""

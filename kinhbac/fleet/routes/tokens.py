@@ -6,7 +6,7 @@ from fastapi import APIRouter, Response, status
 from sqlmodel import select
 
 from kinhbac.fleet import accounts
-from kinhbac.fleet.deps import Admin, Limit, Offset, SessionDep
+from kinhbac.fleet.deps import Admin, Limit, Offset, SessionDep, SettingsDep
 from kinhbac.fleet.models import ApiToken, ApiTokenCreate, ApiTokenIssued, ApiTokenPublic, Page
 from kinhbac.fleet.store import page
 
@@ -14,9 +14,12 @@ router = APIRouter(prefix="/api/tokens", tags=["tokens"])
 
 
 @router.post("", response_model=ApiTokenIssued, status_code=status.HTTP_201_CREATED)
-def create_token(data: ApiTokenCreate, session: SessionDep, caller: Admin) -> ApiTokenIssued:
-    """A bearer token acting as the given user, with that user's role."""
-    return accounts.issue_api_token(session, caller.actor, data)
+def create_token(data: ApiTokenCreate, session: SessionDep, caller: Admin,
+                 settings: SettingsDep) -> ApiTokenIssued:
+    """A bearer token acting as the given user, with that user's role; it expires after
+    `expires_in_days` (default KINHBAC_API_TOKEN_DAYS, 90)."""
+    return accounts.issue_api_token(session, caller.actor, data,
+                                    default_days=settings.api_token_days)
 
 
 @router.get("", response_model=Page[ApiTokenPublic])

@@ -1,6 +1,6 @@
 """Logging in, and the tokens that stop working: expired, revoked, of a deactivated user."""
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from fastapi.testclient import TestClient
 from sqlmodel import select
@@ -180,3 +180,36 @@ def test_password_checks_at_once_are_bounded():
         t.join()
     with limiter.hashing():  # free again
         pass
+
+
+def test_logout_ends_the_token_and_a_password_change_ends_every_session(client, session):
+    user, _ = make_user(session, Role.technician, email="lan@example.org")
+    admin = bearer(make_user(session, Role.admin)[1])
+
+    def log_in():
+        return bearer(client.post("/api/auth/login", data={
+            "username": "lan@example.org", "password": PASSWORD}).json()["access_token"])
+
+    laptop, phone = log_in(), log_in()
+    assert client.post("/api/auth/logout", headers=laptop).status_code == 204
+    assert client.get("/api/auth/me", headers=laptop).status_code == 401
+    assert client.get("/api/auth/me", headers=phone).status_code == 200
+    script = bearer(client.post("/api/tokens", headers=admin, json={
+        "user_id": str(user.id), "name": "survey script"}).json()["token"])
+
+    # The password leaked with the laptop: changing it ends every token of the old one.
+    changed = client.patch(f"/api/users/{user.id}", headers=admin,
+                           json={"password": "a brand new password"})
+    assert changed.status_code == 200
+    for stolen in (phone, script):
+        assert client.get("/api/auth/me", headers=stolen).status_code == 401
+
+
+def test_api_tokens_expire_by_default(client, session, app):
+    user, _ = make_user(session, Role.viewer)
+    admin = bearer(make_user(session, Role.admin)[1])
+    issued = client.post("/api/tokens", headers=admin, json={
+        "user_id": str(user.id), "name": "survey script"}).json()
+    expires = datetime.fromisoformat(issued["expires_at"])
+    days = app.state.settings.api_token_days
+    assert utcnow() + timedelta(days=days - 1) < expires <= utcnow() + timedelta(days=days)

@@ -44,6 +44,7 @@ ROUTES = [
     Route("POST", "/api/auth/login", ANYONE, 200,
           lambda w: {"data": {"username": w.callers.admin.email, "password": PASSWORD}}),
     Route("GET", "/api/auth/me", USERS, 200),
+    Route("POST", "/api/auth/logout", USERS, 204),
     Route("POST", "/api/users", frozenset({ADMIN}), 201,
           lambda w: {"json": {"email": "new@example.org", "password": "long enough!",
                               "role": "viewer"}}),
