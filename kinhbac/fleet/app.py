@@ -19,6 +19,7 @@ from kinhbac.fleet import ingest
 from kinhbac.fleet.crypto import SecretBox
 from kinhbac.fleet.db import make_engine, upgrade, wait_for_database
 from kinhbac.fleet.errors import FleetError, Invalid
+from kinhbac.fleet.http_hygiene import HttpHygiene
 from kinhbac.fleet.login_limits import LoginLimiter
 from kinhbac.fleet.routes import (
     audit,
@@ -66,7 +67,12 @@ def create_app(settings: Settings | None = None, *, prepare: bool = True) -> Fas
             yield
         engine.dispose()
 
+    # The interactive API pages load their scripts from a CDN: not in production, where the
+    # schema stays at /openapi.json for tools.
+    pages = settings.env == "development"
     app = FastAPI(
+        docs_url="/docs" if pages else None,
+        redoc_url="/redoc" if pages else None,
         title="Kinhbac fleet",
         summary="Device registry, provisioning and roles for a city's sensor network.",
         version="0.1.0",
@@ -86,6 +92,7 @@ def create_app(settings: Settings | None = None, *, prepare: bool = True) -> Fas
     app.add_exception_handler(FleetError, _refused)
     app.add_exception_handler(DataError, _unstorable)
     app.middleware("http")(_refuse_nul_in_query)
+    app.add_middleware(HttpHygiene)  # outermost: its headers go on every answer, errors too
     return app
 
 
