@@ -357,3 +357,23 @@ def test_full_disk_refuses_new_readings_and_keeps_every_acknowledged_one(
         assert site.gateway.proc.poll() is None
     finally:
         site.gateway.stop()
+
+
+@pytest.mark.parametrize("toml, field", [
+    ('site = "s"\nkey_file = "/k.json"\n[mqtt]\nhost = "mqtt.example.org"\n', "mqtt"),
+    ('site = "s"\nfleet_url = "http://fleet.example.org"\nfleet_token = "kbg_x"\n',
+     "allow_plaintext_fleet"),
+])
+def test_plaintext_to_another_machine_is_refused_unless_allowed_by_name(tmp_path, toml, field):
+    """A site's broker password, gateway token and device secrets never cross a network in
+    clear by accident: the setting that allows it must be named."""
+    from kinhbac.gateway.config import ConfigError, load_settings
+
+    config = tmp_path / "gw.toml"
+    config.write_text(toml)
+    with pytest.raises(ConfigError, match="allow_plaintext"):
+        load_settings(config)
+    allowed = toml.replace("[mqtt]\n", "[mqtt]\nallow_plaintext = true\n") if field == "mqtt" \
+        else toml + "allow_plaintext_fleet = true\n"
+    config.write_text(allowed)
+    assert load_settings(config).site == "s"

@@ -26,6 +26,7 @@ from kinhbac.device.errors import (
 
 TIMEOUT_S = 15.0  # a site's uplink can be slow; longer than this and the technician should know
 PAGE_SIZE = 500  # the API's largest page
+PLAINTEXT_ENV = "KINHBAC_ALLOW_PLAINTEXT"  # accept http:// to another machine, by name
 _MAC = re.compile(r"^(?:[0-9a-fA-F]{2}[:-]){5}[0-9a-fA-F]{2}$|^[0-9a-fA-F]{12}$")
 _WIRE_ID = re.compile(r"^[0-9a-fA-F]{16}$")
 
@@ -72,6 +73,13 @@ class FleetClient:
             raise FleetError(
                 f"no fleet token: give --token or set {TOKEN_ENV} (an admin makes API tokens "
                 "for technicians with POST /api/tokens)"
+            )
+        if url.startswith("http://") and not is_local(url) and \
+                os.environ.get(PLAINTEXT_ENV) != "1":
+            raise FleetError(
+                f"fleet address {url} is plain http to another machine: the token and device "
+                f"secrets would cross the network in clear; use https://, or set "
+                f"{PLAINTEXT_ENV}=1 to accept that"
             )
         self.url = url.rstrip("/")
         # Redirects are not followed: they would carry the token to another address.

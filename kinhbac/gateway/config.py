@@ -5,6 +5,7 @@
 A bad value stops the gateway with one line that names the field.
 """
 
+import ipaddress
 import re
 import socket
 from pathlib import Path
@@ -18,6 +19,16 @@ from pydantic_settings import (
 from kinhbac.tomlsettings import SettingsFileError, SettingsValueError, TomlFileSettings
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # safe inside an MQTT topic and a file name
+
+
+def is_this_machine(host: str) -> bool:
+    """Whether `host` is a loopback name or address (the one place plaintext stays local)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ConfigError(Exception):
@@ -48,6 +59,10 @@ class MqttSettings(BaseModel):
     readings_per_message: int = Field(
         200, ge=1, le=5000, description="readings batched into one telemetry message at most"
     )
+    allow_plaintext: bool = Field(
+        False, description="allow a broker that is not on this machine without tls: the "
+        "broker password and every reading cross the network in clear"
+    )
     backoff_min_s: float = Field(0.5, gt=0, description="first reconnect delay")
     backoff_max_s: float = Field(
         5.0, gt=0, le=300, description="reconnect delays double up to this, each jittered down "
@@ -64,6 +79,10 @@ class MqttSettings(BaseModel):
                 raise ValueError(f"{name} {path} does not exist")
         if (self.ca_file or self.cert_file) and not self.tls:
             raise ValueError("ca_file/cert_file given but tls is false")
+        if not self.tls and not self.allow_plaintext and not is_this_machine(self.host):
+            raise ValueError(f"host {self.host} is not this machine and tls is false: set "
+                             "tls = true (with ca_file), or allow_plaintext = true to send the "
+                             "password and the readings in clear")
         return self
 
 
@@ -89,6 +108,10 @@ class GatewaySettings(TomlFileSettings):
     fleet_url: str | None = Field(
         None, description="the fleet service (https://host): device keys come from its "
         "/api/gateway/keys (set this or key_file)"
+    )
+    allow_plaintext_fleet: bool = Field(
+        False, description="allow an http:// fleet_url that is not this machine: the gateway "
+        "token and the device secrets cross the network in clear"
     )
     fleet_token: SecretStr | None = Field(
         None, description="this gateway's token from the fleet (kbg_...), needed with fleet_url"
@@ -161,6 +184,12 @@ class GatewaySettings(TomlFileSettings):
         if self.fleet_url is not None and not (
                 self.fleet_token and self.fleet_token.get_secret_value()):
             raise ValueError("fleet_url needs fleet_token (or KINHBAC_GATEWAY_FLEET_TOKEN)")
+        if (self.fleet_url is not None and self.fleet_url.startswith("http://")
+                and not self.allow_plaintext_fleet
+                and not is_this_machine(urlsplit(self.fleet_url).hostname or "")):
+            raise ValueError("fleet_url is plain http to another machine: use https://, or "
+                             "set allow_plaintext_fleet = true to send the gateway token and "
+                             "device secrets in clear")
         return self
 
     @property

@@ -224,8 +224,9 @@ class FleetKeyStore(_KeyTable):
         self._opener = urllib.request.build_opener(_RefuseRedirects())
         parts = urllib.parse.urlsplit(self.url)
         if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "::1", "localhost"):
+            # Only when allow_plaintext_fleet says so (the settings refuse it otherwise).
             log.warning("fleet_url is plain http: the gateway token and the device secrets "
-                        "cross the network unencrypted")
+                        "cross the network unencrypted (allow_plaintext_fleet)")
         self.claims_url = url.rstrip("/") + FLEET_CLAIMS_PATH
         self._listing = _EMPTY
         self._cached_doc: dict[str, Any] | None = None

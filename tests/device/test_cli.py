@@ -138,3 +138,15 @@ def test_site_profiles_are_kept_private_and_listed_without_secrets(site, sites_d
     assert entry["slug"] == SITE and "claim_key" not in entry and "wifi_password" not in entry
     remote = device(site, "sites", "list", "--remote")
     assert remote.stdout.split()[0] == SITE
+
+
+def test_a_plain_http_fleet_on_another_machine_is_refused_unless_allowed(monkeypatch):
+    from kinhbac.device.errors import FleetError
+    from kinhbac.device.fleet_client import PLAINTEXT_ENV, FleetClient
+
+    monkeypatch.delenv(PLAINTEXT_ENV, raising=False)
+    with pytest.raises(FleetError, match=PLAINTEXT_ENV):
+        FleetClient("http://fleet.example.org", "kbt_token")
+    FleetClient("http://127.0.0.1:8000", "kbt_token").close()  # this machine: fine
+    monkeypatch.setenv(PLAINTEXT_ENV, "1")
+    FleetClient("http://fleet.example.org", "kbt_token").close()
