@@ -250,3 +250,20 @@ def test_an_upgrade_converts_a_queue_of_the_earlier_layout_without_losing_a_read
         return replay
 
     assert run(tmp_path, body) == (1, 1, 77)  # the replay window came along
+
+
+def test_the_queue_files_are_the_gateways_alone(tmp_path):
+    import os
+    import stat
+
+    async def body(queue):
+        await queue.put(batch(1))
+
+    old = os.umask(0o022)  # a permissive umask, as a hand-started gateway may have
+    try:
+        run(tmp_path, body)
+    finally:
+        os.umask(old)
+    for name in ("queue.sqlite3",):
+        mode = stat.S_IMODE((tmp_path / name).stat().st_mode)
+        assert mode & 0o077 == 0, oct(mode)

@@ -1,6 +1,7 @@
 """The database: engine, start-up wait, and schema migrations (Alembic, shipped in the package)."""
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -28,6 +29,9 @@ def make_engine(url: str) -> Engine:
         database = sa.engine.make_url(url).database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
+            # Sealed secrets, token hashes and the audit: the service's user only (SQLite
+            # gives its -wal and -shm files the database file's mode).
+            os.close(os.open(database, os.O_WRONLY | os.O_CREAT, 0o600))
         engine = sa.create_engine(url, connect_args={"check_same_thread": False})
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         return engine

@@ -374,6 +374,9 @@ class Queue:
         self._ballast = self.path.parent / "ballast"
         if not self.disk_cap_bytes:
             self.disk_cap_bytes = default_cap(self.path.parent)
+        # Readings and replay windows: the gateway's user only (the -wal and -shm files take
+        # the database file's mode).
+        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         db = apsw.Connection(str(self.path))
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")  # a commit fsyncs the WAL: acked means on disk
