@@ -172,6 +172,8 @@ def run_demo(boards: int, workdir: Path) -> None:
             None, site=SITE, gateway_id="demo-gw", listen_host="127.0.0.1", listen_port=0,
             data_dir=workdir / "gateway", key_file=_empty_key_file(workdir), metrics_port=0,
             mqtt={"host": broker.host, "port": broker.port},
+            # Every emulated board connects from 127.0.0.1, unlike nodes on a site's WiFi.
+            max_connections_per_address=2000,
         )
         gateway = Gateway(settings)
         runner = GatewayThread(gateway)

@@ -45,6 +45,7 @@ class SiteUnderTest:
             site="testsite", gateway_id="gw1", listen_host="127.0.0.1", listen_port=0,
             data_dir=tmp_path / "data", key_file=keys, metrics_port=0, commit_window_ms=2.0,
             mqtt=MqttSettings(port=broker.port, backoff_min_s=0.2, backoff_max_s=1.0),
+            max_connections_per_address=NODES,  # all from 127.0.0.1
         )
         self.collector = Collector(broker.port, "kinhbac/testsite/+/telemetry")
         self.gateway = Gateway(self.settings)

@@ -144,8 +144,8 @@ class GatewaySettings(TomlFileSettings):
     )
     max_connections: int = Field(2000, ge=1, description="node connections at once")
     max_connections_per_address: int = Field(
-        16, ge=1, description="node connections at once from one IP address (one host on the "
-        "site's WiFi cannot take every slot)"
+        64, ge=1, description="node connections at once from one IP address (one host on the "
+        "site's WiFi cannot take every slot); nodes behind a NAT share one: raise it for them"
     )
     log_format: str = Field("text", pattern="^(text|json)$", description="text or json lines")
     mqtt: MqttSettings = Field(default_factory=MqttSettings)

@@ -51,6 +51,8 @@ class GatewayProcess:
             "key_file": key_file,
             "metrics_port": self.metrics_port,
             "commit_window_ms": 1.0,
+            # Every test node connects from 127.0.0.1, unlike nodes on a site's WiFi.
+            "max_connections_per_address": 2000,
         } | settings
         lines = [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
         lines.append("[mqtt]")
