@@ -377,3 +377,17 @@ def test_plaintext_to_another_machine_is_refused_unless_allowed_by_name(tmp_path
         else toml + "allow_plaintext_fleet = true\n"
     config.write_text(allowed)
     assert load_settings(config).site == "s"
+
+
+def test_a_key_file_nested_past_the_parsers_depth_is_a_configuration_error(tmp_path):
+    """A key file mangled (or planted) into deep nesting used to raise RecursionError, which
+    ended the gateway as a crash, restarted, and crashed again."""
+    keys = tmp_path / "keys.json"
+    keys.write_text("[" * 100_000 + "]" * 100_000)
+    config = tmp_path / "gw.toml"
+    config.write_text(f'site = "s"\nkey_file = "{keys}"\nmetrics_port = 0\nlisten_port = 0\n'
+                      f'data_dir = "{tmp_path / "data"}"\n')
+    done = subprocess.run([sys.executable, "-m", "kinhbac.cli", "gateway", "run", "-c",
+                           str(config)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "key file" in done.stderr and "RecursionError" in done.stderr

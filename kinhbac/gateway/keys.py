@@ -165,8 +165,8 @@ class FileKeyStore(_KeyTable):
             listing = parse_keys(json.loads(self.path.read_text()))
         except FileNotFoundError as exc:
             raise KeyFileError(f"key file {self.path} does not exist") from exc
-        except (ValueError, KeyError, TypeError, wire.FrameError) as exc:
-            raise KeyFileError(f"key file {self.path} is not valid: {exc}") from exc
+        except (ValueError, KeyError, TypeError, RecursionError, wire.FrameError) as exc:
+            raise KeyFileError(f"key file {self.path} is not valid: {exc!r}") from exc
         self._listing = listing
         self._mtime = stat.st_mtime
 
@@ -246,7 +246,8 @@ class FleetKeyStore(_KeyTable):
             self._cached_doc = self._listing.doc
         except FileNotFoundError:
             log.info("no cached device keys yet (%s): waiting for the fleet", self.cache_file)
-        except (OSError, ValueError, KeyError, TypeError, wire.FrameError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError,
+                wire.FrameError) as exc:
             log.error("cached device keys %s unusable, waiting for the fleet: %s",
                       self.cache_file, exc)
         else:
@@ -297,7 +298,7 @@ class FleetKeyStore(_KeyTable):
         body = self._request(urllib.request.Request(self.url))
         try:
             return parse_keys(json.loads(body))
-        except (ValueError, KeyError, TypeError, wire.FrameError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError, wire.FrameError) as exc:
             raise FetchError("invalid", f"the fleet's answer is not a key listing: "
                              f"{exc!r}") from None
 
