@@ -316,13 +316,17 @@ class Listener:
         return the future of its answer: an ACK once stored, else BUSY."""
         count = len(msg.readings)
         self.metrics.readings_in.inc(count)
-        busy = [wire.encode_error(key, msg.boot, wire.downlink_counter(msg.counter, 0),
-                                  wire.BUSY, msg.counter, "queue unavailable")]
+
+        def busy() -> list[bytes]:
+            """Refused with BUSY, counted; encoded only then (a frame acked costs no ERROR)."""
+            self.metrics.frames_refused.labels("busy").inc()
+            return [wire.encode_error(key, msg.boot, wire.downlink_counter(msg.counter, 0),
+                                      wire.BUSY, msg.counter, "queue unavailable")]
+
         if device in conn.refused:
             # An earlier batch of this device was refused on this connection: acknowledging a
             # later one would cover it (ACKs are cumulative).
-            self.metrics.frames_refused.labels("busy").inc()
-            return busy
+            return busy()
         info = self.devices.get(device, UNKNOWN_DEVICE_INFO)
         flags = ((wire.READINGS_UNSYNCED if msg.unsynced else 0)
                  | (wire.READINGS_PRE_SYNC if msg.pre_sync else 0))
@@ -342,8 +346,7 @@ class Listener:
                 # Not stored, not acknowledged: the node keeps the readings and sends them
                 # again. The queue logs the storage fault once; each refusal is counted.
                 conn.refused.add(device)
-                self.metrics.frames_refused.labels("busy").inc()
-                return busy
+                return busy()
             self.metrics.readings_acked.inc(count)
             if self.on_seen is not None:
                 self.on_seen(device)
