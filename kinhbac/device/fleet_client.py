@@ -4,7 +4,6 @@ Every refusal becomes a FleetError whose message says what to do next; the API's
 (which names the field, the device, the conflict) is kept in it.
 """
 
-import ipaddress
 import os
 import re
 import uuid
@@ -23,6 +22,7 @@ from kinhbac.device.errors import (
     FleetNotFound,
     FleetUnreachable,
 )
+from kinhbac.loopback import is_loopback_host
 
 TIMEOUT_S = 15.0  # a site's uplink can be slow; longer than this and the technician should know
 PAGE_SIZE = 500  # the API's largest page
@@ -33,13 +33,7 @@ _WIRE_ID = re.compile(r"^[0-9a-fA-F]{16}$")
 
 def is_local(url: str) -> bool:
     """Whether `url` points at this machine (plain http is acceptable only there)."""
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(urlsplit(url).hostname or "")
 
 
 def _detail(answer: httpx.Response) -> str:

@@ -5,7 +5,6 @@
 A bad value stops the gateway with one line that names the field.
 """
 
-import ipaddress
 import re
 import socket
 from pathlib import Path
@@ -16,19 +15,10 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from kinhbac.loopback import is_loopback_host
 from kinhbac.tomlsettings import SettingsFileError, SettingsValueError, TomlFileSettings
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # safe inside an MQTT topic and a file name
-
-
-def is_this_machine(host: str) -> bool:
-    """Whether `host` is a loopback name or address (the one place plaintext stays local)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class ConfigError(Exception):
@@ -79,7 +69,7 @@ class MqttSettings(BaseModel):
                 raise ValueError(f"{name} {path} does not exist")
         if (self.ca_file or self.cert_file) and not self.tls:
             raise ValueError("ca_file/cert_file given but tls is false")
-        if not self.tls and not self.allow_plaintext and not is_this_machine(self.host):
+        if not self.tls and not self.allow_plaintext and not is_loopback_host(self.host):
             raise ValueError(f"host {self.host} is not this machine and tls is false: set "
                              "tls = true (with ca_file), or allow_plaintext = true to send the "
                              "password and the readings in clear")
@@ -186,7 +176,7 @@ class GatewaySettings(TomlFileSettings):
             raise ValueError("fleet_url needs fleet_token (or KINHBAC_GATEWAY_FLEET_TOKEN)")
         if (self.fleet_url is not None and self.fleet_url.startswith("http://")
                 and not self.allow_plaintext_fleet
-                and not is_this_machine(urlsplit(self.fleet_url).hostname or "")):
+                and not is_loopback_host(urlsplit(self.fleet_url).hostname or "")):
             raise ValueError("fleet_url is plain http to another machine: use https://, or "
                              "set allow_plaintext_fleet = true to send the gateway token and "
                              "device secrets in clear")

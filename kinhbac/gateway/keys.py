@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kinhbac import wire
+from kinhbac.loopback import is_loopback_host
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ class FleetKeyStore(_KeyTable):
         self.on_failure = on_failure
         self._opener = urllib.request.build_opener(_RefuseRedirects())
         parts = urllib.parse.urlsplit(self.url)
-        if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "::1", "localhost"):
+        if parts.scheme == "http" and not is_loopback_host(parts.hostname or ""):
             # Only when allow_plaintext_fleet says so (the settings refuse it otherwise).
             log.warning("fleet_url is plain http: the gateway token and the device secrets "
                         "cross the network unencrypted (allow_plaintext_fleet)")
