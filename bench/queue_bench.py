@@ -28,15 +28,13 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
-import apsw
 import paho.mqtt.client as paho
 
-from bench.gateway_bench import RESULTS, describe_machine, free_port
+from bench.gateway_bench import RESULTS, describe_machine, free_port, scrape_metrics
 from kinhbac.broker import LocalBroker
-from kinhbac.gateway.queue import Batch, Queue
+from kinhbac.gateway.queue import Batch, Queue, Stored
 from kinhbac.gateway.telemetry import ReadingsEncoder
 
 BEGIN = "<!-- queue-bench:begin (written by python -m bench.queue_bench) -->"
@@ -79,10 +77,18 @@ async def fill(path: Path, total: int, frame: int, devices: int) -> Queue:
     return queue
 
 
-def first_layout_bytes(queue_path: Path, out: Path) -> tuple[int, int]:
-    """The queue's readings again, in the first layout (JSON text per frame, as published)."""
+async def stored_frames(queue: Queue) -> list[Stored]:
+    """Every frame of the queue, read back as the uplink reads them."""
+    frames: list[Stored] = []
+    while batch := await queue.fetch(frames[-1].id if frames else 0, 10_000):
+        frames += batch
+    return frames
+
+
+def first_layout_bytes(frames: list[Stored], out: Path) -> tuple[int, int]:
+    """The same readings in the first layout (JSON text per frame, as published): bytes used
+    and readings stored."""
     encoder = ReadingsEncoder()
-    source = apsw.Connection(str(queue_path), flags=apsw.SQLITE_OPEN_READONLY)
     db = sqlite3.connect(out)
     db.executescript("""
         PRAGMA journal_mode=WAL;
@@ -90,23 +96,17 @@ def first_layout_bytes(queue_path: Path, out: Path) -> tuple[int, int]:
             boot INTEGER NOT NULL, first_seq INTEGER NOT NULL, count INTEGER NOT NULL,
             readings TEXT NOT NULL, received_ms INTEGER NOT NULL);
     """)
-    from kinhbac.gateway.queue import Stored
-    rows = source.execute(
-        "SELECT f.id, d.device, f.boot, f.first_seq, f.count, f.base_ms, f.flags, f.sensors, "
-        "s.sensors, f.received_ms, f.readings FROM frames f JOIN devices d ON d.ref = f.device "
-        "JOIN sensor_tables s ON s.ref = f.sensors ORDER BY f.id")
     with db:
         db.executemany(
             "INSERT INTO frames (device, boot, first_seq, count, readings, received_ms) "
             "VALUES (?, ?, ?, ?, ?, ?)",
             ((s.device, s.boot, s.first_seq, s.count, encoder.encode(s), s.received_ms)
-             for s in (Stored(*r) for r in rows)))
+             for s in frames))
     readings = db.execute("SELECT SUM(count) FROM frames").fetchone()[0]
     pages = db.execute("PRAGMA page_count").fetchone()[0]
     free = db.execute("PRAGMA freelist_count").fetchone()[0]
     size = db.execute("PRAGMA page_size").fetchone()[0]
     db.close()
-    source.close()
     return (pages - free) * size, readings
 
 
@@ -117,8 +117,9 @@ async def measure_sizes(work: Path, readings: int) -> list[dict]:
         folder.mkdir()
         queue = await fill(folder / "queue.sqlite3", readings, frame, 20)
         used, depth = queue.used_bytes(), queue.stats.depth
+        frames = await stored_frames(queue)
         await queue.close()
-        old_used, old_readings = first_layout_bytes(folder / "queue.sqlite3", folder / "v1.db")
+        old_used, old_readings = first_layout_bytes(frames, folder / "v1.db")
         assert old_readings == depth
         out.append({"frame": frame, "readings": depth, "bytes": used / depth,
                     "first_layout_bytes": old_used / depth})
@@ -165,16 +166,6 @@ class Counter:
         self.client.disconnect()
 
 
-def metrics(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
-
-
 def drain_backlog(work: Path, readings: int) -> dict:
     data = work / "gateway"
     data.mkdir()
@@ -214,7 +205,7 @@ def drain_backlog(work: Path, readings: int) -> dict:
         deadline = back_at + DRAIN_TIMEOUT_S
         while counter.unique < depth and time.monotonic() < deadline and gateway.poll() is None:
             time.sleep(0.5)
-        m = metrics(metrics_port)
+        m = scrape_metrics(metrics_port)
         counter.close()
         dropped = sum(v for k, v in m.items() if k.startswith("kinhbac_gateway_readings_drop")
                       and k.endswith("}"))
@@ -317,7 +308,6 @@ def main(argv: list[str] | None = None) -> int:
         drain = drain_backlog(work, a.readings)
         with LocalBroker(work / "describe") as b:
             machine = describe_machine(work, b)
-        machine = [(k, apsw.sqlite_lib_version() if k == "SQLite" else v) for k, v in machine]
     print(json.dumps({"sizes": sizes, "drain": drain}, indent=1))
     section = report(sizes, drain, machine)
     if not a.no_write:
