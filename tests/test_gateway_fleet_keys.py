@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from helpers.fleet import FleetServer, running_fleet, wait_until
-from helpers.gateway import GatewayProcess
+from helpers.gateway import GatewayProcess, read_downlink_frame
 
 from kinhbac import wire
 from kinhbac.emulator import launcher
@@ -395,13 +395,9 @@ def send_and_answer(port: int, frames: list[bytes], key: wire.Key, boot: int):
         conn.sendall(b"".join(frames))
         while True:
             try:
-                header = conn.recv(wire.HEADER_SIZE, socket.MSG_WAITALL)
-            except TimeoutError:
+                answers.append(read_downlink_frame(conn, key, guard))
+            except (ConnectionError, TimeoutError):
                 return answers
-            if len(header) < wire.HEADER_SIZE:
-                return answers
-            rest = conn.recv(wire.frame_length(header) - wire.HEADER_SIZE, socket.MSG_WAITALL)
-            answers.append(wire.decode(header + rest, wire.lookup_for(key), guard, True))
 
 
 def test_the_claim_key_cannot_speak_for_a_registered_device(

@@ -17,7 +17,7 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 from helpers.certs import make_tls_material
-from helpers.gateway import GatewayProcess
+from helpers.gateway import GatewayProcess, read_downlink_frame
 
 from kinhbac import wire
 from kinhbac.broker import BrokerUnavailable, LocalBroker, TlsFiles
@@ -72,18 +72,7 @@ class FakeNode:
                 assert message.type == wire.ACK, f"gateway answered {message.type_name}"
 
     def _read_frame(self, s: socket.socket) -> wire.Message:
-        header = self._read_exactly(s, wire.HEADER_SIZE)
-        body = self._read_exactly(s, wire.frame_length(header) - wire.HEADER_SIZE)
-        return wire.decode(header + body, wire.lookup_for(self.key), self.guard, downlink=True)
-
-    @staticmethod
-    def _read_exactly(s: socket.socket, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = s.recv(n - len(data))
-            assert chunk, "the gateway closed the connection"
-            data += chunk
-        return data
+        return read_downlink_frame(s, self.key, self.guard)
 
 
 class FleetSubscriber:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from helpers.gateway import Collector, GatewayProcess
+from helpers.gateway import Collector, GatewayProcess, read_downlink_frame, read_exactly
 
 from kinhbac import wire
 from kinhbac.broker import LocalBroker
@@ -102,19 +102,7 @@ class Node:
             self._stop.wait(self.pause_s)
 
     def _read_frame(self, s: socket.socket) -> wire.Message:
-        header = self._read_exactly(s, wire.HEADER_SIZE)
-        body = self._read_exactly(s, wire.frame_length(header) - wire.HEADER_SIZE)
-        return wire.decode(header + body, wire.lookup_for(self.key), self.guard, downlink=True)
-
-    @staticmethod
-    def _read_exactly(s: socket.socket, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = s.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError("the gateway closed the connection")
-            data += chunk
-        return data
+        return read_downlink_frame(s, self.key, self.guard)
 
 
 class SilentRelay:
@@ -210,13 +198,7 @@ class RestartingBroker:
         """The client id of an MQTT 3.1.1 CONNECT packet."""
 
         def read(n: int) -> bytes:
-            data = b""
-            while len(data) < n:
-                chunk = conn.recv(n - len(data))
-                if not chunk:
-                    raise OSError("closed before a whole CONNECT")
-                data += chunk
-            return data
+            return read_exactly(conn, n)  # ConnectionError (an OSError) if it closes early
 
         read(1)  # packet type
         length, shift = 0, 0

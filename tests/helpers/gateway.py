@@ -17,6 +17,28 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
+from kinhbac import wire
+
+
+def read_exactly(s: socket.socket, n: int) -> bytes:
+    """n bytes from a blocking socket; ConnectionError if the peer closes first."""
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError(f"the peer closed the connection after {len(data)} of {n} "
+                                  "bytes")
+        data += chunk
+    return data
+
+
+def read_downlink_frame(s: socket.socket, key: wire.Key, guard: wire.DownlinkGuard
+                        ) -> wire.Message:
+    """The gateway's next frame to a node holding `key`, verified."""
+    header = read_exactly(s, wire.HEADER_SIZE)
+    body = read_exactly(s, wire.frame_length(header) - wire.HEADER_SIZE)
+    return wire.decode(header + body, wire.lookup_for(key), guard, downlink=True)
+
 
 def free_port() -> int:
     with socket.socket() as s:
