@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# uv writes the lock files (make lock); installing from them needs only pip.
+UV_VERSION := 0.13.9
+GATEWAY_CHECK_VENV := $(VENV)/gateway-check
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install lock lock-upgrade check-gateway-lock clean
 
 demo: $(STAMP)
 	$(BIN)/kinhbac demo
@@ -19,13 +22,39 @@ bench: $(STAMP)
 
 install: $(STAMP)
 
-# Re-install whenever the declared dependencies change.
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Kinhbac needs Python 3.11 or newer; this is " + sys.version.split()[0])'
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { echo "Could not create $(VENV): install python3-venv (apt install python3-venv)"; exit 1; }
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[all,test]'
+	@$(PYTHON) -m venv $(VENV) || { echo "Could not create $(VENV): install python3-venv (apt install python3-venv)"; exit 1; }
+
+# Re-install whenever the lock file or the declared dependencies change. Exactly the locked
+# files (--require-hashes), then the project itself, built by the locked setuptools; the check
+# fails when pyproject.toml asks for something the lock does not hold (then: make lock).
+$(STAMP): pyproject.toml requirements/dev.lock requirements/build.in | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements/dev.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python requirements/locks.py check
 	@touch $@
+
+# Write requirements/*.lock again after a change to pyproject.toml (pins still allowed stay);
+# lock-upgrade moves every pin to the newest release its range allows.
+lock: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet 'uv==$(UV_VERSION)'
+	$(BIN)/python requirements/locks.py compile --uv $(BIN)/uv
+
+lock-upgrade: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet 'uv==$(UV_VERSION)'
+	$(BIN)/python requirements/locks.py compile --uv $(BIN)/uv --upgrade
+
+# The Raspberry Pi's install (README), in a throwaway venv: the gateway lock alone runs it.
+check-gateway-lock:
+	rm -rf $(GATEWAY_CHECK_VENV)
+	$(PYTHON) -m venv $(GATEWAY_CHECK_VENV)
+	$(GATEWAY_CHECK_VENV)/bin/python -m pip install --quiet --require-hashes --no-deps -r requirements/gateway.lock
+	$(GATEWAY_CHECK_VENV)/bin/python -m pip install --quiet --no-deps --no-build-isolation .
+	$(GATEWAY_CHECK_VENV)/bin/python -m pip check
+	$(GATEWAY_CHECK_VENV)/bin/python -c 'import kinhbac.gateway.daemon'
+	$(GATEWAY_CHECK_VENV)/bin/kinhbac gateway settings >/dev/null
+	rm -rf $(GATEWAY_CHECK_VENV)
 
 clean:
 	rm -rf $(VENV) run .pytest_cache .hypothesis
