@@ -1,4 +1,8 @@
-"""Users and their bearer tokens: creation, changes, login, revocation; each change audited."""
+"""Users and their bearer tokens: creation, changes, login, revocation; each change audited.
+
+A user may be limited to some sites, and an API token to some of its user's; admins are
+city-wide and cannot be limited (kinhbac/fleet/deps.py applies the limits).
+"""
 
 import uuid
 from datetime import timedelta
@@ -15,6 +19,7 @@ from kinhbac.fleet.models import (
     ApiTokenPublic,
     LoginResult,
     Role,
+    Site,
     TokenKind,
     User,
     UserCreate,
@@ -38,10 +43,30 @@ class LoginFailed(Exception):
     """Wrong e-mail or password, or a deactivated user (the caller is not told which)."""
 
 
+def _known_sites(session: Session, site_ids: list[uuid.UUID]) -> list[uuid.UUID]:
+    """`site_ids` without repeats, if every one is a site; Invalid naming those that are not."""
+    wanted = sorted(set(site_ids))
+    if not wanted:
+        return []
+    found = set(session.exec(select(Site.id).where(Site.id.in_(wanted))).all())
+    unknown = [str(site_id) for site_id in wanted if site_id not in found]
+    if unknown:
+        raise Invalid("site_ids", f"no site {', '.join(unknown)}")
+    return wanted
+
+
+def _refuse_admin_sites(user: User) -> None:
+    if user.role == Role.admin and user.site_ids:
+        raise Invalid("site_ids", f"{user.email} is an admin, and admins see every site: give "
+                      "no site_ids, or another role")
+
+
 def create_user(session: Session, actor: Actor, data: UserCreate) -> User:
     if session.exec(select(User).where(User.email == data.email)).first() is not None:
         raise Conflict(f"a user with e-mail {data.email} already exists")
     user = User.model_validate(data, update={"password_hash": hash_password(data.password)})
+    user.set_sites(_known_sites(session, data.site_ids))
+    _refuse_admin_sites(user)
     session.add(user)
     audit.record(session, actor, "user.create", "user", user.id,
                  after=audit.snapshot(user, UserPublic))
@@ -55,10 +80,19 @@ def update_user(session: Session, actor: Actor, user_id: uuid.UUID, data: UserUp
     before = audit.snapshot(user, UserPublic)
     changes = data.model_dump(exclude_unset=True)
     password = changes.pop("password", None)
+    sites_set = "site_ids" in changes
+    site_ids = changes.pop("site_ids", None)
     for name, value in changes.items():
         if value is None and name != "full_name":
             raise Invalid(name, f"{name} cannot be null")
         setattr(user, name, value)
+    if sites_set:
+        if site_ids is None:
+            raise Invalid("site_ids", "site_ids cannot be null: [] makes the user city-wide")
+        user.set_sites(_known_sites(session, site_ids))
+    _refuse_admin_sites(user)
+    if user.role == Role.admin and before["role"] != Role.admin:
+        _refuse_limited_tokens(session, user)
     if password is not None:
         user.password_hash = hash_password(password)
         # A new password ends every session of the old one: a stolen token dies with it.
@@ -77,6 +111,17 @@ def update_user(session: Session, actor: Actor, user_id: uuid.UUID, data: UserUp
     commit(session, "the user changed meanwhile; try again")
     session.refresh(user)
     return user
+
+
+def _refuse_limited_tokens(session: Session, user: User) -> None:
+    """An admin's tokens reach every site: a token made to reach fewer is refused, not widened."""
+    limited = [row.name for row in session.exec(
+        select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.created_at)
+    ).all() if row.site_ids]
+    if limited:
+        raise Invalid("role", f"{user.email} has API tokens limited to sites "
+                      f"({', '.join(limited)}); an admin's would reach every site: revoke them "
+                      "first")
 
 
 def _is_active_admin(user: User) -> bool:
@@ -138,14 +183,25 @@ def logout(session: Session, actor: Actor, token_id: uuid.UUID) -> None:
 def issue_api_token(session: Session, actor: Actor, data: ApiTokenCreate, *,
                     default_days: int = API_TOKEN_DAYS) -> ApiTokenIssued:
     """A longer-lived token for a user (a script, a technician's tool), shown once; it
-    expires after `expires_in_days`, by default `default_days`."""
+    expires after `expires_in_days`, by default `default_days`. It may be limited to some of
+    the user's sites (`site_ids`), never to more than the user's."""
     user = session.get(User, data.user_id)
     if user is None:
         raise Invalid("user_id", f"no user {data.user_id}")
+    site_ids = _known_sites(session, data.site_ids)
+    if site_ids and user.role == Role.admin:
+        raise Invalid("site_ids", f"{user.email} is an admin, and an admin's tokens reach every "
+                      "site: give no site_ids")
+    beyond = [str(site_id) for site_id in site_ids
+              if user.site_ids and site_id not in user.site_ids]
+    if beyond:
+        raise Invalid("site_ids", f"site {', '.join(beyond)} is not one of {user.email}'s "
+                      "sites: a token reaches no further than its user")
     token = new_token(USER_TOKEN_PREFIX)
     expires_at = utcnow() + timedelta(days=data.expires_in_days or default_days)
     row = ApiToken(name=data.name, user_id=user.id, kind=TokenKind.api,
                    token_hash=hash_token(token), expires_at=expires_at)
+    row.set_sites(site_ids)
     session.add(row)
     audit.record(session, actor, "api_token.create", "api_token", row.id,
                  after=audit.snapshot(row, ApiTokenPublic))

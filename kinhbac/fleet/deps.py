@@ -3,20 +3,28 @@
 Every route states who may call it in its signature, with one of the aliases at the bottom
 (`Admin`, `Staff`, `AnyUser`, `GatewayCaller`) or its own `require(...)`. No credentials or
 bad ones: 401. Good credentials of a role the route does not allow: 403.
+
+A user may also be limited to some sites (and a token to some of its user's): the caller's
+`site_ids`. Every route that reads or changes a site, a gateway or a device goes through the
+helpers at the end, `visible_only` for queries and `visible_or_404`/`check_placeable` for
+single records, so that the limit is applied in one place. A record at another site answers
+404, as one that does not exist: a limited caller cannot probe for ids elsewhere.
 """
 
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session, select
+from sqlmodel.sql.expression import SelectOfScalar
 
 from kinhbac.fleet.audit import Actor
 from kinhbac.fleet.crypto import SecretBox
-from kinhbac.fleet.models import ApiToken, Gateway, Role, User, utcnow
+from kinhbac.fleet.errors import Invalid, NotFound
+from kinhbac.fleet.models import ApiToken, Device, Gateway, Role, Site, User, utcnow
 from kinhbac.fleet.security import GATEWAY_TOKEN_PREFIX, USER_TOKEN_PREFIX, hash_token
 from kinhbac.fleet.settings import Settings
 
@@ -51,10 +59,16 @@ class Principal:
     user: User | None = None
     gateway: Gateway | None = None
     token_id: uuid.UUID | None = None  # the user's token that made this request
+    # The sites a user's request may reach; None: every site (admins, users not limited).
+    site_ids: frozenset[uuid.UUID] | None = None
 
     @property
     def role(self) -> Role | None:
         return self.user.role if self.user else None
+
+    def sees(self, site_id: uuid.UUID | None) -> bool:
+        """Whether the caller may see and act on what is at `site_id` (None: no site)."""
+        return self.site_ids is None or site_id in self.site_ids
 
     @property
     def actor(self) -> Actor:
@@ -105,8 +119,22 @@ def get_principal(
                 raise _unauthorized("token expired: log in again")
             if not user.is_active:
                 raise _unauthorized("this user is deactivated")
-            return Principal(user=user, token_id=api_token.id)
+            return Principal(user=user, token_id=api_token.id,
+                             site_ids=reachable_sites(user, api_token))
     raise _unauthorized("unknown or revoked token")
+
+
+def reachable_sites(user: User, token: ApiToken) -> frozenset[uuid.UUID] | None:
+    """The sites a request with `token` reaches: its user's, narrowed by the token's own limit
+    (so a token never reaches beyond its user); None: every site. Read per request, so a change
+    to a user's sites holds from its next request on."""
+    if user.role == Role.admin:
+        return None  # admins are city-wide; neither an admin nor its tokens can be limited
+    reach: frozenset[uuid.UUID] | None = None
+    for limit in (user.site_ids, token.site_ids):
+        if limit:
+            reach = frozenset(limit) if reach is None else reach & frozenset(limit)
+    return reach
 
 
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
@@ -142,3 +170,44 @@ Admin = Annotated[Principal, Depends(require(Role.admin))]
 Staff = Annotated[Principal, Depends(require(Role.admin, Role.technician))]
 AnyUser = Annotated[Principal, Depends(require(Role.admin, Role.technician, Role.viewer))]
 GatewayCaller = Annotated[Gateway, Depends(require_gateway)]
+
+
+# ---- site scoping: what a caller limited to sites sees
+
+M = TypeVar("M", Site, Gateway, Device)
+
+
+def _site_column(model: type[Site | Gateway | Device]) -> Any:
+    """The column that places a record of `model` at a site."""
+    return Site.id if model is Site else model.site_id
+
+
+def visible_only(query: SelectOfScalar[Any], caller: Principal,
+                 model: type[Site | Gateway | Device]) -> SelectOfScalar[Any]:
+    """`query` narrowed to the records of `model` at the caller's sites (a page's total counts
+    only those); unchanged for a city-wide caller. Devices at no site are city-wide records."""
+    if caller.site_ids is None:
+        return query
+    return query.where(_site_column(model).in_(caller.site_ids))
+
+
+def visible_or_404(session: Session, caller: Principal, model: type[M], id: uuid.UUID,
+                   what: str) -> M:
+    """The record, if it exists and is at one of the caller's sites; NotFound otherwise, in the
+    same words either way."""
+    record = session.get(model, id)
+    if record is None or not caller.sees(getattr(record, _site_column(model).key)):
+        raise NotFound(f"no {what} {id}")
+    return record
+
+
+def check_placeable(caller: Principal, site_id: uuid.UUID | None,
+                    field: str = "site_id") -> None:
+    """Refuse (422 on `field`) to put a device at a site the caller does not see, or at none,
+    which would take it out of the caller's sites; an unseen site reads as an unknown one."""
+    if caller.sees(site_id):
+        return
+    if site_id is None:
+        raise Invalid(field, "you are limited to some sites: give one of them "
+                      f"({', '.join(sorted(str(s) for s in caller.site_ids or ()))})")
+    raise Invalid(field, f"no site {site_id}")

@@ -9,7 +9,7 @@ import re
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Generic, Literal, Optional, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Literal, Optional, TypeVar
 
 import sqlalchemy as sa
 from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
@@ -133,10 +133,14 @@ def _check_email(value: str) -> str:
     return value
 
 
+_SITE_IDS_DOC = "the sites the user is limited to; [] (the default): every site, city-wide"
+
+
 class UserCreate(UserBase):
     model_config = _INPUT
 
     password: str = Field(min_length=10, max_length=256)
+    site_ids: list[uuid.UUID] = Field(default_factory=list, description=_SITE_IDS_DOC)
 
     _email = field_validator("email")(_check_email)
 
@@ -148,19 +152,59 @@ class UserUpdate(SQLModel):
     role: Role | None = None
     is_active: bool | None = None
     password: str | None = Field(default=None, min_length=10, max_length=256)
+    site_ids: list[uuid.UUID] | None = Field(default=None, description=_SITE_IDS_DOC)
 
 
-class User(UserBase, table=True):
+# A site row's deletion is refused (RESTRICT) while someone is limited to it: cascading would
+# leave a user limited to that one site with no limit at all, which means city-wide.
+class UserSite(SQLModel, table=True):
+    """A site a user is limited to; a user with none is city-wide."""
+
+    __tablename__ = "user_site"
+
+    user_id: uuid.UUID = Field(foreign_key="fleet_user.id", primary_key=True, ondelete="CASCADE")
+    site_id: uuid.UUID = Field(foreign_key="site.id", primary_key=True, index=True,
+                               ondelete="RESTRICT")
+
+
+def _site_rows(row_class: str) -> Any:
+    return Relationship(sa_relationship_kwargs={
+        "cascade": "all, delete-orphan", "lazy": "selectin", "order_by": f"{row_class}.site_id",
+    })
+
+
+class _LimitedToSites:
+    """`site_ids` over a table's link rows to sites: its `site_rows`, each a `site_row_class`."""
+
+    site_row_class: ClassVar[type[SQLModel]]
+
+    @property
+    def site_ids(self) -> list[uuid.UUID]:
+        return [row.site_id for row in self.site_rows]
+
+    def set_sites(self, site_ids: list[uuid.UUID]) -> None:
+        wanted = set(site_ids)
+        self.site_rows = [row for row in self.site_rows if row.site_id in wanted] + [
+            self.site_row_class(site_id=site_id)
+            for site_id in sorted(wanted - set(self.site_ids))
+        ]
+
+
+class User(_LimitedToSites, UserBase, table=True):
     __tablename__ = "fleet_user"  # "user" is reserved in PostgreSQL
+    site_row_class: ClassVar[type[SQLModel]] = UserSite
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
     password_hash: str = Field(max_length=255)
     created_at: datetime = _created()
     updated_at: datetime = _created()
 
+    site_rows: list[UserSite] = _site_rows("UserSite")
+
 
 class UserPublic(UserBase):
     id: uuid.UUID
+    site_ids: list[uuid.UUID] = Field(description=_SITE_IDS_DOC)
     created_at: datetime
 
 
@@ -168,15 +212,32 @@ class ApiTokenBase(SQLModel):
     name: str = Field(min_length=1, max_length=100)
 
 
+_TOKEN_SITE_IDS_DOC = ("limits the token to these of its user's sites; [] (the default): all "
+                       "of its user's sites")
+
+
 class ApiTokenCreate(ApiTokenBase):
     model_config = _INPUT
 
     user_id: uuid.UUID
     expires_in_days: int | None = Field(default=None, ge=1, le=3650)
+    site_ids: list[uuid.UUID] = Field(default_factory=list, description=_TOKEN_SITE_IDS_DOC)
 
 
-class ApiToken(ApiTokenBase, table=True):
+class ApiTokenSite(SQLModel, table=True):
+    """A site an API token is limited to, within its user's; a token with none reaches all of
+    its user's sites."""
+
+    __tablename__ = "api_token_site"
+
+    token_id: uuid.UUID = Field(foreign_key="api_token.id", primary_key=True, ondelete="CASCADE")
+    site_id: uuid.UUID = Field(foreign_key="site.id", primary_key=True, index=True,
+                               ondelete="RESTRICT")
+
+
+class ApiToken(_LimitedToSites, ApiTokenBase, table=True):
     __tablename__ = "api_token"
+    site_row_class: ClassVar[type[SQLModel]] = ApiTokenSite
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
     user_id: uuid.UUID = Field(foreign_key="fleet_user.id", index=True, ondelete="CASCADE")
@@ -185,11 +246,14 @@ class ApiToken(ApiTokenBase, table=True):
     created_at: datetime = _created()
     expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
+    site_rows: list[ApiTokenSite] = _site_rows("ApiTokenSite")
+
 
 class ApiTokenPublic(ApiTokenBase):
     id: uuid.UUID
     user_id: uuid.UUID
     kind: TokenKind
+    site_ids: list[uuid.UUID] = Field(description=_TOKEN_SITE_IDS_DOC)
     created_at: datetime
     expires_at: datetime | None
 

@@ -25,7 +25,7 @@ from .backends import BACKENDS, empty_database
 from .utils import SECRET_KEY
 
 TABLES = {"fleet_user", "api_token", "site", "gateway", "device", "device_tag", "audit_entry",
-          "device_status", "gateway_status", "recent_reading"}
+          "device_status", "gateway_status", "recent_reading", "user_site", "api_token_site"}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
