@@ -1,4 +1,9 @@
-"""Reading the audit log (admin only)."""
+"""Reading the audit log (admin only).
+
+Never shown to a caller limited to sites (admins cannot be limited): an entry names a record by
+id, not by site, and a device's entries stay with it when it moves, so the log cannot be cut
+along sites without showing one site's history to another's technician.
+"""
 
 from typing import Annotated
 

@@ -56,5 +56,5 @@ def logout(session: SessionDep, caller: AnyUser) -> None:
 
 @router.get("/me", response_model=UserPublic)
 def me(caller: AnyUser) -> UserPublic:
-    """The calling user."""
+    """The calling user (`site_ids`: the user's sites; a token may reach fewer)."""
     return UserPublic.model_validate(caller.user)

@@ -1,13 +1,30 @@
-"""The device registry and its provisioning paths: register by MAC, one or many (CSV)."""
+"""The device registry and its provisioning paths: register by MAC, one or many (CSV).
+
+A caller limited to sites sees only the devices at them, registers devices only there, and
+cannot move a device elsewhere (kinhbac/fleet/deps.py): a device at another site is a 404.
+"""
 
 import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 from pydantic import AfterValidator
+from sqlmodel import Session, select
 
 from kinhbac.fleet import provisioning
-from kinhbac.fleet.deps import Admin, AnyUser, Limit, Offset, SecretBoxDep, SessionDep, Staff
+from kinhbac.fleet.deps import (
+    Admin,
+    AnyUser,
+    Limit,
+    Offset,
+    Principal,
+    SecretBoxDep,
+    SessionDep,
+    Staff,
+    check_placeable,
+    visible_only,
+    visible_or_404,
+)
 from kinhbac.fleet.identity import normalise_mac
 from kinhbac.fleet.models import (
     Device,
@@ -15,11 +32,13 @@ from kinhbac.fleet.models import (
     DeviceProvisioned,
     DevicePublic,
     DeviceState,
+    DeviceTag,
     DeviceUpdate,
     NodeConfigUpdate,
     Page,
+    Site,
 )
-from kinhbac.fleet.store import get_or_404
+from kinhbac.fleet.store import page
 
 router = APIRouter(prefix="/api/devices", tags=["devices"])
 
@@ -32,6 +51,7 @@ def register_device(
 
     The secret is in this response only; the fleet keeps it encrypted for the gateways.
     """
+    check_placeable(caller, data.site_id)
     return provisioning.register_device(session, box, caller.actor, data)
 
 
@@ -117,6 +137,7 @@ def register_bulk(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             detail=[error.model_dump() for error in exc.errors],
         ) from None
+    _check_bulk_sites(session, caller, devices)
     response.headers["Cache-Control"] = "no-store"  # secrets: no proxy or cache keeps them
     return provisioning.register_bulk(session, box, caller.actor, devices)
 
@@ -133,16 +154,52 @@ def list_devices(
     limit: Limit = 50,
     offset: Offset = 0,
 ) -> Page[DevicePublic]:
-    """Devices, oldest first, filtered by site, tag, state, firmware version or MAC."""
-    return provisioning.list_devices(
-        session, site_id=site_id, tag=tag, state=state, firmware_version=firmware_version,
-        mac=mac, limit=limit, offset=offset,
-    )
+    """Devices, oldest first, filtered by site, tag, state, firmware version or MAC; of the
+    caller's sites only, for a caller limited to some."""
+    # Built here rather than by provisioning.list_devices: the caller's sites narrow it.
+    query = visible_only(select(Device), caller, Device)
+    if site_id is not None:
+        query = query.where(Device.site_id == site_id)
+    if tag is not None:
+        query = query.where(Device.id.in_(select(DeviceTag.device_id).where(DeviceTag.tag == tag)))
+    if state is not None:
+        query = query.where(Device.state == state)
+    if firmware_version is not None:
+        query = query.where(Device.firmware_version == firmware_version)
+    if mac is not None:
+        query = query.where(Device.mac == mac)
+    return page(session, query, DevicePublic, order_by=(Device.created_at, Device.id),
+                limit=limit, offset=offset)
+
+
+def _check_bulk_sites(session: Session, caller: Principal, devices: list[DeviceCreate]) -> None:
+    """Refuse a bulk file placing a device where the caller may not, listing every such device
+    in the shape of the file's other problems; nothing is written. A site the caller does not
+    see is named as the file's unknown slugs are."""
+    refused = [device for device in devices if not caller.sees(device.site_id)]
+    if not refused:
+        return
+    slugs = dict(session.exec(select(Site.id, Site.slug).where(
+        Site.id.in_({device.site_id for device in refused if device.site_id}))).all())
+    errors = [
+        provisioning.BulkRowError(
+            loc=["body"], row=None, column="site", type="unknown_site",
+            msg=f"{device.mac}: " + (f"no site with slug {slugs[device.site_id]!r}"
+                                     if device.site_id in slugs else
+                                     "no site, and you are limited to some: give one of them"))
+        for device in refused
+    ]
+    raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                        detail=[error.model_dump() for error in errors])
+
+
+def _device(session: Session, caller: Principal, device_id: uuid.UUID) -> Device:
+    return visible_or_404(session, caller, Device, device_id, "device")
 
 
 @router.get("/{device_id}", response_model=DevicePublic)
 def get_device(device_id: uuid.UUID, session: SessionDep, caller: AnyUser) -> Device:
-    return get_or_404(session, Device, device_id, "device")
+    return _device(session, caller, device_id)
 
 
 @router.patch("/{device_id}", response_model=DevicePublic)
@@ -150,6 +207,9 @@ def update_device(
     device_id: uuid.UUID, data: DeviceUpdate, session: SessionDep, caller: Staff
 ) -> Device:
     """Change where a device is (site), its tags, or its hardware description."""
+    _device(session, caller, device_id)
+    if "site_id" in data.model_fields_set:
+        check_placeable(caller, data.site_id)  # into another site, or out of the caller's
     return provisioning.update_device(session, caller.actor, device_id, data)
 
 
@@ -158,12 +218,14 @@ def reprovision_device(
     device_id: uuid.UUID, session: SessionDep, box: SecretBoxDep, caller: Staff
 ) -> DeviceProvisioned:
     """The next key id and a new secret (in this response only); the old key stops working."""
+    _device(session, caller, device_id)
     return provisioning.reprovision(session, box, caller.actor, device_id)
 
 
 @router.post("/{device_id}/revoke", response_model=DevicePublic)
 def revoke_device(device_id: uuid.UUID, session: SessionDep, caller: Staff) -> Device:
     """Withdraw the device's credentials; gateways stop getting its key."""
+    _device(session, caller, device_id)
     return provisioning.revoke(session, caller.actor, device_id)
 
 
@@ -172,6 +234,7 @@ def revoke_device(device_id: uuid.UUID, session: SessionDep, caller: Staff) -> D
 def delete_device(device_id: uuid.UUID, session: SessionDep, caller: Staff) -> Response:
     """Remove a device that no gateway has ever heard from (a registration that never reached
     its board); a device that has been heard is revoked instead, keeping its record."""
+    _device(session, caller, device_id)
     provisioning.delete_device(session, caller.actor, device_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -182,12 +245,14 @@ def approve_device(
 ) -> Device:
     """Approve a pending claim: the device gets its own key id, and its site's gateways answer
     its next claim with its identity (within one of their refresh intervals)."""
+    _device(session, caller, device_id)
     return provisioning.approve_claim(session, box, caller.actor, device_id)
 
 
 @router.post("/{device_id}/reject", response_model=DevicePublic)
 def reject_device(device_id: uuid.UUID, session: SessionDep, caller: Admin) -> Device:
     """Reject a pending claim: the device is kept out, and its claims are refused."""
+    _device(session, caller, device_id)
     return provisioning.reject_claim(session, caller.actor, device_id)
 
 
@@ -197,4 +262,5 @@ def set_device_config(
 ) -> Device:
     """Settings for the node, which its gateway sends as a CONFIG frame on the node's next
     connection (once per change); `{"settings": {}}` clears them."""
+    _device(session, caller, device_id)
     return provisioning.set_node_config(session, caller.actor, device_id, data)

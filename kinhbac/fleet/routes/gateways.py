@@ -6,9 +6,17 @@ from fastapi import APIRouter, Response, status
 from sqlmodel import select
 
 from kinhbac.fleet import sites
-from kinhbac.fleet.deps import Admin, AnyUser, Limit, Offset, SessionDep
+from kinhbac.fleet.deps import (
+    Admin,
+    AnyUser,
+    Limit,
+    Offset,
+    SessionDep,
+    visible_only,
+    visible_or_404,
+)
 from kinhbac.fleet.models import Gateway, GatewayCreate, GatewayEnrolled, GatewayPublic, Page
-from kinhbac.fleet.store import get_or_404, page
+from kinhbac.fleet.store import page
 
 router = APIRouter(prefix="/api/gateways", tags=["gateways"])
 
@@ -27,7 +35,8 @@ def list_gateways(
     limit: Limit = 50,
     offset: Offset = 0,
 ) -> Page:
-    query = select(Gateway)
+    """The gateways at the sites the caller sees."""
+    query = visible_only(select(Gateway), caller, Gateway)
     if site_id is not None:
         query = query.where(Gateway.site_id == site_id)
     return page(session, query, GatewayPublic, order_by=(Gateway.created_at, Gateway.id),
@@ -36,7 +45,7 @@ def list_gateways(
 
 @router.get("/{gateway_id}", response_model=GatewayPublic)
 def get_gateway(gateway_id: uuid.UUID, session: SessionDep, caller: AnyUser) -> Gateway:
-    return get_or_404(session, Gateway, gateway_id, "gateway")
+    return visible_or_404(session, caller, Gateway, gateway_id, "gateway")
 
 
 @router.post("/{gateway_id}/token", response_model=GatewayEnrolled)

@@ -5,9 +5,8 @@ import uuid
 from fastapi import APIRouter
 
 from kinhbac.fleet import ingest
-from kinhbac.fleet.deps import AnyUser, Limit, SessionDep
+from kinhbac.fleet.deps import AnyUser, Limit, SessionDep, visible_or_404
 from kinhbac.fleet.models import Device, ReadingPublic, RecentReading
-from kinhbac.fleet.store import get_or_404
 
 router = APIRouter(prefix="/api/devices", tags=["devices"])
 
@@ -21,5 +20,5 @@ def recent_readings(
     The fleet keeps the last KINHBAC_INGEST_READINGS_PER_DEVICE (100) per device; the city's
     own systems keep the rest (docs/mqtt.md).
     """
-    device = get_or_404(session, Device, device_id, "device")
+    device = visible_or_404(session, caller, Device, device_id, "device")
     return ingest.recent_readings(session, device.wire_id, limit)

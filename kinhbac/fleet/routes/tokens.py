@@ -16,8 +16,9 @@ router = APIRouter(prefix="/api/tokens", tags=["tokens"])
 @router.post("", response_model=ApiTokenIssued, status_code=status.HTTP_201_CREATED)
 def create_token(data: ApiTokenCreate, session: SessionDep, caller: Admin,
                  settings: SettingsDep) -> ApiTokenIssued:
-    """A bearer token acting as the given user, with that user's role; it expires after
-    `expires_in_days` (default KINHBAC_API_TOKEN_DAYS, 90)."""
+    """A bearer token acting as the given user, with that user's role and sites, or fewer
+    sites (`site_ids`, a subset of the user's); it expires after `expires_in_days` (default
+    KINHBAC_API_TOKEN_DAYS, 90)."""
     return accounts.issue_api_token(session, caller.actor, data,
                                     default_days=settings.api_token_days)
 

@@ -1,4 +1,4 @@
-"""Users (admin only)."""
+"""Users (admin only), each city-wide or limited to some sites (`site_ids`)."""
 
 import uuid
 
@@ -31,5 +31,6 @@ def get_user(user_id: uuid.UUID, session: SessionDep, caller: Admin) -> User:
 
 @router.patch("/{user_id}", response_model=UserPublic)
 def update_user(user_id: uuid.UUID, data: UserUpdate, session: SessionDep, caller: Admin) -> User:
-    """Change a user's role, name, password or whether it may log in."""
+    """Change a user's role, name, password, sites or whether it may log in; a change of
+    sites holds from the user's next request."""
     return accounts.update_user(session, caller.actor, user_id, data)
