@@ -9,57 +9,19 @@ instance, in memory: behind several instances an attacker gets each instance's a
 
 import threading
 import time
-from collections import OrderedDict, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-MAX_TRACKED = 10_000  # addresses and accounts remembered; the oldest are forgotten first
+from kinhbac.fleet.rate_limits import SlidingWindow, TooManyAttempts
 
-
-class TooManyAttempts(Exception):
-    """Refused before any password is checked; `retry_after` is in whole seconds."""
-
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = max(1, retry_after)
-
-
-class _Failures:
-    """Failure times per key within a window, for a bounded number of keys."""
-
-    def __init__(self, limit: int, window_s: float) -> None:
-        self.limit = limit
-        self.window_s = window_s
-        self._times: OrderedDict[str, deque[float]] = OrderedDict()
-
-    def wait_s(self, key: str, now: float) -> float:
-        """0 if `key` may try now, else how long until its oldest failure leaves the window."""
-        times = self._times.get(key)
-        if times is None:
-            return 0.0
-        while times and now - times[0] >= self.window_s:
-            times.popleft()
-        if not times:
-            del self._times[key]
-            return 0.0
-        return times[0] + self.window_s - now if len(times) >= self.limit else 0.0
-
-    def add(self, key: str, now: float) -> None:
-        times = self._times.pop(key, None) or deque(maxlen=self.limit)
-        times.append(now)
-        self._times[key] = times  # most recently failed last
-        while len(self._times) > MAX_TRACKED:
-            self._times.popitem(last=False)
-
-    def forget(self, key: str) -> None:
-        self._times.pop(key, None)
+__all__ = ["LoginLimiter", "TooManyAttempts"]
 
 
 class LoginLimiter:
     def __init__(self, *, per_address: int, per_account: int, window_s: float,
                  concurrent_hashes: int, hash_wait_s: float = 5.0) -> None:
-        self._addresses = _Failures(per_address, window_s)
-        self._accounts = _Failures(per_account, window_s)
+        self._addresses = SlidingWindow(per_address, window_s)
+        self._accounts = SlidingWindow(per_account, window_s)
         self._lock = threading.Lock()
         self._hashes = threading.BoundedSemaphore(concurrent_hashes)
         self._hash_wait_s = hash_wait_s
@@ -101,5 +63,5 @@ class LoginLimiter:
 
     def clear(self) -> None:
         with self._lock:
-            self._addresses = _Failures(self._addresses.limit, self._addresses.window_s)
-            self._accounts = _Failures(self._accounts.limit, self._accounts.window_s)
+            self._addresses = SlidingWindow(self._addresses.limit, self._addresses.window_s)
+            self._accounts = SlidingWindow(self._accounts.limit, self._accounts.window_s)

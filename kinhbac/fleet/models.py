@@ -340,6 +340,10 @@ class Site(SiteBase, table=True):
     slug: str = Field(unique=True, max_length=63)
     wifi_password_enc: bytes | None = Field(default=None, sa_type=sa.LargeBinary)
     claim_key_enc: bytes = Field(sa_type=sa.LargeBinary)
+    # The key a rotation replaced: claims under it are still taken until it expires.
+    previous_claim_key_enc: bytes | None = Field(default=None, sa_type=sa.LargeBinary)
+    previous_claim_key_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    claim_key_rotated_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     created_at: datetime = _created()
     updated_at: datetime = _created()
 
@@ -347,8 +351,23 @@ class Site(SiteBase, table=True):
 class SitePublic(SiteBase):
     id: uuid.UUID
     slug: str
+    claim_key_rotated_at: datetime | None = Field(
+        default=None, description="when the claim key was last rotated (null: never); a "
+        "profile kept from before then holds the previous key")
+    previous_claim_key_expires_at: datetime | None = Field(
+        default=None, description="until when claims under the previous claim key are still "
+        "taken (null: no previous key)")
     created_at: datetime
     updated_at: datetime
+
+
+class ClaimKeyRotation(SQLModel):
+    model_config = _INPUT
+
+    overlap_hours: float | None = Field(
+        default=None, ge=0, le=24 * 30,
+        description="how long claims under the old key are still taken (default: "
+        "KINHBAC_CLAIM_KEY_OVERLAP_HOURS); 0 ends it at once, as after a leak")
 
 
 class SiteProfile(SitePublic):
@@ -404,18 +423,27 @@ class PendingConfig(BaseModel):
     settings: dict[str, Any] = Field(description="deliver to the node as a CONFIG frame")
 
 
+class PreviousClaimKey(BaseModel):
+    claim_key: str = Field(description="the claim key a rotation replaced")
+    expires_at: datetime = Field(description="claims under it are refused from then on")
+
+
 class GatewayKeys(BaseModel):
     """The gateway's key file format, {"devices": [{"device_id", "key_id", "secret"}]}, and what
-    only the fleet supplies: the site's claim key, approved claims and CONFIG for nodes."""
+    only the fleet supplies: the site's claim key (and during a rotation's overlap the previous
+    one), approved claims and CONFIG for nodes."""
 
     devices: list[GatewayKey]
     claim_key: str | None = Field(default=None, description="the site's claim key")
+    previous_claim_key: PreviousClaimKey | None = Field(
+        default=None, description="during a rotation's overlap only: the key it replaced")
     claims: list[ApprovedClaim] = Field(default_factory=list)
     configs: list[PendingConfig] = Field(default_factory=list)
 
 
 _WIRE_ID = re.compile(r"^6b62[0-9a-f]{12}$")  # "kb" + MAC: the only ids a claim may use
 _NONCE = re.compile(r"^[0-9a-f]{32}$")
+_FINGERPRINT = re.compile(r"^[0-9a-f]{16}$")
 
 
 class ClaimCreate(BaseModel):
@@ -426,6 +454,9 @@ class ClaimCreate(BaseModel):
     device_id: str = Field(description="the node's wire id: 6b62 and its MAC, 16 hex digits")
     nonce: str = Field(description="the claim's nonce, 32 hex digits")
     fw_version: str | None = Field(default=None, max_length=64)
+    claim_key_fingerprint: str | None = Field(
+        default=None, description="which of the site's claim keys verified the CLAIM "
+        "(kinhbac/claim_keys.py); none: the current one")
 
     @field_validator("device_id")
     @classmethod
@@ -440,6 +471,13 @@ class ClaimCreate(BaseModel):
     def _nonce(cls, value: str) -> str:
         if not _NONCE.match(value):
             raise ValueError("the nonce is 16 bytes: 32 lower-case hex digits")
+        return value
+
+    @field_validator("claim_key_fingerprint")
+    @classmethod
+    def _fingerprint(cls, value: str | None) -> str | None:
+        if value is not None and not _FINGERPRINT.match(value):
+            raise ValueError("a claim key's fingerprint is 16 lower-case hex digits")
         return value
 
 
@@ -595,6 +633,8 @@ class Device(DeviceBase, table=True):
     last_seen_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     # The nonce of its claim (claim path only): with the site's claim key it derives the secret.
     claim_nonce: str | None = Field(default=None, max_length=32)
+    # Which of its site's claim keys signed that claim: the approval derives the secret with it.
+    claim_key_fingerprint: str | None = Field(default=None, max_length=16)
     node_config: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
     created_at: datetime = _created()
     updated_at: datetime = _created()

@@ -44,6 +44,7 @@ from kinhbac.fleet.models import (
     NodeConfigUpdate,
     Page,
     PendingConfig,
+    PreviousClaimKey,
     Site,
     utcnow,
 )
@@ -218,6 +219,7 @@ def gateway_keys(session: Session, box: SecretBox, gateway: Gateway) -> GatewayK
         .order_by(Device.wire_id)
     ).all()
     keyed = [device for device in devices if device.secret_enc is not None]
+    claim_keys = sites.accepted_claim_keys(box, site)
     return GatewayKeys(
         devices=[
             GatewayKey(
@@ -228,7 +230,10 @@ def gateway_keys(session: Session, box: SecretBox, gateway: Gateway) -> GatewayK
             )
             for device in keyed
         ],
-        claim_key=sites.claim_key(box, site),
+        claim_key=claim_keys[0].key,
+        previous_claim_key=next(
+            (PreviousClaimKey(claim_key=key.key, expires_at=key.expires_at)
+             for key in claim_keys[1:] if key.expires_at is not None), None),
         claims=[
             ApprovedClaim(device_id=device.wire_id, nonce=device.claim_nonce,
                           key_id=device.key_id)
@@ -245,22 +250,39 @@ def gateway_keys(session: Session, box: SecretBox, gateway: Gateway) -> GatewayK
 
 
 def record_claim(session: Session, gateway: Gateway, actor: Actor, claim: ClaimCreate, *,
+                 box: SecretBox | None = None,
                  max_pending: int = MAX_PENDING_PER_SITE) -> ClaimAnswer:
     """Take a claim the gateway verified with its site's claim key, and say where it stands.
 
     A device the fleet does not know becomes pending at the gateway's site, pinned to the
-    claim's nonce; a pre-registered one is pinned by its first claim (at its own site). Nothing
-    else a claim can change: a pending device's nonce and site stay the first claim's (another
-    is refused and audited as `device.claim_conflict`, for the admin who decides), a rejected
-    device stays rejected, and a device with an identity (or revoked) is refused, so that
-    holding the claim key is not enough to take over a device. A site holds at most
-    `max_pending` pending devices.
+    claim's nonce and claim key; a pre-registered one is pinned by its first claim (at its own
+    site). Nothing else a claim can change: a pending device's nonce, site and claim key stay
+    the first claim's (another is refused and audited as `device.claim_conflict`, for the admin
+    who decides), a rejected device stays rejected, and a device with an identity (or revoked)
+    is refused, so that holding the claim key is not enough to take over a device. A claim
+    under a key the site no longer takes (rotated out, past its overlap) is refused. A site
+    holds at most `max_pending` pending devices.
+
+    Without `box` (the test factories) the claim's key is not checked, and the claim counts as
+    made under the site's current key.
     """
     mac = ":".join(f"{b:02x}" for b in bytes.fromhex(claim.device_id)[len(WIRE_ID_PREFIX):])
     try:
         mac = normalise_mac(mac)
     except ValueError as exc:
         raise Invalid("device_id", str(exc)) from None
+    fingerprint: str | None = None
+    current: str | None = None
+    if box is not None:
+        site = session.get(Site, gateway.site_id)
+        assert site is not None  # a gateway's site cannot be deleted under it (ON DELETE CASCADE)
+        accepted = [key.fingerprint for key in sites.accepted_claim_keys(box, site)]
+        fingerprint, current = claim.claim_key_fingerprint or accepted[0], accepted[0]
+        if fingerprint not in accepted:
+            return ClaimAnswer(device_id=claim.device_id, state="refused",
+                               detail="signed with a claim key this site no longer takes (it "
+                               "was rotated, and its overlap is over): set the board up again "
+                               "with the site's current profile")
     device = session.exec(select(Device).where(Device.mac == mac)).first()
     if device is None:
         pending = session.exec(select(sa.func.count()).select_from(Device).where(
@@ -271,7 +293,7 @@ def record_claim(session: Session, gateway: Gateway, actor: Actor, claim: ClaimC
                                "takes: approve or reject them first")
         device = Device(mac=mac, wire_id=claim.device_id, site_id=gateway.site_id,
                         state=DeviceState.pending, claim_nonce=claim.nonce,
-                        firmware_version=claim.fw_version)
+                        claim_key_fingerprint=fingerprint, firmware_version=claim.fw_version)
         session.add(device)
         audit.record(session, actor, "device.claim", "device", device.id,
                      after=audit.snapshot(device, DevicePublic))
@@ -284,15 +306,21 @@ def record_claim(session: Session, gateway: Gateway, actor: Actor, claim: ClaimC
     if answer is not None:
         return answer
     # Pending or pre-registered: the first claim is the one an approval answers. A later one
-    # with another nonce, or from another site, may be an attacker holding a claim key.
+    # with another nonce, from another site, or under the other of two claim keys (the same
+    # nonce, heard on the air, signed with an old key someone kept) may be an attacker holding
+    # a claim key: the approval would derive a secret from that key.
     pinned_site = device.site_id is not None and device.site_id != gateway.site_id
     pinned_nonce = device.claim_nonce is not None and device.claim_nonce != claim.nonce
-    if pinned_site or pinned_nonce:
+    pinned_key = device.claim_nonce is not None and fingerprint is not None \
+        and (device.claim_key_fingerprint or current) != fingerprint
+    if pinned_site or pinned_nonce or pinned_key:
         audit.record(session, actor, "device.claim_conflict", "device", device.id, after={
             "nonce": claim.nonce, "gateway": gateway.name, "site_id": str(gateway.site_id),
-            "pending_nonce": device.claim_nonce})
+            "pending_nonce": device.claim_nonce, "claim_key_fingerprint": fingerprint,
+            "pending_claim_key_fingerprint": device.claim_key_fingerprint})
         commit(session, "claimed meanwhile")
-        what = "another site" if pinned_site else "another nonce"
+        what = ("another site" if pinned_site else "another nonce" if pinned_nonce
+                else "another claim key")
         return ClaimAnswer(device_id=claim.device_id, state="refused",
                            detail=f"this device is claimed with {what}: an admin approves, "
                            "rejects or deletes that claim first")
@@ -300,6 +328,7 @@ def record_claim(session: Session, gateway: Gateway, actor: Actor, claim: ClaimC
             claim.nonce, gateway.site_id, DeviceState.pending):
         before = audit.snapshot(device, DevicePublic)
         device.claim_nonce = claim.nonce
+        device.claim_key_fingerprint = fingerprint or device.claim_key_fingerprint
         device.site_id = gateway.site_id
         device.state = DeviceState.pending
         device.firmware_version = claim.fw_version or device.firmware_version
@@ -329,7 +358,9 @@ def _claim_standing(device: Device, gateway: Gateway, claim: ClaimCreate) -> Cla
 def approve_claim(session: Session, box: SecretBox, actor: Actor,
                   device_id: uuid.UUID) -> Device:
     """Give a pending device its identity: the next key id, and the secret its claim derives
-    (both ends compute it; it never crosses the network)."""
+    from the claim key it was made under (both ends compute it; it never crosses the
+    network). A claim under a key its site no longer takes cannot be approved: the board holds
+    only that key, so it must be set up again."""
     device = get_or_404(session, Device, device_id, "device")
     if device.state != DeviceState.pending or device.claim_nonce is None:
         raise Conflict(f"device {device.mac} is {device.state.value}: only a pending claim "
@@ -339,9 +370,15 @@ def approve_claim(session: Session, box: SecretBox, actor: Actor,
         raise Conflict(f"device {device.mac} has no site: set its site, then approve it")
     if device.key_id >= MAX_KEY_ID:
         raise Conflict(f"device {device.mac} has used every key id up to {MAX_KEY_ID}")
+    claim_key = sites.claim_key_for(box, site, device.claim_key_fingerprint)
+    if claim_key is None:
+        raise Conflict(f"device {device.mac} claimed under a claim key site {site.slug} no "
+                       "longer takes (rotated out, past its overlap): set the board up again "
+                       "with the site's current profile, delete this claim (DELETE "
+                       f"/api/devices/{device.id}) and approve its next one")
     before = audit.snapshot(device, DevicePublic)
     key_id = device.key_id + 1
-    secret = wire.claim_secret(sites.claim_key(box, site).encode(),
+    secret = wire.claim_secret(claim_key.key.encode(),
                                bytes.fromhex(device.wire_id), bytes.fromhex(device.claim_nonce))
     device.key_id = key_id
     device.secret_enc = box.seal(secret, context=_secret_context(device.id, key_id))

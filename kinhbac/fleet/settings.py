@@ -79,6 +79,18 @@ class Settings(TomlFileSettings):
         100, ge=1, description="pending devices (claims awaiting an admin) a site holds; "
         "further claims are refused until some are approved or rejected"
     )
+    claims_per_gateway_per_minute: int = Field(
+        60, ge=1, description="claims one gateway may report within a minute; then 429 until "
+        "the oldest is a minute old"
+    )
+    claims_per_site_per_minute: int = Field(
+        120, ge=1, description="claims the gateways of one site may report within a minute, "
+        "together; then 429 for that site's gateways"
+    )
+    claim_key_overlap_hours: float = Field(
+        72, ge=0, le=24 * 30, description="after a claim key rotation, how long claims under "
+        "the previous key are still taken (boards flashed with the old profile meanwhile)"
+    )
     db_wait_s: float = Field(
         30, ge=0, description="how long start-up waits for the database to answer"
     )

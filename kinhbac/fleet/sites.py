@@ -2,14 +2,21 @@
 
 import secrets
 import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
+import sqlalchemy as sa
 from sqlmodel import Session, select
 
+from kinhbac.claim_keys import fingerprint
 from kinhbac.fleet import audit
 from kinhbac.fleet.audit import Actor
 from kinhbac.fleet.crypto import SecretBox
 from kinhbac.fleet.errors import Conflict, Invalid
 from kinhbac.fleet.models import (
+    ClaimKeyRotation,
+    Device,
+    DeviceState,
     Gateway,
     GatewayCreate,
     GatewayEnrolled,
@@ -83,8 +90,85 @@ def update_site(
 
 
 def claim_key(box: SecretBox, site: Site) -> str:
-    """The site's claim key, opened: for its gateways and for approving claims."""
+    """The site's claim key, opened: what boards are flashed with from now on."""
     return box.open(site.claim_key_enc, context=_claim_context(site.id)).decode()
+
+
+@dataclass(frozen=True)
+class ClaimKey:
+    """One claim key a site takes claims under, opened."""
+
+    key: str
+    expires_at: datetime | None  # None: the current key
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.key.encode())
+
+
+def accepted_claim_keys(box: SecretBox, site: Site) -> list[ClaimKey]:
+    """The keys the site takes claims under now: its current key, and the one a rotation
+    replaced until that expires."""
+    keys = [ClaimKey(claim_key(box, site), None)]
+    expires_at = site.previous_claim_key_expires_at
+    if site.previous_claim_key_enc is not None and expires_at is not None \
+            and utcnow() < expires_at:
+        # Sealed under the same context as the current key: a rotation moves it unopened.
+        previous = box.open(site.previous_claim_key_enc, context=_claim_context(site.id))
+        keys.append(ClaimKey(previous.decode(), expires_at))
+    return keys
+
+
+def claim_key_for(box: SecretBox, site: Site, key_fingerprint: str | None) -> ClaimKey | None:
+    """The accepted key with this fingerprint (None: the current key); None if the site takes
+    no claims under it (any more)."""
+    keys = accepted_claim_keys(box, site)
+    if key_fingerprint is None:
+        return keys[0]
+    return next((key for key in keys if key.fingerprint == key_fingerprint), None)
+
+
+def rotate_claim_key(session: Session, box: SecretBox, actor: Actor, site_id: uuid.UUID,
+                     data: ClaimKeyRotation, *, default_overlap_hours: float) -> Site:
+    """A new claim key for the site. Claims under the old one are still taken for the overlap
+    (boards flashed with a profile fetched before), then refused; a key from before an earlier
+    rotation is dropped at once. The answer carries no key: staff fetch the profile."""
+    site = get_or_404(session, Site, site_id, "site")
+    before = audit.snapshot(site, SitePublic)
+    hours = default_overlap_hours if data.overlap_hours is None else data.overlap_hours
+    now = utcnow()
+    old_key_enc = site.claim_key_enc
+    # Claims recorded before claim keys had fingerprints were made under the key being
+    # replaced: pin them to it, so that their approval still derives the board's secret.
+    session.execute(
+        sa.update(Device)
+        .where(Device.site_id == site.id, Device.state == DeviceState.pending,
+               Device.claim_key_fingerprint.is_(None))
+        .values(claim_key_fingerprint=fingerprint(claim_key(box, site).encode()))
+    )
+    # Compare-and-set on the key: of two rotations at once, one is refused rather than both
+    # answering and the first's key being lost.
+    changed = session.execute(
+        sa.update(Site)
+        .where(Site.id == site.id, Site.claim_key_enc == old_key_enc)
+        .values(
+            claim_key_enc=box.seal(secrets.token_urlsafe(_CLAIM_KEY_BYTES).encode(),
+                                   context=_claim_context(site.id)),
+            previous_claim_key_enc=old_key_enc if hours > 0 else None,
+            previous_claim_key_expires_at=now + timedelta(hours=hours) if hours > 0 else None,
+            claim_key_rotated_at=now,
+            updated_at=now,
+        )
+    )
+    if changed.rowcount != 1:
+        session.rollback()
+        raise Conflict(f"the claim key of site {site.slug} was rotated meanwhile; try again")
+    session.refresh(site)
+    audit.record(session, actor, "site.rotate_claim_key", "site", site.id, before=before,
+                 after=audit.snapshot(site, SitePublic) | {"overlap_hours": hours})
+    commit(session, "the site changed meanwhile; try again")
+    session.refresh(site)
+    return site
 
 
 def site_profile(box: SecretBox, site: Site) -> SiteProfile:

@@ -1,28 +1,55 @@
 """What gateways fetch with their own token."""
 
-from fastapi import APIRouter, Response
+import threading
+
+from fastapi import APIRouter, HTTPException, Request, Response, status
 
 from kinhbac.fleet import provisioning
 from kinhbac.fleet.deps import GatewayCaller, Principal, SecretBoxDep, SessionDep, SettingsDep
 from kinhbac.fleet.models import ClaimAnswer, ClaimCreate, GatewayKeys
+from kinhbac.fleet.rate_limits import ClaimLimiter, TooManyAttempts
+from kinhbac.fleet.settings import Settings
 
 router = APIRouter(prefix="/api/gateway", tags=["gateway"])
+_limiter_made = threading.Lock()
 
 
-@router.get("/keys", response_model=GatewayKeys)
+def claim_limiter(request: Request, settings: Settings) -> ClaimLimiter:
+    """The app's claim report limits, made from its settings on first use."""
+    state = request.app.state
+    with _limiter_made:
+        if getattr(state, "claim_limiter", None) is None:
+            state.claim_limiter = ClaimLimiter(
+                per_gateway=settings.claims_per_gateway_per_minute,
+                per_site=settings.claims_per_site_per_minute)
+        return state.claim_limiter
+
+
+# Without a previous claim key the listing has the shape it had before rotation existed.
+@router.get("/keys", response_model=GatewayKeys, response_model_exclude_none=True)
 def device_keys(
     response: Response, session: SessionDep, box: SecretBoxDep, gateway: GatewayCaller
 ) -> GatewayKeys:
-    """The keys of the active devices at the calling gateway's site (the key file's format)."""
+    """The keys of the active devices at the calling gateway's site (the key file's format),
+    its claim key, and during a rotation's overlap the key it replaced, with its expiry."""
     response.headers["Cache-Control"] = "no-store"  # secrets: no proxy or cache keeps them
     return provisioning.gateway_keys(session, box, gateway)
 
 
-@router.post("/claims", response_model=ClaimAnswer)
+@router.post("/claims", response_model=ClaimAnswer, responses={
+    429: {"description": "the gateway, or its site's gateways together, reported more claims "
+          "within a minute than the limits allow: report it again after Retry-After seconds"}})
 def report_claim(
-    claim: ClaimCreate, session: SessionDep, gateway: GatewayCaller, settings: SettingsDep
+    request: Request, claim: ClaimCreate, session: SessionDep, box: SecretBoxDep,
+    gateway: GatewayCaller, settings: SettingsDep,
 ) -> ClaimAnswer:
     """A node's CLAIM, verified by the calling gateway with its site's claim key: recorded as
-    pending (admins approve or reject it) and answered with where it stands."""
+    pending (admins approve or reject it) and answered with where it stands. Limited per
+    gateway and per site (docs/fleet.md, "Provisioning, third path")."""
+    try:
+        claim_limiter(request, settings).take(str(gateway.id), str(gateway.site_id))
+    except TooManyAttempts as exc:
+        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail=str(exc),
+                            headers={"Retry-After": str(exc.retry_after)}) from None
     return provisioning.record_claim(session, gateway, Principal(gateway=gateway).actor, claim,
-                                     max_pending=settings.max_pending_claims_per_site)
+                                     box=box, max_pending=settings.max_pending_claims_per_site)

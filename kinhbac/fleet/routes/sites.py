@@ -13,12 +13,19 @@ from kinhbac.fleet.deps import (
     Offset,
     SecretBoxDep,
     SessionDep,
+    SettingsDep,
     Staff,
-    visible_only,
-    visible_or_404,
 )
-from kinhbac.fleet.models import Page, Site, SiteCreate, SiteProfile, SitePublic, SiteUpdate
-from kinhbac.fleet.store import page
+from kinhbac.fleet.models import (
+    ClaimKeyRotation,
+    Page,
+    Site,
+    SiteCreate,
+    SiteProfile,
+    SitePublic,
+    SiteUpdate,
+)
+from kinhbac.fleet.store import get_or_404, page
 
 router = APIRouter(prefix="/api/sites", tags=["sites"])
 
@@ -36,14 +43,13 @@ def list_sites(
     limit: Limit = 50,
     offset: Offset = 0,
 ) -> Page:
-    """The sites the caller sees: every site, or those it is limited to."""
-    return page(session, visible_only(select(Site), caller, Site), SitePublic,
-                order_by=(Site.slug,), limit=limit, offset=offset)
+    return page(session, select(Site), SitePublic, order_by=(Site.slug,),
+                limit=limit, offset=offset)
 
 
 @router.get("/{site_id}", response_model=SitePublic)
 def get_site(site_id: uuid.UUID, session: SessionDep, caller: AnyUser) -> Site:
-    return visible_or_404(session, caller, Site, site_id, "site")
+    return get_or_404(session, Site, site_id, "site")
 
 
 @router.patch("/{site_id}", response_model=SitePublic)
@@ -58,4 +64,17 @@ def get_site_profile(
     site_id: uuid.UUID, session: SessionDep, box: SecretBoxDep, caller: Staff
 ) -> SiteProfile:
     """The site with its WiFi password and claim key: what a node is set up from."""
-    return sites.site_profile(box, visible_or_404(session, caller, Site, site_id, "site"))
+    return sites.site_profile(box, get_or_404(session, Site, site_id, "site"))
+
+
+@router.post("/{site_id}/claim-key/rotate", response_model=SitePublic)
+def rotate_claim_key(
+    site_id: uuid.UUID, session: SessionDep, box: SecretBoxDep, settings: SettingsDep,
+    caller: Admin, data: ClaimKeyRotation | None = None,
+) -> Site:
+    """A new claim key for the site; claims under the old one are still taken for
+    `overlap_hours` (default KINHBAC_CLAIM_KEY_OVERLAP_HOURS), then refused. The answer holds
+    no key: staff fetch the profile again (docs/security.md, "When a claim key leaks")."""
+    return sites.rotate_claim_key(session, box, caller.actor, site_id,
+                                  data or ClaimKeyRotation(),
+                                  default_overlap_hours=settings.claim_key_overlap_hours)

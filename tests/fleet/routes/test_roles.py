@@ -63,6 +63,7 @@ ROUTES = [
     Route("PATCH", "/api/sites/{site_id}", frozenset({ADMIN}), 200,
           lambda w: {"json": {"gateway_port": 7879}}),
     Route("GET", "/api/sites/{site_id}/profile", STAFF, 200),
+    Route("POST", "/api/sites/{site_id}/claim-key/rotate", frozenset({ADMIN}), 200),
     Route("POST", "/api/gateways", frozenset({ADMIN}), 201,
           lambda w: {"json": {"name": "gw2", "site_id": str(w.site.id)}}),
     Route("GET", "/api/gateways", USERS, 200),
