@@ -15,6 +15,8 @@ from kinhbac.fleet.deps import (
     SessionDep,
     SettingsDep,
     Staff,
+    visible_only,
+    visible_or_404,
 )
 from kinhbac.fleet.models import (
     ClaimKeyRotation,
@@ -25,7 +27,7 @@ from kinhbac.fleet.models import (
     SitePublic,
     SiteUpdate,
 )
-from kinhbac.fleet.store import get_or_404, page
+from kinhbac.fleet.store import page
 
 router = APIRouter(prefix="/api/sites", tags=["sites"])
 
@@ -43,13 +45,14 @@ def list_sites(
     limit: Limit = 50,
     offset: Offset = 0,
 ) -> Page:
-    return page(session, select(Site), SitePublic, order_by=(Site.slug,),
-                limit=limit, offset=offset)
+    """The sites the caller sees: every site, or those it is limited to."""
+    return page(session, visible_only(select(Site), caller, Site), SitePublic,
+                order_by=(Site.slug,), limit=limit, offset=offset)
 
 
 @router.get("/{site_id}", response_model=SitePublic)
 def get_site(site_id: uuid.UUID, session: SessionDep, caller: AnyUser) -> Site:
-    return get_or_404(session, Site, site_id, "site")
+    return visible_or_404(session, caller, Site, site_id, "site")
 
 
 @router.patch("/{site_id}", response_model=SitePublic)
@@ -64,7 +67,7 @@ def get_site_profile(
     site_id: uuid.UUID, session: SessionDep, box: SecretBoxDep, caller: Staff
 ) -> SiteProfile:
     """The site with its WiFi password and claim key: what a node is set up from."""
-    return sites.site_profile(box, get_or_404(session, Site, site_id, "site"))
+    return sites.site_profile(box, visible_or_404(session, caller, Site, site_id, "site"))
 
 
 @router.post("/{site_id}/claim-key/rotate", response_model=SitePublic)
