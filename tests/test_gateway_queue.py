@@ -245,11 +245,11 @@ def test_an_upgrade_converts_a_queue_of_the_earlier_layout_without_losing_a_read
         assert [encoder.encode(r) for r in rows] == [synced, unsynced]
         assert queue.marks == {"6b62000000000001": (1, 10)}
         assert queue.stats.dropped == {"disk_cap": 12}
-        replay = (await queue.devices())["6b62000000000001"]["replay"]
+        windows = (await queue.devices())["6b62000000000001"]["windows"]
         assert await queue.put(batch(9, count=5)) == 3  # the mark still dedups
-        return replay
+        return windows
 
-    assert run(tmp_path, body) == (1, 1, 77)  # the replay window came along
+    assert run(tmp_path, body) == {1: (1, 77)}  # the replay window came along
 
 
 def test_the_queue_files_are_the_gateways_alone(tmp_path):
@@ -267,3 +267,91 @@ def test_the_queue_files_are_the_gateways_alone(tmp_path):
     for name in ("queue.sqlite3",):
         mode = stat.S_IMODE((tmp_path / name).stat().st_mode)
         assert mode & 0o077 == 0, oct(mode)
+
+
+V2_SCHEMA = """
+CREATE TABLE frames (id INTEGER PRIMARY KEY AUTOINCREMENT, device INTEGER NOT NULL,
+    boot INTEGER NOT NULL, first_seq INTEGER NOT NULL, count INTEGER NOT NULL,
+    base_ms INTEGER NOT NULL, flags INTEGER NOT NULL, sensors INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL, readings BLOB NOT NULL);
+CREATE TABLE devices (ref INTEGER PRIMARY KEY, device TEXT NOT NULL UNIQUE,
+    mark_boot INTEGER NOT NULL DEFAULT 0, mark_seq INTEGER NOT NULL DEFAULT 0,
+    key_id INTEGER, frame_boot INTEGER, frame_counter INTEGER, hello TEXT,
+    last_seen_ms INTEGER, config_sent TEXT);
+CREATE TABLE sensor_tables (ref INTEGER PRIMARY KEY, sensors TEXT NOT NULL UNIQUE);
+CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+PRAGMA user_version=2;
+"""
+
+
+def test_an_upgrade_moves_the_replay_windows_of_a_second_layout_queue_to_their_own_table(
+        tmp_path):
+    """The second layout kept one replay window per device, in its row."""
+    import sqlite3
+
+    readings = batch(1, count=3).readings
+    with sqlite3.connect(tmp_path / "queue.sqlite3") as old:
+        old.executescript(V2_SCHEMA)
+        old.execute("INSERT INTO sensor_tables VALUES (1, ?)", (SENSORS,))
+        old.execute("INSERT INTO devices VALUES (1, '6b62000000000001', 4, 3, 1, 4, 9, "
+                    "'{\"fw_version\": \"0.1.0\"}', 100, '{\"interval_ms\": 200}')")
+        old.execute("INSERT INTO devices VALUES (2, '6b62000000000002', 0, 0, NULL, NULL, NULL, "
+                    "NULL, NULL, NULL)")  # known, never a frame saved
+        old.execute("INSERT INTO frames VALUES (7, 1, 4, 1, 3, 5, 0, 1, 123, ?)", (readings,))
+
+    async def body(queue):
+        devices = await queue.devices()
+        assert devices["6b62000000000001"] == {
+            "windows": {1: (4, 9)}, "hello": {"fw_version": "0.1.0"}, "last_seen_ms": 100,
+            "config_sent": '{"interval_ms": 200}'}
+        assert devices["6b62000000000002"]["windows"] == {}
+        [row] = await queue.fetch(0, 10)
+        assert (row.id, row.device, row.first_seq, row.readings) == (
+            7, "6b62000000000001", 1, readings)
+        assert await queue.put(batch(1, count=5, boot=4)) == 2  # the mark came along
+
+    run(tmp_path, body)
+    with sqlite3.connect(tmp_path / "queue.sqlite3") as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (3,)
+        columns = [r[1] for r in db.execute("PRAGMA table_info(devices)")]
+        assert "key_id" not in columns and "frame_counter" not in columns
+
+
+def test_replay_windows_are_kept_per_device_and_key_id_and_only_move_forward(tmp_path):
+    device = "6b62000000000001"
+
+    async def body(queue):
+        await queue.put(batch(1, boot=3))  # key id 1, boot 3, counter 1
+        queue.note_device(device, None, (1, 3, 5))
+        queue.note_device(device, None, (1, 3, 4))  # behind: never moves the window back
+        queue.note_window(device, (0xFFFF, 1 << 30, 2))  # a CLAIM under its id
+        queue.note_window("6b620000000000ff", (0xFFFF, 1, 1))  # a board that is no device
+        queue.note_device(device, None, (2, 1, 1))  # re-provisioned: key id 2
+        await queue.maintain()  # after the commit of the notes
+        queue.forget_window("6b620000000000ff", 0xFFFF)
+        queue.note_window("6b620000000000fe", (0xFFFF, 1, 1))
+        queue.forget_window("6b620000000000fe", 0xFFFF)  # noted and forgotten in one commit
+
+    run(tmp_path, body)
+
+    async def reopened(queue):
+        return await queue.devices(), queue.marks
+
+    devices, marks = run(tmp_path, reopened)
+    assert devices == {device: {"windows": {1: (3, 5), 0xFFFF: (1 << 30, 2), 2: (1, 1)},
+                                "hello": None, "last_seen_ms": devices[device]["last_seen_ms"],
+                                "config_sent": None}}
+    assert marks == {device: (3, 20)}  # the claim window moved none of the device's own
+
+
+def test_window_notes_of_a_failed_commit_are_saved_with_the_next(tmp_path, disk):
+    async def body(queue):
+        await queue.put(batch(1))
+        disk.fail_syncs(1)
+        queue.note_window("6b620000000000ff", (0xFFFF, 7, 3))
+        await queue.maintain()  # after the failed commit
+        assert disk.failed_syncs == 1
+        await asyncio.sleep(REDO_RETRY_S * 4)
+        return (await queue.devices())["6b620000000000ff"]["windows"]
+
+    assert run(tmp_path, body) == {0xFFFF: (7, 3)}

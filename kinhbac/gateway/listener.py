@@ -11,6 +11,11 @@ when every reading of that boot up to s that the node sent on this connection is
 batches reach the queue in the order they came, each naming the last reading sent before it on
 the connection (the queue refuses it unless that one is stored), and once a batch of a device
 is refused its later batches on the connection are refused without a try.
+
+Replay windows are kept per (device, key id) in memory and in the queue, CLAIM frames' too (key
+id 0xFFFF), and loaded at start: a frame recorded on the WiFi is refused after a gateway restart
+as before it. A CLAIM's window is saved on its own; claim traffic never touches the window,
+mark, status or pending CONFIG of the device's own key.
 """
 
 import asyncio
@@ -18,7 +23,7 @@ import contextlib
 import json
 import logging
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +40,12 @@ LOG_EVERY_S = 60.0  # refusals of one device are logged at most this often
 LOG_BUDGET = 20  # refusal lines a minute over all devices: random device ids cannot flood the log
 LOG_DEVICES_KEPT = 1024  # devices whose last refusal line is remembered (bounded memory)
 PIPELINE = 8  # frames of one connection verified ahead of their ACKs
+# CLAIM windows kept, in memory and in the queue; the least recently claimed id is forgotten
+# first. A site has far fewer claiming boards (the fleet holds at most 100 pending claims a
+# site); only a holder of the claim key can make more ids, and a forgotten window costs only
+# that a recorded CLAIM of that id is taken once more (reported again: the fleet pins the
+# first claim's nonce). At the cap: about 3 MB of memory and 0.4 MB of disk (measured).
+MAX_CLAIM_WINDOWS = 10_000
 # Refusals that come after the MAC check: the frame is authentic, so the gateway may answer
 # it with an ERROR frame. Before the MAC it cannot attribute the frame: it closes the stream.
 _ANSWERABLE = (wire.STALE_BOOT, wire.REPLAY, wire.BAD_PAYLOAD)
@@ -100,6 +111,7 @@ class Listener:
         self.on_hello = on_hello
         self.on_seen = on_seen
         self.guard = wire.ReplayGuard()
+        self._claim_windows: OrderedDict[str, None] = OrderedDict()  # device hex, oldest first
         self.devices: dict[str, DeviceInfo] = {}
         self.config_sent: dict[str, str | None] = {}
         self.refused: dict[str, int] = defaultdict(int)
@@ -110,12 +122,16 @@ class Listener:
     async def start(self) -> int:
         """Load what the queue remembers of devices, then listen; returns the port."""
         for device, known in (await self.queue.devices()).items():
-            key_id, frame_boot, counter = known["replay"]
-            if key_id is not None:
+            for key_id, (frame_boot, counter) in known["windows"].items():
                 self.guard.commit(bytes.fromhex(device), key_id, frame_boot, counter)
+            if wire.CLAIM_KEY_ID in known["windows"]:
+                self._claim_windows[device] = None  # in no particular order: a pending
+                # board's next claim makes its id the most recent again
             if known["hello"]:
                 self.devices[device] = DeviceInfo(known["hello"])
-            self.config_sent[device] = known["config_sent"]
+            if known["config_sent"] is not None:
+                self.config_sent[device] = known["config_sent"]
+        self._bound_claim_windows()
         self._server = await asyncio.start_server(self._serve, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
@@ -238,8 +254,11 @@ class Listener:
         if msg.type == wire.READINGS:
             return self._readings(device, key, msg, frame, replay, conn)  # type: ignore
         if msg.type == wire.CLAIM:
-            # Its replay window is not saved: it would replace the window of the device's own
-            # key in the queue's one row per device, and a forged claim could then reopen it.
+            # Its window alone, under the claim key id: nothing of the device's own key.
+            self.queue.note_window(device, replay)
+            self._claim_windows[device] = None
+            self._claim_windows.move_to_end(device)
+            self._bound_claim_windows()
             return self._claim(device, key, msg)  # type: ignore[arg-type]
         if msg.type == wire.ERROR_UP:
             log.warning("node %s refused our frame %d: %s %s", device, msg.ref,  # type: ignore
@@ -290,6 +309,13 @@ class Listener:
                                       msg.counter, f"claim {state}")]
         return [wire.encode_error(claim_key, msg.boot, counter, wire.CLAIM_PENDING, msg.counter,
                                   "awaiting approval")]
+
+    def _bound_claim_windows(self) -> None:
+        """Forget the least recently claimed ids' CLAIM windows past MAX_CLAIM_WINDOWS."""
+        while len(self._claim_windows) > MAX_CLAIM_WINDOWS:
+            device, _ = self._claim_windows.popitem(last=False)
+            self.guard.forget(bytes.fromhex(device), wire.CLAIM_KEY_ID)
+            self.queue.forget_window(device, wire.CLAIM_KEY_ID)
 
     def _pending_config(self, device: str) -> dict[str, Any] | None:
         """The node's CONFIG (from the fleet, else its file), if it changed since it was last

@@ -31,6 +31,16 @@ Storage faults, by kind (docs/mqtt.md, "Drops"):
 - The disk cap (`disk_cap_bytes`) is a policy: past it the oldest frames are deleted, just
   enough to fit, counted under `disk_cap` and logged with what they held; past `max_age_s`,
   under `max_age`.
+
+Replay windows (docs/protocol.md, "Counters and replay") are kept per (device, key id), as the
+listener's ReplayGuard keeps them, in `replay_windows`: a device's own key's, the windows of
+keys it had before a re-provisioning, and its CLAIM frames' (key id 0xFFFF). A frame's window is
+written in the transaction that stores its readings, so an acknowledged frame's window is on
+disk with it; HELLO, ERROR and CLAIM windows go with the next commit (their answers do not wait
+for it). A window only moves forward, as in the guard. The table is keyed by the device id's
+text, not `devices.ref`: a CLAIM comes from a board that is no device yet, and its window must
+not create or touch a device's row (mark, HELLO, last seen, CONFIG sent). The listener bounds
+how many claim windows are kept (`forget_window`).
 """
 
 import asyncio
@@ -54,8 +64,9 @@ from kinhbac.wire import READING_SIZE, READINGS_PRE_SYNC, READINGS_UNSYNCED
 
 log = logging.getLogger(__name__)
 
-_WRITES = ("put", "device", "delete", "config_sent")
-_REDONE = ("device", "delete")  # fire-and-forget writes: a failed commit's are redone
+_WRITES = ("put", "device", "window", "forget_window", "delete", "config_sent")
+# Fire-and-forget writes: a failed commit's are redone.
+_REDONE = ("device", "window", "forget_window", "delete")
 MAX_GROUP = 512  # requests per transaction: bounds one commit's latency under a flood
 CAP_MARGIN = 0.99  # a cap deletion frees 1 % below the cap, so that it does not run per commit
 # Disk space kept free beside the queue for the WAL and checkpoints: a tenth of the filesystem,
@@ -72,7 +83,7 @@ REDO_RETRY_S = 0.5  # a failed commit's deletes are tried again after this, even
 AUTO_CAP_SHARE = 4
 AUTO_CAP_MIN = 64 * 1024 * 1024
 AUTO_CAP_MAX = 16 * 1024**3
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SENSOR_TABLES_PER_DEVICE = 4  # past this many per device, unused sensor tables are deleted
 DROP_LOG_EVERY_S = 60.0  # policy drops are logged at once, then gathered into a line a minute
 
@@ -94,11 +105,17 @@ CREATE TABLE IF NOT EXISTS devices (
     device TEXT NOT NULL UNIQUE,
     mark_boot INTEGER NOT NULL DEFAULT 0,    -- high-water mark of stored readings
     mark_seq INTEGER NOT NULL DEFAULT 0,
-    key_id INTEGER, frame_boot INTEGER, frame_counter INTEGER,   -- replay window
     hello TEXT,                              -- the last HELLO, as JSON
-    last_seen_ms INTEGER,
+    last_seen_ms INTEGER,                    -- the last frame under its own key
     config_sent TEXT                         -- the CONFIG last delivered, as JSON
 );
+CREATE TABLE IF NOT EXISTS replay_windows (
+    device TEXT NOT NULL,                    -- the device id (hex), with or without a row above
+    key_id INTEGER NOT NULL,                 -- 65535 (0xFFFF): its CLAIM frames
+    frame_boot INTEGER NOT NULL,             -- the latest (boot, counter) accepted
+    frame_counter INTEGER NOT NULL,
+    PRIMARY KEY (device, key_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sensor_tables (
     ref INTEGER PRIMARY KEY,
     sensors TEXT NOT NULL UNIQUE             -- JSON [[name, unit], ...] from a HELLO
@@ -216,6 +233,11 @@ class Queue:
         self._failed: asyncio.Future | None = None
         self._device_refs: dict[str, int] = {}
         self._sensor_refs: dict[str, int] = {}
+        # What a transaction's writes moved, written once per device and window before it
+        # commits: a commit holds many frames of each node, and a statement per frame for
+        # these cost 15 % of the write rate (bench: bench.queue_bench's fill).
+        self._marked: dict[str, int] = {}  # device -> ref, whose mark and last seen to write
+        self._windows: dict[tuple[str, int], tuple[int, int]] = {}  # (device, key id) -> latest
         self._redo: list[tuple[str, Any, None]] = []  # a failed commit's deletes and notes
         self._fault: str | None = None  # the storage fault in progress, if any
         self._fault_since = 0.0
@@ -276,8 +298,18 @@ class Queue:
 
     def note_device(self, device: str, hello: dict[str, Any] | None,
                     replay: tuple[int, int, int]) -> None:
-        """Remember a node's HELLO and replay window; saved with the next commit."""
+        """Remember a node's HELLO (if any) and a frame's replay window (key id, boot, counter);
+        saved with the next commit."""
         self._requests.put(("device", (device, hello, replay), None))
+
+    def note_window(self, device: str, replay: tuple[int, int, int]) -> None:
+        """Remember a replay window and nothing else of the device (a CLAIM frame's); saved
+        with the next commit."""
+        self._requests.put(("window", (device, replay), None))
+
+    def forget_window(self, device: str, key_id: int) -> None:
+        """Delete a replay window, with the next commit."""
+        self._requests.put(("forget_window", (device, key_id), None))
 
     async def fetch(self, after_id: int, limit: int) -> list[Stored]:
         """The oldest readings after `after_id`, read on a connection of their own so that the
@@ -296,6 +328,9 @@ class Queue:
         return await self._ask("maintain")
 
     async def devices(self) -> dict[str, dict[str, Any]]:
+        """What the queue remembers per device: "windows" {key id: (boot, counter)}, "hello",
+        "last_seen_ms", "config_sent". A claim id that never became a device has its window
+        only."""
         return await self._ask("devices")
 
     async def set_config_sent(self, device: str, settings: dict[str, Any]) -> None:
@@ -389,6 +424,8 @@ class Queue:
         version = _one(db, "PRAGMA user_version")
         if version == 0 and _one(db, "SELECT COUNT(*) FROM sqlite_master WHERE name='frames'"):
             _convert_v1(db, self.path)
+        elif version == 2:
+            _convert_v2(db, self.path)
         db.execute(SCHEMA)
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._db = db
@@ -447,10 +484,13 @@ class Queue:
                     results.append(getattr(self, "_write_" + kind)(db, payload, now_ms))
                 except _Refused as refused:  # raised before the request wrote anything
                     results.append(refused)
+            self._write_device_rows(db, now_ms)
             db.execute("COMMIT")
         except apsw.Error as exc:
             with contextlib.suppress(apsw.Error):
                 db.execute("ROLLBACK")
+            self._marked.clear()
+            self._windows.clear()
             (self.marks, self._device_refs, self._sensor_refs,
              self.stats.depth, self.stats.oldest_received_ms) = before
             kind = _fault_kind(exc)
@@ -565,23 +605,51 @@ class Queue:
             self.stats.depth += count
             if self.stats.oldest_received_ms is None:
                 self.stats.oldest_received_ms = now_ms
-        key_id, frame_boot, counter = batch.replay
-        db.execute(
-            "UPDATE devices SET mark_boot=?, mark_seq=?, key_id=?, frame_boot=?, "
-            "frame_counter=?, last_seen_ms=? WHERE ref=?",
-            (*mark, key_id, frame_boot, counter, now_ms, ref),
-        )
+        self._marked[batch.device] = ref
+        self._save_window(batch.device, batch.replay)
         return count
 
+    def _save_window(self, device: str, replay: tuple[int, int, int]) -> None:
+        """A frame's replay window, written before this transaction commits."""
+        key_id, boot, counter = replay
+        latest = self._windows.get((device, key_id))
+        if latest is None or (boot, counter) > latest:
+            self._windows[(device, key_id)] = (boot, counter)
+
+    def _write_device_rows(self, db: apsw.Connection, now_ms: int) -> None:
+        """The marks and replay windows the transaction's writes moved. A window only moves
+        forward, as in the listener's ReplayGuard."""
+        if self._marked:
+            db.executemany(
+                "UPDATE devices SET mark_boot=?, mark_seq=?, last_seen_ms=? WHERE ref=?",
+                [(*self.marks.get(d, (0, 0)), now_ms, ref) for d, ref in self._marked.items()])
+            self._marked.clear()
+        if self._windows:
+            db.executemany(
+                "INSERT INTO replay_windows (device, key_id, frame_boot, frame_counter) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (device, key_id) DO UPDATE SET "
+                "frame_boot=excluded.frame_boot, frame_counter=excluded.frame_counter "
+                "WHERE (excluded.frame_boot, excluded.frame_counter) > (frame_boot, frame_counter)",
+                [(d, k, b, c) for (d, k), (b, c) in self._windows.items()])
+            self._windows.clear()
+
     def _write_device(self, db: apsw.Connection, payload: Any, now_ms: int) -> None:
-        device, hello, (key_id, frame_boot, counter) = payload
+        device, hello, replay = payload
         ref = self._device_ref(db, device)
         db.execute(
-            "UPDATE devices SET key_id=?, frame_boot=?, frame_counter=?, last_seen_ms=?, "
-            "hello=COALESCE(?, hello) WHERE ref=?",
-            (key_id, frame_boot, counter, now_ms,
-             json.dumps(hello) if hello is not None else None, ref),
+            "UPDATE devices SET last_seen_ms=?, hello=COALESCE(?, hello) WHERE ref=?",
+            (now_ms, json.dumps(hello) if hello is not None else None, ref),
         )
+        self._save_window(device, replay)
+
+    def _write_window(self, db: apsw.Connection, payload: Any, now_ms: int) -> None:
+        device, replay = payload
+        self._save_window(device, replay)
+
+    def _write_forget_window(self, db: apsw.Connection, payload: Any, now_ms: int) -> None:
+        device, key_id = payload
+        self._windows.pop((device, key_id), None)  # a window noted earlier in this transaction
+        db.execute("DELETE FROM replay_windows WHERE device=? AND key_id=?", payload)
 
     def _write_delete(self, db: apsw.Connection, ids: list[tuple[int, int]],
                       now_ms: int) -> None:
@@ -609,17 +677,22 @@ class Queue:
 
     def _do_devices(self, _: None) -> dict[str, dict[str, Any]]:
         assert self._db is not None
-        out = {}
-        for device, key_id, frame_boot, counter, hello, last_seen, config_sent in self._db.execute(
-            "SELECT device, key_id, frame_boot, frame_counter, hello, last_seen_ms, config_sent "
-            "FROM devices"
+        out: dict[str, dict[str, Any]] = {}
+        for device, hello, last_seen, config_sent in self._db.execute(
+            "SELECT device, hello, last_seen_ms, config_sent FROM devices"
         ):
             out[device] = {
-                "replay": (key_id, frame_boot, counter),
+                "windows": {},
                 "hello": json.loads(hello) if hello else None,
                 "last_seen_ms": last_seen,
                 "config_sent": config_sent,
             }
+        for device, key_id, frame_boot, counter in self._db.execute(
+            "SELECT device, key_id, frame_boot, frame_counter FROM replay_windows"
+        ):
+            known = out.setdefault(device, {"windows": {}, "hello": None, "last_seen_ms": None,
+                                            "config_sent": None})
+            known["windows"][key_id] = (frame_boot, counter)
         return out
 
     def _do_maintain(self, _: None) -> Stats:
@@ -748,9 +821,31 @@ def _fault_kind(exc: BaseException) -> str:
     return "failed"
 
 
+def _move_windows(db: apsw.Connection, table: str) -> None:
+    """Copy the one replay window per device of an earlier layout's `table` to replay_windows."""
+    db.execute(
+        "INSERT INTO replay_windows (device, key_id, frame_boot, frame_counter) "
+        f"SELECT device, key_id, frame_boot, frame_counter FROM {table} "
+        "WHERE key_id IS NOT NULL AND frame_boot IS NOT NULL AND frame_counter IS NOT NULL")
+
+
+def _convert_v2(db: apsw.Connection, path: Path) -> None:
+    """Bring a queue of the second layout (one replay window per device, in its row) to the
+    current one, in one transaction: the windows move to replay_windows."""
+    devices = _one(db, "SELECT COUNT(*) FROM devices")
+    log.info("%s: moving the replay windows of %d devices to their own table", path, devices)
+    db.execute("BEGIN")
+    db.execute(SCHEMA)
+    _move_windows(db, "devices")
+    for column in ("key_id", "frame_boot", "frame_counter"):
+        db.execute(f"ALTER TABLE devices DROP COLUMN {column}")
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    db.execute("COMMIT")
+
+
 def _convert_v1(db: apsw.Connection, path: Path) -> None:
     """Bring a queue of the first layout (each frame's readings as published JSON text) to the
-    compact one, in one transaction, so that an upgrade loses nothing acknowledged."""
+    current one, in one transaction, so that an upgrade loses nothing acknowledged."""
     frames = _one(db, "SELECT COUNT(*) FROM frames")
     log.info("%s: converting %d queued frames of the earlier layout", path, frames)
     db.execute("BEGIN")
@@ -758,9 +853,9 @@ def _convert_v1(db: apsw.Connection, path: Path) -> None:
     db.execute("ALTER TABLE devices RENAME TO devices_v1")
     db.execute(SCHEMA)
     db.execute(
-        "INSERT INTO devices (device, mark_boot, mark_seq, key_id, frame_boot, frame_counter, "
-        "hello, last_seen_ms, config_sent) SELECT device, mark_boot, mark_seq, key_id, "
-        "frame_boot, frame_counter, hello, last_seen_ms, config_sent FROM devices_v1")
+        "INSERT INTO devices (device, mark_boot, mark_seq, hello, last_seen_ms, config_sent) "
+        "SELECT device, mark_boot, mark_seq, hello, last_seen_ms, config_sent FROM devices_v1")
+    _move_windows(db, "devices_v1")
     devices = {d: ref for ref, d in db.execute("SELECT ref, device FROM devices")}
     tables: dict[str, int] = {}
     rows = db.execute("SELECT id, device, boot, first_seq, count, readings, received_ms "
