@@ -3,6 +3,7 @@
 import functools
 import os
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlmodel import Session, select
@@ -57,10 +58,12 @@ def random_mac() -> str:
 
 
 def make_user(session: Session, role: Role, *, email: str | None = None,
-              is_active: bool = True, commit: bool = True) -> tuple[User, str]:
-    """A user with PASSWORD, and an API token for it."""
+              is_active: bool = True, commit: bool = True,
+              sites: Sequence[Site] = ()) -> tuple[User, str]:
+    """A user with PASSWORD, limited to `sites` (none: city-wide), and an API token for it."""
     user = User(email=email or f"{role.value}-{uuid.uuid4().hex[:8]}@example.org", role=role,
                 is_active=is_active, password_hash=password_hash())
+    user.set_sites([site.id for site in sites])
     session.add(user)
     session.flush()  # the token refers to it, and no ORM relationship orders the two
     token, _ = make_token(session, user, commit=commit)
@@ -68,11 +71,12 @@ def make_user(session: Session, role: Role, *, email: str | None = None,
 
 
 def make_token(session: Session, user: User, *, commit: bool = True,
-               **fields: object) -> tuple[str, ApiToken]:
-    """A bearer token for `user`, and its row."""
+               sites: Sequence[Site] = (), **fields: object) -> tuple[str, ApiToken]:
+    """A bearer token for `user`, limited to `sites` (none: all of the user's), and its row."""
     token = new_token(USER_TOKEN_PREFIX)
     row = ApiToken(name="test", user_id=user.id, kind=TokenKind.api,
                    token_hash=hash_token(token), **fields)
+    row.set_sites([site.id for site in sites])
     session.add(row)
     if commit:
         session.commit()
@@ -80,9 +84,12 @@ def make_token(session: Session, user: User, *, commit: bool = True,
 
 
 def make_site(session: Session, box: SecretBox, slug: str | None = None, **fields: object) -> Site:
-    data = SiteCreate(name="Riverside pumping station", slug=slug or f"site-{uuid.uuid4().hex[:8]}",
-                      wifi_ssid="kinhbac-field", wifi_password="field-password",
-                      gateway_host="10.0.0.2", gateway_port=7878, sensor_kit=KIT, **fields)
+    """A site with a full profile; `fields` replace any of its values."""
+    data = SiteCreate.model_validate({
+        "name": "Riverside pumping station", "slug": slug or f"site-{uuid.uuid4().hex[:8]}",
+        "wifi_ssid": "kinhbac-field", "wifi_password": "field-password",
+        "gateway_host": "10.0.0.2", "gateway_port": 7878, "sensor_kit": KIT,
+    } | fields)
     return sites.create_site(session, box, CLI, data)
 
 
@@ -100,60 +107,92 @@ def make_device(session: Session, box: SecretBox, site: Site | None = None,
 
 @dataclass
 class Callers:
-    """Users of each role and a gateway, with their bearer tokens (caller name -> token)."""
+    """Users of each role and a gateway, with their bearer tokens (caller name -> token).
+
+    Three callers are limited to sites: a technician and a viewer limited to the callers'
+    site (and any `also` sites), and a technician limited to those and `other_site` whose
+    token is limited to those alone. Whatever is at `other_site` is beyond all three.
+    """
 
     admin: User
     technician: User
     viewer: User
     site: Site
     gateway: Gateway
+    other_site: Site
     tokens: dict[str, str]
 
 
-def make_callers(session: Session, box: SecretBox) -> Callers:
-    """Callers of every kind, in one commit: the role matrix makes these for each of its cells."""
+def _bare_site(session: Session, box: SecretBox, name: str) -> Site:
+    site_id = uuid.uuid4()
+    site = Site(id=site_id, name=name, slug=f"site-{uuid.uuid4().hex[:8]}",
+                claim_key_enc=box.seal(name.encode() + b" claim key",
+                                       context=sites._claim_context(site_id)))
+    session.add(site)
+    return site
+
+
+def make_callers(session: Session, box: SecretBox, *, also: Sequence[Site] = ()) -> Callers:
+    """Callers of every kind, in one commit: the role matrix makes these for each of its cells.
+    The callers limited to sites are limited to the callers' site and `also`."""
     admin, admin_token = make_user(session, Role.admin, commit=False)
     technician, technician_token = make_user(session, Role.technician, commit=False)
     viewer, viewer_token = make_user(session, Role.viewer, commit=False)
-    site_id = uuid.uuid4()
-    site = Site(id=site_id, name="Callers' site", slug=f"site-{uuid.uuid4().hex[:8]}",
-                claim_key_enc=box.seal(b"callers-site-claim-key",
-                                       context=sites._claim_context(site_id)))
+    site = _bare_site(session, box, "Callers' site")
+    other_site = _bare_site(session, box, "Another site")
+    session.flush()
+    own = [site, *also]
+    _, site_technician_token = make_user(session, Role.technician, sites=own, commit=False)
+    _, site_viewer_token = make_user(session, Role.viewer, sites=own, commit=False)
+    wider, _ = make_user(session, Role.technician, sites=[*own, other_site], commit=False)
+    site_token, _ = make_token(session, wider, sites=own, commit=False)
     gateway_token = new_token(GATEWAY_TOKEN_PREFIX)
     gateway = Gateway(name="gw1", site_id=site.id, token_hash=hash_token(gateway_token))
-    session.add(site)
-    session.flush()
     session.add(gateway)
     session.commit()
     return Callers(
         admin=admin, technician=technician, viewer=viewer, site=site, gateway=gateway,
+        other_site=other_site,
         tokens={"admin": admin_token, "technician": technician_token, "viewer": viewer_token,
-                "gateway": gateway_token},
+                "gateway": gateway_token, "site technician": site_technician_token,
+                "site viewer": site_viewer_token, "site token technician": site_token},
     )
+
+
+def limit_to(session: Session, user: User, sites: Sequence[Site]) -> None:
+    """Limit `user` to `sites` from its next request on."""
+    user.set_sites([site.id for site in sites])
+    session.add(user)
+    session.commit()
 
 
 @dataclass
 class World:
     """One of everything, for calls that must succeed: the callers, a site with a profile,
-    a device at it, and a spare API token."""
+    a device at it, and a spare API token; the same again at the callers' other site, beyond
+    the callers limited to sites (`elsewhere()`)."""
 
     callers: Callers
     site: Site
     device: DeviceProvisioned
     spare_token_id: uuid.UUID
     pending_device_id: uuid.UUID  # claimed at the callers' gateway, awaiting a decision
-
-    @property
-    def gateway(self) -> Gateway:
-        return self.callers.gateway
+    gateway: Gateway
+    # The same at the callers' other site, beyond the callers limited to sites.
+    other: "World | None" = None
 
 
 def make_world(session: Session, box: SecretBox) -> World:
-    callers = make_callers(session, box)
-    _, spare = make_token(session, callers.viewer)
     site = make_site(session, box)
-    device = make_device(session, box, site)
-    return World(callers=callers, site=site, device=device, spare_token_id=spare.id,
+    callers = make_callers(session, box, also=[site])
+    _, spare = make_token(session, callers.viewer)
+    other_gateway, _ = make_gateway(session, callers.other_site)
+    other = World(
+        callers=callers, site=callers.other_site, spare_token_id=spare.id,
+        device=make_device(session, box, callers.other_site),
+        pending_device_id=make_pending_device(session, other_gateway), gateway=other_gateway)
+    return World(callers=callers, site=site, device=make_device(session, box, site),
+                 spare_token_id=spare.id, gateway=callers.gateway, other=other,
                  pending_device_id=make_pending_device(session, callers.gateway))
 
 

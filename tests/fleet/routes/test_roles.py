@@ -1,7 +1,9 @@
-"""Every route, called by every kind of caller, answers as its role table says.
+"""Every route, called by every kind of caller, answers as its role table says; and a caller
+limited to sites answers as its role at its own sites and finds nothing at another.
 
 ROUTES is the one table: a route missing from it (or listed but gone) fails
-test_every_route_is_in_the_role_table, so a new route cannot ship without saying who may call it.
+test_every_route_is_in_the_role_table, so a new route cannot ship without saying who may call it
+and what it does at a site the caller is not limited to (`at_site`).
 """
 
 import uuid
@@ -19,10 +21,20 @@ from ..utils import KIT, PASSWORD, World, bearer, make_callers, make_world, rand
 
 ADMIN, TECHNICIAN, VIEWER, GATEWAY = "admin", "technician", "viewer", "gateway"
 NO_TOKEN, WRONG_TOKEN = "no token", "wrong token"
-CALLERS = (ADMIN, TECHNICIAN, VIEWER, GATEWAY, NO_TOKEN, WRONG_TOKEN)
+# Callers limited to the world's two sites, and the role each has (utils.make_callers): a
+# technician and a viewer limited as users, and a technician whose user reaches the other site
+# too but whose token does not.
+SITE_TECHNICIAN, SITE_VIEWER, SITE_TOKEN = "site technician", "site viewer", "site token technician"
+LIMITED = {SITE_TECHNICIAN: TECHNICIAN, SITE_VIEWER: VIEWER, SITE_TOKEN: TECHNICIAN}
+CALLERS = (ADMIN, TECHNICIAN, VIEWER, *LIMITED, GATEWAY, NO_TOKEN, WRONG_TOKEN)
 USERS = frozenset({ADMIN, TECHNICIAN, VIEWER})
 STAFF = frozenset({ADMIN, TECHNICIAN})
 ANYONE = frozenset(CALLERS)  # public: no token needed, a token changes nothing
+
+# What a route does for a caller limited to sites, aimed at another site.
+OBJECT = "object"  # a record there: 404, as a missing one
+LIST = "list"  # lists only the rows at the caller's sites (`listed`), and counts only those
+PLACE = "place"  # puts a record there: 422, as an unknown site
 
 
 @dataclass(frozen=True)
@@ -34,6 +46,9 @@ class Route:
     request: Callable[[World], dict[str, Any]] = field(default=lambda w: {})
     # Path ids other than the world's usual ones (e.g. a device awaiting approval).
     ids: Callable[[World], dict[str, Any]] = field(default=lambda w: {})
+    at_site: str | None = None  # None: the route is about no site
+    # LIST: the ids of the rows at the world's sites, and of those at the other site.
+    listed: Callable[[World], tuple[set[uuid.UUID], set[uuid.UUID]]] | None = None
 
     @property
     def key(self) -> str:
@@ -58,37 +73,41 @@ ROUTES = [
     Route("DELETE", "/api/tokens/{token_id}", frozenset({ADMIN}), 204),
     Route("POST", "/api/sites", frozenset({ADMIN}), 201,
           lambda w: {"json": {"name": "Old quarter", "slug": "old-quarter", "sensor_kit": KIT}}),
-    Route("GET", "/api/sites", USERS, 200),
-    Route("GET", "/api/sites/{site_id}", USERS, 200),
+    Route("GET", "/api/sites", USERS, 200, at_site=LIST, listed=lambda w: (
+        {w.site.id, w.callers.site.id}, {w.other.site.id})),
+    Route("GET", "/api/sites/{site_id}", USERS, 200, at_site=OBJECT),
     Route("PATCH", "/api/sites/{site_id}", frozenset({ADMIN}), 200,
-          lambda w: {"json": {"gateway_port": 7879}}),
-    Route("GET", "/api/sites/{site_id}/profile", STAFF, 200),
-    Route("POST", "/api/sites/{site_id}/claim-key/rotate", frozenset({ADMIN}), 200),
+          lambda w: {"json": {"gateway_port": 7879}}, at_site=OBJECT),
+    Route("GET", "/api/sites/{site_id}/profile", STAFF, 200, at_site=OBJECT),
+    Route("POST", "/api/sites/{site_id}/claim-key/rotate", frozenset({ADMIN}), 200,
+          at_site=OBJECT),
     Route("POST", "/api/gateways", frozenset({ADMIN}), 201,
-          lambda w: {"json": {"name": "gw2", "site_id": str(w.site.id)}}),
-    Route("GET", "/api/gateways", USERS, 200),
-    Route("GET", "/api/gateways/{gateway_id}", USERS, 200),
-    Route("POST", "/api/gateways/{gateway_id}/token", frozenset({ADMIN}), 200),
-    Route("DELETE", "/api/gateways/{gateway_id}", frozenset({ADMIN}), 204),
+          lambda w: {"json": {"name": "gw2", "site_id": str(w.site.id)}}, at_site=PLACE),
+    Route("GET", "/api/gateways", USERS, 200, at_site=LIST, listed=lambda w: (
+        {w.gateway.id}, {w.other.gateway.id})),
+    Route("GET", "/api/gateways/{gateway_id}", USERS, 200, at_site=OBJECT),
+    Route("POST", "/api/gateways/{gateway_id}/token", frozenset({ADMIN}), 200, at_site=OBJECT),
+    Route("DELETE", "/api/gateways/{gateway_id}", frozenset({ADMIN}), 204, at_site=OBJECT),
     Route("POST", "/api/devices", STAFF, 201,
-          lambda w: {"json": {"mac": random_mac(), "site_id": str(w.site.id)}}),
+          lambda w: {"json": {"mac": random_mac(), "site_id": str(w.site.id)}}, at_site=PLACE),
     Route("POST", "/api/devices/bulk", STAFF, 201,
           lambda w: {"content": f"mac,site\n{random_mac()},{w.site.slug}\n",
-                     "headers": {"Content-Type": "text/csv"}}),
-    Route("GET", "/api/devices", USERS, 200),
-    Route("GET", "/api/devices/{device_id}", USERS, 200),
-    Route("GET", "/api/devices/{device_id}/readings", USERS, 200),
+                     "headers": {"Content-Type": "text/csv"}}, at_site=PLACE),
+    Route("GET", "/api/devices", USERS, 200, at_site=LIST, listed=lambda w: (
+        {w.device.id, w.pending_device_id}, {w.other.device.id, w.other.pending_device_id})),
+    Route("GET", "/api/devices/{device_id}", USERS, 200, at_site=OBJECT),
+    Route("GET", "/api/devices/{device_id}/readings", USERS, 200, at_site=OBJECT),
     Route("PATCH", "/api/devices/{device_id}", STAFF, 200,
-          lambda w: {"json": {"tags": ["north"]}}),
-    Route("POST", "/api/devices/{device_id}/reprovision", STAFF, 200),
-    Route("POST", "/api/devices/{device_id}/revoke", STAFF, 200),
-    Route("DELETE", "/api/devices/{device_id}", STAFF, 204),
+          lambda w: {"json": {"tags": ["north"]}}, at_site=OBJECT),
+    Route("POST", "/api/devices/{device_id}/reprovision", STAFF, 200, at_site=OBJECT),
+    Route("POST", "/api/devices/{device_id}/revoke", STAFF, 200, at_site=OBJECT),
+    Route("DELETE", "/api/devices/{device_id}", STAFF, 204, at_site=OBJECT),
     Route("POST", "/api/devices/{device_id}/approve", frozenset({ADMIN}), 200,
-          ids=lambda w: {"device_id": w.pending_device_id}),
+          ids=lambda w: {"device_id": w.pending_device_id}, at_site=OBJECT),
     Route("POST", "/api/devices/{device_id}/reject", frozenset({ADMIN}), 200,
-          ids=lambda w: {"device_id": w.pending_device_id}),
+          ids=lambda w: {"device_id": w.pending_device_id}, at_site=OBJECT),
     Route("PUT", "/api/devices/{device_id}/config", STAFF, 200,
-          lambda w: {"json": {"settings": {"interval_ms": 5000}}}),
+          lambda w: {"json": {"settings": {"interval_ms": 5000}}}, at_site=OBJECT),
     Route("GET", "/api/gateway/keys", frozenset({GATEWAY}), 200),
     Route("POST", "/api/gateway/claims", frozenset({GATEWAY}), 200,
           lambda w: {"json": {"device_id": "6b62" + random_mac().replace(":", ""),
@@ -96,10 +115,16 @@ ROUTES = [
     Route("GET", "/api/audit", frozenset({ADMIN}), 200),
     Route("GET", "/api/health", ANYONE, 200),
 ]
+ID_NAMES = ("user_id", "token_id", "site_id", "gateway_id", "device_id")
+
+
+def allowed(route: Route, caller: str) -> bool:
+    """Whether the route's role table lets the caller in (a limited caller: as its role)."""
+    return caller in route.allowed or LIMITED.get(caller) in route.allowed
 
 
 def expected_status(route: Route, caller: str) -> int:
-    if caller in route.allowed:
+    if allowed(route, caller):
         return route.ok
     if caller in (NO_TOKEN, WRONG_TOKEN):
         return 401
@@ -118,6 +143,13 @@ def test_every_route_is_in_the_role_table(app):
     assert set(listed) - served == set(), "ROUTES lists routes the app does not serve"
 
 
+def test_every_route_with_an_id_of_a_site_gateway_or_device_says_what_it_does_elsewhere():
+    for route in ROUTES:
+        if any(f"{{{name}}}" in route.path for name in ("site_id", "gateway_id", "device_id")):
+            assert route.at_site == OBJECT, route.key
+        assert (route.listed is not None) == (route.at_site == LIST), route.key
+
+
 def _headers(tokens: dict[str, str], caller: str) -> dict[str, str]:
     if caller == NO_TOKEN:
         return {}
@@ -126,23 +158,30 @@ def _headers(tokens: dict[str, str], caller: str) -> dict[str, str]:
     return bearer(tokens[caller])
 
 
+def _ids(world: World) -> dict[str, Any]:
+    return {"user_id": world.callers.viewer.id, "token_id": world.spare_token_id,
+            "site_id": world.site.id, "gateway_id": world.gateway.id,
+            "device_id": world.device.id}
+
+
+def _audit_entries(session) -> int:
+    return session.exec(select(func.count()).select_from(AuditEntry)).one()
+
+
 @pytest.mark.parametrize("caller", CALLERS)
 @pytest.mark.parametrize("route", ROUTES, ids=lambda route: route.key)
 def test_route_answers_each_caller_as_its_role_table_says(client: TestClient, session, box,
                                                            route: Route, caller: str):
     expected = expected_status(route, caller)
-    if caller in route.allowed:
+    if allowed(route, caller):
         world = make_world(session, box)
         tokens = world.callers.tokens
-        ids = {"user_id": world.callers.viewer.id, "token_id": world.spare_token_id,
-               "site_id": world.site.id, "gateway_id": world.gateway.id,
-               "device_id": world.device.id} | route.ids(world)
+        ids = _ids(world) | route.ids(world)
         request = route.request(world)
     else:
         # Refused before anything is looked up: the callers suffice, and any ids will do.
         tokens = {} if caller in (NO_TOKEN, WRONG_TOKEN) else make_callers(session, box).tokens
-        ids = {name: uuid.uuid4() for name in
-               ("user_id", "token_id", "site_id", "gateway_id", "device_id")}
+        ids = {name: uuid.uuid4() for name in ID_NAMES}
         request = {}
 
     headers = _headers(tokens, caller) | request.pop("headers", {})
@@ -154,4 +193,46 @@ def test_route_answers_each_caller_as_its_role_table_says(client: TestClient, se
     if expected == 403:
         assert response.json()["detail"].startswith("only ")
     if expected in (401, 403):
-        assert session.exec(select(func.count()).select_from(AuditEntry)).one() == 0
+        assert _audit_entries(session) == 0
+    if route.listed is not None and expected == 200:
+        # A limited caller lists its sites' rows only, and counts only those; others, all.
+        here, elsewhere = route.listed(world)
+        shown = here if caller in LIMITED else here | elsewhere
+        page = response.json()
+        assert {uuid.UUID(item["id"]) for item in page["items"]} == shown
+        assert page["total"] == len(shown)
+
+
+@pytest.mark.parametrize("caller", LIMITED)
+@pytest.mark.parametrize("route", [route for route in ROUTES if route.at_site in (OBJECT, PLACE)],
+                         ids=lambda route: route.key)
+def test_route_finds_nothing_for_a_site_limited_caller_at_another_site(
+        client: TestClient, session, box, route: Route, caller: str):
+    world = make_world(session, box)
+    elsewhere = world.other
+    assert elsewhere is not None
+    ids = _ids(elsewhere) | route.ids(elsewhere)
+    request = route.request(elsewhere)
+    headers = _headers(world.callers.tokens, caller) | request.pop("headers", {})
+    entries = _audit_entries(session)
+
+    response = client.request(route.method, route.path.format(**ids), headers=headers, **request)
+
+    if not allowed(route, caller):
+        assert response.status_code == 403, response.text  # the role is checked first
+    elif route.at_site == OBJECT:
+        assert response.status_code == 404, response.text
+        # In the words of a record that does not exist: nothing tells the two apart.
+        missing = {name: uuid.uuid4() for name in ID_NAMES}
+        answer = client.request(route.method, route.path.format(**(ids | missing)),
+                                headers=headers, **route.request(elsewhere))
+        assert answer.status_code == 404
+        assert response.text.replace(str(ids[_id_in(route)]), "?") == \
+            answer.text.replace(str(missing[_id_in(route)]), "?")
+    else:
+        assert response.status_code == 422, response.text
+    assert _audit_entries(session) == entries  # nothing changed
+
+
+def _id_in(route: Route) -> str:
+    return next(name for name in ID_NAMES if f"{{{name}}}" in route.path)
