@@ -18,7 +18,7 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlmodel import Session, select
+from sqlmodel import Session, SQLModel, select
 from sqlmodel.sql.expression import SelectOfScalar
 
 from kinhbac.fleet.audit import Actor
@@ -177,9 +177,14 @@ GatewayCaller = Annotated[Gateway, Depends(require_gateway)]
 M = TypeVar("M", Site, Gateway, Device)
 
 
+# The column that places a record of each kind at a site.
+_SITE_COLUMN: dict[type[SQLModel], Any] = {
+    Site: Site.id, Gateway: Gateway.site_id, Device: Device.site_id,
+}
+
+
 def _site_column(model: type[Site | Gateway | Device]) -> Any:
-    """The column that places a record of `model` at a site."""
-    return Site.id if model is Site else model.site_id
+    return _SITE_COLUMN[model]
 
 
 def visible_only(query: SelectOfScalar[Any], caller: Principal,

@@ -9,7 +9,7 @@ import re
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar, Generic, Literal, Optional, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Generic, Literal, Optional, TypeVar
 
 import sqlalchemy as sa
 from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
@@ -177,6 +177,8 @@ class _LimitedToSites:
     """`site_ids` over a table's link rows to sites: its `site_rows`, each a `site_row_class`."""
 
     site_row_class: ClassVar[type[SQLModel]]
+    if TYPE_CHECKING:  # a table's relationship; declared for real it would be a column here
+        site_rows: list[Any]
 
     @property
     def site_ids(self) -> list[uuid.UUID]:
