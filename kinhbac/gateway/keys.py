@@ -2,8 +2,9 @@
 key file (the offline option), or the fleet service, fetched on an interval and cached on disk.
 
 The fleet also supplies what only it can: the site's claim key (to verify CLAIM frames of
-boards set up offline), the claims an admin approved, and CONFIG settings for nodes; claims
-are reported to it as they come (docs/protocol.md, "Claiming an identity")."""
+boards set up offline; during a rotation's overlap also the key it replaced, with its expiry),
+the claims an admin approved, and CONFIG settings for nodes; claims are reported to it as they
+come (docs/protocol.md, "Claiming an identity")."""
 
 import asyncio
 import contextlib
@@ -17,12 +18,15 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from kinhbac import wire
+from kinhbac.claim_keys import fingerprint
 from kinhbac.loopback import is_loopback_host
 
 log = logging.getLogger(__name__)
@@ -35,6 +39,7 @@ MAX_REPORTS_WAITING = 64  # claim reports queued for the one worker; more wait f
 MAX_ANSWER_BYTES = 32 * 1024 * 1024  # ~250,000 devices: far beyond a site, short of an OOM
 MAX_TIMEOUT_S = 10.0  # a fetch never takes longer, so a hung fleet cannot stall the schedule
 JITTER = 0.1  # fetch up to 10 % early: a city's gateways restarted together spread out
+REPORT_LOG_EVERY_S = 60.0  # "claim not reported": one line a minute at most
 
 
 class KeyStore(Protocol):
@@ -61,20 +66,46 @@ class KeyFileError(Exception):
 
 
 @dataclass
+class ClaimKey:
+    """One claim key the site takes CLAIM frames under, ready to verify with."""
+
+    signer: wire.Signer
+    fingerprint: str  # names it to the fleet (kinhbac/claim_keys.py)
+    expires: float | None = None  # POSIX time it is refused from; None: the current key
+
+
+@dataclass
 class Listing:
     """A key listing, parsed: what the gateway looks frames up in."""
 
     keys: dict[bytes, wire.Key]
     doc: dict[str, Any]  # the listing in a canonical form: what the cache file holds
-    claim_key: bytes | None = None
+    claim_key: ClaimKey | None = None
     claims: dict[bytes, tuple[bytes, int]] = field(default_factory=dict)  # -> (nonce, key id)
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # device hex -> settings
+    previous_claim_key: ClaimKey | None = None  # during a rotation's overlap only
+
+
+def _claim_key(value: Any, name: str) -> bytes:
+    if not isinstance(value, str) or len(value) < 16:
+        raise ValueError(f"{name} must be a string of 16 characters or more")
+    return value.encode()
+
+
+def _expiry(value: Any) -> datetime:
+    """An ISO 8601 time with its zone (the fleet's answers), as an aware datetime."""
+    if not isinstance(value, str):
+        raise TypeError("expires_at must be an ISO 8601 time")
+    when = datetime.fromisoformat(value)
+    if when.tzinfo is None:
+        raise ValueError(f"expires_at {value!r} has no time zone")
+    return when
 
 
 def parse_keys(doc: Any) -> Listing:
     """A listing {"devices": [{"device_id", "key_id", "secret"}]} (hex), with the fleet's
-    optional "claim_key", "claims" and "configs". ValueError, KeyError or TypeError (or
-    wire.FrameError) if malformed."""
+    optional "claim_key", "previous_claim_key" ({"claim_key", "expires_at"}), "claims" and
+    "configs". ValueError, KeyError or TypeError (or wire.FrameError) if malformed."""
     keys: dict[bytes, wire.Key] = {}
     rows: dict[bytes, dict[str, Any]] = {}
     for row in doc["devices"]:
@@ -84,8 +115,18 @@ def parse_keys(doc: Any) -> Listing:
         keys[device_id] = wire.Key(device_id, key_id, secret)
         rows[device_id] = {"device_id": device_id.hex(), "key_id": key_id, "secret": secret.hex()}
     claim_key = doc.get("claim_key")
-    if claim_key is not None and (not isinstance(claim_key, str) or len(claim_key) < 16):
-        raise ValueError("claim_key must be a string of 16 characters or more")
+    current = None
+    if claim_key is not None:
+        secret = _claim_key(claim_key, "claim_key")
+        current = ClaimKey(wire.Signer(secret), fingerprint(secret))
+    previous_doc = doc.get("previous_claim_key")
+    previous = None
+    if previous_doc is not None:
+        secret = _claim_key(previous_doc["claim_key"], "previous_claim_key.claim_key")
+        expires_at = _expiry(previous_doc["expires_at"])
+        previous = ClaimKey(wire.Signer(secret), fingerprint(secret), expires_at.timestamp())
+        previous_doc = {"claim_key": previous_doc["claim_key"],
+                        "expires_at": expires_at.isoformat()}
     claims = {}
     for row in doc.get("claims", []):
         nonce = bytes.fromhex(row["nonce"])
@@ -104,16 +145,88 @@ def parse_keys(doc: Any) -> Listing:
                    for d, (n, k) in sorted(claims.items())],
         "configs": [{"device_id": d, "settings": configs[d]} for d in sorted(configs)],
     }
-    return Listing(keys, canonical, claim_key.encode() if claim_key else None, claims, configs)
+    if previous_doc is not None:  # absent otherwise: a listing from before rotation, unchanged
+        canonical["previous_claim_key"] = previous_doc
+    return Listing(keys, canonical, current, claims, configs, previous)
+
+
+class _ClaimSigner:
+    """The claim key for one claiming device's frame: verifies its CLAIM under the site's
+    current claim key or, during a rotation's overlap, the previous one (a second HMAC only
+    when the first fails), and signs the answer under whichever verified its last CLAIM, the
+    one key that board holds. The keys are the listing's at lookup, so a refresh between the
+    frame and its answer changes nothing."""
+
+    __slots__ = ("_table", "_device_id", "_current", "_previous")
+
+    def __init__(self, table: "_KeyTable", device_id: bytes, current: ClaimKey,
+                 previous: ClaimKey | None) -> None:
+        self._table = table
+        self._device_id = device_id
+        self._current = current
+        self._previous = previous
+
+    def verify(self, data: Any, tag: Any) -> bool:
+        if self._current.signer.verify(data, tag):
+            self._table._on_previous.pop(self._device_id, None)
+            return True
+        if self._previous is not None and self._previous.signer.verify(data, tag):
+            self._table._mark_previous(self._device_id)
+            return True
+        return False
+
+    def mac(self, data: Any) -> bytes:
+        return self._key().signer.mac(data)
+
+    def _key(self) -> ClaimKey:
+        on_previous = self._device_id in self._table._on_previous
+        return self._previous if on_previous and self._previous is not None else self._current
+
+
+class _ClaimKey(wire.Key):
+    """A wire.Key under the claim key id whose signer is a _ClaimSigner: no key schedule per
+    frame (the listing's signers are made once per listing)."""
+
+    def __init__(self, device_id: bytes, signer: _ClaimSigner) -> None:
+        self.device_id = device_id
+        self.key_id = wire.CLAIM_KEY_ID
+        self.signer = signer  # type: ignore[assignment]
 
 
 class _KeyTable:
-    """The lookup both stores share: one key per device, and the site's claim key if any."""
+    """The lookup both stores share: one key per device, and the site's claim key if any (and
+    during a rotation's overlap the previous one, until its expiry by this gateway's clock)."""
 
     _listing: Listing
+    # The wall clock, not the monotonic one: the previous claim key's expiry is a date, and
+    # a gateway that cannot reach the fleet must stop taking that key on time by itself.
+    _clock: Callable[[], float] = staticmethod(time.time)
+
+    def __init__(self) -> None:
+        # Claiming devices whose last CLAIM verified under the previous claim key (only
+        # authenticated frames add one, and at most MAX_CLAIMS_KEPT are remembered).
+        self._on_previous: OrderedDict[bytes, None] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._listing.keys)
+
+    def _previous_claim_key(self) -> ClaimKey | None:
+        previous = self._listing.previous_claim_key
+        if previous is None or previous.expires is None or self._clock() >= previous.expires:
+            return None
+        return previous
+
+    def _mark_previous(self, device_id: bytes) -> None:
+        self._on_previous[device_id] = None
+        self._on_previous.move_to_end(device_id)
+        while len(self._on_previous) > MAX_CLAIMS_KEPT:
+            self._on_previous.popitem(last=False)
+
+    def claim_key_fingerprint(self, device_id: bytes) -> str | None:
+        """The fingerprint of the claim key that verified the device's last CLAIM."""
+        previous = self._previous_claim_key() if device_id in self._on_previous else None
+        key = previous or self._listing.claim_key
+        return key.fingerprint if key is not None else None
 
     def lookup(self, device_id: bytes, key_id: int) -> wire.Key | int | None:
         if key_id == wire.CLAIM_KEY_ID:
@@ -124,7 +237,8 @@ class _KeyTable:
                           and device_id not in self._listing.claims)
             if claim_key is None or registered or not device_id.startswith(CLAIM_PREFIX):
                 return None if device_id not in self._listing.keys else wire.UNKNOWN_KEY
-            return wire.Key(device_id, wire.CLAIM_KEY_ID, claim_key)
+            return _ClaimKey(device_id, _ClaimSigner(self, device_id, claim_key,
+                                                     self._previous_claim_key()))
         key = self._listing.keys.get(device_id)
         if key is None:
             return None
@@ -155,6 +269,7 @@ class FileKeyStore(_KeyTable):
     """
 
     def __init__(self, path: Path) -> None:
+        super().__init__()
         self.path = Path(path)
         self._listing = _EMPTY
         self._mtime: float | None = None
@@ -182,11 +297,13 @@ class FileKeyStore(_KeyTable):
 
 
 class FetchError(Exception):
-    """One failed fetch from the fleet; `kind` labels the metric, the message is for the log."""
+    """One failed fetch from the fleet; `kind` labels the metric, the message is for the log;
+    `retry_after` (seconds) when the fleet said when to ask again."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.kind = kind
+        self.retry_after = retry_after
 
 
 class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
@@ -216,6 +333,7 @@ class FleetKeyStore(_KeyTable):
         refresh_s: float = 60.0,
         on_failure: Callable[[str], None] | None = None,
     ) -> None:
+        super().__init__()
         self.url = url.rstrip("/") + FLEET_KEYS_PATH
         self._token = token
         self.cache_file = Path(cache_file)
@@ -231,10 +349,14 @@ class FleetKeyStore(_KeyTable):
         self.claims_url = url.rstrip("/") + FLEET_CLAIMS_PATH
         self._listing = _EMPTY
         self._cached_doc: dict[str, Any] | None = None
-        # (device hex, nonce) -> [standing as last heard, monotonic time last reported]
-        self._claims: dict[tuple[str, bytes], list[Any]] = {}
+        # (device hex, nonce, claim key fingerprint) -> [standing as last heard, monotonic
+        # time last reported]
+        self._claims: dict[tuple[str, bytes, str | None], list[Any]] = {}
         self._reports: set[asyncio.Task] = set()
         self._report_worker = asyncio.Semaphore(1)
+        self._reports_held_until = 0.0  # monotonic; the fleet answered 429 until then
+        self._report_logged_at: float | None = None
+        self._reports_unlogged = 0
         self._failing: str | None = None  # the failure last logged, while failures go on
         self._failures = 0
         self._fetched = False
@@ -282,6 +404,8 @@ class FleetKeyStore(_KeyTable):
             with self._opener.open(request, timeout=self.timeout_s) as answer:
                 body = answer.read(MAX_ANSWER_BYTES + 1)
         except urllib.error.HTTPError as exc:
+            if exc.code == 429:
+                raise _rate_limited(exc) from None
             exc.close()
             if exc.code in (401, 403):
                 raise FetchError("refused", f"the fleet refused this gateway's token (HTTP "
@@ -345,35 +469,44 @@ class FleetKeyStore(_KeyTable):
 
     def report_claim(self, device: str, nonce: bytes, fw_version: str) -> str:
         """The claim's standing as last heard from the fleet ("pending" until heard); the claim
-        is reported again at most once per refresh interval, off the event loop. An answer
-        "approved" fetches the keys at once, so the node's next claim gets its identity."""
-        entry = self._claims.get((device, nonce))
+        is reported again at most once per refresh interval, off the event loop, naming the
+        claim key that verified it. An answer "approved" fetches the keys at once, so the
+        node's next claim gets its identity. While the fleet limits reports (429) none is
+        sent: the claims stay "pending" and are reported with a later claim."""
+        key_fingerprint = self.claim_key_fingerprint(bytes.fromhex(device))
+        entry = self._claims.get((device, nonce, key_fingerprint))
         now = time.monotonic()
         if entry is None:
             if len(self._claims) >= MAX_CLAIMS_KEPT:
                 self._claims.clear()  # forgetting only costs a report more
-            entry = self._claims[(device, nonce)] = ["pending", -self.refresh_s]
-        if now - entry[1] >= self.refresh_s and len(self._reports) < MAX_REPORTS_WAITING:
+            entry = self._claims[(device, nonce, key_fingerprint)] = ["pending", -self.refresh_s]
+        if now - entry[1] >= self.refresh_s and len(self._reports) < MAX_REPORTS_WAITING \
+                and now >= self._reports_held_until:
             entry[1] = now
             # The loop keeps only a weak reference to a task: hold it until it is done.
             task = asyncio.get_running_loop().create_task(
-                self._report(device, nonce, fw_version, entry))
+                self._report(device, nonce, fw_version, key_fingerprint, entry))
             self._reports.add(task)
             task.add_done_callback(self._reports.discard)
         return entry[0]
 
-    async def _report(self, device: str, nonce: bytes, fw_version: str, entry: list[Any]) -> None:
+    async def _report(self, device: str, nonce: bytes, fw_version: str,
+                      key_fingerprint: str | None, entry: list[Any]) -> None:
         body = json.dumps({"device_id": device, "nonce": nonce.hex(),
-                           "fw_version": fw_version[:64] or None}).encode()
+                           "fw_version": fw_version[:64] or None,
+                           "claim_key_fingerprint": key_fingerprint}).encode()
         request = urllib.request.Request(self.claims_url, data=body, method="POST",
                                          headers={"Content-Type": "application/json"})
         try:
             async with self._report_worker:  # one request at a time: one thread, not one each
+                if time.monotonic() < self._reports_held_until:
+                    entry[1] = -self.refresh_s  # queued before the 429: with a later claim
+                    return
                 answer = json.loads(await _in_thread(lambda: self._request(request)))
             state = answer["state"]
         except FetchError as exc:
             entry[1] = -self.refresh_s  # report it again with the node's next claim
-            self._failed(exc)
+            self._report_failed(device, exc)
             return
         except (ValueError, KeyError, TypeError) as exc:
             log.error("the fleet's answer to a claim of %s is not understood: %r", device, exc)
@@ -384,6 +517,42 @@ class FleetKeyStore(_KeyTable):
         entry[0] = state
         if state == "approved" and self.identity_for(bytes.fromhex(device), nonce) is None:
             await self.update()
+
+    def _report_failed(self, device: str, exc: FetchError) -> None:
+        """A claim report that did not get through: it goes again with the node's next claim.
+        After a 429 no report is sent until Retry-After. Logged at most once a minute (a flood
+        of claims at the site would otherwise flood the log too)."""
+        now = time.monotonic()
+        held = ""
+        if exc.kind == "rate_limited":
+            hold_s = exc.retry_after or REPORT_LOG_EVERY_S
+            self._reports_held_until = now + hold_s
+            held = f"; holding claim reports for {hold_s:g} s"
+        if self._report_logged_at is not None \
+                and now - self._report_logged_at < REPORT_LOG_EVERY_S:
+            self._reports_unlogged += 1
+            return
+        more = (f" ({self._reports_unlogged} more failed reports since the last line)"
+                if self._reports_unlogged else "")
+        log.warning("claim of %s not reported: %s%s; it stays pending and is reported with a "
+                    "later claim%s", device, exc, held, more)
+        self._report_logged_at, self._reports_unlogged = now, 0
+
+
+def _rate_limited(exc: urllib.error.HTTPError) -> FetchError:
+    """A 429 from the fleet, with its Retry-After (seconds; 60 if absent or not a number) and
+    the limit its detail names."""
+    try:
+        retry_after = max(1.0, float(exc.headers.get("Retry-After", "")))
+    except ValueError:
+        retry_after = REPORT_LOG_EVERY_S
+    try:
+        detail = str(json.loads(exc.read(4096))["detail"])[:300]
+    except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException):
+        detail = "no detail"
+    finally:
+        exc.close()
+    return FetchError("rate_limited", f"the fleet answered HTTP 429: {detail}", retry_after)
 
 
 def _ids(device_ids: list[bytes], most: int = 5) -> str:
