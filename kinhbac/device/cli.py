@@ -16,13 +16,14 @@ import typer
 
 from kinhbac.device import FLEET_TOKEN_ENV, FLEET_URL_ENV
 from kinhbac.device.errors import DeviceToolError
-from kinhbac.device.site_profiles import SITES_DIR_ENV, SiteProfiles
+from kinhbac.device.site_profiles import SITES_DIR_ENV, SiteProfiles, staleness
 
 if TYPE_CHECKING:  # httpx is imported by the commands that talk to the fleet, not by `kinhbac`
     from kinhbac.device.fleet_client import FleetClient
 
 EXIT_FAILED = 1
 EXIT_NOT_ONLINE = 3
+STALE_CHECK_TIMEOUT_S = 5.0  # a kept profile is checked on the way, not waited for
 
 device_app = typer.Typer(
     help="The technician's tools: flash and register boards, list, show and revoke devices "
@@ -240,6 +241,30 @@ def reject(
 # ----- site profiles
 
 
+def _stale_profiles(kept: list[dict[str, Any]], fleet_url: str | None, token: str | None
+                    ) -> tuple[dict[str, str | None], str | None]:
+    """Per kept profile's slug, what changed at its site since it was fetched (None: nothing),
+    if the fleet can be asked; else why it could not (None: no fleet configured)."""
+    if not (fleet_url and token) or not kept:
+        return {}, None
+    from kinhbac.device.errors import FleetNotFound
+    from kinhbac.device.fleet_client import FleetClient
+
+    found: dict[str, str | None] = {}
+    try:
+        with FleetClient(fleet_url, token, timeout=STALE_CHECK_TIMEOUT_S) as fleet:
+            for profile in kept:
+                try:
+                    found[profile["slug"]] = staleness(profile, fleet.site(profile["id"]))
+                except FleetNotFound:
+                    found[profile["slug"]] = (
+                        "stale: the fleet no longer shows this site to this token; run "
+                        f"`kinhbac device sites fetch {profile['slug']}` to check")
+    except DeviceToolError as exc:
+        return found, f"not checked against the fleet: {exc}"
+    return found, None
+
+
 @sites_app.command("fetch")
 def sites_fetch(
     site: Annotated[list[str] | None, typer.Argument(
@@ -255,7 +280,8 @@ def sites_fetch(
         wanted = [fleet.find_site(ref) for ref in site] if site else fleet.sites()
         for found in wanted:
             path = profiles.save(fleet.site_profile(found["id"]))
-            typer.echo(f"{found['slug']}: kept in {path}")
+            typer.echo(f"{found['slug']}: kept in {path} for "
+                       f"{profiles.max_age.total_seconds() / 86400:g} days")
     if not wanted:
         typer.echo("the fleet has no sites yet", err=True)
 
@@ -269,7 +295,8 @@ def sites_list(
     sites_dir: SitesDir = None,
     as_json: Json = False,
 ) -> None:
-    """The site profiles kept on this laptop (or, with --remote, the fleet's sites)."""
+    """The site profiles kept on this laptop, with when each expires and, when the fleet can
+    be asked, whether the site changed since (or, with --remote, the fleet's sites)."""
     if remote:
         with _fleet(fleet_url, token) as fleet:
             sites = fleet.sites()
@@ -278,17 +305,31 @@ def sites_list(
         for found in [] if as_json else sites:
             typer.echo(f"{found['slug']:<24}{found['name']}")
         return
-    profiles = SiteProfiles(sites_dir)
-    kept = profiles.all()
+    try:
+        profiles = SiteProfiles(sites_dir)
+        for slug in profiles.purge_expired():
+            typer.echo(f"kinhbac device: the kept profile of site {slug} expired and was "
+                       f"deleted: `kinhbac device sites fetch {slug}` while online", err=True)
+        kept = profiles.all()
+    except DeviceToolError as exc:
+        raise _fail(str(exc)) from exc
+    stale, unchecked = _stale_profiles(kept, fleet_url, token)
+    if unchecked:
+        typer.echo(f"kinhbac device: {unchecked}", err=True)
     if as_json:  # without the secrets: a listing is not where they belong
         _print_json([{k: v for k, v in p.items() if k not in ("wifi_password", "claim_key")}
+                     | ({"stale": stale[p["slug"]]} if p["slug"] in stale else {})
                      for p in kept])
         return
     if not kept:
         typer.echo(f"no site profiles in {profiles.folder}: `kinhbac device sites fetch` "
                    "keeps them", err=True)
     for profile in kept:
-        typer.echo(f"{profile['slug']:<24}fetched {profile.get('fetched_at', '?')}")
+        expires = profiles.expires_at(profile)
+        typer.echo(f"{profile['slug']:<24}fetched {profile.get('fetched_at', '?')}, "
+                   f"expires {expires.isoformat() if expires else '?'}")
+        if stale.get(profile["slug"]):
+            typer.echo(f"{'':<24}{stale[profile['slug']]}")
 
 
 # ----- flash
@@ -401,13 +442,19 @@ def flash(
             tags=tag or [], reprovision=reprovision, use_stub=stub, flash_baud=baud,
             wait_online_s=0 if offline else wait,
         )
+        profiles = SiteProfiles(sites_dir)
+        if offline:
+            # Expired: refused (and deleted) here. Stale: said, if the fleet can tell.
+            stale, _ = _stale_profiles([profiles.load(site)], fleet_url, token)
+            if any(stale.values()):
+                reporter.note(f"warning: {next(v for v in stale.values() if v)}")
         fleet = None if offline else FleetClient.from_env(fleet_url, token)
         if fleet is not None and fleet.url.startswith("http://") and not is_local(fleet.url):
             reporter.note(f"warning: {fleet.url} is plain http: the token and the device's "
                           "secret cross the network in clear")
         boot = AutoReset() if reset == "auto" else ManualReset(reporter)
         try:
-            result = Provisioner(request, fleet=fleet, profiles=SiteProfiles(sites_dir),
+            result = Provisioner(request, fleet=fleet, profiles=profiles,
                                  boot=boot, reporter=reporter).run()
         finally:
             if fleet is not None:

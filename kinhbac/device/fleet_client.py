@@ -178,6 +178,11 @@ class FleetClient:
             f"no site {ref!r} in the fleet: `kinhbac device sites list --remote` lists them"
         )
 
+    def site(self, site_id: str) -> dict[str, Any]:
+        """A site as any user sees it (no secrets): when it changed, when its claim key was
+        rotated."""
+        return self._request("GET", f"/api/sites/{site_id}")
+
     def site_profile(self, site_id: str) -> dict[str, Any]:
         """The site with its WiFi password and claim key (a technician's or admin's token)."""
         return self._request("GET", f"/api/sites/{site_id}/profile")
