@@ -58,12 +58,13 @@ def gateway_run(
     from kinhbac.gateway.config import ConfigError, load_settings
     from kinhbac.gateway.daemon import GatewayFailed, run_gateway, setup_logging
     from kinhbac.gateway.keys import KeyFileError
+    from kinhbac.gateway.queue import QueueLayoutError
 
     try:
         settings = load_settings(config)
         setup_logging(settings.log_format)
         run_gateway(settings)
-    except (ConfigError, KeyFileError) as exc:
+    except (ConfigError, KeyFileError, QueueLayoutError) as exc:
         typer.echo(f"kinhbac gateway: {exc}", err=True)
         raise typer.Exit(2) from exc
     except GatewayFailed as exc:

@@ -391,3 +391,30 @@ def test_a_key_file_nested_past_the_parsers_depth_is_a_configuration_error(tmp_p
                            str(config)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "key file" in done.stderr and "RecursionError" in done.stderr
+
+
+def test_a_queue_written_by_a_newer_gateway_stops_start_up_with_what_to_do(tmp_path):
+    """Going back to an older release over a newer queue layout used to start, then fail every
+    commit (BUSY to every node, for ever). Now it is refused at start, once, exit 2: systemd's
+    unit does not restart it, and the file is left as it was."""
+    import apsw
+
+    from kinhbac.gateway.queue import SCHEMA_VERSION
+
+    keys = tmp_path / "keys.json"
+    keys.write_text('{"devices": []}')
+    data = tmp_path / "data"
+    data.mkdir()
+    queue_file = data / "queue.sqlite3"
+    db = apsw.Connection(str(queue_file))
+    db.execute(f"CREATE TABLE future (x); PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.close()
+    before = queue_file.read_bytes()
+    config = tmp_path / "gw.toml"
+    config.write_text(f'site = "s"\nkey_file = "{keys}"\nmetrics_port = 0\nlisten_port = 0\n'
+                      f'data_dir = "{data}"\n')
+    done = subprocess.run([sys.executable, "-m", "kinhbac.cli", "gateway", "run", "-c",
+                           str(config)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "newer gateway" in done.stderr and "move the file aside" in done.stderr
+    assert queue_file.read_bytes() == before

@@ -27,7 +27,7 @@ from kinhbac.gateway.config import GatewaySettings
 from kinhbac.gateway.keys import FileKeyStore, FleetKeyStore, KeyStore
 from kinhbac.gateway.listener import DeviceInfo, Listener
 from kinhbac.gateway.metrics import Metrics
-from kinhbac.gateway.queue import Queue, QueueError
+from kinhbac.gateway.queue import Queue, QueueError, QueueLayoutError
 from kinhbac.gateway.systemd import Notifier
 from kinhbac.gateway.uplink import Uplink
 
@@ -134,6 +134,8 @@ class Gateway:
         try:
             try:
                 port = await self._start()
+            except QueueLayoutError:
+                raise  # not a crash: restarting cannot fix it (the caller exits 2)
             except Exception as exc:
                 raise self._failed("start-up failed", exc) from exc
             try:

@@ -135,6 +135,11 @@ class QueueError(Exception):
         self.reason = reason
 
 
+class QueueLayoutError(Exception):
+    """The queue file was written by a newer gateway: this one cannot read it safely.
+    Restarting cannot fix it (exit 2, as for a configuration error)."""
+
+
 class QueueFailed(Exception):
     """The queue's database thread died: nothing can be stored or published any more."""
 
@@ -413,6 +418,14 @@ class Queue:
         # the database file's mode).
         os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         db = apsw.Connection(str(self.path))
+        # Before anything writes to it (even the journal mode is in the file's header).
+        version = _one(db, "PRAGMA user_version")
+        if version > SCHEMA_VERSION:
+            db.close()
+            raise QueueLayoutError(
+                f"{self.path} has queue layout {version}, written by a newer gateway; this one "
+                f"reads layouts up to {SCHEMA_VERSION}. Run the newer gateway again, or move the "
+                "file aside to start with an empty queue (what it holds is then not sent)")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")  # a commit fsyncs the WAL: acked means on disk
         db.execute(f"PRAGMA cache_size=-{PAGE_CACHE_KIB}")
@@ -421,7 +434,6 @@ class Queue:
         self._page_size = _one(db, "PRAGMA page_size")
         db.execute(f"PRAGMA wal_autocheckpoint={max(8, self._reserve // 4 // self._page_size)}")
         db.execute(f"PRAGMA journal_size_limit={self._reserve // 4}")
-        version = _one(db, "PRAGMA user_version")
         if version == 0 and _one(db, "SELECT COUNT(*) FROM sqlite_master WHERE name='frames'"):
             _convert_v1(db, self.path)
         elif version == 2:
