@@ -80,6 +80,7 @@ class Node:
         if failed:
             self.state.drops[wire.DROP_SENSOR_ERROR] += failed
         self._collect_drops()
+        self.link.readings_added()
 
     def _collect_drops(self):
         store = self.store
@@ -87,7 +88,7 @@ class Node:
             self.state.drops[wire.DROP_BUFFER_FULL] += store.dropped_full
             self.state.drops[wire.DROP_STORAGE_ERROR] += store.dropped_storage
             store.dropped_full = store.dropped_storage = 0
-            self.link.hello_due = True  # the gateway hears of drops in the next HELLO
+            self.link.request_hello()  # the gateway hears of drops in the next HELLO
 
     async def sampler(self):
         interval = self.cfg["interval_ms"]
@@ -129,7 +130,7 @@ class Node:
         log.info("CONFIG applied: %s", ",".join(settings))
         if sensors_changed:
             self.build_sensors()
-            self.link.hello_due = True
+            self.link.request_hello()
         return None
 
     def on_stale_boot(self, latest):
@@ -150,10 +151,10 @@ class Node:
         self.state.save()
 
     async def housekeeping(self):
-        cfg = self.cfg
         good = False
         reported = 0
         while True:
+            cfg = self.cfg  # a CONFIG frame replaces it
             if self.wdt is not None:
                 self.wdt.feed()
             now = self.clock.now()

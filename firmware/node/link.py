@@ -5,6 +5,13 @@
 # buffer only when an ACK covers it. Anything unexpected (a dead socket, an ACK that does not
 # come, a frame that fails verification) ends the session; the next one resends whatever is
 # not acknowledged, in new frames but with the same (boot, seq) identities.
+#
+# The send loop sleeps on an Event until there is something to do: the sampler wakes it when
+# its readings make a batch due, the receiver on an ACK or when the connection dies, and a
+# ticker when a deadline (a partial batch's send_after_ms, an ACK's timeout) has passed. The
+# ticker's sleep_ms allocates nothing, so a waiting loop makes no garbage; the 50 ms
+# wait_for_ms poll it replaces made two tasks and a TimeoutError every time: about 12 KB of
+# garbage a second on an ESP32 (docs/firmware.md, "Link").
 import asyncio
 import random
 import struct
@@ -17,8 +24,9 @@ from node import log
 from node.store import F_PRE_SYNC, REC, REC_SIZE
 
 WINDOW = const(4)  # READINGS frames in flight: enough to fill the link, little to resend
-HELLO_TIMEOUT_MS = const(5000)
 WIFI_TIMEOUT_MS = const(15000)
+_TICK_MS = const(50)  # how late a deadline may be noticed; a tick allocates nothing
+_NEVER = const(0x3FFFFFFF)  # a pending count the store never reaches: readings wake no one
 
 def wire_reset_cause(machine):
     """machine.reset_cause() as the wire's code: the numbers differ between ports."""
@@ -86,13 +94,28 @@ class Link:
         self._inflight = []  # [boot, last seq, count, sent ms] of each frame awaiting ACK
         self._sent_boot = 0
         self._sent_seq = 0
-        self._acked = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._wake_pending = 1  # store.pending() at which new readings wake the send loop
+        self._due = 0  # ticks_ms of the send loop's next deadline, while _has_due
+        self._has_due = False
+        self._progress = False  # the gateway acknowledged readings in this session
+        self._dead = None
         self._one = bytearray(REC_SIZE)
         self._frame = bytearray(wire.MAX_FRAME)
 
     def set_counter(self, last_sent):
         """Continue a boot's uplink counter (deep sleep keeps it in RTC memory)."""
         self.guard.last_sent = last_sent
+
+    def readings_added(self):
+        """The sampler stored readings: wake the send loop if they make a batch due."""
+        if self.node.store.pending() >= self._wake_pending:
+            self._wake.set()
+
+    def request_hello(self):
+        """Send a HELLO as soon as possible (drop counters or the sensor table changed)."""
+        self.hello_due = True
+        self._wake.set()
 
     # ----- WiFi and reconnecting -----
 
@@ -109,20 +132,31 @@ class Link:
         return delay // 2 + random.getrandbits(16) * (delay // 2) // 65536
 
     async def run(self, once=False):
-        """Keep a session going for ever (once=True: one session, for deep-sleep cycles)."""
+        """Keep a session going for ever (once=True: one session, for deep-sleep cycles).
+
+        No exception ends it: whatever ends a session is logged and followed by a reconnect.
+        If sessions keep failing, no ACK comes and the node's no-network reboot takes over.
+        """
         failures = 0
         while True:
             ok = False
+            self._progress = False
             try:
                 if await self._wifi():
                     ok = await self._session(once)
             except (OSError, EOFError, SessionEnded, wire.FrameError) as e:
                 # EOFError: MicroPython's readexactly when the gateway closes the connection.
-                log.info("session ended: %r", e)
+                log.info("session ended: %s: %s", type(e).__name__, e)
+            except Exception as e:  # anything else: asyncio.TimeoutError is no OSError here
+                try:
+                    log.error("link failed: %s: %s", type(e).__name__, e)
+                except MemoryError:
+                    pass  # the reconnect matters more than the line
             self.connected = False
             if once:
                 return ok
-            failures = 0 if ok else failures + 1
+            # A session that moved readings resets the backoff; one that did not doubles it.
+            failures = 0 if ok or self._progress else failures + 1
             await asyncio.sleep_ms(self._backoff_ms(failures))
 
     # ----- one session -----
@@ -137,7 +171,11 @@ class Link:
         self._sent_seq = self.node.store.acked_seq
         try:
             await self._send(writer, self._hello())
-            await asyncio.wait_for_ms(self._expect_ack(reader), HELLO_TIMEOUT_MS)
+            timeout = self.node.cfg["ack_timeout_ms"]
+            try:
+                await asyncio.wait_for_ms(self._expect_ack(reader), timeout)
+            except asyncio.TimeoutError:
+                raise SessionEnded("no answer to HELLO within %d ms" % timeout)
             self.connected = True
             log.info("session %d with %s:%d", self.sessions, host, port)
             receiver = asyncio.create_task(self._receive(reader, writer))
@@ -190,7 +228,7 @@ class Link:
                     await self._on_other(msg, writer)
         except Exception as e:  # the send loop sees the dead session through _dead
             self._dead = e
-            self._acked.set()
+            self._wake.set()
 
     def _on_ack(self, msg):
         node = self.node
@@ -199,11 +237,12 @@ class Link:
             node.on_clock(msg.gateway_time_ms)
         if msg.readings_boot is not None:
             node.store.ack(msg.readings_boot, msg.through_seq)
+            self._progress = True
             b, s = msg.readings_boot, msg.through_seq
             while self._inflight and (
                     self._inflight[0][0] < b or (self._inflight[0][0] == b and self._inflight[0][1] <= s)):
                 self._inflight.pop(0)
-        self._acked.set()
+        self._wake.set()
 
     async def _on_other(self, msg, writer):
         if msg.type == wire.CONFIG:
@@ -250,33 +289,64 @@ class Link:
             return self.node.clock.now()
         return struct.unpack_from(REC, self._one, 0)[2]
 
+    def _wait_for(self, deadline_ms, pending):
+        """Before sleeping: wake at deadline_ms from now (None: none), or when the store holds
+        `pending` readings."""
+        self._wake_pending = pending
+        if deadline_ms is None:
+            self._has_due = False
+        else:
+            self._due = time.ticks_add(time.ticks_ms(), deadline_ms)
+            self._has_due = True
+
+    async def _tick(self):
+        # Checks the send loop's deadline; sleep_ms and the comparison allocate nothing.
+        while True:
+            await asyncio.sleep_ms(_TICK_MS)
+            if self._has_due and time.ticks_diff(time.ticks_ms(), self._due) >= 0:
+                self._has_due = False
+                self._wake.set()
+
     async def _send_loop(self, writer, receiver, once):
         node = self.node
-        cfg = node.cfg
         self._dead = None
-        while True:
-            if self._dead is not None:
-                raise SessionEnded("receive: %r" % (self._dead,))
-            if self.hello_due:
-                await self._send(writer, self._hello())
-            now = node.clock.now()
-            if self._inflight and now - self._inflight[0][3] > cfg["ack_timeout_ms"]:
-                raise SessionEnded("no ACK within %d ms" % cfg["ack_timeout_ms"])
-            in_flight = 0
-            for entry in self._inflight:
-                in_flight += entry[2]
-            unsent = node.store.pending() - in_flight
-            if unsent > 0 and len(self._inflight) < WINDOW and (
-                    once or unsent >= cfg["batch_max"]
-                    or now - self._oldest_unsent_ms() >= cfg["send_after_ms"]):
-                frame = self._batch()
-                if frame is not None:
-                    await self._send(writer, frame)
-                    continue
-            if once and node.store.pending() == 0:
-                return True
-            self._acked.clear()
-            try:
-                await asyncio.wait_for_ms(self._acked.wait(), 50)
-            except asyncio.TimeoutError:
-                pass
+        ticker = asyncio.create_task(self._tick())
+        try:
+            while True:
+                self._wake.clear()  # anything from here on wakes the wait below
+                cfg = node.cfg  # a CONFIG frame replaces it
+                if self._dead is not None:
+                    raise SessionEnded("receive: %r" % (self._dead,))
+                if self.hello_due:
+                    await self._send(writer, self._hello())
+                now = node.clock.now()
+                deadline = None
+                if self._inflight:
+                    deadline = self._inflight[0][3] + cfg["ack_timeout_ms"] - now
+                    if deadline < 0:
+                        raise SessionEnded("no ACK within %d ms" % cfg["ack_timeout_ms"])
+                in_flight = 0
+                for entry in self._inflight:
+                    in_flight += entry[2]
+                pending = node.store.pending()
+                unsent = pending - in_flight
+                wake_at = pending + 1  # nothing to send: the next reading starts a batch
+                if len(self._inflight) >= WINDOW:
+                    wake_at = _NEVER  # only an ACK makes room
+                elif unsent > 0:
+                    wait = 0 if once or unsent >= cfg["batch_max"] else (
+                        self._oldest_unsent_ms() + cfg["send_after_ms"] - now)
+                    if wait <= 0:
+                        frame = self._batch()
+                        if frame is not None:
+                            await self._send(writer, frame)
+                            continue
+                    elif deadline is None or wait < deadline:
+                        deadline = wait
+                    wake_at = in_flight + cfg["batch_max"]  # or when a whole batch waits
+                if once and pending == 0:
+                    return True
+                self._wait_for(deadline, wake_at)
+                await self._wake.wait()
+        finally:
+            ticker.cancel()
