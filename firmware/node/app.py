@@ -12,46 +12,66 @@ import sys
 import time
 import asyncio
 import machine
-import struct
 from micropython import const
 
 import wire
 from node import config, log
 from node.clock import Clock
 from node.link import Link
+from node.rtc import RtcMemory, name_key
 from node.sensors import build_sensors
 from node.state import State
 from node.store import F_PRE_SYNC, Store
 
 VERSION = "0.1.0"
-_RTC_MAGIC = const(0x4B42)  # "KB": RTC memory written by this firmware's deep-sleep cycle
-_RTC_FMT = "<HIIIQqB"  # magic, boot, next seq, last uplink counter, boot ms, offset, synced
-_HOUSEKEEPING_MS = const(250)
+_HOUSEKEEPING_MS = const(250)  # watchdog feed, flush check, pulse counts into RTC memory
 _HEAP_REPORT_MS = const(1000)  # at debug level: how tests and bench watch the heap
 
 
 class Node:
-    def __init__(self, cfg, state, boot, clock):
+    def __init__(self, cfg, state, boot, clock, rtc):
         self.cfg = cfg
         self.state = state
         self.boot = boot
         self.clock = clock
+        self.rtc = rtc
         self.machine = machine
         self.version = VERSION
         self.seq = 0
         self.store = Store(
             cfg["ram_readings"], cfg["flash_readings"], cfg["flash_every"], cfg["flash_after_ms"]
         )
-        self.sensors = None
-        self.build_sensors()
+        self.sensors = build_sensors(self._i2c, cfg["sensors"], self._saved_pulses())
+        self._pulses_moved = False  # counted since the pulse totals last went to flash
         self.link = Link(self)
         self.wdt = None
         self.taken = 0
 
-    def build_sensors(self):
-        if self.sensors is not None:
-            self.sensors.deinit()
-        self.sensors = build_sensors(self._i2c, self.cfg["sensors"])
+    def _saved_pulses(self):
+        # RTC memory holds the newest counts unless the power was cut; flash holds those of
+        # the last state write. The larger is the newer: a count only grows.
+        in_rtc = self.rtc.pulses()
+        counts = {}
+        for entry in self.cfg["sensors"]:
+            if entry["kind"] == "pulse":
+                name = entry["name"]
+                on_flash = self.state.pulses.get(name, 0)
+                if not isinstance(on_flash, int):
+                    on_flash = 0
+                counts[name] = max(on_flash, in_rtc.get(name_key(name), 0))
+        return counts
+
+    def _use_sensors(self, table):
+        """Stop the running sensors, start `table`'s; pulse totals carry over by name."""
+        counts = self.sensors.pulse_counts()
+        self.sensors.deinit()
+        self.sensors = build_sensors(self._i2c, table, counts)
+
+    def save_state(self):
+        """Write the state file with the pulse totals as they are now."""
+        self.state.pulses = self.sensors.pulse_counts()
+        self.state.save()
+        self._pulses_moved = False
 
     def _i2c(self):
         bus = self.cfg["i2c"]
@@ -129,7 +149,7 @@ class Node:
         log.LEVEL = new["log_level"]
         log.info("CONFIG applied: %s", ",".join(settings))
         if sensors_changed:
-            self.build_sensors()
+            self._use_sensors(new["sensors"])
             self.link.request_hello()
         return None
 
@@ -138,7 +158,6 @@ class Node:
         # move past it and start afresh so that new readings get identities it has not seen.
         log.error("gateway has seen boot %d; restarting as boot %d", latest, latest + 1)
         self.state.boot = latest
-        self.state.save()
         self.shutdown()
         machine.reset()
 
@@ -148,16 +167,20 @@ class Node:
         """Before an intentional reset: keep what RAM holds."""
         self.store.flush()
         self._collect_drops()
-        self.state.save()
+        self.rtc.save_pulses(self.sensors.pulses)
+        self.save_state()
 
     async def housekeeping(self):
         good = False
         reported = 0
+        pulses_saved = 0  # boot ms of the last pulse totals on flash
         while True:
             cfg = self.cfg  # a CONFIG frame replaces it
             if self.wdt is not None:
                 self.wdt.feed()
             now = self.clock.now()
+            if self.rtc.save_pulses(self.sensors.pulses):
+                self._pulses_moved = True
             if self.store.maybe_flush(now):
                 log.debug("saved through seq %d", self.store.saved_seq)
             self._collect_drops()
@@ -165,8 +188,12 @@ class Node:
                 reported = now
                 self._report_heap()
             if self.state.drops_unsaved() and self.store.flash_writes:
-                self.state.save()  # with the flash writes the buffer makes anyway
+                self.save_state()  # with the flash writes the buffer makes anyway
                 self.store.flash_writes = 0
+            every = cfg["pulse_flash_s"] * 1000
+            if self._pulses_moved and every and now - pulses_saved >= every:
+                self.save_state()  # RTC memory does not outlive a power cut
+                pulses_saved = now
             if not good and now >= cfg["good_after_ms"]:
                 good = True
                 self.state.mark_good()
@@ -199,29 +226,9 @@ class Node:
             self.wdt.feed()
         self.shutdown()
         self.state.mark_good()
-        rtc_save(self)
+        self.rtc.save_sleep(self.boot, self.seq, self.link.guard.last_sent,
+                            self.clock.now() + self.cfg["deep_sleep_ms"], self.clock.offset)
         machine.deepsleep(self.cfg["deep_sleep_ms"])
-
-
-def rtc_save(node):
-    clock = node.clock
-    synced = clock.offset is not None
-    machine.RTC().memory(struct.pack(
-        _RTC_FMT, _RTC_MAGIC, node.boot, node.seq, node.link.guard.last_sent,
-        clock.now() + node.cfg["deep_sleep_ms"], clock.offset if synced else 0, synced))
-
-
-def rtc_load():
-    """(boot, seq, counter, boot ms, offset) saved before a deep sleep, or None."""
-    if machine.reset_cause() != machine.DEEPSLEEP_RESET:
-        return None
-    raw = machine.RTC().memory()
-    if len(raw) < struct.calcsize(_RTC_FMT):
-        return None
-    magic, boot, seq, counter, ms, offset, synced = struct.unpack_from(_RTC_FMT, raw, 0)
-    if magic != _RTC_MAGIC:
-        return None
-    return boot, seq, counter, ms, offset if synced else None
 
 
 # ----- start-up -----
@@ -273,7 +280,8 @@ def _reboot_after(state, e):
 
 def main():
     state = State()
-    resumed = rtc_load()
+    rtc = RtcMemory()
+    resumed = rtc.load_sleep()
     try:
         cfg = config.load()
     except ValueError as e:
@@ -299,7 +307,7 @@ def main():
             clock.offset = offset
             clock.synced_at = 0  # this boot synced before it slept
     try:
-        node = Node(cfg, state, boot, clock)
+        node = Node(cfg, state, boot, clock, rtc)
         if resumed is not None and cfg["deep_sleep_ms"]:
             node.seq = resumed[1]
             node.link.set_counter(resumed[2])

@@ -25,6 +25,7 @@ DEFAULTS = {
     "deep_sleep_ms": 0,  # > 0: battery mode, read-send-sleep cycles of this length
     "log_level": 2,
     "claim_retry_ms": 30000,  # a claiming board asks its gateway again this often
+    "pulse_flash_s": 600,  # pulse totals go to flash this often (RTC memory keeps them 4/s)
     "i2c": {"id": 0, "scl": 22, "sda": 21},  # the ESP32 DevKit's usual I2C pins
     "sensors": [],
 }
@@ -61,6 +62,7 @@ _POSITIVE = (
     ("deep_sleep_ms", 0, 86400000),
     ("log_level", 0, 3),
     ("claim_retry_ms", 100, 3600000),
+    ("pulse_flash_s", 0, 86400),
 )
 
 

@@ -27,8 +27,8 @@ _STARTUP_MS = const(2)  # datasheet table 1: the chip answers 2 ms after a reset
 _NVM_COPY_MS = const(10)  # im_update lasts well under 1 ms; 10 ms means the chip is stuck
 _MARGIN_MS = const(10)  # over t_measure,max: a slow bus or a late tick, not a stuck chip
 
-# PulseCounter wraps its IRQ count here so it stays a small int (< 2**30 on the ESP32):
-# a bigger int would allocate inside the hard IRQ, which fails and disables the handler.
+# PulseCounter wraps its count here so it stays a small int (< 2**30 on the ESP32): a bigger
+# int is a heap object, which the edge handler would allocate at every pulse.
 PULSE_WRAP = const(0x20000000)
 
 _MAX_SAMPLES = const(64)  # 64 * 3.3 V in uV stays a small int
@@ -212,27 +212,42 @@ class AnalogChannel:
 
 
 class PulseCounter:
-    """Counts pulses on a pin in a hard IRQ; total() is count * per_pulse, never reset."""
+    """Counts pulses on a pin; total() is count * per_pulse and never resets.
 
-    def __init__(self, pin, per_pulse=1.0, pull=Pin.PULL_UP, trigger=Pin.IRQ_FALLING):
+    The ESP32 port runs every pin handler through mp_sched_schedule (its Pin.irq has no hard
+    IRQ), so the handler runs between bytecodes of the main task and only adds one. Edges
+    that arrive while the interpreter is held in C code can be lost (docs/firmware.md).
+    `start` is the count to continue from (a total kept across a reset).
+    """
+
+    def __init__(self, pin, per_pulse=1.0, pull=Pin.PULL_UP, trigger=Pin.IRQ_FALLING, start=0,
+                 name=""):
+        self.name = name  # the key under which the total outlives a reset (node/rtc.py)
         self.per_pulse = float(per_pulse)  # so total() is a float even for "per_pulse": 1
-        self._count = 0
-        self._wraps = 0
+        self._wraps = start // PULSE_WRAP
+        self._count = start % PULSE_WRAP
         self.pin = Pin(pin, Pin.IN, pull)
-        self.pin.irq(self._edge, trigger=trigger, hard=True)
+        self.pin.irq(self._edge, trigger=trigger)
 
     def _edge(self, pin):
-        # Hard IRQ: no allocation. The count wraps before it could outgrow a small int.
+        # One edge: no allocation. The count wraps before it could outgrow a small int.
         c = self._count + 1
         if c == PULSE_WRAP:
             self._wraps += 1
             c = 0
         self._count = c
 
+    def counts(self):
+        """(wraps, count): the pulses as two small ints, read consistently."""
+        # The handler runs between any two bytecodes: re-read if a wrap landed between loads.
+        while True:
+            w = self._wraps
+            c = self._count
+            if w == self._wraps:
+                return w, c
+
     def pulses(self):
         """Pulses counted since start, as an exact int."""
-        # The IRQ preempts this code but is never preempted by it: re-read if a wrap landed
-        # between the two loads.
         while True:
             w = self._wraps
             c = self._count
@@ -271,6 +286,7 @@ class SensorSet:
         self.channels = channels
         self.chips = chips  # the BME280s, each measured once per round
         self.errors = [0] * len(channels)  # failed reads per table entry
+        self.pulses = [ch for ch in channels if isinstance(ch, PulseCounter)]
 
     def __len__(self):
         return len(self.channels)
@@ -301,11 +317,14 @@ class SensorSet:
             n += e
         return n
 
+    def pulse_counts(self):
+        """{name: pulses} of the pulse counters: what a new table or the next boot continues."""
+        return {pc.name: pc.pulses() for pc in self.pulses}
+
     def deinit(self):
-        """Stop the pulse counters' IRQs."""
-        for ch in self.channels:
-            if isinstance(ch, PulseCounter):
-                ch.deinit()
+        """Stop the pulse counters' handlers."""
+        for pc in self.pulses:
+            pc.deinit()
 
 
 def _need(entry, key):
@@ -314,10 +333,11 @@ def _need(entry, key):
     return entry[key]
 
 
-def build_sensors(i2c_factory, table):
+def build_sensors(i2c_factory, table, counts=None):
     """A SensorSet for the config's sensor table; ValueError names a bad entry.
 
-    i2c_factory() is called once, and only if the table has a BME280.
+    i2c_factory() is called once, and only if the table has a BME280. `counts` maps a pulse
+    sensor's name to the pulses it continues from.
     """
     atten = {0: ADC.ATTN_0DB, 2.5: ADC.ATTN_2_5DB, 6: ADC.ATTN_6DB, 11: ADC.ATTN_11DB}
     pulls = {"up": Pin.PULL_UP, "down": Pin.PULL_DOWN, "none": None}
@@ -361,8 +381,10 @@ def build_sensors(i2c_factory, table):
                 edge = entry.get("edge", "falling")
                 if pull not in pulls or edge not in edges:
                     raise ValueError("pull must be up/down/none and edge falling/rising")
+                name = entry.get("name")
                 channels.append(PulseCounter(pin, entry.get("per_pulse", 1.0), pulls[pull],
-                                             edges[edge]))
+                                             edges[edge], counts.get(name, 0) if counts else 0,
+                                             name))
         except (ValueError, TypeError, AttributeError) as e:
             SensorSet(channels, ()).deinit()  # no IRQ left armed by a half-built table
             name = entry.get("name") if isinstance(entry, dict) else None

@@ -1,9 +1,12 @@
 # Counters that must outlive a reboot: the boot counter (part of every reading's identity and
 # of the replay window), the run of boots that never became good (safe mode), the drop
-# counters reported in HELLO (cumulative since provisioning), and each recent boot's clock
-# offset (so that readings buffered on flash can be stamped after a reboot).
+# counters reported in HELLO (cumulative since provisioning), each recent boot's clock
+# offset (so that readings buffered on flash can be stamped after a reboot), and the pulse
+# sensors' totals as of the last write (RTC memory has newer ones unless the power was cut:
+# node/rtc.py).
 # Written atomically, and rarely: at boot, when a boot becomes good, on the first clock sync
-# of a boot, and together with buffer flushes when the drop counters moved.
+# of a boot, together with buffer flushes when the drop counters moved, every `pulse_flash_s`
+# while pulses come in, and before an intentional reset.
 import json
 import os
 
@@ -20,6 +23,7 @@ class State:
         self.offsets = {}  # boot -> Unix ms minus the boot's monotonic ms
         self.safe_reason = ""
         self.last_error = ""  # why the last boot crashed: safe mode reports it
+        self.pulses = {}  # pulse sensor name -> pulses counted since provisioning
         self._saved_drops = [0, 0, 0]
         try:
             with open(path) as f:
@@ -34,6 +38,7 @@ class State:
         self.offsets = {int(b): o for b, o in saved.get("offsets", {}).items()}
         self.safe_reason = saved.get("safe_reason", "")
         self.last_error = saved.get("last_error", "")
+        self.pulses = saved.get("pulses", {})
         self._saved_drops = list(self.drops)
 
     def save(self):
@@ -44,6 +49,7 @@ class State:
             "offsets": {str(b): o for b, o in self.offsets.items()},
             "safe_reason": self.safe_reason,
             "last_error": self.last_error,
+            "pulses": self.pulses,
         }
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
