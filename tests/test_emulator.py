@@ -160,11 +160,12 @@ def test_watchdog_resets_a_hung_main_loop(board):
     assert "hanging" in board.console.text()
 
 
-def test_watchdog_refuses_a_timeout_below_the_esp32_minimum(board):
+def test_watchdog_refuses_a_timeout_the_esp32_port_refuses(board):
+    # The port takes any timeout above 0 ms (ports/esp32/machine_wdt.c), and so does the board.
     boot_with(board, "pass\n")
     repl = connect(board.tty_path)
-    with pytest.raises(RemoteError, match="1000 ms"):
-        repl.exec("import machine\nmachine.WDT(timeout=500)")
+    with pytest.raises(RemoteError, match="ValueError: WDT timeout too short"):
+        repl.exec("import machine\nmachine.WDT(timeout=0)")
 
 
 def test_serial_port_path_is_stable_across_resets(board):
@@ -206,26 +207,29 @@ def test_adc_reads_the_voltage_set_on_the_analog_source(board):
 
 
 def test_meter_pulses_reach_the_pin_irq_handler(board):
+    # As on the ESP32 port, the handler is scheduled (micropython.schedule) and runs while the
+    # main program runs; 200 pulses a second is well within what the schedule queue keeps up.
     pulses = PulseSource(27)
     board.attach_pulses(27, pulses)
     main = (
-        "import machine\n"
+        "import machine, time\n"
         "count = 0\n"
         "def on_pulse(pin):\n"
         "    global count\n"
         "    count += 1\n"
         "pin = machine.Pin(27, machine.Pin.IN, machine.Pin.PULL_UP)\n"
-        "pin.irq(on_pulse, trigger=machine.Pin.IRQ_FALLING, hard=True)\n"
+        "pin.irq(on_pulse, trigger=machine.Pin.IRQ_FALLING)\n"
         "print('armed')\n"
+        "start = time.ticks_ms()\n"
+        "while count < 250 and time.ticks_diff(time.ticks_ms(), start) < 10000:\n"
+        "    time.sleep_ms(1)\n"
+        "print('counted', count)\n"
     )
     boot_with(board, main, "armed")
+    pulses.start(200, count=250)
+    board.console.wait_for("counted", timeout=15)
     board.console.wait_for(">>> ")
-    pulses.pulses(250)
-    repl = connect(board.tty_path)
-    deadline = time.monotonic() + 5
-    while repl.eval("count") != 250 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert repl.eval("count") == pulses.emitted == 250
+    assert connect(board.tty_path).eval("count") == pulses.emitted == 250
 
 
 def test_heap_cap_makes_large_allocations_fail_with_memory_error(emulator):

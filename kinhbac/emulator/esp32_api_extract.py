@@ -99,6 +99,9 @@ IDF_CONFIG: dict[str, int] = {
     "ADC_ATTEN_DB_12": 3,
     "WIFI_IF_STA": 0,
     "WIFI_IF_AP": 1,
+    "WIFI_PS_NONE": 0,
+    "WIFI_PS_MIN_MODEM": 1,
+    "WIFI_PS_MAX_MODEM": 2,
     "WIFI_REASON_BEACON_TIMEOUT": 200,
     "WIFI_REASON_NO_AP_FOUND": 201,
     "WIFI_REASON_AUTH_FAIL": 202,
@@ -268,8 +271,8 @@ class Macro:
     lines: list[Line]  # the #define's physical lines, for tables built from macros
 
 
-_TOKEN = re.compile(r"\s*(0[xX][0-9a-fA-F]+[uUlL]*|\d+[uUlL]*|[A-Za-z_]\w*|&&|\|\||<<|>>|<=|>=|==|!=|"
-                    r"\"(?:\\.|[^\"])*\"|'(?:\\.|[^'])*'|\S)")
+_TOKEN = re.compile(r"\s*(0[xX][0-9a-fA-F]+[uUlL]*|\d+[uUlL]*|[A-Za-z_]\w*|&&|\|\||<<|>>|"
+                    r"<=|>=|==|!=|\"(?:\\.|[^\"])*\"|'(?:\\.|[^'])*'|\S)")
 
 
 def tokens(text: str) -> list[str]:
@@ -1059,7 +1062,8 @@ class Reader:
         if depth < 2:
             for cm in re.finditer(r"\b([a-z_][a-z0-9_]*)\s*\(", body):
                 name = cm.group(1)
-                if name in seen or name.startswith(("mp_", "esp_", "gpio_", "adc", "rtc_")):
+                # Helpers of this file only (mp_machine_* ones included); not ESP-IDF's.
+                if name in seen or name.startswith(("esp_", "gpio_", "adc", "rtc_")):
                     continue
                 seen.add(name)
                 fn = self.src.function(name, u) if re.search(

@@ -5,6 +5,7 @@ import _flash
 
 _TABLE_OFFSET = 0x8000
 _ENTRY_SIZE = 32
+_ENOENT = 2  # no partition of that label: the port raises OSError(ENOENT)
 
 
 class Partition:
@@ -14,21 +15,29 @@ class Partition:
     TYPE_DATA = 1
 
     def __init__(self, id, block_size=4096):
-        if id in (Partition.BOOT, Partition.RUNNING):
-            entry = _find(Partition.TYPE_APP, 0x10, None)[0]  # OTA bookkeeping comes later
-        elif isinstance(id, str):
+        if isinstance(id, str):
             found = _find(None, 0xFF, id)
             if not found:
-                raise ValueError("no partition labelled " + id)
+                raise OSError(_ENOENT)
             entry = found[0]
+        elif id in (Partition.BOOT, Partition.RUNNING):
+            entry = _find(Partition.TYPE_APP, 0x10, None)[0]  # OTA bookkeeping comes later
         else:
-            entry = id
+            raise ValueError()
+        self._take(entry, block_size)
+
+    def _take(self, entry, block_size):
         self._type, self._subtype, self._offset, self._size, self._label = entry
         self._block_size = block_size
 
     @staticmethod
     def find(type=TYPE_APP, subtype=0xFF, label=None, block_size=4096):
-        return [Partition(e, block_size) for e in _find(type, subtype, label)]
+        found = []
+        for entry in _find(type, subtype, label):
+            p = object.__new__(Partition)  # not through __init__, which takes a label or id
+            p._take(entry, block_size)
+            found.append(p)
+        return found
 
     def info(self):
         return (self._type, self._subtype, self._offset, self._size, self._label, False)

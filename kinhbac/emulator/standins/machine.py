@@ -10,9 +10,22 @@ WDT_RESET = 3
 DEEPSLEEP_RESET = 4
 SOFT_RESET = 5
 
+SLEEP = 2
+DEEPSLEEP = 4
+
 PIN_WAKE = 2
 EXT0_WAKE = 2
+EXT1_WAKE = 3
 TIMER_WAKE = 4
+TOUCHPAD_WAKE = 5
+ULP_WAKE = 6
+
+# The ESP32's GPIOs as bit masks (no tables on the heap): the port's pin table has GPIO0-23,
+# 25-27 and 32-39 (ports/esp32/machine_pin.h), 34-39 are inputs only, and the ADC reaches
+# GPIO0, 2, 4, 12-15, 25-27 and 32-39 (ports/esp32/machine_adc.c).
+_GPIO_MASK = 0xFF0EFFFFFF
+_ADC_MASK = 0xFF0E00F015
+_FIRST_INPUT_ONLY = 34
 
 _reset_cause = int(_hw.env("RESET_CAUSE", "1"))
 _unique_id = bytes.fromhex(_hw.env("MAC", "240ac4000001"))
@@ -42,7 +55,7 @@ def disable_irq():
     return 0
 
 
-def enable_irq(state=0):
+def enable_irq(state):
     pass
 
 
@@ -57,7 +70,8 @@ def reset():
     _halt()
 
 
-def soft_reset():
+def soft_reset(retval=None):
+    # The port's soft_reset is sys.exit, hence the optional argument it ignores.
     _hw.call(_hw.OP_RESET, SOFT_RESET)
     _halt()
 
@@ -71,6 +85,9 @@ def lightsleep(time_ms=0):
     time.sleep_ms(time_ms)
 
 
+sleep = lightsleep
+
+
 class Pin:
     IN = 1
     OUT = 3
@@ -80,27 +97,34 @@ class Pin:
     IRQ_RISING = 1
     IRQ_FALLING = 2
 
-    def __init__(self, id, mode=-1, pull=-1, *, value=None):
-        self.id = id
+    def __init__(self, id, mode=None, pull=-1, *, value=None, drive=None, hold=None):
+        if isinstance(id, Pin):
+            id = id._id
+        if not isinstance(id, int) or not 0 <= id < 40 or not _GPIO_MASK >> id & 1:
+            raise ValueError("invalid pin")
+        self._id = id
         self._trigger = 0
-        self.init(mode, pull, value=value)
+        self.init(mode, pull, value=value, drive=drive, hold=hold)
 
-    def init(self, mode=-1, pull=-1, *, value=None):
-        if mode != -1:
+    def init(self, mode=None, pull=-1, *, value=None, drive=None, hold=None):
+        # drive and hold set pad strength and hold: nothing the emulator models.
+        if mode is not None:
+            if mode & 2 and self._id >= _FIRST_INPUT_ONLY:  # GPIO_MODE_DEF_OUTPUT
+                raise ValueError("pin can only be input")
             self._mode = mode
         if pull != -1:
             self._pull = pull
-            if self.id not in _hw.pin_levels:
-                _hw.pin_levels[self.id] = 1 if pull == Pin.PULL_UP else 0
+            if self._id not in _hw.pin_levels:
+                _hw.pin_levels[self._id] = 1 if pull == Pin.PULL_UP else 0
         if value is not None:
             self.value(value)
 
     def value(self, v=None):
         if v is None:
-            return _hw.pin_levels.get(self.id, 0)
+            return _hw.pin_levels.get(self._id, 0)
         level = 1 if v else 0
-        _hw.pin_levels[self.id] = level
-        _hw.call(_hw.OP_PIN_WRITE, self.id, b"\x01" if level else b"\x00")
+        _hw.pin_levels[self._id] = level
+        _hw.call(_hw.OP_PIN_WRITE, self._id, b"\x01" if level else b"\x00")
 
     def __call__(self, v=None):
         return self.value(v)
@@ -111,13 +135,15 @@ class Pin:
     def off(self):
         self.value(0)
 
-    def irq(self, handler=None, trigger=3, *, wake=None, hard=False):
+    def irq(self, handler=None, trigger=3, wake=None, *, hard=False):
+        # The ESP32 port has no `hard` (it schedules every pin handler): the keyword stays only
+        # until firmware/node/sensors.py stops passing it (tests/test_esp32_api_conformance.py).
         self._trigger = trigger if handler else 0
-        _hw.set_irq(self.id, self, handler, hard)
-        _hw.call(_hw.OP_PIN_IRQ, self.id, bytes((self._trigger,)))
+        _hw.set_irq(self._id, self, handler, hard)
+        _hw.call(_hw.OP_PIN_IRQ, self._id, bytes((self._trigger,)))
 
     def __repr__(self):
-        return "Pin(%d)" % self.id
+        return "Pin(%d)" % self._id
 
 
 class Signal:
@@ -138,13 +164,15 @@ class Signal:
 
 
 def _pin_id(pin):
-    return pin.id if isinstance(pin, Pin) else pin
+    return pin._id if isinstance(pin, Pin) else Pin(pin)._id
 
 
 class I2C:
     """A hardware I2C bus; each transaction goes to the device models wired to it."""
 
-    def __init__(self, id=0, *, scl=None, sda=None, freq=400000, timeout=50000):
+    def __init__(self, id, *, scl=None, sda=None, freq=400000, timeout=50000):
+        if id not in (0, 1):
+            raise ValueError("I2C(%d) doesn't exist" % id)
         self._bus = id
         self._prefix = bytearray(1)
 
@@ -170,21 +198,30 @@ class I2C:
         self.readfrom_into(addr, buf)
         return bytes(buf)
 
-    def writeto_mem(self, addr, memaddr, buf, *, addrsize=8):
-        self.writeto(addr, bytes((memaddr,)) + bytes(buf))
+    # The port's C names the third argument of the *_mem methods "arg" (extmod/machine_i2c.c),
+    # so that is the keyword it takes, not "buf" or "nbytes".
+    def writeto_mem(self, addr, memaddr, arg, *, addrsize=8):
+        self.writeto(addr, bytes((memaddr,)) + bytes(arg))
 
-    def readfrom_mem_into(self, addr, memaddr, buf, *, addrsize=8):
+    def readfrom_mem_into(self, addr, memaddr, arg, *, addrsize=8):
         self._prefix[0] = memaddr
         self.writeto(addr, self._prefix, False)
-        self.readfrom_into(addr, buf)
+        self.readfrom_into(addr, arg)
 
-    def readfrom_mem(self, addr, memaddr, nbytes, *, addrsize=8):
-        buf = bytearray(nbytes)
+    def readfrom_mem(self, addr, memaddr, arg, *, addrsize=8):
+        buf = bytearray(arg)
         self.readfrom_mem_into(addr, memaddr, buf)
         return bytes(buf)
 
 
-SoftI2C = I2C
+class SoftI2C(I2C):
+    """A bit-banged bus on any two pins; the emulator wires it to bus 0's devices."""
+
+    def __init__(self, scl, sda, *, freq=400000, timeout=50000):
+        _pin_id(scl)  # a wrong pin fails as on the port
+        _pin_id(sda)
+        self._bus = 0
+        self._prefix = bytearray(1)
 
 
 class ADC:
@@ -199,10 +236,17 @@ class ADC:
 
     def __init__(self, pin, *, atten=None):
         self._pin = _pin_id(pin)
+        if not _ADC_MASK >> self._pin & 1:
+            raise ValueError("invalid pin")
+        self.init(atten=atten)
+
+    def init(self, *, atten=None):
         if atten is not None:
             self.atten(atten)
 
     def atten(self, atten):
+        if not 0 <= atten <= 3:
+            raise ValueError("invalid atten")
         _hw.call(_hw.OP_ADC_ATTEN, self._pin, bytes((atten,)))
 
     def width(self, bits):
@@ -225,8 +269,10 @@ class WDT:
     """The task watchdog: once started it cannot be stopped, and the emulator enforces it."""
 
     def __init__(self, id=0, timeout=5000):
-        if timeout < 1000:
-            raise ValueError("WDT timeout too short: the ESP32 minimum is 1000 ms")
+        if id != 0:
+            raise ValueError()
+        if timeout <= 0:  # any positive timeout: ESP-IDF's task watchdog counts in ms
+            raise ValueError("WDT timeout too short")
         _hw.call(_hw.OP_WDT_START, 0, struct.pack("<I", timeout))
 
     def feed(self):
@@ -236,8 +282,11 @@ class WDT:
 class RTC:
     _MEMORY_SIZE = 2048
 
-    def __init__(self, id=0):
+    def __init__(self):
         pass
+
+    def init(self, date):
+        self.datetime(date)
 
     def datetime(self, dt=None):
         if dt is None:
@@ -250,5 +299,5 @@ class RTC:
         if data is None:
             return bytes(_hw.call(_hw.OP_RTC_MEM_READ))
         if len(data) > self._MEMORY_SIZE:
-            raise ValueError("RTC memory holds at most 2048 bytes")
+            raise ValueError("buffer too long")
         _hw.call(_hw.OP_RTC_MEM_WRITE, 0, data)
