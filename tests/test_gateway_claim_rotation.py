@@ -198,6 +198,8 @@ def test_a_gateway_picks_up_a_rotated_key_and_takes_the_old_one_only_until_the_o
         answer = on_old.claim(gateway.port)  # the gateway now holds both: the old is previous
         assert answer is not None and answer.reason == wire.CLAIM_PENDING
         assert time.monotonic() - rotated_at < overlap_s, "too slow to test the overlap"
+        assert "the site's claim key was rotated (now " in gateway.log()
+        assert "the previous one is taken until " in gateway.log()
         wait_until(lambda: {after.wire_id, on_old.wire_id} <= pending_at(site), 5,
                    "both claims pending in the fleet")
 

@@ -21,7 +21,7 @@ import urllib.request
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -198,11 +198,11 @@ class _KeyTable:
     during a rotation's overlap the previous one, until its expiry by this gateway's clock)."""
 
     _listing: Listing
-    # The wall clock, not the monotonic one: the previous claim key's expiry is a date, and
-    # a gateway that cannot reach the fleet must stop taking that key on time by itself.
-    _clock: Callable[[], float] = staticmethod(time.time)
 
     def __init__(self) -> None:
+        # The wall clock, not the monotonic one: the previous claim key's expiry is a date,
+        # and a gateway that cannot reach the fleet must stop taking that key on time itself.
+        self._clock: Callable[[], float] = time.time
         # Claiming devices whose last CLAIM verified under the previous claim key (only
         # authenticated frames add one, and at most MAX_CLAIMS_KEPT are remembered).
         self._on_previous: OrderedDict[bytes, None] = OrderedDict()
@@ -456,6 +456,7 @@ class FleetKeyStore(_KeyTable):
                      self._failures)
         self._failing, self._failures = None, 0
         old, keys = self._listing.keys, listing.keys
+        old_claim_key = self._listing.claim_key
         self._listing = listing
         added = [d for d in keys if d not in old]
         gone = [d for d in old if d not in keys]
@@ -463,6 +464,15 @@ class FleetKeyStore(_KeyTable):
         if added or gone or rekeyed or not self._fetched:
             log.info("device keys from the fleet: %d; added %s, withdrawn %s, re-keyed %s",
                      len(keys), _ids(added), _ids(gone), _ids(rekeyed))
+        if old_claim_key is not None \
+                and old_claim_key.fingerprint != _fingerprint(listing.claim_key):
+            previous = listing.previous_claim_key
+            until = ("the previous one is taken until "
+                     + datetime.fromtimestamp(previous.expires, UTC).isoformat()
+                     if previous is not None and previous.expires is not None
+                     else "the previous one is no longer taken")
+            log.warning("the site's claim key was rotated (now %s): %s",
+                        _fingerprint(listing.claim_key), until)
         self._fetched = True
 
     # ----- claims -----
@@ -553,6 +563,10 @@ def _rate_limited(exc: urllib.error.HTTPError) -> FetchError:
     finally:
         exc.close()
     return FetchError("rate_limited", f"the fleet answered HTTP 429: {detail}", retry_after)
+
+
+def _fingerprint(key: ClaimKey | None) -> str:
+    return key.fingerprint if key is not None else "none"
 
 
 def _ids(device_ids: list[bytes], most: int = 5) -> str:

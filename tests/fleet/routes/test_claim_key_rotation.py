@@ -13,7 +13,7 @@ from kinhbac import wire
 from kinhbac.claim_keys import fingerprint
 from kinhbac.fleet import provisioning, sites
 from kinhbac.fleet.audit import CLI
-from kinhbac.fleet.models import AuditEntry, ClaimCreate, Role, utcnow
+from kinhbac.fleet.models import AuditEntry, ClaimCreate, Gateway, Role, utcnow
 
 from ..utils import bearer, make_gateway, make_site, make_user, random_mac
 
@@ -255,8 +255,7 @@ def test_a_claim_recorded_before_any_rotation_is_approved_under_the_key_it_was_m
     site, gateway = site_gateway
     old = key_now(session, box, site)
     legacy = a_claim(None)
-    gateway_row = session.exec(select(provisioning.Gateway).where(
-        provisioning.Gateway.site_id == site.id)).one()
+    gateway_row = session.exec(select(Gateway).where(Gateway.site_id == site.id)).one()
     provisioning.record_claim(session, gateway_row, CLI, ClaimCreate(**legacy))
     rotate(client, site, admin)
 
