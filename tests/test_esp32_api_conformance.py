@@ -69,13 +69,6 @@ NOT_EMULATED = {
     "socket": {"SO_BINDTODEVICE"},
 }
 
-# Differences the stand-ins keep for now, each until the fix named: (name, keyword).
-TEMPORARY = {
-    # The firmware's PulseCounter still arms its pin with hard=True; its fix is under way.
-    # Remove this, `hard` from the stand-in's Pin.irq and the xfail below together.
-    ("machine.Pin.irq", "hard"),
-}
-
 # Constants whose value must be the host's: the stand-in socket hands them to the host's
 # sockets (Linux numbers, where lwIP on an ESP32 has its own).
 HOST_VALUES = {"socket.SOL_SOCKET", "socket.SO_REUSEADDR", "socket.SO_BROADCAST",
@@ -322,8 +315,6 @@ def wrong_call_probes() -> dict[str, tuple[str, str]]:
             call = ", ".join(base + ["kinhbac_no_such_keyword=1"])
             probes[f"{target}({call})"] = (f"{qual} with an unknown keyword", "bad_keyword")
             for name in _keywords_only_the_stand_in_takes(sig, source[qual]["sig"]):
-                if (qual, name) in TEMPORARY:
-                    continue
                 call = ", ".join(base + [f"{name}=None"])
                 probes[f"{target}({call})"] = (f"{qual} with keyword {name!r}", "bad_keyword")
         if p_min > 0:
@@ -468,8 +459,6 @@ def test_stand_in_signatures_take_the_ports_arguments():
         if sig is None or mine is None or "sig" not in mine:
             continue
         for problem in signature_mismatches(sig, mine["sig"]):
-            if any(q == qual and f"keyword {name!r}," in problem for q, name in TEMPORARY):
-                continue
             problems.append(f"{qual} ({mine['line']}) {problem}; the port: "
                             f"{esp32_api.describe(sig)} ({sig.get('src')})")
     assert not problems, "\n".join(problems)
@@ -484,8 +473,6 @@ def test_wrong_calls_raise_what_the_port_raises(board_run):
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.xfail(("machine.Pin.irq", "hard") in TEMPORARY, strict=True,
-                   reason="the stand-in takes hard= until the firmware stops passing it")
 def test_pin_irq_refuses_hard_as_the_port_does(board_run):
     # The ESP32 port has no hard IRQ: every pin handler goes through mp_sched_schedule.
     assert "hard" not in [p["name"] for p in esp32_api.lookup("machine.Pin.irq")["sig"]["params"]]

@@ -18,11 +18,7 @@ WIRE = REPO / "kinhbac" / "wire.py"
 
 # Findings in firmware/ that its owner is fixing: (file, name, words of the problem). Each
 # matches one violation; any other violation fails the test. Remove an entry with its fix.
-KNOWN_VIOLATIONS: list[tuple[str, str, str]] = [
-    # PulseCounter arms its pin with hard=True: the ESP32 port's Pin.irq has no such keyword
-    # (ports/esp32/machine_pin.c:293) and refuses the call; the firmware fix is under way.
-    ("firmware/node/sensors.py", "machine.Pin.irq", "'hard'"),
-]
+KNOWN_VIOLATIONS: list[tuple[str, str, str]] = []
 
 
 def firmware_violations():

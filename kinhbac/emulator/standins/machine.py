@@ -135,11 +135,10 @@ class Pin:
     def off(self):
         self.value(0)
 
-    def irq(self, handler=None, trigger=3, wake=None, *, hard=False):
-        # The ESP32 port has no `hard` (it schedules every pin handler): the keyword stays only
-        # until firmware/node/sensors.py stops passing it (tests/test_esp32_api_conformance.py).
+    def irq(self, handler=None, trigger=3, wake=None):
+        # No `hard`: the ESP32 port runs every pin handler through micropython.schedule.
         self._trigger = trigger if handler else 0
-        _hw.set_irq(self._id, self, handler, hard)
+        _hw.set_irq(self._id, self, handler, False)
         _hw.call(_hw.OP_PIN_IRQ, self._id, bytes((self._trigger,)))
 
     def __repr__(self):
