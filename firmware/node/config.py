@@ -1,6 +1,10 @@
 # The node's configuration: one JSON file on flash, always replaced atomically (write a
 # temporary file, close it, rename it over the old one: littlefs renames atomically), so a
 # power cut leaves either the old file or the new one, never half of each.
+#
+# Every check is made here, the sensor table's included (node/table.py), so that a
+# configuration is judged whole before anything is saved or stopped: at boot a bad file means
+# safe mode with the reason, and a bad CONFIG frame is refused while the node keeps running.
 import json
 import os
 
@@ -66,8 +70,20 @@ _POSITIVE = (
 )
 
 
+class ConfigError(ValueError):
+    """A configuration refused; its text starts with the field, e.g. "sensors[2].pin: ...".
+
+    `unsupported`: a setting the gateway may not change at all (wire UNSUPPORTED), as opposed
+    to a value that is wrong (BAD_PAYLOAD).
+    """
+
+    def __init__(self, text, unsupported=False):
+        super().__init__(text)
+        self.unsupported = unsupported
+
+
 def _fail(msg):
-    raise ValueError("config: " + msg)
+    raise ConfigError(msg)
 
 
 def claiming(cfg):
@@ -105,7 +121,7 @@ def _validate_claim(cfg):
 
 
 def validate(cfg):
-    """Raise ValueError naming the first bad field."""
+    """Raise ConfigError naming the first bad field."""
     for name in ("wifi", "gateway"):
         if name not in cfg:
             _fail("missing " + name)
@@ -122,32 +138,40 @@ def validate(cfg):
         _fail("gateway needs a host and a port")
     for name, low, high in _POSITIVE:
         value = cfg[name]
-        if not isinstance(value, int) or not low <= value <= high:
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             _fail("%s must be a whole number from %d to %d" % (name, low, high))
     if cfg["flash_every"] > cfg["ram_readings"]:
         _fail("flash_every cannot exceed ram_readings")
-    if not isinstance(cfg["sensors"], list) or len(cfg["sensors"]) > 255:
-        _fail("sensors must be a list of at most 255 entries")
-    for entry in cfg["sensors"]:
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            _fail("each sensor needs a name")
+    from node.sensors import check_table
+
+    try:
+        check_table(cfg["sensors"], cfg["i2c"])
+    except ValueError as e:  # the table's rules name the field too ("sensors[2].pin: ...")
+        raise ConfigError(str(e))
 
 
 def load(path=PATH):
-    """The saved configuration over the defaults; ValueError names what is wrong."""
+    """The saved configuration over the defaults; ValueError ("config: ...") names what is wrong."""
     try:
         with open(path) as f:
             saved = json.load(f)
     except OSError:
-        _fail("no " + path + " on flash: provision the node first")
+        _fail_load("no " + path + " on flash: provision the node first")
     except ValueError:
-        _fail(path + " is not valid JSON")
+        _fail_load(path + " is not valid JSON")
     if not isinstance(saved, dict):
-        _fail(path + " must hold a JSON object")
+        _fail_load(path + " must hold a JSON object")
     cfg = dict(DEFAULTS)
     cfg.update(saved)
-    validate(cfg)
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        _fail_load(str(e))
     return cfg
+
+
+def _fail_load(msg):
+    raise ValueError("config: " + msg)
 
 
 def save(cfg, path=PATH):
@@ -158,10 +182,14 @@ def save(cfg, path=PATH):
 
 
 def apply_remote(cfg, settings):
-    """A copy of cfg with a CONFIG frame's settings applied; ValueError if any is refused."""
+    """A copy of cfg with a CONFIG frame's settings applied; ConfigError if any is refused.
+
+    The whole result is checked, the sensor table to the last pin: nothing is saved or
+    stopped for a CONFIG that would not run.
+    """
     for name in settings:
         if name not in REMOTE:
-            raise ValueError("setting not changeable remotely: " + name)
+            raise ConfigError(name + ": not changeable remotely", unsupported=True)
     new = dict(cfg)
     new.update(settings)
     validate(new)

@@ -27,6 +27,18 @@ WINDOW = const(4)  # READINGS frames in flight: enough to fill the link, little 
 WIFI_TIMEOUT_MS = const(15000)
 _TICK_MS = const(50)  # how late a deadline may be noticed; a tick allocates nothing
 _NEVER = const(0x3FFFFFFF)  # a pending count the store never reaches: readings wake no one
+_DETAIL_MAX = const(160)  # bytes of an ERROR's text: the field and what is wrong with it
+
+
+def _cut(text, limit):
+    """`text` cut to at most `limit` bytes of UTF-8, never inside a character."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    while limit and data[limit] & 0xC0 == 0x80:
+        limit -= 1
+    return data[:limit].decode()
+
 
 def wire_reset_cause(machine):
     """machine.reset_cause() as the wire's code: the numbers differ between ports."""
@@ -246,11 +258,12 @@ class Link:
 
     async def _on_other(self, msg, writer):
         if msg.type == wire.CONFIG:
-            err = self.node.on_config(msg.settings)
-            if err and writer is not None:
+            refused = self.node.on_config(msg.settings)
+            if refused is not None and writer is not None:
+                reason, detail = refused
                 frame = wire.encode_error(
-                    self.key, self.node.boot, self.guard.next_counter(), wire.UNSUPPORTED,
-                    msg.counter, err[:100], False)
+                    self.key, self.node.boot, self.guard.next_counter(), reason,
+                    msg.counter, _cut(detail, _DETAIL_MAX), False)
                 await self._send(writer, frame)
         elif msg.type == wire.ERROR_DOWN:
             if msg.reason == wire.STALE_BOOT:

@@ -1,6 +1,7 @@
 # Sensor drivers for the node: a BME280 on I2C, ADC channels, meter pulse counters, and the
 # sensor set that turns the config's sensor table into readings, one round at a time.
 import struct
+import sys
 import time
 from errno import EIO, ENODEV, ETIMEDOUT
 
@@ -31,7 +32,7 @@ _MARGIN_MS = const(10)  # over t_measure,max: a slow bus or a late tick, not a s
 # int is a heap object, which the edge handler would allocate at every pulse.
 PULSE_WRAP = const(0x20000000)
 
-_MAX_SAMPLES = const(64)  # 64 * 3.3 V in uV stays a small int
+MAX_SAMPLES = const(64)  # 64 * 3.3 V in uV stays a small int
 _FIELDS = ("temperature", "pressure", "humidity")
 
 
@@ -194,8 +195,8 @@ class AnalogChannel:
     """An ADC pin read as volts * scale + offset, averaged over `samples` reads."""
 
     def __init__(self, pin, scale=1.0, offset=0.0, atten=ADC.ATTN_11DB, samples=1):
-        if not 1 <= samples <= _MAX_SAMPLES:
-            raise ValueError("samples must be 1..%d" % _MAX_SAMPLES)
+        if not 1 <= samples <= MAX_SAMPLES:
+            raise ValueError("samples must be 1..%d" % MAX_SAMPLES)
         self.adc = ADC(Pin(pin), atten=atten)
         self.samples = samples
         self.scale = float(scale)
@@ -327,66 +328,63 @@ class SensorSet:
             pc.deinit()
 
 
-def _need(entry, key):
-    if key not in entry:
-        raise ValueError("missing %r" % key)
-    return entry[key]
+# ----- the sensor table -----
+
+
+def check_table(table, i2c=None):
+    """ValueError naming the first bad field ("sensors[2].pin: ..."); touches no hardware.
+
+    Everything build_sensors() would refuse is refused here, so that a new table can be
+    judged before the old one stops. `i2c` is the config's bus, checked with the table.
+    The rules live in node/table.py, imported for the check and dropped after it: a node
+    needs them only at boot and when a CONFIG brings a table, and kept they would hold
+    about 4 KB of heap for good (their bytecode and texts, unix port).
+    """
+    import node.table
+
+    try:
+        node.table.check(table, i2c)
+    finally:
+        del sys.modules["node.table"]
+        delattr(node, "table")
 
 
 def build_sensors(i2c_factory, table, counts=None):
-    """A SensorSet for the config's sensor table; ValueError names a bad entry.
+    """A SensorSet for the config's sensor table; ValueError names a bad field.
 
     i2c_factory() is called once, and only if the table has a BME280. `counts` maps a pulse
     sensor's name to the pulses it continues from.
     """
+    check_table(table)
     atten = {0: ADC.ATTN_0DB, 2.5: ADC.ATTN_2_5DB, 6: ADC.ATTN_6DB, 11: ADC.ATTN_11DB}
     pulls = {"up": Pin.PULL_UP, "down": Pin.PULL_DOWN, "none": None}
     edges = {"falling": Pin.IRQ_FALLING, "rising": Pin.IRQ_RISING}
     channels = []
     chips = {}
-    pins = {}
     i2c = None
-    for index, entry in enumerate(table):
-        try:
-            kind = entry.get("kind")
+    try:
+        for entry in table:
+            kind = entry["kind"]
             if kind == "bme280":
-                field = _need(entry, "field")
-                if field not in _FIELDS:
-                    raise ValueError("field %r is not temperature, pressure or humidity" % field)
                 address = entry.get("address", 0x76)
-                if address not in (0x76, 0x77):
-                    raise ValueError("a BME280 answers at 0x76 or 0x77, not %r" % address)
                 chip = chips.get(address)
                 if chip is None:
                     if i2c is None:
                         i2c = i2c_factory()
                     chip = chips[address] = BME280(i2c, address)
-                channels.append(_Field(chip, _FIELDS.index(field)))
-                continue
-            if kind not in ("adc", "pulse"):
-                raise ValueError("unknown kind %r" % kind)
-            pin = _need(entry, "pin")
-            if pin in pins:
-                raise ValueError("pin %r is already used by sensor %d" % (pin, pins[pin]))
-            pins[pin] = index
-            if kind == "adc":
-                db = entry.get("atten", 11)
-                if db not in atten:
-                    raise ValueError("atten must be 0, 2.5, 6 or 11 dB, not %r" % db)
-                channels.append(AnalogChannel(pin, entry.get("scale", 1.0),
-                                              entry.get("offset", 0.0), atten[db],
+                channels.append(_Field(chip, _FIELDS.index(entry["field"])))
+            elif kind == "adc":
+                channels.append(AnalogChannel(entry["pin"], entry.get("scale", 1.0),
+                                              entry.get("offset", 0.0),
+                                              atten[entry.get("atten", 11)],
                                               entry.get("samples", 1)))
             else:
-                pull = entry.get("pull", "up")
-                edge = entry.get("edge", "falling")
-                if pull not in pulls or edge not in edges:
-                    raise ValueError("pull must be up/down/none and edge falling/rising")
-                name = entry.get("name")
-                channels.append(PulseCounter(pin, entry.get("per_pulse", 1.0), pulls[pull],
-                                             edges[edge], counts.get(name, 0) if counts else 0,
-                                             name))
-        except (ValueError, TypeError, AttributeError) as e:
-            SensorSet(channels, ()).deinit()  # no IRQ left armed by a half-built table
-            name = entry.get("name") if isinstance(entry, dict) else None
-            raise ValueError("sensor %d (%s): %s" % (index, name, e))
+                name = entry["name"]
+                channels.append(PulseCounter(
+                    entry["pin"], entry.get("per_pulse", 1.0), pulls[entry.get("pull", "up")],
+                    edges[entry.get("edge", "falling")], counts.get(name, 0) if counts else 0,
+                    name))
+    except BaseException:
+        SensorSet(channels, ()).deinit()  # no handler left armed by a half-built table
+        raise
     return SensorSet(channels, list(chips.values()))
