@@ -4,11 +4,12 @@
     gateway       bench/RESULTS.md       readings/s end to end, ACK latency, RSS, vs naive
     fleet ingest  bench/RESULTS.md       messages/s from MQTT into PostgreSQL, lag
     queue         bench/RESULTS.md       bytes a reading on disk, a one-hour backlog's drain
+    login         bench/RESULTS.md       fleet RSS and health p99 under 60 clients' bad logins
 """
 
 import sys
 
-from bench import fleet_ingest_bench, gateway_bench, heap_factor, queue_bench
+from bench import fleet_ingest_bench, gateway_bench, heap_factor, login_bench, queue_bench
 
 
 def main() -> int:
@@ -16,6 +17,7 @@ def main() -> int:
     status = gateway_bench.main([]) or status
     status = fleet_ingest_bench.main([]) or status
     status = queue_bench.main([]) or status
+    status = login_bench.main([]) or status
     return status
 
 
