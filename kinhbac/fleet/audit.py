@@ -6,11 +6,16 @@ second guard, so that a field added to a public model by mistake still never rea
 
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
-from sqlmodel import Session, SQLModel
+from sqlmodel import Session, SQLModel, select
 
-from kinhbac.fleet.models import AuditEntry
+from kinhbac.fleet.models import AuditEntry, utcnow
+
+# A gateway reads its site's keys every minute: one entry an hour per gateway says that it
+# does (and from when) without a row per refresh.
+GATEWAY_KEY_READS_LOGGED_EVERY = timedelta(hours=1)
 
 # Keys never written to the log, whatever model they come from.
 SECRET_FIELDS = frozenset({
@@ -67,3 +72,20 @@ def record(
     )
     session.add(entry)
     return entry
+
+
+def record_secret_read(session: Session, actor: Actor, action: str, entity: str,
+                       entity_id: uuid.UUID | str, *, every: timedelta | None = None) -> None:
+    """Log that `actor` was handed a secret (a site profile, a key listing) and commit.
+    With `every`, only if the same actor's last such entry for `entity_id` is older."""
+    if every is not None:
+        recent = session.exec(
+            select(AuditEntry.id).where(
+                AuditEntry.action == action, AuditEntry.entity_id == str(entity_id),
+                AuditEntry.actor_id == actor.id, AuditEntry.at > utcnow() - every,
+            ).limit(1)
+        ).first()
+        if recent is not None:
+            return
+    record(session, actor, action, entity, entity_id)
+    session.commit()

@@ -7,7 +7,7 @@ from sqlmodel import select
 from kinhbac.fleet.audit import scrub
 from kinhbac.fleet.models import AuditEntry, Role
 
-from .utils import KIT, PASSWORD, bearer, make_user
+from .utils import KIT, PASSWORD, bearer, make_gateway, make_site, make_user
 
 
 def entries(session, action):
@@ -77,7 +77,7 @@ def test_every_change_is_audited_with_before_and_after_and_no_secret(client, ses
     everything = session.exec(select(AuditEntry)).all()
     assert {entry.action for entry in everything} == {
         "user.create", "user.update", "api_token.login", "api_token.create", "api_token.delete",
-        "site.create", "site.update", "gateway.create", "gateway.rotate_token",
+        "site.create", "site.update", "site.profile_read", "gateway.create", "gateway.rotate_token",
         "gateway.delete", "device.create", "device.update", "device.reprovision",
         "device.revoke",
     }
@@ -108,3 +108,26 @@ def test_the_audit_log_is_listed_newest_first_and_filtered(client, session):
 def test_scrub_drops_secret_fields_at_any_depth():
     assert scrub({"mac": "m", "secret": "s", "nested": [{"token": "t", "ok": 1}]}) == {
         "mac": "m", "nested": [{"ok": 1}]}
+
+
+def test_every_read_of_a_site_profile_and_the_gateways_key_reads_are_in_the_log(
+        client, session, box):
+    """After a laptop or a gateway is lost, the log says whose secrets it could hold."""
+    site = make_site(session, box)
+    tech, token = make_user(session, Role.technician)
+    for _ in range(2):
+        assert client.get(f"/api/sites/{site.id}/profile", headers=bearer(token)).status_code \
+            == 200
+    reads = entries(session, "site.profile_read")
+    assert [(e.actor_id, e.entity_id) for e in reads] == [(tech.id, str(site.id))] * 2
+    assert all(e.before is None and e.after is None for e in reads)
+
+    # Gateways read their keys every minute: one entry per gateway an hour, not one per read.
+    gateway, gateway_token = make_gateway(session, site)
+    other, other_token = make_gateway(session, site, name="gw2")
+    for _ in range(3):
+        assert client.get("/api/gateway/keys", headers=bearer(gateway_token)).status_code == 200
+    assert client.get("/api/gateway/keys", headers=bearer(other_token)).status_code == 200
+    key_reads = entries(session, "gateway.keys_read")
+    assert sorted(str(e.actor_id) for e in key_reads) == sorted([str(gateway.id), str(other.id)])
+    assert {e.entity_id for e in key_reads} == {str(site.id)}

@@ -4,7 +4,7 @@ import threading
 
 from fastapi import APIRouter, HTTPException, Request, Response, status
 
-from kinhbac.fleet import provisioning
+from kinhbac.fleet import audit, provisioning
 from kinhbac.fleet.deps import GatewayCaller, Principal, SecretBoxDep, SessionDep, SettingsDep
 from kinhbac.fleet.models import ClaimAnswer, ClaimCreate, GatewayKeys
 from kinhbac.fleet.rate_limits import ClaimLimiter, TooManyAttempts
@@ -33,7 +33,11 @@ def device_keys(
     """The keys of the active devices at the calling gateway's site (the key file's format),
     its claim key, and during a rotation's overlap the key it replaced, with its expiry."""
     response.headers["Cache-Control"] = "no-store"  # secrets: no proxy or cache keeps them
-    return provisioning.gateway_keys(session, box, gateway)
+    keys = provisioning.gateway_keys(session, box, gateway)
+    audit.record_secret_read(session, Principal(gateway=gateway).actor, "gateway.keys_read",
+                             "site", gateway.site_id,
+                             every=audit.GATEWAY_KEY_READS_LOGGED_EVERY)
+    return keys
 
 
 @router.post("/claims", response_model=ClaimAnswer, responses={
