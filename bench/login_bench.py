@@ -565,8 +565,8 @@ def build_report(phases: list[Phase], machine: list[tuple[str, str]],
         f"no sample can miss. Each load runs on an instance of its own, after {args.idle:.0f} s "
         f"of probes alone on it (**idle**, the baseline of the same run): **60 addresses** "
         f"({args.duration:.0f} s: each client from its own loopback address, every attempt for "
-        f"a new account and every tenth for the admin's, so that the limits hold back as "
-        f"little as they can and hashing never stops); **one address** ({args.one:.0f} s: all "
+        f"a new account and every tenth for the admin's, so that the limits stop as few "
+        f"hashes as they can); **one address** ({args.one:.0f} s: all "
         f"{CLIENTS} clients from one address)" + (
             f"; and the 60-address load ({args.lifted:.0f} s) on an instance with the limits "
             f"lifted as far as the settings allow (64 hashes at once, 10^6 failures per address "
@@ -638,7 +638,8 @@ def build_report(phases: list[Phase], machine: list[tuple[str, str]],
             + ". A 429 costs no hash.")
     lines.append(
         f"- 60 addresses: {CLIENTS * 20:,} failures are allowed in all before the "
-        f"per-address 429s ({many.count('401'):,} were used), so hashing never stops.")
+        f"per-address 429s ({many.count('401'):,} were used): no limit stops the hashing "
+        f"in this load.")
     for name in stuck:
         lines.append(f"- The instance of '{name}' did not stop within 15 s of SIGTERM and "
                      f"was killed.")
