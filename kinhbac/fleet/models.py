@@ -377,6 +377,8 @@ class SiteProfile(SitePublic):
 
     wifi_password: str | None
     claim_key: str
+    claim_key_fingerprint: str = Field(
+        description="names the claim key; devices set up by a claim show the one they used")
 
 
 class GatewayBase(SQLModel):
@@ -681,6 +683,9 @@ class DevicePublic(DeviceBase):
     key_id: int
     state: DeviceState
     last_seen_at: datetime | None
+    claim_key_fingerprint: str | None = Field(
+        default=None, description="set up by a claim: which of its site's claim keys signed it "
+        "(after a leak, those under the leaked key are re-provisioned)")
     node_config: dict[str, Any] | None = Field(
         description="settings its gateway delivers to it (PUT .../config)")
     created_at: datetime

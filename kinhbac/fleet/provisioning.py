@@ -143,6 +143,7 @@ def reprovision(
             secret_enc=box.seal(secret, context=_secret_context(device.id, key_id)),
             state=DeviceState.active,
             claim_nonce=None,  # its secret is random from now on, not derived from a claim
+            claim_key_fingerprint=None,
             updated_at=utcnow(),
         )
     )

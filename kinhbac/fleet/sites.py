@@ -177,9 +177,10 @@ def site_profile(box: SecretBox, site: Site) -> SiteProfile:
         box.open(site.wifi_password_enc, context=_wifi_context(site.id)).decode()
         if site.wifi_password_enc is not None else None
     )
-    return SiteProfile.model_validate(
-        site, update={"wifi_password": wifi_password, "claim_key": claim_key(box, site)}
-    )
+    key = claim_key(box, site)
+    return SiteProfile.model_validate(site, update={
+        "wifi_password": wifi_password, "claim_key": key,
+        "claim_key_fingerprint": fingerprint(key.encode())})
 
 
 def enrol_gateway(session: Session, actor: Actor, data: GatewayCreate) -> GatewayEnrolled:

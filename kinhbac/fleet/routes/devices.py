@@ -151,11 +151,14 @@ def list_devices(
     state: DeviceState | None = None,
     firmware_version: Annotated[str | None, Query(max_length=64)] = None,
     mac: Annotated[str | None, AfterValidator(normalise_mac)] = None,
+    from_claim: Annotated[bool | None, Query(
+        description="true: only devices set up by a claim (each shows its claim key's "
+        "fingerprint); false: only the others")] = None,
     limit: Limit = 50,
     offset: Offset = 0,
 ) -> Page[DevicePublic]:
-    """Devices, oldest first, filtered by site, tag, state, firmware version or MAC; of the
-    caller's sites only, for a caller limited to some."""
+    """Devices, oldest first, filtered by site, tag, state, firmware version, MAC or whether a
+    claim set them up; of the caller's sites only, for a caller limited to some."""
     # Built here rather than by provisioning.list_devices: the caller's sites narrow it.
     query = visible_only(select(Device), caller, Device)
     if site_id is not None:
@@ -168,6 +171,9 @@ def list_devices(
         query = query.where(Device.firmware_version == firmware_version)
     if mac is not None:
         query = query.where(Device.mac == mac)
+    if from_claim is not None:
+        query = query.where(Device.claim_nonce.is_not(None) if from_claim
+                            else Device.claim_nonce.is_(None))
     return page(session, query, DevicePublic, order_by=(Device.created_at, Device.id),
                 limit=limit, offset=offset)
 

@@ -285,3 +285,37 @@ def test_a_claim_naming_a_key_the_site_never_had_is_refused(client, site_gateway
     answer = report(client, gateway, a_claim("a key of another site entirely"))
     assert answer["state"] == "refused"
     assert pending(client, admin)["total"] == 0
+
+
+def test_after_a_leak_an_admin_lists_the_devices_whose_identity_the_leaked_key_derives(
+        client, session, box, site_gateway, admin, clock):
+    """docs/security.md, "When a claim key leaks", step 5: the devices to re-provision are
+    those set up by a claim under a key other than the profile's current one."""
+    site, gateway = site_gateway
+    leaked = key_now(session, box, site)
+    under_leaked = a_claim(leaked)
+    report(client, gateway, under_leaked)
+    device = device_of(client, admin, under_leaked)
+    assert client.post(f"/api/devices/{device['id']}/approve", headers=admin).status_code == 200
+    registered = client.post("/api/devices", headers=admin,
+                             json={"mac": random_mac(), "site_id": str(site.id)}).json()
+    rotate(client, site, admin, overlap_hours=0)
+
+    current = client.get(f"/api/sites/{site.id}/profile", headers=admin).json()
+    assert current["claim_key_fingerprint"] == fingerprint(key_now(session, box, site).encode())
+    claimed = client.get("/api/devices", headers=admin,
+                         params={"site_id": str(site.id), "from_claim": "true"}).json()
+    suspects = [d["id"] for d in claimed["items"]
+                if d["claim_key_fingerprint"] != current["claim_key_fingerprint"]]
+    assert suspects == [device["id"]]
+    others = client.get("/api/devices", headers=admin,
+                        params={"site_id": str(site.id), "from_claim": "false"}).json()
+    assert [d["id"] for d in others["items"]] == [registered["id"]]
+    assert others["items"][0]["claim_key_fingerprint"] is None
+
+    # Re-provisioned: its secret is random now, so it leaves the list.
+    assert client.post(f"/api/devices/{device['id']}/reprovision",
+                       headers=admin).status_code == 200
+    claimed = client.get("/api/devices", headers=admin,
+                         params={"site_id": str(site.id), "from_claim": "true"}).json()
+    assert claimed["total"] == 0
