@@ -2,23 +2,38 @@
 # littlefs code the board runs, on the same flash image. Host side: kinhbac/emulator/site.py.
 #   micropython _factory.py write <staging dir>   copy every file under the dir into the flash
 #   micropython _factory.py read <path>           print the file as hex, or MISSING
+# A partition that does not mount is formatted only if its first block is blank, the test the
+# port's inisetup.py makes; anything else is left as it is and the tool fails saying so (exit
+# 1), so that a test cannot hide a filesystem the board itself would call corrupted.
 import sys
 import os
 import vfs
 import binascii
 import _flash
 import esp32
+import inisetup
 
 _MOUNT = "/flash"
 
 
-def _mount():
+def _mount(format_blank):
+    """Mount the vfs partition; False if it is blank and `format_blank` is not set."""
     bdev = esp32.Partition.find(esp32.Partition.TYPE_DATA, label="vfs")[0]
     try:
         vfs.mount(bdev, _MOUNT)
+        return True
     except OSError:
-        vfs.VfsLfs2.mkfs(bdev)
-        vfs.mount(vfs.VfsLfs2(bdev), _MOUNT)
+        pass
+    if not inisetup.first_block_blank(bdev):
+        print("CORRUPTED: the vfs partition holds neither a filesystem nor a blank first "
+              "block; the board prints 'The filesystem appears to be corrupted' at boot. "
+              "Erase the partition (board.flash.erase) first")
+        sys.exit(1)
+    if not format_blank:
+        return False
+    vfs.VfsLfs2.mkfs(bdev)
+    vfs.mount(vfs.VfsLfs2(bdev), _MOUNT)
+    return True
 
 
 def _makedirs(path):
@@ -51,12 +66,16 @@ def _copy_tree(src, dst):
 
 def main():
     _flash.open_image()
-    _mount()
     mode, arg = sys.argv[1], sys.argv[2]
+    # A read leaves a blank partition blank: the board's first boot still formats it.
+    mounted = _mount(format_blank=mode == "write")
     if mode == "write":
         _copy_tree(arg.rstrip("/"), _MOUNT)
         print("WROTE")
     elif mode == "read":
+        if not mounted:
+            print("MISSING")
+            return
         try:
             with open(_MOUNT + arg, "rb") as f:
                 print(binascii.hexlify(f.read()).decode())

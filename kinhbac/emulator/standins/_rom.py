@@ -1,5 +1,6 @@
 # The emulated board's ROM and start-up code: what the ESP32 port's bootloader, _boot.py and
-# pyexec do before the REPL. It mounts the littlefs in the flash image's "vfs" partition at /,
+# pyexec do before the REPL. It mounts the littlefs in the flash image's "vfs" partition at /
+# (or, as the port's inisetup.py, formats a blank one, or reports a corrupted one for ever),
 # then runs boot.py and main.py from it; the REPL follows (micropython runs this file with -i).
 import sys
 import gc
@@ -17,27 +18,26 @@ import socket  # noqa: E402,F401
 import vfs  # noqa: E402
 import os  # noqa: E402
 
-_FRESH_BOOT_PY = """# This file is executed on every boot (including wake-boot from deepsleep)
-#import esp
-#esp.osdebug(None)
-#import webrepl
-#webrepl.start()
-"""
 
-
-def _mount_flash():
-    bdev = esp32.Partition.find(esp32.Partition.TYPE_DATA, label="vfs")[0]
+def _boot():
+    # The port's frozen _boot.py (ports/esp32/modules/_boot.py:5-11), its block device from
+    # flashbdev.py:4-7: mount "vfs" at /; when that fails, inisetup formats a blank partition
+    # or reports a corrupted one for ever. True once a filesystem is mounted at /.
+    found = esp32.Partition.find(esp32.Partition.TYPE_DATA, label="vfs")
+    bdev = found[0] if found else None
     try:
-        vfs.mount(bdev, "/")
+        if bdev:
+            vfs.mount(bdev, "/")
+            return True
     except OSError:
-        # A blank flash: format it and write the default boot.py, as inisetup.py does.
-        print("Performing initial setup")
-        vfs.VfsLfs2.mkfs(bdev)
-        vfs.mount(vfs.VfsLfs2(bdev), "/")
-        with open("/boot.py", "w") as f:
-            f.write(_FRESH_BOOT_PY)
-    os.chdir("/")
-    sys.path[:] = ["", ".frozen", "/lib"]
+        import inisetup
+
+        try:
+            inisetup.setup(bdev)
+        finally:
+            del sys.modules["inisetup"]  # frozen on a chip, where its code takes no heap
+        return True
+    return False
 
 
 def _run_if_exists(name):
@@ -55,9 +55,19 @@ def _run_if_exists(name):
     return True
 
 
-_mount_flash()
+try:
+    _mounted = _boot()
+except KeyboardInterrupt as e:
+    # Ctrl-C out of inisetup's "corrupted" loop: the port prints it (pyexec) and goes on to
+    # boot.py and main.py, which it cannot find with nothing mounted (ports/esp32/main.c:143-152).
+    sys.print_exception(e)
+    _mounted = False
+if not _mounted:
+    vfs.umount("/")  # the host's own filesystem, which the unix port mounts: a chip has none
+os.chdir("/")
+sys.path[:] = ["", ".frozen", "/lib"]
 gc.collect()
 if _run_if_exists("boot.py"):
     _run_if_exists("main.py")
-del _mount_flash, _run_if_exists, _FRESH_BOOT_PY
+del _boot, _run_if_exists, _mounted
 gc.collect()
