@@ -2,10 +2,14 @@
 
 import pytest
 
+from kinhbac.device import partitions
 from kinhbac.emulator.flash import (
     FLASH_SIZE,
+    GENERIC_LAYOUT,
     OTA_LAYOUT,
+    TYPE_APP,
     FlashImage,
+    Partition,
     decode_partition_table,
     encode_partition_table,
 )
@@ -73,3 +77,29 @@ def test_first_boot_formats_the_filesystem_and_writes_boot_py(board):
     assert "Performing initial setup" in board.console.text()
     board.power_cut(restore=False)
     assert board.read_file("/boot.py").startswith(b"# This file is executed on every boot")
+
+
+def test_the_technicians_tool_reads_the_table_the_emulator_writes():
+    """kinhbac.device.partitions (the laptop's reader, which must not import the emulator)
+    against the emulator's encoder: same partitions, same refusals."""
+    table = encode_partition_table(GENERIC_LAYOUT)
+    read = partitions.parse(table)
+    assert [(p.label, p.type, p.subtype, p.offset, p.size) for p in read] == [
+        (p.label, p.type, p.subtype, p.offset, p.size) for p in GENERIC_LAYOUT]
+    assert partitions.filesystem(read).offset == 0x200000
+    assert partitions.filesystem(partitions.parse(encode_partition_table(OTA_LAYOUT))).size \
+        == 0xF0000
+    # A table built without its MD5 entry (gen_esp32part --disable-md5sum) ends at 0xFF.
+    without_md5 = table[: 32 * len(GENERIC_LAYOUT)] + b"\xff" * 32
+    assert partitions.parse(without_md5) == read
+    damaged = bytearray(table)
+    damaged[40] ^= 0x01
+    with pytest.raises(partitions.PartitionTableError, match="MD5"):
+        partitions.parse(bytes(damaged))
+    with pytest.raises(partitions.PartitionTableError, match="none"):
+        partitions.parse(b"\xff" * 0xC00)
+    # MicroPython's flashbdev.py: a data partition "vfs", else "ffat"; an app is never it.
+    ffat = (Partition("vfs", TYPE_APP, 0x00, 0x10000, 0x100000),
+            Partition("ffat", 0x01, 0x81, 0x200000, 0x100000))
+    assert partitions.filesystem(partitions.parse(encode_partition_table(ffat))).label == "ffat"
+    assert partitions.filesystem(partitions.parse(encode_partition_table(ffat[:1]))) is None

@@ -8,9 +8,9 @@ import esptool
 import pytest
 import serial
 from esptool.bin_image import LoadFirmwareImage
-from esptool.cmds import attach_flash, detect_chip, detect_flash_size, write_flash
+from esptool.cmds import attach_flash, detect_chip, detect_flash_size, erase_region, write_flash
 from esptool.targets.esp32 import ESP32ROM
-from esptool.util import FatalError
+from esptool.util import FatalError, NotImplementedInROMError
 
 from kinhbac.emulator.board import HARD_RESET, PWRON_RESET
 from kinhbac.emulator.esp32_image import synthetic_image
@@ -188,6 +188,23 @@ def test_power_cycle_after_flashing_boots_micropython_with_its_files_intact(boar
     assert board.boots == [PWRON_RESET, PWRON_RESET]
 
 
+def test_esptool_erases_a_region_through_the_roms_flash_begin(board):
+    board.write_files({"main.py": b"print('app running')\n"})
+    vfs = board.flash.partition("vfs")
+    board.flash.program(vfs.offset - 4, b"kept")  # the end of ota_1, next to vfs
+    board.power_on(download=True)
+    with connect(board) as esp:
+        attach_flash(esp)
+        # The ESP32 ROM has no ERASE_REGION: esptool's loader refuses it without the stub...
+        with pytest.raises(NotImplementedInROMError):
+            esp.erase_region(vfs.offset, vfs.size)
+        # ...and its erase-region command sends a FLASH_BEGIN of that size instead, which
+        # the ROM erases up front.
+        erase_region(esp, vfs.offset, vfs.size)
+    assert board.flash.read(vfs.offset, vfs.size) == b"\xff" * vfs.size
+    assert board.flash.read(vfs.offset - 4, 4) == b"kept"
+
+
 def test_esptool_soft_reset_leaves_download_mode_and_runs_micropython(board, tmp_path):
     board.write_files({"main.py": b"print('app running')\n"})
     image_path = tmp_path / "bootloader.bin"
@@ -246,6 +263,10 @@ def test_rom_replies_byte_for_byte_and_reboots_on_flash_end(tmp_path):
     rom.feed(frame[:5])  # a pty hands over bytes as they come, not frame by frame
     rom.feed(frame[5:])
     assert sent[-1] == b"\xc0\x01\x0a\x04\x00\x83\x1d\xf0\x00\x00\x00\x00\x00\xc0"
+
+    # ERASE_REGION is a command of esptool's stub, not of the ROM: the ROM's error 0x05.
+    rom.feed(slip_request(0xD1, struct.pack("<II", 0x310000, 0xF0000)))
+    assert sent[-1] == b"\xc0\x01\xd1\x04\x00\x00\x00\x00\x00\x01\x05\x00\x00\xc0"
 
     rom.feed(slip_request(0x04, struct.pack("<I", 0)))  # FLASH_END, 0: reboot
     assert exits == [True]

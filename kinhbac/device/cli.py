@@ -407,6 +407,14 @@ def flash(
     tag: Annotated[list[str] | None, typer.Option(help="A tag; give it again for more.")] = None,
     reprovision: Annotated[bool, typer.Option(
         help="The fleet already has this board: issue it a new key.")] = False,
+    keep_data: Annotated[bool, typer.Option(
+        "--keep-data", help="With --image: do not erase the board's filesystem partition "
+        "(vfs), which is erased by default. Its old files stay: buffered readings, counters "
+        "(state.json), and files the new firmware no longer has; the old config is replaced "
+        "as always, but its bytes, secret included, may remain in the flash. A filesystem "
+        "the new image cannot mount (another partition layout, or damaged) makes the board "
+        "print \"The filesystem appears to be corrupted\" for ever: then flash again "
+        "without --keep-data.")] = False,
     wait: Annotated[float, typer.Option(
         min=0, help="Seconds to wait for the fleet to see the device online; 0: do not.")] = 120,
     baud: Annotated[int, typer.Option(help="Baud rate for writing the image.")] = 115200,
@@ -419,8 +427,9 @@ def flash(
 ) -> None:
     """Flash a board and give it its identity; wait until the fleet sees it online.
 
-    Writes the image with esptool, copies the node's files over the raw REPL, writes its
-    config with its identity from the fleet (or its site's claim key, offline), resets it.
+    Writes the image with esptool and erases the filesystem partition (all files on the
+    board are lost; --keep-data keeps them), copies the node's files over the raw REPL, writes
+    its config with its identity from the fleet (or its site's claim key, offline), resets it.
     """
     from kinhbac.device.fleet_client import FleetClient, is_local
     from kinhbac.device.node_config import parse_setting
@@ -434,12 +443,15 @@ def flash(
 
     if reset not in ("auto", "manual"):
         raise _fail("--reset is auto or manual", 2)
+    if keep_data and image is None:
+        raise _fail("--keep-data goes with --image: without an image nothing is erased", 2)
     reporter = ConsoleReporter()
     try:
         request = FlashRequest(
             port=port, site=site, image=image, offline=offline,
             settings=dict(parse_setting(s) for s in setting or []), board=board,
-            tags=tag or [], reprovision=reprovision, use_stub=stub, flash_baud=baud,
+            tags=tag or [], reprovision=reprovision, keep_data=keep_data, use_stub=stub,
+            flash_baud=baud,
             wait_online_s=0 if offline else wait,
         )
         profiles = SiteProfiles(sites_dir)

@@ -3,6 +3,11 @@
 The only module that imports esptool. esptool's own errors are turned into FlashErrors that
 tell the technician what to do: the wrong port, a board not in download mode, a write whose
 MD5 does not match.
+
+After the image, the filesystem partition is erased (unless the data is to be kept): the
+ESP32 port mounts it at boot and, when that fails, formats it only if its first block is blank;
+old data from another layout or a damaged filesystem makes it print "The filesystem appears to
+be corrupted" every 3 s for ever (ports/esp32/modules/inisetup.py, MicroPython v1.24.1).
 """
 
 import re
@@ -11,7 +16,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from kinhbac.device import partitions
 from kinhbac.device.errors import FlashError
+from kinhbac.device.partitions import Partition, PartitionTableError
 
 ROM_BAUD = 115200  # every ESP32 ROM bootloader starts at this rate
 CONNECT_ATTEMPTS = 3  # esptool's default of 7 keeps a technician waiting half a minute
@@ -138,15 +145,19 @@ def flash_image(
     baud: int = ROM_BAUD,
     use_stub: bool = True,
     offset: int | None = None,
+    keep_data: bool = False,
     connect_attempts: int = CONNECT_ATTEMPTS,
     on_connected: Callable[[ChipInfo], None] | None = None,
     on_progress: Callable[[float], None] | None = None,
+    on_erase: Callable[[Partition], None] | None = None,
 ) -> ChipInfo:
-    """Write `image` to the board's flash and check it; return what the chip said.
+    """Write `image` to the board's flash and check it, then erase its filesystem partition
+    unless `keep_data`; return what the chip said.
 
     `on_connected` runs once the chip has answered and before anything is written: it may
     raise to stop there (the fleet refusing the board, say). esptool checks each write's MD5
-    against the flash and fails if they differ.
+    against the flash and fails if they differ. `on_erase` runs before the erase, with the
+    partition it will erase (found in the partition table the board will boot with).
     """
     from esptool import cmds
     from esptool.util import FatalError
@@ -190,6 +201,16 @@ def flash_image(
             logger.on_progress = on_progress
             cmds.write_flash(esp, [(info.image_offset, image)], flash_size="keep")
             logger.on_progress = None
+            if not keep_data:
+                stage = "reading the partition table"
+                fs = _filesystem_partition(esp, image, info)
+                if fs is not None:
+                    if on_erase is not None:
+                        on_erase(fs)
+                    stage = "erasing the filesystem"
+                    # With the stub: its ERASE_REGION command. The ESP32 ROM has none; esptool
+                    # then sends a FLASH_BEGIN of that size, which the ROM erases up front.
+                    cmds.erase_region(esp, fs.offset, fs.size)
             stage = "resetting the board"
             cmds.reset_chip(esp, modes.after)
             return info
@@ -200,3 +221,36 @@ def flash_image(
                              "cable and flash again") from exc
         finally:
             esp._port.close()  # esptool's loader has no close() of its own
+
+
+def _filesystem_partition(esp: Any, image: bytes, info: ChipInfo) -> Partition | None:
+    """The filesystem partition of the table the board will boot with: the image's own when
+    it carries one (a MicroPython build's firmware.bin does, at 0x8000), else the flash's."""
+    start = partitions.TABLE_OFFSET - info.image_offset
+    if 0 <= start and start + partitions.TABLE_SIZE <= len(image):
+        raw, where = image[start : start + partitions.TABLE_SIZE], "in the image"
+    else:
+        raw = esp.read_flash(partitions.TABLE_OFFSET, partitions.TABLE_SIZE)
+        where = "in the board's flash"
+    try:
+        fs = partitions.filesystem(partitions.parse(raw))
+    except PartitionTableError as exc:
+        raise FlashError(
+            f"no usable partition table at {partitions.TABLE_OFFSET:#x} {where} ({exc}), so the "
+            "board cannot start MicroPython: flash a complete MicroPython image (firmware.bin "
+            "from micropython.org, which carries the bootloader, the partition table and the "
+            "app)") from exc
+    if fs is None:
+        return None
+    end = fs.offset + fs.size
+    if fs.offset < info.image_offset + len(image) and info.image_offset < end:
+        raise FlashError(
+            f"the image ({len(image)} bytes at {info.image_offset:#x}) reaches into the "
+            f"filesystem partition {fs.label} ({fs.size:#x} bytes at {fs.offset:#x}) of its "
+            "partition table: the image is damaged or not built for this layout")
+    if info.flash_size is not None and end > info.flash_size:
+        raise FlashError(
+            f"the partition table puts the filesystem ({fs.label}, {fs.size:#x} bytes at "
+            f"{fs.offset:#x}) past the end of this board's {info.flash_size // 1024} KiB "
+            "flash: use an image built for its flash size")
+    return fs

@@ -2,7 +2,8 @@
 leaves a device half-registered.
 
     1. site profile       fleet (and kept on the laptop), or the kept copy when --offline
-    2. image              esptool: download mode, write, MD5 check; chip, MAC and flash size
+    2. image              esptool: download mode, write, MD5 check; chip, MAC and flash size;
+                          then the filesystem partition erased (--keep-data: kept)
     3. board files        raw REPL: old config removed, firmware files written and checked
     4. identity           fleet: register by MAC (or re-provision), with chip and flash size
     5. config             raw REPL: the node's config with that identity, atomic, checked
@@ -36,8 +37,10 @@ from kinhbac.device.errors import (
 )
 from kinhbac.device.esp_flash import AUTO_RESET, NO_RESET, ChipInfo, ResetModes, flash_image
 from kinhbac.device.fleet_client import FleetClient
+from kinhbac.device.partitions import Partition
 from kinhbac.device.site_profiles import SiteProfiles
 from kinhbac.firmware import CONFIG_PATH, firmware_files, firmware_version
+from kinhbac.transport.raw_repl import TransportError
 
 ONLINE_POLL_S = 1.0
 RECOVER_TIMEOUT_S = 10.0  # a board reset by the tool is back at its prompt within a few seconds
@@ -145,6 +148,9 @@ class FlashRequest:
     board: str | None = None  # the board model, e.g. devkitc
     tags: list[str] = field(default_factory=list)
     reprovision: bool = False  # a board the fleet knows (active): give it a new key
+    # With an image: leave the filesystem partition as it is (old files stay) instead of
+    # erasing it; a filesystem the port cannot mount then stops the board at boot.
+    keep_data: bool = False
     use_stub: bool = True
     flash_baud: int = 115200
     connect_attempts: int = 3  # esptool's SYNC attempts before "not in download mode"
@@ -157,6 +163,9 @@ class FlashResult:
     site: str
     firmware_version: str
     chip: ChipInfo | None = None
+    # With an image: "erased", "kept" (--keep-data) or "none" (the partition table has no
+    # filesystem partition); None without an image.
+    filesystem: str | None = None
     device: dict[str, Any] | None = None  # the fleet's record, without the secret
     claim_mode: bool = False
     online: bool | None = None  # None: not waited for
@@ -169,6 +178,7 @@ class FlashResult:
             "firmware_version": self.firmware_version,
             "chip": self.chip.chip if self.chip else None,
             "flash_size": self.chip.flash_size if self.chip else None,
+            "filesystem": self.filesystem,
             "mode": "claim" if self.claim_mode else "identity",
             "device": self.device,
             "online": self.online,
@@ -204,6 +214,7 @@ class Provisioner:
         self.reporter = reporter
         self._firmware = firmware
         self.existing: dict[str, Any] | None = None  # the fleet's record of this MAC, if any
+        self.erased: Partition | None = None  # the filesystem partition the flash erased
         self.recover_timeout_s = RECOVER_TIMEOUT_S
 
     # ----- steps
@@ -249,26 +260,72 @@ class Provisioner:
         self.boot.enter_download_mode()
         self.reporter.step(f"connecting to the ROM bootloader on {request.port}")
         bar: Callable[[int], None] | None = None
+        chip: ChipInfo | None = None
 
         def connected(info: ChipInfo) -> None:
             size = f"{info.flash_size // (1024 * 1024)} MB flash" if info.flash_size else \
                 "flash size unknown"
             self.reporter.step(f"{info.chip}, MAC {info.mac}, {size}")
             self.check_fleet(info.mac)
-            nonlocal bar
+            nonlocal bar, chip
+            chip = info
             bar = self.reporter.progress(f"writing {request.image.name}", len(image))
+
+        reported = False
+
+        def written() -> None:  # said once: before the erase, or after esptool returns
+            nonlocal reported
+            if not reported and bar is not None and chip is not None:
+                reported = True
+                bar(len(image))
+                self.reporter.step(f"image written at {chip.image_offset:#x} and checked (MD5)")
+
+        def erasing(fs: Partition) -> None:
+            written()
+            self.erased = fs
+            self.reporter.step(f"erasing the filesystem ({fs.label}, {fs.size:#x} bytes at "
+                               f"{fs.offset:#x}): data on the board is lost; --keep-data "
+                               "keeps it")
 
         info = flash_image(
             request.port, image, modes=self.boot.modes, baud=request.flash_baud,
             use_stub=request.use_stub, connect_attempts=request.connect_attempts,
-            on_connected=connected,
+            keep_data=request.keep_data, on_connected=connected,
             on_progress=lambda fraction: bar and bar(int(fraction * len(image))),
+            on_erase=erasing,
         )
-        if bar is not None:
-            bar(len(image))
-        self.reporter.step(f"image written at {info.image_offset:#x} and checked (MD5)")
+        written()
+        if request.keep_data:
+            self.reporter.step("filesystem kept (--keep-data): the board's old files stay")
+        elif self.erased is None:
+            self.reporter.note("the partition table has no filesystem partition (vfs): "
+                               "nothing erased")
         self.boot.run_firmware()
         return info
+
+    def check_filesystem(self, session: BoardSession) -> None:
+        """Refuse a board with nothing mounted at /: one whose filesystem the port found
+        corrupted at boot runs without one once Ctrl-C ends inisetup's loop, and nothing
+        could be written to it."""
+        try:
+            # statvfs("/") counts no blocks with nothing mounted there (extmod/vfs.c).
+            blocks = session.repl.eval("__import__('os').statvfs('/')[2]")
+        except TransportError as exc:
+            raise BoardError(f"the board on {self.request.port} failed while its filesystem "
+                             f"was checked ({exc}): run the command again") from exc
+        if blocks:
+            return
+        if self.request.image is None:
+            advice = ("flash it with --image, which erases the filesystem partition (its data "
+                      "is lost) so that MicroPython formats it at the next boot")
+        else:
+            advice = ("flash again without --keep-data: the filesystem partition is then "
+                      "erased (its data is lost) and MicroPython formats it at the next boot")
+        raise BoardError(
+            "the board has no filesystem: at boot MicroPython found its filesystem partition "
+            "neither mountable nor blank, and printed \"The filesystem appears to be "
+            "corrupted\" (old data from another partition layout, or a damaged filesystem); "
+            + advice)
 
     def _twice(self, session: BoardSession, what: str, write: Callable[[], None]) -> None:
         """Run a write to the board; if the board stops answering (a restart, a glitch on the
@@ -445,9 +502,13 @@ class Provisioner:
             if chip is None:
                 self.reporter.step(f"board MAC {mac}")
                 self.check_fleet(mac)
+            self.check_filesystem(session)
             self.copy_files(session, files)
             result = FlashResult(mac=mac, site=profile["slug"], firmware_version=version,
-                                 chip=chip, claim_mode=request.offline)
+                                 chip=chip, claim_mode=request.offline,
+                                 filesystem=None if chip is None else
+                                 "kept" if request.keep_data else
+                                 "erased" if self.erased is not None else "none")
 
             if request.offline:
                 config = node_config.encode(node_config.with_claim_key(profile, request.settings))

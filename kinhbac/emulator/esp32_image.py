@@ -3,6 +3,8 @@
 No MicroPython build for the ESP32 can be downloaded here, and the emulated chip runs no
 Xtensa code anyway, so tests flash this instead: a well-formed ESP32 image (the format the
 ROM and esptool read) shaped like a second-stage bootloader, which lives at 0x1000 on an ESP32.
+`combined_image` puts one together with a partition table and an app as MicroPython's
+firmware.bin is put together.
 
 Layout (all little-endian):
 
@@ -17,6 +19,14 @@ Layout (all little-endian):
 import hashlib
 import random
 import struct
+
+from kinhbac.emulator.flash import (
+    OTA_LAYOUT,
+    PARTITION_TABLE_OFFSET,
+    TYPE_APP,
+    Partition,
+    encode_partition_table,
+)
 
 IMAGE_MAGIC = 0xE9
 CHECKSUM_SEED = 0xEF  # the ROM's checksum starts from this, not from 0
@@ -89,4 +99,23 @@ def synthetic_image(size: int = 16384, *, seed: int = 0) -> bytes:
     image.append(checksum)
     image += hashlib.sha256(image).digest()
     assert len(image) == size, (len(image), size)
+    return bytes(image)
+
+
+BOOTLOADER_OFFSET = 0x1000  # where an ESP32's ROM loads the second-stage bootloader from
+
+
+def combined_image(partitions: tuple[Partition, ...] = OTA_LAYOUT, *,
+                   bootloader_size: int = 0x2000, app_size: int = 0x2000, seed: int = 0) -> bytes:
+    """A whole-flash image laid out as MicroPython's makeimg.py lays out firmware.bin, to be
+    written at 0x1000: a bootloader, the partition table at 0x8000 and an app at the first app
+    partition, the gaps filled with 0xFF (ports/esp32/makeimg.py, v1.24.1). The bootloader and
+    the app are synthetic images; the table is the one given, so a test can flash a layout."""
+    app_offset = next(p.offset for p in partitions if p.type == TYPE_APP)
+    image = bytearray(synthetic_image(bootloader_size, seed=seed))
+    image += b"\xff" * (PARTITION_TABLE_OFFSET - BOOTLOADER_OFFSET - len(image))
+    image += encode_partition_table(partitions)
+    image += b"\xff" * (app_offset - BOOTLOADER_OFFSET - len(image))
+    image += synthetic_image(app_size, seed=seed + 1)
+    assert len(image) <= app_offset - BOOTLOADER_OFFSET + app_size
     return bytes(image)

@@ -42,6 +42,15 @@ OTA_LAYOUT = (
     Partition("vfs", TYPE_DATA, 0x81, 0x310000, 0xF0000),
 )
 
+# MicroPython's partitions-4MiB.csv (ESP32_GENERIC without OTA): one 1.9 MiB app, 2 MiB "vfs".
+# A board flashed with that build's firmware.bin has this table instead.
+GENERIC_LAYOUT = (
+    Partition("nvs", TYPE_DATA, 0x02, 0x9000, 0x6000),
+    Partition("phy_init", TYPE_DATA, 0x01, 0xF000, 0x1000),
+    Partition("factory", TYPE_APP, 0x00, 0x10000, 0x1F0000),
+    Partition("vfs", TYPE_DATA, 0x81, 0x200000, 0x200000),
+)
+
 
 def encode_partition_table(partitions: tuple[Partition, ...]) -> bytes:
     """The binary partition table as ESP-IDF's gen_esp32part writes it, MD5 entry included."""
