@@ -9,8 +9,10 @@ instance, in memory: behind several instances an attacker gets each instance's a
 
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
 
 from kinhbac.fleet.rate_limits import SlidingWindow, TooManyAttempts
 
@@ -23,7 +25,10 @@ class LoginLimiter:
         self._addresses = SlidingWindow(per_address, window_s)
         self._accounts = SlidingWindow(per_account, window_s)
         self._lock = threading.Lock()
-        self._hashes = threading.BoundedSemaphore(concurrent_hashes)
+        # Waited for on the event loop, not in a thread: a login waiting for a slot must hold
+        # no worker thread and no database connection, or 60 of them starve every other route
+        # (bench/RESULTS.md, "Login benchmark").
+        self._hashes = anyio.Semaphore(concurrent_hashes)
         self._hash_wait_s = hash_wait_s
 
     def check(self, address: str, account: str) -> None:
@@ -51,10 +56,14 @@ class LoginLimiter:
         with self._lock:
             self._accounts.forget(account)
 
-    @contextmanager
-    def hashing(self) -> Iterator[None]:
+    @asynccontextmanager
+    async def hashing(self) -> AsyncIterator[None]:
         """Hold one of the few password-hash slots; TooManyAttempts if none frees up soon."""
-        if not self._hashes.acquire(timeout=self._hash_wait_s):
+        acquired = False
+        with anyio.move_on_after(self._hash_wait_s):
+            await self._hashes.acquire()
+            acquired = True
+        if not acquired:
             raise TooManyAttempts("the service is busy checking passwords; try again shortly", 1)
         try:
             yield

@@ -4,7 +4,10 @@ from datetime import timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import OAuth2PasswordRequestForm
+from sqlalchemy import Engine
+from sqlmodel import Session
 
 from kinhbac.fleet import accounts
 from kinhbac.fleet.deps import AnyUser, SessionDep, SettingsDep
@@ -17,34 +20,50 @@ router = APIRouter(prefix="/api/auth", tags=["auth"])
 @router.post("/login", response_model=LoginResult, responses={
     429: {"description": "too many failed logins from this address or for this account, or "
           "too many password checks at once: try again after Retry-After seconds"}})
-def login(
+async def login(
     request: Request,
     form: Annotated[OAuth2PasswordRequestForm, Depends()],
-    session: SessionDep,
     settings: SettingsDep,
 ) -> LoginResult:
     """A bearer token for the user's e-mail (as `username`) and password. Anyone may call it,
     within the limits on failed logins (docs/fleet.md, "Logging in")."""
+    # Async, with no session of its own until it holds a hash slot: a login waiting for one
+    # holds no worker thread and no pooled connection, so a login flood leaves other routes
+    # (the gateways' key refresh, health) their threads and connections.
     limiter: LoginLimiter = request.app.state.login_limiter
+    engine: Engine = request.app.state.engine
     address = request.client.host if request.client else "unknown"
     account = form.username.strip().lower()
+    ttl = timedelta(hours=settings.login_token_hours)
     try:
         limiter.check(address, account)
-        with limiter.hashing():
-            result = accounts.login(session, form.username, form.password,
-                                    ttl=timedelta(hours=settings.login_token_hours))
+        async with limiter.hashing():
+            # Again: failures counted while this login waited for its slot count against it.
+            limiter.check(address, account)
+            result = await run_in_threadpool(_check_password, engine, form.username,
+                                             form.password, ttl)
     except TooManyAttempts as exc:
         raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail=str(exc),
                             headers={"Retry-After": str(exc.retry_after)}) from None
     except accounts.LoginFailed:
         limiter.failed(address, account)
-        accounts.record_failed_login(session, account, address)
+        await run_in_threadpool(_record_failure, engine, account, address)
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, detail="wrong e-mail or password",
             headers={"WWW-Authenticate": "Bearer"},
         ) from None
     limiter.succeeded(account)
     return result
+
+
+def _check_password(engine: Engine, email: str, password: str, ttl: timedelta) -> LoginResult:
+    with Session(engine) as session:
+        return accounts.login(session, email, password, ttl=ttl)
+
+
+def _record_failure(engine: Engine, account: str, address: str) -> None:
+    with Session(engine) as session:
+        accounts.record_failed_login(session, account, address)
 
 
 @router.post("/logout", status_code=status.HTTP_204_NO_CONTENT)

@@ -152,34 +152,82 @@ def test_guessing_one_account_from_many_addresses_is_refused_for_that_account(ap
 
 
 def test_password_checks_at_once_are_bounded():
-    import threading
+    import anyio
 
     from kinhbac.fleet.login_limits import LoginLimiter, TooManyAttempts
 
     limiter = LoginLimiter(per_address=5, per_account=5, window_s=60, concurrent_hashes=2,
                            hash_wait_s=0.2)
+
+    async def main():
+        release = anyio.Event()
+        holding = 0
+
+        async def hold():
+            nonlocal holding
+            async with limiter.hashing():
+                holding += 1
+                await release.wait()
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(hold)
+            tasks.start_soon(hold)
+            while holding < 2:
+                await anyio.sleep(0.01)  # two checks are running
+            try:
+                async with limiter.hashing():
+                    raise AssertionError("a third password check ran alongside two")
+            except TooManyAttempts as exc:
+                assert exc.retry_after == 1
+            release.set()
+        async with limiter.hashing():  # free again
+            pass
+
+    anyio.run(main)
+
+
+def test_logins_waiting_for_a_password_check_leave_other_requests_their_threads(
+        client, session, monkeypatch):
+    """60 concurrent wrong logins used to take all 40 worker threads (each waiting up to 5 s
+    for one of the 2 hash slots) and the database pool: health and the gateways' key refresh
+    stopped answering. Here the two checks are held until the attacker's logins have piled up;
+    the service must still answer a request that needs a thread and a database session."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kinhbac.fleet import accounts
+
+    limiter = client.app.state.login_limiter
+    monkeypatch.setattr(limiter, "_hash_wait_s", 60.0)
+    checking = threading.Semaphore(0)
     release = threading.Event()
-    holding = threading.Barrier(3)
+    real_verify = accounts.verify_password
 
-    def hold():
-        with limiter.hashing():
-            holding.wait()
-            release.wait(5)
+    def slow_verify(stored, password):  # a hash that takes as long as the test says
+        checking.release()
+        release.wait(60)
+        return real_verify(stored, password)
 
-    threads = [threading.Thread(target=hold) for _ in range(2)]
-    for t in threads:
-        t.start()
-    holding.wait()  # two checks are running
-    try:
-        with limiter.hashing():
-            raise AssertionError("a third password check ran alongside two")
-    except TooManyAttempts as exc:
-        assert exc.retry_after == 1
-    release.set()
-    for t in threads:
-        t.join()
-    with limiter.hashing():  # free again
-        pass
+    monkeypatch.setattr(accounts, "verify_password", slow_verify)
+    viewer, viewer_token = make_user(session, Role.viewer)
+    attackers = 60
+    with ThreadPoolExecutor(attackers + 1) as pool:  # one thread for the user's request
+        logins = [pool.submit(client.post, "/api/auth/login", data={
+            "username": f"guess{i}@example.org", "password": "wrong password"})
+            for i in range(attackers)]
+        try:
+            for _ in range(2):  # both slots taken; the other 58 are waiting for one
+                assert checking.acquire(timeout=30)
+            answers = pool.submit(client.get, "/api/auth/me", headers=bearer(viewer_token))
+            # Before: no thread came free until a login gave up, 5 s later (never, here).
+            assert answers.result(timeout=30).status_code == 200
+        finally:
+            release.set()
+        codes = [f.result(timeout=60).status_code for f in logins]
+    # And the address's limit (20 failures) holds for the logins that waited: it is checked
+    # again once a slot is theirs. The two checks running when the 20th failure lands may both
+    # have passed it: 21 at most, where all 60 were tried before.
+    assert 20 <= codes.count(401) <= 21 and codes.count(429) == attackers - codes.count(401)
 
 
 def test_logout_ends_the_token_and_a_password_change_ends_every_session(client, session):
