@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from helpers.fleet import FleetServer, running_fleet, wait_until
-from helpers.gateway import GatewayProcess, read_downlink_frame
+from helpers.gateway import GatewayProcess, exchange
 
 from kinhbac import wire
 from kinhbac.emulator import launcher
@@ -385,21 +385,6 @@ def test_a_gateway_takes_its_keys_from_exactly_one_source(tmp_path, monkeypatch,
     assert message in str(refused.value) and "\n" not in str(refused.value)
 
 
-def send_and_answer(port: int, frames: list[bytes], key: wire.Key, boot: int):
-    """Frames over a fresh connection; the gateway's decoded answers until it closes (or is
-    silent for 3 s)."""
-    guard = wire.DownlinkGuard(boot)
-    guard.last_sent = 1 << 20
-    answers = []
-    with socket.create_connection(("127.0.0.1", port), timeout=3) as conn:
-        conn.sendall(b"".join(frames))
-        while True:
-            try:
-                answers.append(read_downlink_frame(conn, key, guard))
-            except (ConnectionError, TimeoutError):
-                return answers
-
-
 def test_the_claim_key_cannot_speak_for_a_registered_device(
         tmp_path, fleet, emulator, broker, collector):
     """A HELLO and READINGS forged with the site's claim key under a registered device's id,
@@ -423,7 +408,7 @@ def test_the_claim_key_cannot_speak_for_a_registered_device(
         readings = wire.encode_readings(forger, boot, 2, 1, wire.MAX_U32, 1795917262089,
                                         False, [(0, 0, 99.0)])
         for frame in (hello, readings):
-            assert send_and_answer(gateway.port, [frame], forger, boot) == []  # closed
+            assert exchange(gateway.port, [frame], [forger], boot, timeout_s=3) == []  # closed
         wait_until(lambda: gateway.metrics().get(
             'kinhbac_gateway_frames_refused_total{reason="bad_key_id"}', 0) >= 2, 5,
             "both forged frames refused")

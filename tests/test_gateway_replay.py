@@ -6,12 +6,11 @@ they were before the restart; the honest node's next frames are still taken, in 
 import asyncio
 import json
 import os
-import socket
 import sqlite3
 from pathlib import Path
 
 import pytest
-from helpers.gateway import GatewayProcess, read_exactly
+from helpers.gateway import GatewayProcess, exchange
 
 from kinhbac import wire
 from kinhbac.gateway import listener
@@ -41,30 +40,6 @@ def write_keys(path: Path, devices: list[tuple[wire.Key, bytes]] = (),
 def device_key(device_id: bytes, key_id: int) -> tuple[wire.Key, bytes]:
     secret = os.urandom(32)
     return wire.Key(device_id, key_id, secret), secret
-
-
-def exchange(port: int, frames: list[bytes], keys: list[wire.Key], boot: int,
-             answers: int) -> list[wire.Message]:
-    """Send frames on a fresh connection; the gateway's first `answers` answers, verified with
-    `keys` as the node would, or fewer if it closes the connection."""
-    by_key_id = {k.key_id: k for k in keys}
-
-    def lookup(device_id: bytes, key_id: int) -> wire.Key | int | None:
-        return by_key_id.get(key_id, wire.UNKNOWN_KEY)
-
-    guard = wire.DownlinkGuard(boot)
-    guard.last_sent = wire.MAX_UPLINK_COUNTER  # answers to any counter the test sent
-    got: list[wire.Message] = []
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
-        conn.sendall(b"".join(frames))
-        while len(got) < answers:
-            try:
-                header = read_exactly(conn, wire.HEADER_SIZE)
-            except ConnectionError:
-                break
-            body = read_exactly(conn, wire.frame_length(header) - wire.HEADER_SIZE)
-            got.append(wire.decode(header + body, lookup, guard, downlink=True))
-    return got
 
 
 def refused_as(answers: list[wire.Message]) -> str:

@@ -40,6 +40,31 @@ def read_downlink_frame(s: socket.socket, key: wire.Key, guard: wire.DownlinkGua
     return wire.decode(header + body, wire.lookup_for(key), guard, downlink=True)
 
 
+def exchange(port: int, frames: list[bytes], keys: list[wire.Key], boot: int,
+             answers: int | None = None, *, timeout_s: float = 10.0) -> list[wire.Message]:
+    """Send frames on a fresh connection, as a node at `boot` holding `keys` would; the
+    gateway's answers, verified: the first `answers` of them, or (None) all until it closes the
+    connection or is silent for `timeout_s`."""
+    by_key_id = {k.key_id: k for k in keys}
+
+    def lookup(device_id: bytes, key_id: int) -> wire.Key | int | None:
+        return by_key_id.get(key_id, wire.UNKNOWN_KEY)
+
+    guard = wire.DownlinkGuard(boot)
+    guard.last_sent = wire.MAX_UPLINK_COUNTER  # answers to any counter the test sent
+    got: list[wire.Message] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as conn:
+        conn.sendall(b"".join(frames))
+        while answers is None or len(got) < answers:
+            try:
+                header = read_exactly(conn, wire.HEADER_SIZE)
+            except (ConnectionError, TimeoutError):
+                break
+            body = read_exactly(conn, wire.frame_length(header) - wire.HEADER_SIZE)
+            got.append(wire.decode(header + body, lookup, guard, downlink=True))
+    return got
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
