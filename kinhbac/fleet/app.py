@@ -21,6 +21,7 @@ from kinhbac.fleet.db import make_engine, upgrade, wait_for_database
 from kinhbac.fleet.errors import FleetError, Invalid
 from kinhbac.fleet.http_hygiene import HttpHygiene
 from kinhbac.fleet.login_limits import LoginLimiter
+from kinhbac.fleet.rate_limits import ClaimLimiter
 from kinhbac.fleet.routes import (
     audit,
     auth,
@@ -86,6 +87,10 @@ def create_app(settings: Settings | None = None, *, prepare: bool = True) -> Fas
         per_account=settings.login_failures_per_account,
         window_s=settings.login_failure_window_s,
         concurrent_hashes=settings.login_concurrent_hashes,
+    )
+    app.state.claim_limiter = ClaimLimiter(
+        per_gateway=settings.claims_per_gateway_per_minute,
+        per_site=settings.claims_per_site_per_minute,
     )
     for module in ROUTERS:
         app.include_router(module.router)

@@ -11,6 +11,7 @@ from sqlmodel import Session, SQLModel
 
 from kinhbac.fleet import security
 from kinhbac.fleet.app import create_app
+from kinhbac.fleet.rate_limits import ClaimLimiter
 from kinhbac.fleet.crypto import SecretBox
 from kinhbac.fleet.db import upgrade
 from kinhbac.fleet.settings import Settings
@@ -52,6 +53,10 @@ def session(app: FastAPI) -> Iterator[Session]:
     with Session(app.state.engine) as session:
         yield session
     app.state.login_limiter.clear()  # failed logins of one test do not count against the next
+    # Nor its claim reports (a test may also have put in a limiter of its own).
+    app.state.claim_limiter = ClaimLimiter(
+        per_gateway=app.state.settings.claims_per_gateway_per_minute,
+        per_site=app.state.settings.claims_per_site_per_minute)
     with app.state.engine.begin() as connection:
         for table in reversed(SQLModel.metadata.sorted_tables):
             connection.execute(table.delete())

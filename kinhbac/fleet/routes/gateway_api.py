@@ -1,28 +1,13 @@
 """What gateways fetch with their own token."""
 
-import threading
-
 from fastapi import APIRouter, HTTPException, Request, Response, status
 
 from kinhbac.fleet import audit, provisioning
 from kinhbac.fleet.deps import GatewayCaller, Principal, SecretBoxDep, SessionDep, SettingsDep
 from kinhbac.fleet.models import ClaimAnswer, ClaimCreate, GatewayKeys
 from kinhbac.fleet.rate_limits import ClaimLimiter, TooManyAttempts
-from kinhbac.fleet.settings import Settings
 
 router = APIRouter(prefix="/api/gateway", tags=["gateway"])
-_limiter_made = threading.Lock()
-
-
-def claim_limiter(request: Request, settings: Settings) -> ClaimLimiter:
-    """The app's claim report limits, made from its settings on first use."""
-    state = request.app.state
-    with _limiter_made:
-        if getattr(state, "claim_limiter", None) is None:
-            state.claim_limiter = ClaimLimiter(
-                per_gateway=settings.claims_per_gateway_per_minute,
-                per_site=settings.claims_per_site_per_minute)
-        return state.claim_limiter
 
 
 # Without a previous claim key the listing has the shape it had before rotation existed.
@@ -51,7 +36,8 @@ def report_claim(
     pending (admins approve or reject it) and answered with where it stands. Limited per
     gateway and per site (docs/fleet.md, "Provisioning, third path")."""
     try:
-        claim_limiter(request, settings).take(str(gateway.id), str(gateway.site_id))
+        limiter: ClaimLimiter = request.app.state.claim_limiter
+        limiter.take(str(gateway.id), str(gateway.site_id))
     except TooManyAttempts as exc:
         raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail=str(exc),
                             headers={"Retry-After": str(exc.retry_after)}) from None

@@ -46,9 +46,9 @@ def test_a_claim_flood_from_one_gateway_gets_429_past_the_limit_and_another_site
     assert other.status_code == 200 and other.json()["state"] == "pending"
 
 
-def test_a_sites_gateways_share_its_limit(client, session, box, monkeypatch):
-    monkeypatch.setattr(client.app.state, "claim_limiter",
-                        ClaimLimiter(per_gateway=3, per_site=5), raising=False)
+def test_a_sites_gateways_share_its_limit(client, session, box):
+    # (put back after the test by the session fixture)
+    client.app.state.claim_limiter = ClaimLimiter(per_gateway=3, per_site=5)
     site = make_site(session, box)
     first, second = (bearer(make_gateway(session, site, name=name)[1])
                      for name in ("gw1", "gw2"))
