@@ -9,17 +9,19 @@ answers the process's hardware calls (I2C, ADC, pins, watchdog, RTC memory, WiFi
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
 import struct
 import termios
+import time
 import tty
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kinhbac.emulator.console import Console
-from kinhbac.emulator.devices import AnalogSource, I2CDevice, PulseSource
+from kinhbac.emulator.devices import ADC2_PINS, AnalogSource, I2CDevice, PulseSource
 from kinhbac.emulator.flash import FlashImage
 from kinhbac.emulator.rom_loader import ROM_FAULTS, RomLoader
 
@@ -66,6 +68,18 @@ OP_WLAN_DISCONNECT = 15
 OP_ROUTE = 16
 ONE_WAY_OPS = (OP_PIN_WRITE, OP_WDT_FEED)
 STALLABLE_OPS = (OP_I2C_WRITE, OP_I2C_READ, OP_I2C_SCAN, OP_ADC_READ)
+# 40 and up: setting up the emulated hardware (standins/_hw.py).
+OP_I2C_INIT = 40
+OP_RTC_SET = 41
+OP_WLAN_ACTIVE = 42
+# A held I2C bus ends a transaction after the controller's timeout: the port programs
+# `timeout` (default 50,000 us) in APB cycles, clamped to the ESP32's 20-bit I2C_TIME_OUT
+# register (ports/esp32/machine_i2c.c:84-85; ESP-IDF hal/i2c_ll.h I2C_LL_MAX_TIMEOUT).
+I2C_MAX_TIMEOUT_S = 0xFFFFF / 80e6  # 13.1 ms at the 80 MHz APB clock
+I2C_DEFAULT_TIMEOUT_S = 0.05
+I2C_SCAN_ADDRESSES = 0x78 - 0x08  # extmod/machine_i2c.c scans 0x08..0x77, one probe each
+I2C_SOFT = 0x80  # bit 7 of a bus number: a SoftI2C, wired to that bus's devices
+FLASH_ERASE_MS = 45.0  # Winbond W25Q32JV sector erase (4 KiB), typical; max 400 ms
 EV_EDGE = 1
 EV_LINK = 2
 
@@ -104,6 +118,14 @@ class Board:
         self.rtc_memory = b""
         self.in_range = True
         self.pin_outputs: dict[int, int] = {}
+        # Options, read at each boot: ticks_ms() at boot (2**30 - 5000 runs a board across the
+        # ESP32's ticks wrap five seconds in) and the CPU stall of a 4 KiB flash erase.
+        self.ticks_start_ms = 0
+        self.flash_erase_ms = FLASH_ERASE_MS
+        self._rtc_offset_ns: int | None = None  # RTC ns since 2000 minus host ns; None: reset
+        self._i2c_timeout_s: dict[int, float] = {}
+        self._wifi_started = False  # esp_wifi_start() ran: ADC2 belongs to WiFi
+        self._driven: dict[int, int] = {}  # pin -> level a device model drives it to
         self.lost_serial_bytes = 0  # output written while no one was reading the port
 
         self._i2c: dict[int, dict[int, I2CDevice]] = {}
@@ -191,13 +213,22 @@ class Board:
         self._i2c.setdefault(bus, {})[device.address] = device
 
     def attach_analog(self, pin: int, source: AnalogSource) -> None:
+        source.unit = 2 if pin in ADC2_PINS else 1
         self._analog[pin] = source
 
     def attach_pulses(self, pin: int, source: PulseSource) -> None:
+        self._driven[pin] = 1  # a meter's output idles high
         source.attach(self._edge_from_thread)
 
+    def drive_pin(self, pin: int, level: int) -> None:
+        """Drive an input pin to a level from outside (an edge if it changes), from any thread."""
+        self._edge_from_thread(pin, 1 if level else 0)
+
     def stall_peripherals(self) -> None:
-        """A peripheral locks up: I2C and ADC calls block until the board resets (a hung bus)."""
+        """A peripheral locks up. The I2C devices hold the bus: each transaction fails with
+        ETIMEDOUT after the bus's timeout, as on the ESP32. ADC reads block until the board
+        resets, which no ESP32 ADC does: it is how a test hangs the main loop for the watchdog.
+        """
         self.emulator.loop.call_soon_threadsafe(setattr, self, "_stalled", True)
 
     def set_in_range(self, in_range: bool) -> None:
@@ -229,6 +260,7 @@ class Board:
         async with self._lock:
             await self._kill()
             self.rtc_memory = b""  # a chip reset, as the EN button is
+            self._rtc_offset_ns = None
             self.boots.append(PWRON_RESET)
             self._emit(_rom_banner(PWRON_RESET, download=True))
             self._rom = RomLoader(
@@ -260,6 +292,7 @@ class Board:
         async with self._lock:
             await self._kill()
             self.rtc_memory = b""
+            self._rtc_offset_ns = None  # the RTC stops with the power
             if restore:
                 await self._spawn(PWRON_RESET)
 
@@ -302,6 +335,10 @@ class Board:
             self.boots.append(cause)
         self._stalled = False
         self._unstall = asyncio.Event()
+        self._i2c_timeout_s.clear()
+        self._wifi_started = False
+        if self._rtc_offset_ns is None:  # power-on: the RTC starts at 2000-01-01 00:00:00
+            self._rtc_offset_ns = -time.time_ns()
         self._wlan_credentials = None
         self._link_up = False
         self._irq_pins.clear()
@@ -323,6 +360,10 @@ class Board:
             "KINHBAC_MAC": self.mac.hex(),
             "KINHBAC_RESET_CAUSE": str(cause),
             "KINHBAC_BOARD_INDEX": str(self.index),
+            "KINHBAC_TICKS_START_MS": str(int(self.ticks_start_ms)),
+            "KINHBAC_RTC_OFFSET_NS": str(self._rtc_offset_ns),
+            "KINHBAC_ERASE_US": str(round(self.flash_erase_ms * 1000)),
+            "TZ": "UTC0",  # the ESP32 port has no time zone: its localtime() is UTC
         }
         if cause != SOFT_RESET and chip_reset:
             self._emit(_rom_banner(cause))
@@ -513,8 +554,12 @@ class Board:
 
     async def _handle_call(self, op: int, a: int, payload: bytes) -> bytes:
         if self._stalled and op in STALLABLE_OPS and self._unstall is not None:
+            if op != OP_ADC_READ:
+                return await self._i2c_held(op, a)
             await self._unstall.wait()
             raise OSError(_EIO, "the board was reset during a stalled call")
+        if op == OP_WLAN_CONNECT:
+            self._wifi_started = True  # connect() needs active(True), which started WiFi
         if op == OP_PIN_WRITE:
             self.pin_outputs[a] = payload[0]
             return b""
@@ -528,9 +573,13 @@ class Board:
             (count,) = struct.unpack("<H", payload)
             return self._i2c_device(a).read(count)
         if op == OP_I2C_SCAN:
-            return bytes(sorted(self._i2c.get(a, {})))
+            return bytes(sorted(self._i2c.get(a & ~I2C_SOFT, {})))
         if op == OP_ADC_READ:
             source = self._analog_source(a)
+            if a in ADC2_PINS and self._wifi_started:
+                # adc2_get_raw(): WiFi holds the ADC2 lock from esp_wifi_start() to _stop()
+                # (ESP-IDF adc_legacy.c, adc_lock_try_acquire -> ESP_ERR_TIMEOUT).
+                raise OSError(errno.ETIMEDOUT, "ADC2 is taken by WiFi")
             kind = payload[0]
             value = (source.read, source.read_u16, source.read_uv)[kind]()
             return struct.pack("<I", value)
@@ -555,6 +604,19 @@ class Board:
         if op == OP_RTC_MEM_WRITE:
             self.rtc_memory = bytes(payload[:RTC_MEMORY_SIZE])
             return b""
+        if op == OP_RTC_SET:
+            (self._rtc_offset_ns,) = struct.unpack("<q", payload)
+            return b""
+        if op == OP_I2C_INIT:
+            (us,) = struct.unpack("<I", payload)
+            # A SoftI2C (bus | I2C_SOFT) waits its whole timeout for SCL to rise
+            # (extmod/machine_i2c.c:53-62); the hardware bus's is clamped by its register.
+            soft = a & I2C_SOFT
+            self._i2c_timeout_s[a] = us / 1e6 if soft else min(us / 1e6, I2C_MAX_TIMEOUT_S)
+            return b""
+        if op == OP_WLAN_ACTIVE:
+            self._wifi_started = bool(a)
+            return b""
         if op == OP_WLAN_CONNECT:
             ssid, _, password = payload.partition(b"\x00")
             self._wlan_credentials = (ssid.decode(), password.decode())
@@ -571,8 +633,18 @@ class Board:
             return struct.pack("<H", port)
         raise OSError(_EIO, f"unknown hardware call {op}")
 
+    async def _i2c_held(self, op: int, a: int) -> bytes:
+        """An I2C transaction on a bus a device holds: the controller's timeout, ETIMEDOUT."""
+        bus = a if op == OP_I2C_SCAN else a >> 8
+        timeout = self._i2c_timeout_s.get(bus, min(I2C_DEFAULT_TIMEOUT_S, I2C_MAX_TIMEOUT_S))
+        if op == OP_I2C_SCAN:
+            await asyncio.sleep(timeout * I2C_SCAN_ADDRESSES)
+            return b""  # every probe timed out: no device answered
+        await asyncio.sleep(timeout)
+        raise OSError(errno.ETIMEDOUT, "the I2C bus is held")
+
     def _i2c_device(self, bus_addr: int) -> I2CDevice:
-        device = self._i2c.get(bus_addr >> 8, {}).get(bus_addr & 0xFF)
+        device = self._i2c.get((bus_addr >> 8) & ~I2C_SOFT, {}).get(bus_addr & 0xFF)
         if device is None:
             raise OSError(_ENODEV, "no I2C device at that address")  # the ESP32 port's NACK
         return device
@@ -588,6 +660,8 @@ class Board:
     async def _serve_events(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self._events_writer = writer
         self._send_event(EV_LINK, int(self._link_up), 0)
+        for pin, level in list(self._driven.items()):
+            self._send_event(EV_EDGE, pin, level)  # levels already on the pins at boot
         with contextlib.suppress(ConnectionError):
             await reader.read()  # the board never writes here; EOF means it is gone
         if self._events_writer is writer:
@@ -600,6 +674,7 @@ class Board:
             writer.write(_HDR.pack(kind, a, b))
 
     def _edge_from_thread(self, pin: int, level: int) -> None:
+        self._driven[pin] = level
         self.emulator.loop.call_soon_threadsafe(self._send_event, EV_EDGE, pin, level)
 
     async def refresh_link(self) -> None:

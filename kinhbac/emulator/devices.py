@@ -7,6 +7,7 @@ what the firmware should report.
 
 from __future__ import annotations
 
+import bisect
 import random
 import threading
 import time
@@ -384,23 +385,92 @@ class BME280(I2CDevice):
 # ADC input
 # --------------------------------------------------------------------------------------------
 
-# Full-scale input per attenuation setting (ESP-IDF: ~1.1/1.5/2.2 V; 11 dB is limited by VDD_A).
-ATTEN_FULL_SCALE_V = {0: 1.1, 1: 1.5, 2: 2.2, 3: 3.3}
+# The ESP32's ADC as ESP-IDF characterises it: the line-fitting calibration that read_uv() runs
+# (MicroPython v1.24.1 ports/esp32/adc.c:102-109 -> ESP-IDF v5.2
+# components/esp_adc/esp32/adc_cali_line_fitting.c), for a chip whose eFuse Vref is the nominal
+# 1100 mV. The emulated converter is the chip that calibration describes exactly: raw codes are
+# its inverse, so read() shows the real curve (nothing below the offset, 142 mV at 11 dB; the
+# knee above 2.45 V; 4095 from about 3.13 V) and read_uv() gives the input back to ~1 mV.
+VREF_MV = 1100
+_LIN_SCALE = 65536  # LIN_COEFF_A_SCALE: coeff_a is a 16.16 fixed-point gain
+_RES_12 = 4096  # ADC_12_BIT_RES
+# adc{1,2}_vref_atten_scale / _offset, per attenuation 0 / 2.5 / 6 / 11 dB.
+_VREF_ATTEN_SCALE = {1: (57431, 76236, 105481, 196602), 2: (57236, 76175, 105678, 197170)}
+_VREF_ATTEN_OFFSET = {1: (75, 78, 107, 142), 2: (63, 66, 89, 128)}
+# At 11 dB, codes from LUT_LOW_THRESH up follow two measured curves (Vref 1000 and 1200 mV),
+# 20 points 64 codes apart, interpolated for the chip's Vref: the curve flattens there.
+_LUT_VREF_LOW, _LUT_VREF_HIGH = 1000, 1200
+_LUT_STEP = 64
+_LUT_LOW_THRESH = 2880
+_LUT = {
+    1: ((2240, 2297, 2352, 2405, 2457, 2512, 2564, 2616, 2664, 2709,
+         2754, 2795, 2832, 2868, 2903, 2937, 2969, 3000, 3030, 3060),
+        (2667, 2706, 2745, 2780, 2813, 2844, 2873, 2901, 2928, 2956,
+         2982, 3006, 3032, 3059, 3084, 3110, 3135, 3160, 3184, 3209)),
+    2: ((2238, 2293, 2347, 2399, 2451, 2507, 2561, 2613, 2662, 2710,
+         2754, 2792, 2831, 2869, 2904, 2937, 2968, 2999, 3029, 3059),
+        (2657, 2698, 2738, 2774, 2807, 2838, 2867, 2894, 2921, 2946,
+         2971, 2996, 3020, 3043, 3067, 3092, 3116, 3139, 3162, 3185)),
+}
+ATTEN_11DB = 3
+# ADC2's pins (ports/esp32/machine_adc.c:80-89); the rest of the ADC pins are ADC1's.
+ADC2_PINS = frozenset((0, 2, 4, 12, 13, 14, 15, 25, 26, 27))
 # width() takes the bit count (newer ports) or the ESP-IDF enum 0..3 (older ports' WIDTH_*).
 _WIDTH_ENUM = {0: 9, 1: 10, 2: 11, 3: 12}
 
 
-class AnalogSource:
-    """A voltage on an ESP32 ADC1 pin, read through a linear, ideal SAR converter.
+def calibrated_mv(raw12: int, atten: int, unit: int = 1, vref_mv: int = VREF_MV) -> int:
+    """ESP-IDF's cali_raw_to_voltage() for a 12-bit code: the millivolts read_uv() reports / 1000.
 
-    The real ESP32 ADC is non-linear near both ends of each range; this model is not: raw =
-    round(volts / full_scale * (2**bits - 1)), clamped. Optional noise adds a uniform integer
-    in [-noise_lsb, noise_lsb] to each raw reading from a seeded generator, so runs repeat.
+    Integer arithmetic as in the C, so results match the chip's to the millivolt.
+    """
+    raw = min(max(raw12, 0), _RES_12 - 1)
+    coeff_a = vref_mv * _VREF_ATTEN_SCALE[unit][atten] // _RES_12  # characterize_using_vref
+    coeff_b = _VREF_ATTEN_OFFSET[unit][atten]
+    linear = (coeff_a * raw + _LIN_SCALE // 2) // _LIN_SCALE + coeff_b
+    if atten != ATTEN_11DB or raw < _LUT_LOW_THRESH:
+        return linear
+    low, high = _LUT[unit]
+    i = min((raw - _LUT_LOW_THRESH) // _LUT_STEP, len(low) - 2)
+    x2dist = _LUT_VREF_HIGH - vref_mv
+    x1dist = vref_mv - _LUT_VREF_LOW
+    y2dist = (i + 1) * _LUT_STEP + _LUT_LOW_THRESH - raw
+    y1dist = raw - (i * _LUT_STEP + _LUT_LOW_THRESH)
+    lut = (low[i] * x2dist * y2dist + high[i] * x1dist * y2dist
+           + low[i + 1] * x2dist * y1dist + high[i + 1] * x1dist * y1dist)
+    span = (_LUT_VREF_HIGH - _LUT_VREF_LOW) * _LUT_STEP
+    lut = (lut + span // 2) // span
+    if raw > _LUT_LOW_THRESH + _LUT_STEP:
+        return lut
+    # Across the first step the result moves from the line to the table (interpolate_two_points).
+    x = raw - _LUT_LOW_THRESH
+    return (linear * _LUT_STEP + lut * x - linear * x + _LUT_STEP // 2) // _LUT_STEP
+
+
+def _curve(atten: int, unit: int) -> list[int]:
+    """calibrated_mv for every 12-bit code: non-decreasing, so a voltage maps back by search."""
+    return [calibrated_mv(raw, atten, unit) for raw in range(_RES_12)]
+
+
+_CURVES = {(atten, unit): _curve(atten, unit) for atten in range(4) for unit in (1, 2)}
+
+
+class AnalogSource:
+    """A voltage on an ESP32 ADC pin, converted as the ESP32's SAR ADC does (see calibrated_mv).
+
+    read() is the raw code of the chip the line-fitting calibration describes: 0 below the
+    calibration's offset, the input's code in the linear range, the compressed codes of
+    the 11 dB knee and 4095 above the top (about 1.04 / 1.36 / 1.88 / 3.13 V at 0 / 2.5 / 6 /
+    11 dB on ADC1). read_uv() is the calibrated value of that code, in whole millivolts x 1000
+    as on the port. Optional noise adds a uniform integer in [-noise_lsb, noise_lsb] to each
+    raw reading from a seeded generator, so runs repeat. `unit` is 1 or 2 (ADC2's pins): the
+    board sets it when the source is attached.
     """
 
     def __init__(self, volts: float = 0.0, *, noise_lsb: int = 0, seed: int = 0) -> None:
         self.volts = volts
         self.noise_lsb = noise_lsb
+        self.unit = 1
         self._rng = random.Random(seed)
         self._atten = 0  # MicroPython's default: 0 dB
         self._bits = 12
@@ -408,7 +478,7 @@ class AnalogSource:
 
     def atten(self, n: int) -> None:
         """Select attenuation 0..3 (ADC.ATTN_0DB, _2_5DB, _6DB, _11DB)."""
-        if n not in ATTEN_FULL_SCALE_V:
+        if n not in range(4):
             raise ValueError(f"attenuation must be 0..3, not {n}")
         self._atten = n
 
@@ -421,13 +491,24 @@ class AnalogSource:
 
     @property
     def full_scale_v(self) -> float:
-        """The input voltage that reads as the top code at the current attenuation."""
-        return ATTEN_FULL_SCALE_V[self._atten]
+        """The calibrated voltage of the top code: inputs above it read 4095 (saturated)."""
+        return _CURVES[self._atten, self.unit][-1] / 1000
+
+    def _raw12(self) -> int:
+        # The code whose calibrated value is nearest the input: the curve is non-decreasing.
+        curve = _CURVES[self._atten, self.unit]
+        mv = self.volts * 1000
+        i = bisect.bisect_left(curve, mv)
+        if i == 0:
+            return 0
+        if i >= len(curve):
+            return _RES_12 - 1
+        return i if curve[i] - mv < mv - curve[i - 1] else i - 1
 
     def read(self) -> int:
         """Raw conversion, 0..2**bits-1 (4095 at the default 12 bits)."""
         top = (1 << self._bits) - 1
-        raw = round(self.volts / self.full_scale_v * top)
+        raw = self._raw12() >> (12 - self._bits)
         if self.noise_lsb:
             with self._lock:  # random.Random is not safe to share between threads
                 raw += self._rng.randint(-self.noise_lsb, self.noise_lsb)
@@ -439,9 +520,8 @@ class AnalogSource:
         return (raw << (16 - bits)) | (raw >> (2 * bits - 16))
 
     def read_uv(self) -> int:
-        """Input in microvolts, from the raw code; millivolt steps like esp_adc_cal's result."""
-        top = (1 << self._bits) - 1
-        return round(self.read() * self.full_scale_v * 1000 / top) * 1000
+        """The calibrated input in microvolts: whole millivolts x 1000, as the port returns."""
+        return calibrated_mv(self.read() << (12 - self._bits), self._atten, self.unit) * 1000
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,10 +12,11 @@ ESP32_HEAP_BYTES = 111_168
 # node's resident state: measured by `python -m bench.heap_factor` against MicroPython's 32-bit
 # webassembly port (bench/HEAP_FACTOR.md). Pointer-made objects cost 2.0x, byte buffers 1.0x.
 HEAP_FACTOR = 1.78
-# The stand-in modules (machine, network, esp32, socket) are Python on the emulated board but C
-# on a real one: their heap is added on top so that the firmware keeps the ESP32's share.
-# Measured at about 33.5 KB (test_stand_ins_fit_their_heap_allowance keeps this honest).
-STANDIN_ALLOWANCE_BYTES = 36 * 1024
+# The stand-in modules (machine, network, esp32, socket, time, select) are Python on the
+# emulated board but C on a real one: their heap is added on top so that the firmware keeps the
+# ESP32's share. Measured at 47,520 bytes after boot (36,608 before the ESP32's ticks, RTC,
+# scheduler queue and ADC curve came in); test_stand_ins_fit_their_heap_allowance keeps it honest.
+STANDIN_ALLOWANCE_BYTES = 48 * 1024
 
 
 def emulated_heap_bytes() -> int:

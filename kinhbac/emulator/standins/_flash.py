@@ -1,6 +1,10 @@
 # The board's SPI flash: the emulator's flash image file, with NOR semantics (an erase sets a
 # 4 KiB sector to 0xFF; programming can only clear bits), so that code which writes without
-# erasing fails here as it would on a chip.
+# erasing fails here as it would on a chip. Each sector erase stalls the CPU for the chip's
+# typical erase time (45 ms: Winbond W25Q32JV datasheet, tSE typ 45 ms, max 400 ms; the
+# emulated flash answers that chip's JEDEC id), with the cache off: no Python runs meanwhile
+# and each pin's interrupt keeps one edge (_hw.stall_us). Page programming (0.4 ms a page)
+# is not timed.
 import _hw
 
 SECTOR = 4096
@@ -22,11 +26,15 @@ def erase(addr, length):
     _f.seek(addr)
     for i in range(len(_scratch)):
         _scratch[i] = 0xFF
+    sectors = 0
     while length > 0:
         n = min(length, SECTOR)
         _f.write(memoryview(_scratch)[:n])
         length -= n
+        sectors += 1
     _f.flush()
+    if _hw.erase_us:  # a running board; the factory tool programs the image without a CPU
+        _hw.stall_us(_hw.erase_us * sectors)
 
 
 def program(addr, buf):

@@ -1,5 +1,7 @@
 # Stand-in for the ESP32 port's `machine` module on an emulated board. Behaviour follows the
 # ESP32 port's documented API; the hardware behind it lives in the emulator (see _hw.py).
+import errno
+import random
 import struct
 import time
 import _hw
@@ -26,6 +28,11 @@ ULP_WAKE = 6
 _GPIO_MASK = 0xFF0EFFFFFF
 _ADC_MASK = 0xFF0E00F015
 _FIRST_INPUT_ONLY = 34
+
+# Per GPIO: the pull resistor in use (0 none, else Pin.PULL_UP / PULL_DOWN), kept per pin as
+# the chip's pad registers are, not per Pin object.
+_pulls = bytearray(40)
+_ADC_READ_KIND = (b"\x00", b"\x01", b"\x02")  # read, read_u16, read_uv
 
 _reset_cause = int(_hw.env("RESET_CAUSE", "1"))
 _unique_id = bytes.fromhex(_hw.env("MAC", "240ac4000001"))
@@ -109,19 +116,29 @@ class Pin:
     def init(self, mode=None, pull=-1, *, value=None, drive=None, hold=None):
         # drive and hold set pad strength and hold: nothing the emulator models.
         if mode is not None:
-            if mode & 2 and self._id >= _FIRST_INPUT_ONLY:  # GPIO_MODE_DEF_OUTPUT
-                raise ValueError("pin can only be input")
-            self._mode = mode
+            if mode & 2:  # GPIO_MODE_DEF_OUTPUT
+                if self._id >= _FIRST_INPUT_ONLY:
+                    raise ValueError("pin can only be input")
+                if _hw.pin_levels[self._id] == _hw._UNDRIVEN:
+                    _hw.pin_levels[self._id] = 0  # an output starts low
         if pull != -1:
-            self._pull = pull
-            if self._id not in _hw.pin_levels:
-                _hw.pin_levels[self._id] = 1 if pull == Pin.PULL_UP else 0
+            # GPIO34-39 have no pull resistors: ESP-IDF's gpio_pullup_en() finds no pull bits
+            # for their RTC pads (soc/esp32/rtc_io_periph.c) and does nothing, and the port
+            # does not look (ports/esp32/machine_pin.c:199-214). The request is ignored.
+            if self._id < _FIRST_INPUT_ONLY:
+                _pulls[self._id] = pull or 0
         if value is not None:
             self.value(value)
 
     def value(self, v=None):
         if v is None:
-            return _hw.pin_levels.get(self._id, 0)
+            level = _hw.pin_levels[self._id]
+            if level != _hw._UNDRIVEN:
+                return level  # what drives the pin: a device model, or the pin's own output
+            pull = _pulls[self._id]
+            if pull:
+                return 1 if pull == Pin.PULL_UP else 0
+            return random.getrandbits(1)  # floating: an undriven input without a pull
         level = 1 if v else 0
         _hw.pin_levels[self._id] = level
         _hw.call(_hw.OP_PIN_WRITE, self._id, b"\x01" if level else b"\x00")
@@ -138,7 +155,7 @@ class Pin:
     def irq(self, handler=None, trigger=3, wake=None):
         # No `hard`: the ESP32 port runs every pin handler through micropython.schedule.
         self._trigger = trigger if handler else 0
-        _hw.set_irq(self._id, self, handler, False)
+        _hw.set_irq(self._id, self, handler)
         _hw.call(_hw.OP_PIN_IRQ, self._id, bytes((self._trigger,)))
 
     def __repr__(self):
@@ -174,6 +191,11 @@ class I2C:
             raise ValueError("I2C(%d) doesn't exist" % id)
         self._bus = id
         self._prefix = bytearray(1)
+        self._timeout(timeout)
+
+    def _timeout(self, us):
+        # How long a transaction waits on a bus that a device holds: the emulator applies it.
+        _hw.call(_hw.OP_I2C_INIT, self._bus, struct.pack("<I", us))
 
     def init(self, *args, **kwargs):
         pass
@@ -214,13 +236,15 @@ class I2C:
 
 
 class SoftI2C(I2C):
-    """A bit-banged bus on any two pins; the emulator wires it to bus 0's devices."""
+    """A bit-banged bus on any two pins; the emulator wires it to bus 0's devices (bit 7 of the
+    bus number tells it the bus is a SoftI2C, with its own timeout)."""
 
     def __init__(self, scl, sda, *, freq=400000, timeout=50000):
         _pin_id(scl)  # a wrong pin fails as on the port
         _pin_id(sda)
-        self._bus = 0
+        self._bus = 0x80
         self._prefix = bytearray(1)
+        self._timeout(timeout)
 
 
 class ADC:
@@ -252,7 +276,15 @@ class ADC:
         pass
 
     def _read(self, kind):
-        return struct.unpack("<I", _hw.call(_hw.OP_ADC_READ, self._pin, bytes((kind,))))[0]
+        try:
+            reply = _hw.call(_hw.OP_ADC_READ, self._pin, _ADC_READ_KIND[kind])
+        except OSError as e:
+            if e.errno == errno.ETIMEDOUT:
+                # ADC2 while WiFi holds it: ESP-IDF's adc2_get_raw() returns ESP_ERR_TIMEOUT,
+                # which the port's check_esp_err() raises with its name (mphalport.c:64-104).
+                raise OSError(errno.ETIMEDOUT, "ESP_ERR_TIMEOUT")
+            raise
+        return struct.unpack("<I", reply)[0]
 
     def read(self):
         return self._read(0)
@@ -288,11 +320,18 @@ class RTC:
         self.datetime(date)
 
     def datetime(self, dt=None):
+        # (year, month, day, weekday, hours, minutes, seconds, microseconds), from the RTC the
+        # emulator keeps: 2000-01-01 00:00 at power-on, running on across resets and deep sleep
+        # (ports/esp32/machine_rtc.c:104-140).
         if dt is None:
-            t = time.localtime()
-            return (t[0], t[1], t[2], t[6], t[3], t[4], t[5], 0)
-        # The host's clock is already right; the firmware's own clock offset is what counts.
-        return None
+            ns = time.time_ns()
+            t = time.gmtime(ns // 1000000000)
+            return (t[0], t[1], t[2], t[6], t[3], t[4], t[5], ns // 1000 % 1000000)
+        if len(dt) != 8:
+            raise ValueError("requested length 8 but object has length %d" % len(dt))
+        secs = time.mktime((dt[0], dt[1], dt[2], dt[4], dt[5], dt[6], 0, 0))
+        offset = time._set_rtc_ns(secs * 1000000000 + dt[7] * 1000)
+        _hw.call(_hw.OP_RTC_SET, 0, struct.pack("<q", offset))
 
     def memory(self, data=None):
         if data is None:
