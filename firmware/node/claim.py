@@ -6,14 +6,14 @@ import asyncio
 import os
 import time
 import machine
-import network
 from binascii import hexlify
 
 import wire
 from node import config, log
-from node.link import read_frame, wifi_up
+from node.link import read_frame
+from node.net import Gateway, Wifi
 
-ANSWER_TIMEOUT_MS = 5000
+ANSWER_TIMEOUT_MS = 5000  # the gateway answers a CLAIM at once (the fleet is asked later)
 REJECTED_RETRY_FACTOR = 10  # a rejected board asks again rarely: an admin may change their mind
 
 
@@ -22,13 +22,15 @@ def _hex(data):
 
 
 class Claimer:
-    def __init__(self, cfg, state, version, wdt):
+    def __init__(self, cfg, state, version, wdt, on_good):
+        self.on_good = on_good  # called once when the boot has claimed for good_after_ms
         self.cfg = cfg
         self.state = state
         self.version = version
         self.wdt = wdt
-        self.wlan = network.WLAN(network.STA_IF)
-        self.device_id = b"kb" + bytes(self.wlan.config("mac"))
+        self.wifi = Wifi(cfg["wifi"])
+        self.gateway = Gateway(cfg["gateway"])
+        self.device_id = b"kb" + bytes(self.wifi.wlan.config("mac"))
         if cfg.get("claim_nonce") is None:
             # Made once and kept: after a reboot the board repeats the same claim, which is the
             # one an admin may already have approved.
@@ -51,19 +53,20 @@ class Claimer:
         return wire.Key(self.device_id, key_id, self.secret)
 
     async def ask(self):
-        """One claim; the gateway's answer (IDENTITY or ERROR), or an exception."""
-        gw = self.cfg["gateway"]
-        reader, writer = await asyncio.open_connection(gw["host"], gw["port"])
+        """One claim; the gateway's answer (IDENTITY or ERROR), or an exception. Each step is
+        bounded: the connect (net.CONNECT_TIMEOUT_MS), then sending and the answer together."""
+        stream = await self.gateway.connect(self.wdt)
         try:
-            frame = wire.encode_claim(self.claim_key, self.state.boot, self.guard.next_counter(),
-                                      self.nonce, self.version)
-            writer.write(frame)
-            await writer.drain()
-            return await asyncio.wait_for_ms(
-                read_frame(reader, self._frame, self.lookup, self.guard), ANSWER_TIMEOUT_MS)
+            return await asyncio.wait_for_ms(self._exchange(stream), ANSWER_TIMEOUT_MS)
         finally:
-            writer.close()
-            await writer.wait_closed()
+            stream.close()
+            await stream.wait_closed()
+
+    async def _exchange(self, stream):
+        stream.write(wire.encode_claim(self.claim_key, self.state.boot,
+                                       self.guard.next_counter(), self.nonce, self.version))
+        await stream.drain()
+        return await read_frame(stream, self._frame, self.lookup, self.guard)
 
     def adopt(self, key_id):
         new = dict(self.cfg)
@@ -78,23 +81,16 @@ class Claimer:
         time.sleep_ms(100)
         machine.reset()
 
-    async def _wait(self, ms):
-        # In slices, feeding the watchdog: a long wait is not a hang.
-        end = time.ticks_add(time.ticks_ms(), ms)
-        while time.ticks_diff(end, time.ticks_ms()) > 0:
-            self.wdt.feed()
-            await asyncio.sleep_ms(min(1000, max(0, time.ticks_diff(end, time.ticks_ms()))))
-
     async def run(self):
         log.info("claiming an identity for %s at the site's gateway", _hex(self.device_id))
+        asyncio.create_task(self.wdt.keep_fed())  # every wait below is bounded
         retry = self.cfg["claim_retry_ms"]
         started = time.ticks_ms()
         good = False
         while True:
-            self.wdt.feed()
             wait = retry
             try:
-                if await wifi_up(self.wlan, self.cfg["wifi"]):
+                if await self.wifi.up():
                     answer = await self.ask()
                     if answer.type == wire.IDENTITY:
                         self.adopt(answer.key_id)
@@ -110,5 +106,5 @@ class Claimer:
                 log.info("claim: no answer: %r", e)
             if not good and time.ticks_diff(time.ticks_ms(), started) >= self.cfg["good_after_ms"]:
                 good = True
-                self.state.mark_good()  # claiming is what this boot is for: it is not failing
-            await self._wait(wait)
+                self.on_good()  # claiming is what this boot is for: it is not failing
+            await asyncio.sleep_ms(wait)

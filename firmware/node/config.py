@@ -11,7 +11,7 @@ import os
 PATH = "/config.json"
 
 DEFAULTS = {
-    "interval_ms": 1000,  # sampling period
+    "interval_ms": 60000,  # sampling period: a city sensor's minute (24 h fit the flash buffer)
     "batch_max": 20,  # readings per READINGS frame at most (20 fit one small TCP segment)
     "send_after_ms": 2000,  # send a partial batch once its oldest reading is this old
     "ram_readings": 64,  # RAM ring capacity
@@ -23,6 +23,7 @@ DEFAULTS = {
     "backoff_max_ms": 60000,  # ... to here, with jitter
     "no_network_reboot_s": 900,  # reboot after this long without a gateway ACK (as ESPHome)
     "safe_mode_after": 10,  # boots in a row that never became good
+    "safe_mode_retry_s": 3600,  # safe mode tries a normal boot again after this; 0 = never
     "good_after_ms": 60000,  # a boot that lives this long is good
     "watchdog_ms": 10000,  # machine.WDT timeout once armed (ESP32 minimum 1000)
     "console_window_ms": 3000,  # after boot, Ctrl-C within this window keeps the WDT off
@@ -60,6 +61,7 @@ _POSITIVE = (
     ("backoff_max_ms", 10, 3600000),
     ("no_network_reboot_s", 0, 604800),
     ("safe_mode_after", 1, 1000),
+    ("safe_mode_retry_s", 0, 604800),
     ("good_after_ms", 0, 86400000),
     ("watchdog_ms", 1000, 3600000),
     ("console_window_ms", 0, 60000),

@@ -16,21 +16,20 @@ import asyncio
 import random
 import struct
 import time
-import network
 from micropython import const
 
 import wire
 from node import log
+from node.net import Gateway, Wifi
 from node.store import F_PRE_SYNC, REC, REC_SIZE
 
 WINDOW = const(4)  # READINGS frames in flight: enough to fill the link, little to resend
-WIFI_TIMEOUT_MS = const(15000)
 _TICK_MS = const(50)  # how late a deadline may be noticed; a tick allocates nothing
 _NEVER = const(0x3FFFFFFF)  # a pending count the store never reaches: readings wake no one
 _DETAIL_MAX = const(160)  # bytes of an ERROR's text: the field and what is wrong with it
 
 
-def _cut(text, limit):
+def cut(text, limit):
     """`text` cut to at most `limit` bytes of UTF-8, never inside a character."""
     data = text.encode()
     if len(data) <= limit:
@@ -56,23 +55,6 @@ def wire_reset_cause(machine):
     return wire.RESET_UNKNOWN
 
 
-async def wifi_up(wlan, wifi):
-    """Join the site's WiFi (or stay on it); False after WIFI_TIMEOUT_MS without it."""
-    if wlan.isconnected():
-        return True
-    wlan.active(True)
-    if wlan.status() != network.STAT_CONNECTING:
-        wlan.connect(wifi["ssid"], wifi.get("password", ""))
-    start = time.ticks_ms()
-    while not wlan.isconnected():
-        if time.ticks_diff(time.ticks_ms(), start) > WIFI_TIMEOUT_MS:
-            wlan.disconnect()
-            return False
-        await asyncio.sleep_ms(20)
-    log.info("wifi up: %s", wlan.ifconfig()[0])
-    return True
-
-
 async def read_frame(reader, buf, lookup, guard):
     """The next whole frame from the gateway, verified (FrameError if refused)."""
     header = await reader.readexactly(wire.HEADER_SIZE)
@@ -96,13 +78,14 @@ class Link:
         )
         self.lookup = wire.lookup_for(self.key)
         self.guard = wire.DownlinkGuard(node.boot)
-        self.wlan = network.WLAN(network.STA_IF)
+        self.wifi = Wifi(cfg["wifi"])
+        self.gateway = Gateway(cfg["gateway"])
         self.connected = False
         self.last_ack_ms = 0  # boot ms of the last ACK: drives the no-network reboot
         self.hello_due = True
         self.sessions = 0
         self._writer = wire.ReadingsWriter(self.key)
-        self._recs = bytearray(wire.MAX_READINGS * REC_SIZE)
+        self._recs = bytearray(cfg["batch_max"] * REC_SIZE)  # one batch's records
         self._inflight = []  # [boot, last seq, count, sent ms] of each frame awaiting ACK
         self._sent_boot = 0
         self._sent_seq = 0
@@ -124,6 +107,10 @@ class Link:
         if self.node.store.pending() >= self._wake_pending:
             self._wake.set()
 
+    def wake(self):
+        """Settings changed: the send loop looks again at what is due."""
+        self._wake.set()
+
     def request_hello(self):
         """Send a HELLO as soon as possible (drop counters or the sensor table changed)."""
         self.hello_due = True
@@ -132,7 +119,7 @@ class Link:
     # ----- WiFi and reconnecting -----
 
     async def _wifi(self):
-        return await wifi_up(self.wlan, self.node.cfg["wifi"])
+        return await self.wifi.up()
 
     def _backoff_ms(self, failures):
         cfg = self.node.cfg
@@ -174,30 +161,32 @@ class Link:
     # ----- one session -----
 
     async def _session(self, once):
-        gw = self.node.cfg["gateway"]
-        host, port = gw["host"], gw["port"]
-        reader, writer = await asyncio.open_connection(host, port)
+        node = self.node
+        stream = await self.gateway.connect(node.wdt)
         self.sessions += 1
         self._inflight = []
-        self._sent_boot = self.node.store.acked_boot
-        self._sent_seq = self.node.store.acked_seq
+        self._sent_boot = node.store.acked_boot
+        self._sent_seq = node.store.acked_seq
         try:
-            await self._send(writer, self._hello())
-            timeout = self.node.cfg["ack_timeout_ms"]
+            timeout = node.cfg["ack_timeout_ms"]
             try:
-                await asyncio.wait_for_ms(self._expect_ack(reader), timeout)
+                await asyncio.wait_for_ms(self._open(stream), timeout)
             except asyncio.TimeoutError:
                 raise SessionEnded("no answer to HELLO within %d ms" % timeout)
             self.connected = True
-            log.info("session %d with %s:%d", self.sessions, host, port)
-            receiver = asyncio.create_task(self._receive(reader, writer))
+            log.info("session %d with %s", self.sessions, self.gateway)
+            receiver = asyncio.create_task(self._receive(stream, stream))
             try:
-                return await self._send_loop(writer, receiver, once)
+                return await self._send_loop(stream, receiver, once)
             finally:
                 receiver.cancel()
         finally:
-            writer.close()
-            await writer.wait_closed()
+            stream.close()
+            await stream.wait_closed()
+
+    async def _open(self, stream):
+        await self._send(stream, self._hello())
+        await self._expect_ack(stream)
 
     async def _send(self, writer, frame):
         writer.write(frame)
@@ -263,7 +252,7 @@ class Link:
                 reason, detail = refused
                 frame = wire.encode_error(
                     self.key, self.node.boot, self.guard.next_counter(), reason,
-                    msg.counter, _cut(detail, _DETAIL_MAX), False)
+                    msg.counter, cut(detail, _DETAIL_MAX), False)
                 await self._send(writer, frame)
         elif msg.type == wire.ERROR_DOWN:
             if msg.reason == wire.STALE_BOOT:
@@ -275,6 +264,8 @@ class Link:
         """The next READINGS frame from the buffer, or None when nothing waits."""
         node = self.node
         room = node.cfg["batch_max"]
+        if len(self._recs) < room * REC_SIZE:  # a CONFIG raised batch_max
+            self._recs = bytearray(room * REC_SIZE)
         n = node.store.read_after(self._sent_boot, self._sent_seq, self._recs, room)
         if n == 0:
             return None

@@ -8,6 +8,8 @@ from errno import EIO, ENODEV, ETIMEDOUT
 from machine import ADC, Pin
 from micropython import const
 
+from node import log
+
 # BME280 register map (Bosch BST-BME280-DS002, section 5.3).
 _REG_CALIB00 = const(0x88)  # 0x88..0xA1: dig_T1..dig_P9, 0xA1 dig_H1
 _REG_CHIP_ID = const(0xD0)
@@ -34,6 +36,12 @@ PULSE_WRAP = const(0x20000000)
 
 MAX_SAMPLES = const(64)  # 64 * 3.3 V in uV stays a small int
 _FIELDS = ("temperature", "pressure", "humidity")
+# What the ESP32's ADC measures well, in mV, per attenuation (ESP-IDF's ADC guide for the
+# ESP32): outside it the curve flattens and at 11 dB it saturates near 3.1 V, so a value
+# there is not a measurement. read_uv() is the eFuse-calibrated figure (ports/esp32/adc.c).
+_USABLE_MV = {0: (100, 950), 2.5: (100, 1250), 6: (150, 1750), 11: (150, 2450)}
+_LOG_AGAIN_MS = const(600000)  # a sensor failing the same way is logged again this often
+OUT_OF_RANGE = const(-1)  # a failure's kind beside the errno of an OSError
 
 
 def _osrs(factor):
@@ -63,6 +71,7 @@ class BME280:
         self._data = bytearray(8)
         self.ready = False  # probed, reset and calibrated
         self.valid = False  # the three results below come from the last measure()
+        self.error = None  # why the last measure() failed (an OSError), for the log
         self.temperature = 0.0
         self.pressure = 0.0
         self.humidity = 0.0
@@ -192,9 +201,14 @@ class BME280:
 
 
 class AnalogChannel:
-    """An ADC pin read as volts * scale + offset, averaged over `samples` reads."""
+    """An ADC pin read as volts * scale + offset, averaged over `samples` reads.
 
-    def __init__(self, pin, scale=1.0, offset=0.0, atten=ADC.ATTN_11DB, samples=1):
+    read() is None when a sample falls outside the attenuation's usable range (`usable_mv`,
+    the 11 dB one by default): the reading is skipped, not clipped into a wrong value.
+    """
+
+    def __init__(self, pin, scale=1.0, offset=0.0, atten=ADC.ATTN_11DB, samples=1,
+                 usable_mv=_USABLE_MV[11]):
         if not 1 <= samples <= MAX_SAMPLES:
             raise ValueError("samples must be 1..%d" % MAX_SAMPLES)
         self.adc = ADC(Pin(pin), atten=atten)
@@ -202,14 +216,27 @@ class AnalogChannel:
         self.scale = float(scale)
         self.offset = float(offset)
         self._k = self.scale / (samples * 1000000)  # sum of microvolts -> scaled units
+        self._low = usable_mv[0] * 1000
+        self._high = usable_mv[1] * 1000
+        self.last_uv = 0  # the sample that was out of range, for the log line
 
     def read(self):
-        """The scaled value (a float)."""
+        """The scaled value (a float), or None when the input is out of the usable range."""
         adc = self.adc
+        low = self._low
+        high = self._high
         total = 0
         for _ in range(self.samples):
-            total += adc.read_uv()
+            uv = adc.read_uv()
+            if uv < low or uv > high:
+                self.last_uv = uv
+                return None
+            total += uv
         return total * self._k + self.offset
+
+    def fault(self):
+        return OUT_OF_RANGE, "%.3f V is outside the ADC's usable %.2f-%.2f V" % (
+            self.last_uv / 1e6, self._low / 1e6, self._high / 1e6)
 
 
 class PulseCounter:
@@ -279,15 +306,33 @@ class _Field:
         w = self.which
         return chip.temperature if w == 0 else chip.pressure if w == 1 else chip.humidity
 
+    def fault(self):
+        e = self.chip.error
+        return (e.errno if e is not None else 0), str(e)
+
 
 class SensorSet:
-    """The config's sensors in table order; sample(sink) reads one round."""
+    """The config's sensors in table order; sample(sink) reads one round.
 
-    def __init__(self, channels, chips):
+    A sensor that fails is skipped and counted: `errors` (it could not be read) and
+    `out_of_range` (it read a value outside what it measures), per table entry. Its first
+    failure of each kind is logged at once with the sensor's name, the same failure again at
+    most every 10 minutes, and its recovery; `news` is set with every such line, so that the
+    node can send the counts on (a HELLO).
+    """
+
+    def __init__(self, channels, chips, names=None):
         self.channels = channels
         self.chips = chips  # the BME280s, each measured once per round
-        self.errors = [0] * len(channels)  # failed reads per table entry
+        n = len(channels)
+        self.names = names or [str(i) for i in range(n)]
+        self.errors = [0] * n  # failed reads per table entry
+        self.out_of_range = [0] * n  # readings outside the sensor's range per table entry
         self.pulses = [ch for ch in channels if isinstance(ch, PulseCounter)]
+        self.news = False
+        self._kind = [None] * n  # the failure last logged per entry, None while it reads
+        self._logged = [0] * n  # ticks_ms of that line
+        self._since = [0] * n  # failures since the entry last read
 
     def __len__(self):
         return len(self.channels)
@@ -297,24 +342,58 @@ class SensorSet:
         for chip in self.chips:
             try:
                 chip.measure()
-            except OSError:
-                pass  # its fields read None below and count the error
+                chip.error = None
+            except OSError as e:
+                chip.error = e  # its fields read None below and count the error
         channels = self.channels
-        errors = self.errors
+        kinds = self._kind
         for i in range(len(channels)):
+            ch = channels[i]
             try:
-                value = channels[i].read()
-            except OSError:
-                value = None
+                value = ch.read()
+            except OSError as e:
+                self._failed(i, e.errno, str(e))
+                continue
             if value is None:
-                errors[i] += 1
+                kind, text = ch.fault()
+                self._failed(i, kind, text)
             else:
+                if kinds[i] is not None:
+                    self._recovered(i)
                 sink(i, value)
+
+    def _failed(self, i, kind, text):
+        if kind == OUT_OF_RANGE:
+            self.out_of_range[i] += 1
+        else:
+            self.errors[i] += 1
+        self._since[i] += 1
+        now = time.ticks_ms()
+        if kind != self._kind[i] or time.ticks_diff(now, self._logged[i]) >= _LOG_AGAIN_MS:
+            log.error("sensor %s (sensors[%d]): %s (%d failed, %d out of range since boot)",
+                      self.names[i], i, text, self.errors[i], self.out_of_range[i])
+            self._kind[i] = kind
+            self._logged[i] = now
+            self.news = True
+
+    def _recovered(self, i):
+        log.info("sensor %s (sensors[%d]) reads again after %d failures", self.names[i], i,
+                 self._since[i])
+        self._kind[i] = None
+        self._since[i] = 0
+        self.news = True
 
     def errors_total(self):
         """Failed reads summed over all sensors."""
         n = 0
         for e in self.errors:
+            n += e
+        return n
+
+    def out_of_range_total(self):
+        """Readings outside their sensor's range, summed over all sensors."""
+        n = 0
+        for e in self.out_of_range:
             n += e
         return n
 
@@ -374,10 +453,10 @@ def build_sensors(i2c_factory, table, counts=None):
                     chip = chips[address] = BME280(i2c, address)
                 channels.append(_Field(chip, _FIELDS.index(entry["field"])))
             elif kind == "adc":
+                db = entry.get("atten", 11)
                 channels.append(AnalogChannel(entry["pin"], entry.get("scale", 1.0),
-                                              entry.get("offset", 0.0),
-                                              atten[entry.get("atten", 11)],
-                                              entry.get("samples", 1)))
+                                              entry.get("offset", 0.0), atten[db],
+                                              entry.get("samples", 1), _USABLE_MV[db]))
             else:
                 name = entry["name"]
                 channels.append(PulseCounter(
@@ -387,4 +466,4 @@ def build_sensors(i2c_factory, table, counts=None):
     except BaseException:
         SensorSet(channels, ()).deinit()  # no handler left armed by a half-built table
         raise
-    return SensorSet(channels, list(chips.values()))
+    return SensorSet(channels, list(chips.values()), [e["name"] for e in table])

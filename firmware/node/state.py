@@ -1,17 +1,28 @@
 # Counters that must outlive a reboot: the boot counter (part of every reading's identity and
-# of the replay window), the run of boots that never became good (safe mode), the drop
-# counters reported in HELLO (cumulative since provisioning), each recent boot's clock
-# offset (so that readings buffered on flash can be stamped after a reboot), and the pulse
-# sensors' totals as of the last write (RTC memory has newer ones unless the power was cut:
-# node/rtc.py).
-# Written atomically, and rarely: at boot, when a boot becomes good, on the first clock sync
-# of a boot, together with buffer flushes when the drop counters moved, every `pulse_flash_s`
-# while pulses come in, and before an intentional reset.
+# of the replay window), the run of boots that never became good (safe mode), the counters
+# reported in HELLO (cumulative since provisioning), the reset cause of the last boots, the
+# clock offset of each boot whose readings may still be on flash (so that they can be stamped
+# after any number of reboots), and the pulse sensors' totals as of the last write (RTC memory
+# has newer ones unless the power was cut: node/rtc.py).
+# Written atomically, and rarely: at boot, when a boot becomes good, when a boot's clock offset
+# is first known (from the RTC or the gateway), together with buffer flushes when the counters
+# moved, every `pulse_flash_s` while pulses come in, and before an intentional reset.
 import json
 import os
+from micropython import const
+
+import wire
 
 PATH = "/state.json"
-KEEP_OFFSETS = 4  # boots whose clock offsets are kept: enough for a few reboots mid-outage
+# HELLO's counters. 0-2 are the wire's (wire.DROP_*); the protocol lets a node send more,
+# kept by every receiver ("drop counter positions may grow within a version"):
+OUT_OF_RANGE = const(3)  # readings skipped: the value was outside what the sensor can measure
+SAFE_MODE = const(4)  # times the node entered safe mode
+WATCHDOG_RESETS = const(5)  # boots that began with a watchdog reset
+CRASHES = const(6)  # boots ended by an unexpected exception (recorded, then machine.reset())
+COUNTERS = const(7)
+KEEP_OFFSETS = const(100)  # boots' clock offsets at most: 25 h of reboots every 15 min
+KEEP_RESETS = const(8)  # (boot, wire reset cause) of the last boots, newest last
 
 
 class State:
@@ -19,12 +30,14 @@ class State:
         self.path = path
         self.boot = 0
         self.bad_boots = 0
-        self.drops = [0, 0, 0]  # buffer full, storage error, sensor error (wire.DROP_*)
+        self.drops = [0] * COUNTERS  # HELLO's counters, positions above
         self.offsets = {}  # boot -> Unix ms minus the boot's monotonic ms
+        self.resets = []  # [boot, wire reset cause] of the last KEEP_RESETS boots
         self.safe_reason = ""
+        self.safe_retry = False  # safe mode's hour is up: the next boot tries the app once
         self.last_error = ""  # why the last boot crashed: safe mode reports it
         self.pulses = {}  # pulse sensor name -> pulses counted since provisioning
-        self._saved_drops = [0, 0, 0]
+        self._saved_drops = list(self.drops)
         try:
             with open(path) as f:
                 saved = json.load(f)
@@ -33,10 +46,12 @@ class State:
         self.boot = saved.get("boot", 0)
         self.bad_boots = saved.get("bad_boots", 0)
         self.drops = list(saved.get("drops", self.drops))
-        while len(self.drops) < 3:
+        while len(self.drops) < COUNTERS:
             self.drops.append(0)
         self.offsets = {int(b): o for b, o in saved.get("offsets", {}).items()}
+        self.resets = saved.get("resets", [])
         self.safe_reason = saved.get("safe_reason", "")
+        self.safe_retry = saved.get("safe_retry", False)
         self.last_error = saved.get("last_error", "")
         self.pulses = saved.get("pulses", {})
         self._saved_drops = list(self.drops)
@@ -47,7 +62,9 @@ class State:
             "bad_boots": self.bad_boots,
             "drops": self.drops,
             "offsets": {str(b): o for b, o in self.offsets.items()},
+            "resets": self.resets,
             "safe_reason": self.safe_reason,
+            "safe_retry": self.safe_retry,
             "last_error": self.last_error,
             "pulses": self.pulses,
         }
@@ -57,10 +74,19 @@ class State:
         os.rename(tmp, self.path)
         self._saved_drops = list(self.drops)
 
-    def begin_boot(self):
-        """A new boot: its number, and one more boot that has not yet proved good."""
+    def begin_boot(self, cause):
+        """A new boot (`cause`: its wire reset cause): its number, and one more boot that has
+        not yet proved good. A power-on reset says the last boot lost its power (a cut, or a
+        brownout, which the port reports as a power-on): that one did not fail."""
+        if cause == wire.RESET_POWER_ON and self.bad_boots:
+            self.bad_boots -= 1
+        elif cause == wire.RESET_WATCHDOG:
+            self.drops[WATCHDOG_RESETS] += 1
         self.boot += 1
         self.bad_boots += 1
+        self.resets.append([self.boot, cause])
+        while len(self.resets) > KEEP_RESETS:
+            self.resets.pop(0)
         self.save()
 
     def mark_good(self):
@@ -70,13 +96,17 @@ class State:
             self.last_error = ""
             self.save()
 
-    def set_offset(self, boot, offset_ms):
-        first = boot not in self.offsets
+    def set_offset(self, boot, offset_ms, oldest_boot):
+        """Keep `boot`'s clock offset, forgetting those of boots older than `oldest_boot` (the
+        oldest with readings still buffered); saved when it changed."""
+        if self.offsets.get(boot) == offset_ms:
+            return
         self.offsets[boot] = offset_ms
-        if first:
-            while len(self.offsets) > KEEP_OFFSETS:
-                del self.offsets[min(self.offsets)]
-            self.save()
+        for b in [b for b in self.offsets if b < oldest_boot]:
+            del self.offsets[b]
+        while len(self.offsets) > KEEP_OFFSETS:
+            del self.offsets[min(self.offsets)]
+        self.save()
 
     def drops_unsaved(self):
         return self.drops != self._saved_drops

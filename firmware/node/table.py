@@ -10,6 +10,7 @@ from node.sensors import _FIELDS, MAX_SAMPLES
 _GPIOS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 21, 22, 23, 25,
           26, 27, 32, 33, 34, 35, 36, 37, 38, 39)
 _ADC1_FIRST = const(32)  # ADC1 is GPIO32-39; ADC2 cannot be read while WiFi is on
+_ADC2 = (0, 2, 4, 12, 13, 14, 15, 25, 26, 27)  # the ADC2 pins (ports/esp32/machine_adc.c)
 _INPUT_ONLY_FIRST = const(34)  # GPIO34-39: inputs with no pull resistors (a pull is ignored)
 _KINDS = ("bme280", "adc", "pulse")
 _ATTEN_DB = (0, 2.5, 6, 11)
@@ -81,9 +82,11 @@ def _check_entry(i, entry, pins):
         _bad(where + ".pin", "GPIO%d is already used by sensors[%d]" % (pin, pins[pin]))
     pins[pin] = i
     if kind == "adc":
+        if pin in _ADC2:
+            _bad(where + ".pin", "GPIO%d is no ADC1 pin: it is on ADC2, which cannot be read "
+                 "while WiFi is on (always, on a node): use 32-39" % pin)
         if pin < _ADC1_FIRST:
-            _bad(where + ".pin", "GPIO%d is no ADC1 pin (ADC2 stops while WiFi is on): use 32-39"
-                 % pin)
+            _bad(where + ".pin", "GPIO%d is no ADC1 pin (it has no ADC): use 32-39" % pin)
         if entry.get("atten", 11) not in _ATTEN_DB:
             _bad(where + ".atten", "must be 0, 2.5, 6 or 11 (dB)")
         samples = entry.get("samples", 1)

@@ -1,0 +1,275 @@
+"""The node firmware in the world a site is (issue 12): WiFi that is down or refuses the
+password, a gateway name that does not resolve, long outages with reboots, failing sensors,
+crash loops and power cuts. Emulated boards run the real firmware; time is real, so a field
+node's ten minutes of outage are a window long enough for the old firmware's failure to show
+(its watchdog reset came within 15-25 s)."""
+
+import json
+import re
+import time
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+from test_firmware import FAST, assert_contiguous, seqs_of, start_nodes, wait_until
+from test_firmware_sensors import boot_node
+
+from kinhbac.emulator import launcher
+from kinhbac.emulator.board import DEEPSLEEP_RESET, HARD_RESET, PWRON_RESET, WDT_RESET
+from kinhbac.emulator.receiver import Receiver
+from kinhbac.firmware import config_file, firmware_files
+
+REPO = Path(__file__).resolve().parents[1]
+OUTAGE_S = 40  # past the old firmware's first watchdog reset (15-25 s) by a margin
+# HELLO counter positions beyond the wire's first three (firmware/node/state.py).
+OUT_OF_RANGE, SAFE_MODE, WATCHDOG_RESETS, CRASHES = 3, 4, 5, 6
+
+
+@pytest.fixture
+def receiver():
+    with Receiver({}) as rx:
+        yield rx
+
+
+# ----- the watchdog on every path (finding 2) -----
+
+
+def test_claim_mode_with_the_access_point_down_is_never_reset_by_its_watchdog(
+        emulator, receiver):
+    board = emulator.add_board()
+    ap = emulator.access_point
+    config = {
+        "claim_key": "k" * 32,
+        "wifi": {"ssid": ap.ssid, "password": ap.password},
+        "gateway": {"host": "127.0.0.1", "port": receiver.port},
+        "console_window_ms": 100,
+        "claim_retry_ms": 1000,
+    }
+    board.write_files(firmware_files() | config_file(config))
+    emulator.access_point_up(False)
+    board.power_on()
+    time.sleep(OUTAGE_S)  # each try waits 15 s for the WiFi: longer than the 10 s watchdog
+    text = board.console.text()
+    assert board.boots == [PWRON_RESET], text[-2000:]
+    assert "SAFE MODE" not in text
+    mark = board.console.mark()
+    emulator.access_point_up(True)
+    # It asks the gateway again once the WiFi is back (this receiver refuses a CLAIM).
+    board.console.wait_for("claim: no answer", since=mark, timeout=40)
+    assert board.boots == [PWRON_RESET]
+
+
+def test_deep_sleep_mode_with_the_access_point_down_keeps_its_readings_and_its_boot(
+        emulator, receiver):
+    # The default ack timeout: a cycle waits for the gateway up to 3 of them, 15 s.
+    (node,) = start_nodes(emulator, receiver, deep_sleep_ms=300, ack_timeout_ms=5000)
+    receiver.wait_for_count(3 * len(launcher.SENSOR_KIT), node.device)
+    emulator.access_point_up(False)
+    time.sleep(OUTAGE_S)  # the WiFi tries for 15 s in each cycle: longer than the watchdog
+    assert WDT_RESET not in node.board.boots
+    assert "SAFE MODE" not in node.board.console.text()
+    cycles = node.board.boots.count(DEEPSLEEP_RESET)
+    emulator.access_point_up(True)
+    wait_until(lambda: node.board.boots.count(DEEPSLEEP_RESET) >= cycles + 3,
+               timeout=60, what="three cycles after the outage")
+    wait_until(lambda: receiver.count(node.device) >= (cycles + 3) * len(launcher.SENSOR_KIT),
+               timeout=30, what="every cycle's readings")
+    readings = receiver.readings_of(node.device)
+    assert {r.boot for r in readings} == {1}  # the outage's wakes continued the boot
+    assert_contiguous([r.seq for r in readings])  # and lost nothing
+    assert set(node.board.boots) == {PWRON_RESET, DEEPSLEEP_RESET}
+
+
+# ----- time across reboots (finding 9) -----
+
+
+def test_readings_keep_their_unix_time_across_the_reboots_of_a_long_outage(emulator, receiver):
+    # A 2-hour outage with the 15-minute no-network reboot, shortened: a reboot every 3 s.
+    started_ms = time.time() * 1000
+    (node,) = start_nodes(emulator, receiver, no_network_reboot_s=3, good_after_ms=1000)
+    wait_until(lambda: any(not r.pre_sync for r in receiver.readings_of(node.device)),
+               what="readings of a synced clock")
+    emulator.access_point_up(False)
+    wait_until(lambda: node.board.boots.count(HARD_RESET) >= 5, timeout=60,
+               what="five no-network reboots")
+    emulator.access_point_up(True)
+    last_boot = len(node.board.boots)
+    wait_until(lambda: seqs_of(receiver, node, last_boot), timeout=30,
+               what="readings of the boot after the outage")
+    for boot in range(1, last_boot):
+        wait_until(lambda b=boot: seqs_of(receiver, node, b), timeout=30,
+                   what=f"readings of boot {boot}")
+    ended_ms = time.time() * 1000
+    readings = receiver.readings_of(node.device)
+    assert not [r for r in readings if r.unsynced]  # every boot's readings have Unix times
+    outage_boots = [r for r in readings if 1 < r.boot < last_boot]
+    assert outage_boots and all(r.pre_sync for r in outage_boots)  # flagged: not synced then
+    assert all(started_ms - 1000 <= r.time_ms <= ended_ms + 1000 for r in readings)
+    times = [r.time_ms for r in readings if r.sensor == 0]  # (boot, seq) order
+    steps = [b - a for a, b in pairwise(times)]
+    # Time runs on across every reboot, never a jump; backwards only by the resolution of the
+    # RTC's read (whole seconds here; the ESP32 port gives microseconds).
+    assert min(steps) > -1000 and max(steps) < 10_000, (min(steps), max(steps))
+
+
+# ----- safe mode, bad boots, reset causes (finding 10) -----
+
+
+def test_safe_mode_reports_to_the_gateway_and_tries_a_normal_boot_again(emulator, receiver):
+    node = launcher.provision(emulator, receiver.port,
+                              **(FAST | {"safe_mode_after": 2, "safe_mode_retry_s": 5}))
+    receiver.keys[node.key.device_id] = node.key
+    node.board.write_files({"/buf": b"not a folder"})  # every start fails making the folder
+    node.board.power_on()
+    node.board.console.wait_for("safe mode reported to the gateway", timeout=30)
+    wait_until(lambda: receiver.config_errors, what="the ERROR with the reason")
+    view = receiver.devices[node.device]
+    assert view.hello.drops[SAFE_MODE] == 1 and view.hello.drops[CRASHES] == 2
+    ((_, detail),) = receiver.config_errors
+    assert detail.startswith("safe mode: 2 boots in a row failed; last error: OSError")
+    assert receiver.count() == 0  # no readings in safe mode
+    # After safe_mode_retry_s: one normal boot, which fails the same way: safe mode again.
+    node.board.console.wait_for("trying a normal boot again", timeout=20)
+    wait_until(lambda: node.board.console.text().count("SAFE MODE:") == 2, timeout=30,
+               what="safe mode again")
+    wait_until(lambda: view.hello.drops[SAFE_MODE] == 2, what="the second report")
+    assert node.board.boots[:5] == [PWRON_RESET] + [HARD_RESET] * 4
+
+
+def test_power_cuts_do_not_count_as_failed_boots_and_each_boot_keeps_its_reset_cause(
+        emulator, receiver):
+    (node,) = start_nodes(emulator, receiver, safe_mode_after=2, watchdog_ms=1000)
+    for boot in range(1, 5):  # cut before each boot could prove good (brownouts look alike)
+        wait_until(lambda b=boot: seqs_of(receiver, node, b), what=f"readings of boot {boot}")
+        node.board.power_cut()
+    wait_until(lambda: seqs_of(receiver, node, 5), what="readings of boot 5")
+    assert "SAFE MODE" not in node.board.console.text()
+    node.board.stall_peripherals()  # a hung sensor bus: the watchdog resets the board
+    wait_until(lambda: WDT_RESET in node.board.boots, timeout=10, what="a watchdog reset")
+    wait_until(lambda: receiver.devices[node.device].hello.boot == 6, what="boot 6's HELLO")
+    assert receiver.devices[node.device].hello.drops[WATCHDOG_RESETS] == 1
+    node.board.power_cut(restore=False)
+    state = json.loads(node.board.read_file("/state.json"))
+    assert state["resets"] == [[1, 1], [2, 1], [3, 1], [4, 1], [5, 1], [6, 3]]  # wire codes
+    assert state["bad_boots"] == 2  # boot 5 (stalled, so never good) and boot 6
+
+
+def test_a_healthy_boot_marks_the_firmware_image_valid_once(emulator, receiver):
+    node = launcher.provision(emulator, receiver.port, **(FAST | {"good_after_ms": 1000}))
+    receiver.keys[node.key.device_id] = node.key
+    # The call as a bootloader without rollback answers it (ESP_ERR_NOT_FOUND), counted.
+    node.board.write_files({"/boot.py": (
+        b"import esp32\n"
+        b"def _mark():\n"
+        b"    print('TEST: mark_app_valid_cancel_rollback')\n"
+        b"    raise OSError(-261)\n"
+        b"esp32.Partition.mark_app_valid_cancel_rollback = staticmethod(_mark)\n")})
+    node.board.power_on()
+    node.board.console.wait_for("firmware image: this bootloader has no rollback", timeout=20)
+    count = receiver.count(node.device)
+    receiver.wait_for_count(count + 100, node.device)  # running on, well past the good mark
+    assert node.board.console.text().count("TEST: mark_app_valid_cancel_rollback") == 1
+    assert node.board.boots == [PWRON_RESET]
+
+
+# ----- CONFIG settings that apply at once (finding 10) -----
+
+
+def saved_seqs(text):
+    return [int(m) for m in re.findall(r"saved through seq (\d+)", text)]
+
+
+def test_config_interval_and_flash_settings_apply_at_once(emulator, receiver):
+    (node,) = start_nodes(emulator, receiver, interval_ms=10_000, log_level=3)
+    receiver.wait_for_count(len(launcher.SENSOR_KIT), node.device)
+    time.sleep(0.5)  # the sampler now sleeps for most of 10 s
+    receiver.pending_config[node.device] = {"interval_ms": 50, "flash_every": 4}
+    receiver.drop_connections()
+    mark = node.board.console.wait_for("CONFIG applied: ", timeout=15)
+    count = receiver.count(node.device)
+    receiver.wait_for_count(count + 10 * len(launcher.SENSOR_KIT), node.device, timeout=3)
+    receiver.acking = False  # readings pile up: every 4 go to flash now, not every 32
+    time.sleep(0.3)
+    mark = node.board.console.mark()
+    time.sleep(1.5)
+    saved = saved_seqs(node.board.console.text(mark))
+    assert len(saved) >= 3, saved
+    assert max(b - a for a, b in pairwise(saved)) <= 8, saved  # at most 2 flushes a round
+
+
+def test_config_switches_deep_sleep_on_and_off_at_once(emulator, receiver):
+    (node,) = start_nodes(emulator, receiver)
+    receiver.wait_for_count(20, node.device)
+    receiver.pending_config[node.device] = {"deep_sleep_ms": 300}
+    receiver.drop_connections()
+    node.board.console.wait_for("CONFIG applied: deep_sleep_ms", timeout=15)
+    wait_until(lambda: node.board.boots.count(DEEPSLEEP_RESET) >= 2, timeout=20,
+               what="deep-sleep cycles")
+    receiver.pending_config[node.device] = {"deep_sleep_ms": 0}  # sent at the next wake
+    node.board.console.wait_for("deep sleep off: sampling continuously", timeout=20)
+    sleeps = node.board.boots.count(DEEPSLEEP_RESET)
+    count = receiver.count(node.device)
+    receiver.wait_for_count(count + 50 * len(launcher.SENSOR_KIT), node.device, timeout=10)
+    assert node.board.boots.count(DEEPSLEEP_RESET) == sleeps  # no sleep since
+    assert "CONFIG applied: deep_sleep_ms" in node.board.console.text(0)
+    readings = receiver.readings_of(node.device)
+    assert {r.boot for r in readings} == {1}  # one boot throughout: on, cycles, off
+    assert_contiguous([r.seq for r in readings])
+
+
+# ----- sensor failures on the console and in HELLO (findings 4 and 5) -----
+
+
+def test_an_adc_input_out_of_range_is_skipped_named_once_and_counted_in_hello(
+        emulator, receiver):
+    (node,) = start_nodes(emulator, receiver)
+    level = next(i for i, e in enumerate(launcher.SENSOR_KIT) if e["name"] == "level")
+    receiver.wait_for_count(50, node.device)
+    mark = node.board.console.mark()
+    node.level.volts = 3.0  # beyond 11 dB's usable 2.45 V: the ADC curve flattens there
+    line = re.compile(rf"E kinhbac: sensor level \(sensors\[{level}\]\): \d\.\d{{3}} V is "
+                      r"outside the ADC's usable 0\.15-2\.45 V")
+    node.board.console.wait_for("is outside the ADC's usable", since=mark)
+    wait_until(lambda: receiver.devices[node.device].hello.drops[OUT_OF_RANGE] > 0,
+               what="a HELLO carrying the count")
+    receiver.wait_for_count(receiver.count(node.device) + 100, node.device)  # what was sent
+    before = len([r for r in receiver.readings_of(node.device) if r.sensor == level])
+    receiver.wait_for_count(receiver.count(node.device) + 100, node.device)  # 25 rounds more
+    after = len([r for r in receiver.readings_of(node.device) if r.sensor == level])
+    assert after == before  # skipped, not clipped into a wrong value
+    assert len(line.findall(node.board.console.text(mark))) == 1  # once, not per round
+    node.level.volts = 1.0
+    node.board.console.wait_for(f"sensor level (sensors[{level}]) reads again", since=mark)
+    wait_until(lambda: len([r for r in receiver.readings_of(node.device)
+                            if r.sensor == level]) > after, what="level readings again")
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"name": "a", "kind": "adc", "pin": 4},
+     "sensors[0].pin: GPIO4 is no ADC1 pin: it is on ADC2, which cannot be read while WiFi"),
+    ({"name": "a", "kind": "adc", "pin": 5},
+     "sensors[0].pin: GPIO5 is no ADC1 pin (it has no ADC)"),
+    ({"name": "a", "kind": "pulse", "pin": 39, "pull": "down"},
+     "sensors[0].pull: GPIO39 has no pull resistor"),
+])
+def test_sensor_pins_the_esp32_cannot_serve_are_refused_with_the_reason(board, entry, message):
+    repl = boot_node(board)
+    repl.exec(
+        "from node import sensors\n"
+        "def refusal(table):\n"
+        "    try:\n"
+        "        sensors.check_table(table)\n"
+        "    except ValueError as e:\n"
+        "        return str(e)\n")
+    assert repl.eval(f"refusal([{entry!r}])").startswith(message)
+
+
+# ----- the firmware image (finding 12) -----
+
+
+def test_firmware_manifest_keeps_the_ports_own_manifest():
+    # FROZEN_MANIFEST replaces the port's boards/manifest.py, which freezes _boot.py (the
+    # filesystem mount) and asyncio: an image without it boots with neither.
+    lines = [line.strip() for line in (REPO / "firmware" / "manifest.py").read_text()
+             .splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert lines[0] == 'include("$(PORT_DIR)/boards/manifest.py")'
