@@ -244,6 +244,19 @@ def test_an_adc_input_out_of_range_is_skipped_named_once_and_counted_in_hello(
                             if r.sensor == level]) > after, what="level readings again")
 
 
+def test_a_missing_bme280_is_named_once_per_sensor_and_counted_per_sensor(board):
+    repl = boot_node(board)  # nothing on the I2C bus
+    repl.exec("s = sensors.build_sensors(lambda: i2c, ["
+              "{'name': 't', 'kind': 'bme280', 'field': 'temperature'}, "
+              "{'name': 'h', 'kind': 'bme280', 'field': 'humidity'}])\n"
+              "for _ in range(5):\n    s.sample(lambda i, v: None)\n")
+    assert repl.eval("s.errors") == [5, 5]
+    text = board.console.text()
+    for i, name in enumerate("th"):
+        assert text.count(f"E kinhbac: sensor {name} (sensors[{i}]): ") == 1, text
+    assert "no BME280 at I2C address 0x76 (1 failed, 0 out of range since boot)" in text
+
+
 @pytest.mark.parametrize("entry, message", [
     ({"name": "a", "kind": "adc", "pin": 4},
      "sensors[0].pin: GPIO4 is no ADC1 pin: it is on ADC2, which cannot be read while WiFi"),

@@ -234,8 +234,11 @@ class AnalogChannel:
             total += uv
         return total * self._k + self.offset
 
-    def fault(self):
-        return OUT_OF_RANGE, "%.3f V is outside the ADC's usable %.2f-%.2f V" % (
+    def fault_kind(self):
+        return OUT_OF_RANGE
+
+    def fault_text(self):
+        return "%.3f V is outside the ADC's usable %.2f-%.2f V" % (
             self.last_uv / 1e6, self._low / 1e6, self._high / 1e6)
 
 
@@ -306,9 +309,12 @@ class _Field:
         w = self.which
         return chip.temperature if w == 0 else chip.pressure if w == 1 else chip.humidity
 
-    def fault(self):
+    def fault_kind(self):
         e = self.chip.error
-        return (e.errno if e is not None else 0), str(e)
+        return e.errno if e is not None else 0
+
+    def fault_text(self):
+        return str(self.chip.error)
 
 
 class SensorSet:
@@ -352,17 +358,17 @@ class SensorSet:
             try:
                 value = ch.read()
             except OSError as e:
-                self._failed(i, e.errno, str(e))
+                self._failed(i, e.errno, e)
                 continue
             if value is None:
-                kind, text = ch.fault()
-                self._failed(i, kind, text)
+                self._failed(i, ch.fault_kind(), ch)
             else:
                 if kinds[i] is not None:
                     self._recovered(i)
                 sink(i, value)
 
-    def _failed(self, i, kind, text):
+    def _failed(self, i, kind, why):
+        # `why`: the OSError, or the channel that can say what it read. Words only for a line.
         if kind == OUT_OF_RANGE:
             self.out_of_range[i] += 1
         else:
@@ -371,7 +377,8 @@ class SensorSet:
         now = time.ticks_ms()
         if kind != self._kind[i] or time.ticks_diff(now, self._logged[i]) >= _LOG_AGAIN_MS:
             log.error("sensor %s (sensors[%d]): %s (%d failed, %d out of range since boot)",
-                      self.names[i], i, text, self.errors[i], self.out_of_range[i])
+                      self.names[i], i, str(why) if isinstance(why, OSError) else why.fault_text(),
+                      self.errors[i], self.out_of_range[i])
             self._kind[i] = kind
             self._logged[i] = now
             self.news = True
