@@ -7,6 +7,7 @@ import pytest
 
 from kinhbac import wire
 from kinhbac.emulator import launcher
+from kinhbac.emulator.access_point import WifiTiming
 from kinhbac.emulator.board import DEEPSLEEP_RESET, HARD_RESET, PWRON_RESET, WDT_RESET
 from kinhbac.emulator.interpreter import HEAP_FACTOR
 from kinhbac.emulator.receiver import Receiver
@@ -89,6 +90,8 @@ def test_five_boards_deliver_every_reading_once_in_order_with_the_sensor_values(
 
 
 def test_readings_taken_before_the_clock_sync_are_flagged_and_stamped(emulator, receiver):
+    # Clock-sync flags, not WiFi timing: a 2.5 s association would make all 100 pre-sync.
+    emulator.access_point.wifi = WifiTiming.quick()
     (node,) = start_nodes(emulator, receiver)
     receiver.wait_for_count(100, node.device)
     readings = receiver.readings_of(node.device)
@@ -225,7 +228,8 @@ def test_config_frame_with_an_unknown_setting_is_refused_and_reported(emulator, 
 
 
 def test_no_network_for_too_long_reboots_the_node(emulator, receiver):
-    (node,) = start_nodes(emulator, receiver, no_network_reboot_s=2)
+    # More than a boot needs to its first ACK (WiFi alone takes 2.5 s): at 2 s it rebooted for ever.
+    (node,) = start_nodes(emulator, receiver, no_network_reboot_s=5)
     receiver.wait_for_count(10, node.device)
     emulator.access_point_up(False)
     wait_until(lambda: HARD_RESET in node.board.boots, timeout=15, what="a reboot")

@@ -20,6 +20,7 @@ import tty
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kinhbac.emulator.access_point import WifiTiming
 from kinhbac.emulator.console import Console
 from kinhbac.emulator.devices import ADC2_PINS, AnalogSource, I2CDevice, PulseSource
 from kinhbac.emulator.flash import FlashImage
@@ -66,6 +67,9 @@ OP_RTC_MEM_WRITE = 13
 OP_WLAN_CONNECT = 14
 OP_WLAN_DISCONNECT = 15
 OP_ROUTE = 16
+# Known to the stand-ins network.py and socket.py (standins/_hw.py lists them too).
+OP_WLAN_STATUS = 18
+OP_RESOLVE = 19
 ONE_WAY_OPS = (OP_PIN_WRITE, OP_WDT_FEED)
 STALLABLE_OPS = (OP_I2C_WRITE, OP_I2C_READ, OP_I2C_SCAN, OP_ADC_READ)
 # 40 and up: setting up the emulated hardware (standins/_hw.py).
@@ -87,7 +91,13 @@ _HDR = struct.Struct("<BHH")
 _RESP = struct.Struct("<bH")
 _ENODEV = 19
 _EIO = 5
-_EHOSTUNREACH = 113
+# WiFi disconnect reasons (ESP-IDF esp_wifi_types.h) the emulated driver reports.
+REASON_ASSOC_LEAVE = 8  # after WLAN.disconnect()
+REASON_BEACON_TIMEOUT = 200
+REASON_NO_AP_FOUND = 201
+REASON_AUTH_FAIL = 202
+REASON_HANDSHAKE_TIMEOUT = 204
+REASON_CONNECTION_FAIL = 205
 
 
 class Board:
@@ -133,7 +143,13 @@ class Board:
         self._irq_pins: set[int] = set()
         self._wlan_credentials: tuple[str, str] | None = None
         self._link_up = False
-        self._link_task: asyncio.Task | None = None
+        self._link_task: asyncio.Task | None = None  # the WiFi driver, while connect() holds
+        self.wifi_timing: WifiTiming | None = None  # None: the access point's
+        self._wifi_reason = 0  # the last disconnect reason, 0 for none (network_wlan.c)
+        self._wifi_retrying = False  # connect() asked for and the driver still trying
+        self._dns_known = False  # a DHCP lease (and its DNS server) since boot
+        self._held = False  # the AP is gone and the driver has not noticed yet
+        self._wifi_changed = asyncio.Event()
         self._wdt_timeout = 0.0
         self._wdt_deadline = 0.0
         self._wdt_task: asyncio.Task | None = None
@@ -167,6 +183,16 @@ class Board:
     @property
     def link_up(self) -> bool:
         return self._link_up
+
+    @property
+    def link_usable(self) -> bool:
+        """Up, and its packets get through (not in the moments after its AP vanished)."""
+        return self._link_up and not self._held
+
+    @property
+    def dns_known(self) -> bool:
+        """A DHCP lease since boot gave lwIP a DNS server (it keeps it after a link loss)."""
+        return self._dns_known
 
     @property
     def running(self) -> bool:
@@ -339,8 +365,7 @@ class Board:
         self._wifi_started = False
         if self._rtc_offset_ns is None:  # power-on: the RTC starts at 2000-01-01 00:00:00
             self._rtc_offset_ns = -time.time_ns()
-        self._wlan_credentials = None
-        self._link_up = False
+        self._reset_wifi()
         self._irq_pins.clear()
         self._interpreter_up = False  # until the stand-ins call in: see _on_host_input
         self._int_master, self._int_slave = os.openpty()
@@ -619,18 +644,24 @@ class Board:
             return b""
         if op == OP_WLAN_CONNECT:
             ssid, _, password = payload.partition(b"\x00")
-            self._wlan_credentials = (ssid.decode(), password.decode())
-            await self.refresh_link()
+            self._wlan_connect(ssid.decode(), password.decode(), reconnects=a)
             return b""
         if op == OP_WLAN_DISCONNECT:
-            self._wlan_credentials = None
-            await self.refresh_link()
+            self._wlan_disconnect()
             return b""
+        if op == OP_WLAN_STATUS:
+            return struct.pack("<BBBH", self._link_up, self._wifi_retrying, self._dns_known,
+                               self._wifi_reason)
+        if op == OP_RESOLVE:
+            # Blocks the board for as long as lwIP would: the call is synchronous on the chip.
+            address = await self.emulator.access_point.resolve(self, payload.decode())
+            return b"\x00" + address.encode() if address else b"\x01"
         if op == OP_ROUTE:
-            if not self._link_up:
-                raise OSError(_EHOSTUNREACH, "no WiFi link")
-            port = await self.emulator.access_point.route(self, payload.decode(), a)
-            return struct.pack("<H", port)
+            # The loopback port that stands for address:port, and lwIP's SYN time in ms for
+            # the stand-in's sockets (TCP_USER_TIMEOUT).
+            ap = self.emulator.access_point
+            port = await ap.route(self, payload.decode(), a)
+            return struct.pack("<HH", port, min(int(ap.syn_timeout_s * 1000), 0xFFFF))
         raise OSError(_EIO, f"unknown hardware call {op}")
 
     async def _i2c_held(self, op: int, a: int) -> bytes:
@@ -677,32 +708,138 @@ class Board:
         self._driven[pin] = level
         self.emulator.loop.call_soon_threadsafe(self._send_event, EV_EDGE, pin, level)
 
-    async def refresh_link(self) -> None:
-        """Bring the WiFi link up or down to match the AP, the range and the board's wishes."""
+    # ----- WiFi: the station driver, as ESP-IDF runs it under the ESP32 port -----
+    # WLAN.connect() starts attempts (scan, join, DHCP); each that fails leaves a disconnect
+    # reason, and the port's event handler starts the next at once, for ever or `reconnects`
+    # times (ports/esp32/network_wlan.c). A link that is up stays up until the AP's beacons
+    # stay away for the beacon timeout. Timing: WifiTiming (access_point.py).
+
+    def _reset_wifi(self) -> None:
+        """A chip reset: no driver, no lease, no reason yet."""
+        self._stop_driver()
+        self._wlan_credentials = None
+        self._link_up = False
+        self._wifi_reason = 0
+        self._wifi_retrying = False
+        self._dns_known = False
+        self._held = False
+
+    def _timing(self) -> WifiTiming:
+        return self.wifi_timing or self.emulator.access_point.wifi
+
+    def _ap_in_reach(self) -> bool:
+        """An AP with the board's SSID is up and in range (whatever the password)."""
         ap = self.emulator.access_point
         creds = self._wlan_credentials
-        should_be_up = (
-            self._process is not None
-            and creds is not None
-            and self.in_range
-            and ap.is_up
-            and ap.accepts(*creds)
-        )
-        if should_be_up and not self._link_up:
-            if self._link_task is None or self._link_task.done():
-                self._link_task = asyncio.get_running_loop().create_task(self._associate())
-        elif not should_be_up:
-            if self._link_task:
-                self._link_task.cancel()
-            if self._link_up:
-                self._link_up = False
-                self._send_event(EV_LINK, 0, 0)  # first, so the board rarely sees a cut first
-                ap.cut(self)
+        return (self._process is not None and creds is not None and self.in_range
+                and ap.is_up and creds[0] == ap.ssid)
 
-    async def _associate(self) -> None:
-        await asyncio.sleep(self.emulator.access_point.association_delay)
-        self._link_up = True
-        self._send_event(EV_LINK, 1, 0)
+    def _wlan_connect(self, ssid: str, password: str, reconnects: int) -> None:
+        if self._link_up and self._wlan_credentials == (ssid, password):
+            return  # already on that AP
+        self._stop_driver()
+        if self._link_up:
+            self._set_link(False)
+        self._wlan_credentials = (ssid, password)
+        self._wifi_retrying = True
+        self._link_task = asyncio.get_running_loop().create_task(self._wifi_driver(reconnects))
+
+    def _wlan_disconnect(self) -> None:
+        self._stop_driver()
+        self._wlan_credentials = None
+        self._wifi_retrying = False
+        if self._link_up:
+            self._set_link(False)
+        self._wifi_reason = REASON_ASSOC_LEAVE
+
+    def _stop_driver(self) -> None:
+        if self._link_task is not None:
+            self._link_task.cancel()
+            self._link_task = None
+        self._held = False
+        self.emulator.access_point.hold(self, False)
+
+    def _set_link(self, up: bool) -> None:
+        self._link_up = up
+        if up:
+            self._dns_known = True
+            self._wifi_reason = 0  # IP_EVENT_STA_GOT_IP clears it
+            self._send_event(EV_LINK, 1, 0)
+        else:
+            self._held = False
+            self._send_event(EV_LINK, 0, 0)  # first, so the board rarely sees a cut first
+            self.emulator.access_point.cut(self)
+        self._refresh_routes()
+
+    def _refresh_routes(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.create_task(self.emulator.access_point.refresh_routes(self))
+
+    async def refresh_link(self) -> None:
+        """The AP or the range changed: the driver looks again."""
+        self._wifi_changed.set()
+
+    async def _wifi_driver(self, reconnects: int) -> None:
+        failures = 0  # wifi_sta_reconnects: not reset by a success, as on the port
+        wrong = 0
+        while True:
+            reason, wrong = await self._wifi_attempt(wrong)
+            if reason is None:
+                self._set_link(True)
+                reason = await self._wifi_hold()
+                self._set_link(False)
+            self._wifi_reason = reason
+            failures += 1
+            if reconnects and failures >= reconnects:
+                self._wifi_retrying = False  # the handler gives up; status() shows the reason
+                self._link_task = None
+                return
+
+    async def _wifi_attempt(self, wrong: int) -> tuple[int | None, int]:
+        """One esp_wifi_connect(): None when it got an IP, else its disconnect reason."""
+        timing = self._timing()
+        ap = self.emulator.access_point
+        if not self._ap_in_reach():
+            await asyncio.sleep(timing.scan_missed_s)
+            return REASON_NO_AP_FOUND, wrong
+        assert self._wlan_credentials is not None
+        if not ap.accepts(*self._wlan_credentials):
+            reasons = ap.wrong_password_reasons or (REASON_AUTH_FAIL,)
+            reason = reasons[wrong % len(reasons)]
+            await asyncio.sleep(_failed_join_s(reason, timing))
+            return reason, wrong + 1
+        await asyncio.sleep(timing.association_s)
+        if not self._ap_in_reach():
+            return REASON_NO_AP_FOUND, wrong  # it went while the board was joining
+        return None, wrong
+
+    async def _wifi_hold(self) -> int:
+        """Keep the link until the AP has been out of reach for the beacon timeout."""
+        ap = self.emulator.access_point
+        while True:
+            await self._wait_wifi_change()
+            if self._ap_in_reach():
+                continue
+            # Its beacons stopped: the board still thinks it is connected, its packets go
+            # nowhere (held, sent on if the AP comes back in time).
+            self._held = True
+            ap.hold(self, True)
+            self._refresh_routes()
+            try:
+                await asyncio.wait_for(self._until_in_reach(), self._timing().beacon_timeout_s)
+            except TimeoutError:
+                return REASON_BEACON_TIMEOUT
+            self._held = False
+            ap.hold(self, False)
+            self._refresh_routes()
+
+    async def _until_in_reach(self) -> None:
+        while not self._ap_in_reach():
+            await self._wait_wifi_change()
+
+    async def _wait_wifi_change(self) -> None:
+        await self._wifi_changed.wait()
+        self._wifi_changed.clear()
 
     # ----- watchdog -----
 
@@ -742,3 +879,12 @@ def _rom_banner(cause: int, download: bool = False) -> bytes:
         else "boot:0x13 (SPI_FAST_FLASH_BOOT)"
     )
     return f"ets Jul 29 2019 12:21:46\r\n\r\nrst:0x{code:x} ({name}),{boot_mode}\r\n".encode()
+
+
+def _failed_join_s(reason: int, timing: WifiTiming) -> float:
+    """How long an attempt with the wrong password takes to end with `reason`."""
+    if reason == REASON_CONNECTION_FAIL:
+        return timing.scan_missed_s  # the next try after a failed handshake (ESP32 logs)
+    if reason == REASON_AUTH_FAIL:
+        return timing.scan_found_s + timing.join_s  # refused at authentication
+    return timing.scan_found_s + timing.join_s + timing.handshake_fail_s

@@ -1,5 +1,10 @@
-# Stand-in for the ESP32 port's `network` module: a WLAN station that is connected only while
-# the emulator's access point is up and the board is in its range.
+# Stand-in for the ESP32 port's `network` module: a WLAN station whose driver the emulator
+# plays (kinhbac/emulator/board.py): association takes seconds, and while the driver retries,
+# status() gives the ESP-IDF's last disconnect reason by the rules of the port's status()
+# (ports/esp32/network_wlan.c, MicroPython v1.24.1). The port's interface objects are
+# singletons, so the state lives in the module, not in each WLAN(). Few names here: every new
+# one takes the board's heap (qstrs), which the port's C code does not.
+import struct
 import _hw
 
 STA_IF = 0
@@ -24,6 +29,9 @@ _CONFIG = ("mac", "ssid", "essid", "hidden", "security", "authmode", "channel", 
            "dhcp_hostname", "max_clients", "reconnects", "txpower", "protocol", "pm")
 
 _hostname = "esp32"
+_active = [False, False]  # per interface
+_config = {}
+_reconnects = 0  # conf_wifi_sta_reconnects: 0 retries for ever, else config(reconnects=) + 1
 
 
 def hostname(name=None):
@@ -31,6 +39,12 @@ def hostname(name=None):
     if name is None:
         return _hostname
     _hostname = name
+
+
+def _sta():
+    """The emulated driver (kinhbac/emulator/board.py): (got an IP, connect() asked for and the
+    driver still retrying, a lease since boot, the last disconnect reason)."""
+    return struct.unpack_from("<BBBH", _hw.call(_hw.OP_WLAN_STATUS))
 
 
 class WLAN:
@@ -44,50 +58,70 @@ class WLAN:
         if interface_id not in (STA_IF, AP_IF):
             raise ValueError("invalid WLAN interface identifier")
         self._if = interface_id
-        self._active = False
-        self._wanted = False
-        self._config = {}
 
     def active(self, is_active=None):
         if is_active is None:
-            return self._active
-        self._active = bool(is_active)
-        if not self._active and self._wanted:
-            self.disconnect()
+            return _active[self._if]
+        st = _active[self._if]
+        _active[self._if] = bool(is_active)
+        if st and not is_active and self._if == STA_IF:
+            _hw.call(_hw.OP_WLAN_DISCONNECT)  # the driver stops: no link, no retries
+        if st != bool(is_active):
+            # esp_wifi_start() with the first interface, esp_wifi_stop() with the last: WiFi
+            # takes ADC2 meanwhile (network_wlan.c network_wlan_active).
+            _hw.call(_hw.OP_WLAN_ACTIVE, _active[0] or _active[1])
 
     def connect(self, ssid=None, key=None, *, bssid=None):
-        if not self._active:
+        if not _active[self._if]:
             raise OSError("Wifi Not Started")
-        self._wanted = True
-        self._config["ssid"] = ssid
-        payload = (ssid or "").encode() + b"\x00" + (key or "").encode()
-        _hw.call(_hw.OP_WLAN_CONNECT, 0, payload)
+        if ssid is not None:
+            _config["ssid"] = ssid
+        payload = (_config.get("ssid") or "").encode() + b"\x00" + (key or "").encode()
+        _hw.call(_hw.OP_WLAN_CONNECT, _reconnects, payload)
 
     def disconnect(self):
-        self._wanted = False
         _hw.call(_hw.OP_WLAN_DISCONNECT)
 
     def isconnected(self):
-        return self._active and _hw.link_up
+        return _hw.link_up
 
     def status(self, param=None):
         if param == "rssi":
-            return -55 if self.isconnected() else 0
+            if not _hw.link_up:
+                raise OSError("Wifi Not Connected")  # esp_wifi_sta_get_ap_info fails
+            return -55
         if param == "stations":
             raise OSError("AP required")  # a station has no stations of its own
         if param is not None:
             raise ValueError("unknown status param")
-        if self.isconnected():
+        if self._if != STA_IF:
+            return None
+        # The order of ports/esp32/network_wlan.c network_wlan_status().
+        st = _sta()
+        if st[0]:
             return STAT_GOT_IP
-        return STAT_CONNECTING if self._wanted else STAT_IDLE
+        if st[3] == STAT_NO_AP_FOUND or st[3] in (210, 211, 212):
+            return st[3]
+        if st[3] == STAT_WRONG_PASSWORD or st[3] == 205:  # 205: WIFI_REASON_CONNECTION_FAIL
+            return STAT_WRONG_PASSWORD
+        if st[3] == 8:  # WIFI_REASON_ASSOC_LEAVE, after disconnect()
+            return STAT_IDLE
+        if st[1]:
+            return STAT_CONNECTING
+        if st[3] == 0:
+            return STAT_IDLE
+        return st[3]
 
     def ifconfig(self, config=None):
-        if self.isconnected():
+        st = _sta()
+        if st[0]:
             return ("192.168.4.%d" % (2 + _hw.env_int("BOARD_INDEX", 0)), "255.255.255.0",
                     "192.168.4.1", "192.168.4.1")
-        return ("0.0.0.0", "0.0.0.0", "0.0.0.0", "0.0.0.0")
+        # esp_netif_down() clears the address; lwIP keeps the DNS server of the last lease.
+        return ("0.0.0.0", "0.0.0.0", "0.0.0.0", "192.168.4.1" if st[2] else "0.0.0.0")
 
     def config(self, *args, **kwargs):
+        global _reconnects
         if args and kwargs:
             raise TypeError("either pos or kw args are allowed")
         for name in kwargs:
@@ -95,7 +129,9 @@ class WLAN:
                 raise ValueError("unknown config param")
             if name == "hostname" or name == "dhcp_hostname":
                 hostname(kwargs[name])
-            self._config[name] = kwargs[name]
+            if name == "reconnects":  # -1: for ever, as 0 retries for ever on the port
+                _reconnects = 0 if kwargs[name] == -1 else int(kwargs[name]) + 1
+            _config[name] = kwargs[name]
         if kwargs:
             return None
         if len(args) != 1:
@@ -110,7 +146,9 @@ class WLAN:
             return machine.unique_id()
         if name == "hostname" or name == "dhcp_hostname":
             return _hostname
-        return self._config.get("ssid" if name == "essid" else name)
+        if name == "reconnects":
+            return _reconnects - 1
+        return _config.get("ssid" if name == "essid" else name)
 
     def scan(self):
         return []
