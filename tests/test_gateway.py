@@ -101,7 +101,9 @@ def test_broker_stopped_for_ten_seconds_loses_nothing(site, collector, broker):
     nodes = site.add_nodes(3)
     site.gateway.start()
     site.power_on()
-    collector.wait_for(lambda: collector.count() >= 300, what="readings before the outage")
+    # Every node, not just 300 readings in all: a node still associating has none to compare.
+    collector.wait_for(lambda: all(collector.count(n.device) >= 100 for n in nodes),
+                       what="readings of every node before the outage")
     broker.stop()
     time.sleep(10)
     assert site.gateway.metrics()["kinhbac_gateway_uplink_connected"] == 0
