@@ -43,6 +43,10 @@ def watch(repl, connect_call: str, until: str, limit_ms: int) -> list[tuple]:
         f"t = time.ticks_ms()\n{connect_call}\nseen = []\nlast = None\n"
         "while True:\n"
         "    now = (w.status(), w.isconnected(), w.ifconfig()[0])\n"
+        # Three calls are not one atomic read: the link may come up between them (as on a
+        # board), so a sample counts only when a second read agrees with it.
+        "    if now != (w.status(), w.isconnected(), w.ifconfig()[0]):\n"
+        "        continue\n"
         "    if now != last:\n"
         "        seen.append((time.ticks_diff(time.ticks_ms(), t),) + now)\n"
         "        last = now\n"
