@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from pydantic import BaseModel, Field, ValidationError
 from sqlmodel import Session, select
+from sqlmodel.sql.expression import SelectOfScalar
 
 from kinhbac import wire
 from kinhbac.fleet import audit, sites
@@ -185,16 +186,20 @@ def delete_device(session: Session, actor: Actor, device_id: uuid.UUID) -> None:
 
 def list_devices(
     session: Session,
+    visible: SelectOfScalar[Device],
     *,
     site_id: uuid.UUID | None = None,
     tag: str | None = None,
     state: DeviceState | None = None,
     firmware_version: str | None = None,
     mac: str | None = None,
+    from_claim: bool | None = None,
     limit: int,
     offset: int,
 ) -> Page[DevicePublic]:
-    query = select(Device)
+    """A page of `visible` (a select of Device, already narrowed to the caller's sites),
+    filtered; oldest first."""
+    query = visible
     if site_id is not None:
         query = query.where(Device.site_id == site_id)
     if tag is not None:
@@ -205,6 +210,9 @@ def list_devices(
         query = query.where(Device.firmware_version == firmware_version)
     if mac is not None:
         query = query.where(Device.mac == mac)
+    if from_claim is not None:
+        query = query.where(Device.claim_nonce.is_not(None) if from_claim
+                            else Device.claim_nonce.is_(None))
     return page(session, query, DevicePublic, order_by=(Device.created_at, Device.id),
                 limit=limit, offset=offset)
 

@@ -32,13 +32,11 @@ from kinhbac.fleet.models import (
     DeviceProvisioned,
     DevicePublic,
     DeviceState,
-    DeviceTag,
     DeviceUpdate,
     NodeConfigUpdate,
     Page,
     Site,
 )
-from kinhbac.fleet.store import page
 
 router = APIRouter(prefix="/api/devices", tags=["devices"])
 
@@ -159,23 +157,10 @@ def list_devices(
 ) -> Page[DevicePublic]:
     """Devices, oldest first, filtered by site, tag, state, firmware version, MAC or whether a
     claim set them up; of the caller's sites only, for a caller limited to some."""
-    # Built here rather than by provisioning.list_devices: the caller's sites narrow it.
-    query = visible_only(select(Device), caller, Device)
-    if site_id is not None:
-        query = query.where(Device.site_id == site_id)
-    if tag is not None:
-        query = query.where(Device.id.in_(select(DeviceTag.device_id).where(DeviceTag.tag == tag)))
-    if state is not None:
-        query = query.where(Device.state == state)
-    if firmware_version is not None:
-        query = query.where(Device.firmware_version == firmware_version)
-    if mac is not None:
-        query = query.where(Device.mac == mac)
-    if from_claim is not None:
-        query = query.where(Device.claim_nonce.is_not(None) if from_claim
-                            else Device.claim_nonce.is_(None))
-    return page(session, query, DevicePublic, order_by=(Device.created_at, Device.id),
-                limit=limit, offset=offset)
+    return provisioning.list_devices(
+        session, visible_only(select(Device), caller, Device), site_id=site_id, tag=tag,
+        state=state, firmware_version=firmware_version, mac=mac, from_claim=from_claim,
+        limit=limit, offset=offset)
 
 
 def _check_bulk_sites(session: Session, caller: Principal, devices: list[DeviceCreate]) -> None:
