@@ -80,8 +80,9 @@ def test_first_boot_formats_the_filesystem_and_writes_boot_py(board):
 
 
 def test_the_technicians_tool_reads_the_table_the_emulator_writes():
-    """kinhbac.device.partitions (the laptop's reader, which must not import the emulator)
-    against the emulator's encoder: same partitions, same refusals."""
+    """kinhbac.device.partitions (the laptop's reader, which must not import the emulator; the
+    emulated flash writes its tables with the same module) on the tables emulated boards
+    carry: same partitions, same refusals."""
     table = encode_partition_table(GENERIC_LAYOUT)
     read = partitions.parse(table)
     assert [(p.label, p.type, p.subtype, p.offset, p.size) for p in read] == [

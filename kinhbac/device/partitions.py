@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 TABLE_OFFSET = 0x8000  # CONFIG_PARTITION_TABLE_OFFSET's default; MicroPython's makeimg.py too
 TABLE_SIZE = 0xC00  # gen_esp32part's MAX_PARTITION_LENGTH
+TYPE_APP = 0x00
 TYPE_DATA = 0x01
 # MicroPython's flashbdev.py (ports/esp32/modules/flashbdev.py:3-7): the filesystem is the data
 # partition labelled "vfs", else TinyUF2's "ffat".
@@ -33,6 +34,17 @@ class Partition:
     subtype: int
     offset: int
     size: int
+
+
+def encode(partitions: tuple[Partition, ...]) -> bytes:
+    """The binary table as gen_esp32part writes it, MD5 entry included, padded to TABLE_SIZE
+    (what the emulated boards' flash carries)."""
+    entries = b"".join(
+        _ENTRY.pack(_ENTRY_MAGIC, p.type, p.subtype, p.offset, p.size, p.label.encode(), 0)
+        for p in partitions
+    )
+    table = entries + _MD5_MAGIC + b"\xff" * 14 + hashlib.md5(entries).digest()
+    return table + b"\xff" * (TABLE_SIZE - len(table))
 
 
 def parse(raw: bytes) -> tuple[Partition, ...]:

@@ -4,32 +4,23 @@ The layout is the one MicroPython's ESP32_GENERIC OTA build uses, so that esptoo
 mode), the OTA code and the firmware's filesystem all see the same bytes they would on a board.
 """
 
-import hashlib
-import struct
-from dataclasses import dataclass
 from pathlib import Path
+
+from kinhbac.device import partitions
 
 FLASH_SIZE = 4 * 1024 * 1024
 SECTOR_SIZE = 4096  # the smallest erasable unit of SPI NOR flash
 ERASED = 0xFF  # NOR flash reads 0xFF after an erase; programming can only clear bits
 
-PARTITION_TABLE_OFFSET = 0x8000
-PARTITION_TABLE_MAX = 0xC00  # ESP-IDF reserves 3 KiB for the table
-_ENTRY = struct.Struct("<2sBBII16sI")
-_ENTRY_MAGIC = b"\xaa\x50"
-_MD5_MAGIC = b"\xeb\xeb"
-
-TYPE_APP = 0x00
-TYPE_DATA = 0x01
-
-
-@dataclass(frozen=True)
-class Partition:
-    label: str
-    type: int
-    subtype: int
-    offset: int
-    size: int
+# The table's format is the technician tool's reader's (kinhbac.device.partitions): one codec,
+# so the emulator cannot write a table the tool reads differently.
+PARTITION_TABLE_OFFSET = partitions.TABLE_OFFSET
+PARTITION_TABLE_MAX = partitions.TABLE_SIZE
+TYPE_APP = partitions.TYPE_APP
+TYPE_DATA = partitions.TYPE_DATA
+Partition = partitions.Partition
+encode_partition_table = partitions.encode
+decode_partition_table = partitions.parse  # PartitionTableError (a ValueError) if refused
 
 
 # MicroPython's partitions-4MiB-ota.csv: two 1.5 MiB app slots and a littlefs "vfs" partition.
@@ -50,37 +41,6 @@ GENERIC_LAYOUT = (
     Partition("factory", TYPE_APP, 0x00, 0x10000, 0x1F0000),
     Partition("vfs", TYPE_DATA, 0x81, 0x200000, 0x200000),
 )
-
-
-def encode_partition_table(partitions: tuple[Partition, ...]) -> bytes:
-    """The binary partition table as ESP-IDF's gen_esp32part writes it, MD5 entry included."""
-    entries = b"".join(
-        _ENTRY.pack(_ENTRY_MAGIC, p.type, p.subtype, p.offset, p.size, p.label.encode(), 0)
-        for p in partitions
-    )
-    md5_entry = _MD5_MAGIC + b"\xff" * 14 + hashlib.md5(entries).digest()
-    table = entries + md5_entry
-    return table + b"\xff" * (PARTITION_TABLE_MAX - len(table))
-
-
-def decode_partition_table(raw: bytes) -> tuple[Partition, ...]:
-    """Read the partitions back from the table's bytes; refuse a table whose MD5 does not match."""
-    partitions = []
-    for start in range(0, len(raw) - _ENTRY.size + 1, _ENTRY.size):
-        chunk = raw[start : start + _ENTRY.size]
-        if chunk[:2] == _MD5_MAGIC:
-            if hashlib.md5(raw[:start]).digest() != chunk[16:]:
-                raise ValueError("partition table MD5 does not match its entries")
-            break
-        if chunk[:2] != _ENTRY_MAGIC:
-            break
-        _, ptype, subtype, offset, size, label, _flags = _ENTRY.unpack(chunk)
-        partitions.append(
-            Partition(label.rstrip(b"\x00").decode(), ptype, subtype, offset, size)
-        )
-    if not partitions:
-        raise ValueError("no partition table at 0x8000")
-    return tuple(partitions)
 
 
 class FlashImage:
