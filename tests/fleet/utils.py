@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from sqlmodel import Session, select
 
+from kinhbac.claim_keys import fingerprint
 from kinhbac.fleet import provisioning, sites
 from kinhbac.fleet.audit import CLI
 from kinhbac.fleet.crypto import SecretBox
@@ -203,3 +204,14 @@ def make_pending_device(session: Session, gateway: Gateway) -> uuid.UUID:
     provisioning.record_claim(session, gateway, CLI, claim)
     mac = ":".join(claim.device_id[i:i + 2] for i in range(4, 16, 2))
     return session.exec(select(Device.id).where(Device.mac == mac)).one()
+
+
+def a_claim(mac: str | None = None, nonce: str | None = None, fw_version: str = "0.1.0", *,
+            signed_with: str | None = None) -> dict[str, str]:
+    """A node's CLAIM as a gateway reports it; `signed_with`: the claim key that verified it
+    (its fingerprint goes in the report)."""
+    claim = {"device_id": "6b62" + (mac or random_mac()).replace(":", ""),
+             "nonce": nonce or os.urandom(16).hex(), "fw_version": fw_version}
+    if signed_with is not None:
+        claim["claim_key_fingerprint"] = fingerprint(signed_with.encode())
+    return claim

@@ -3,7 +3,6 @@ taken for the overlap only, and nothing made with it outlives the overlap. The f
 is set by the test (`clock`), so no test waits out an overlap."""
 
 import json
-import os
 from datetime import timedelta
 
 import pytest
@@ -13,9 +12,9 @@ from kinhbac import wire
 from kinhbac.claim_keys import fingerprint
 from kinhbac.fleet import provisioning, sites
 from kinhbac.fleet.audit import CLI
-from kinhbac.fleet.models import AuditEntry, ClaimCreate, Gateway, Role, utcnow
+from kinhbac.fleet.models import AuditEntry, ClaimCreate, Gateway, utcnow
 
-from ..utils import bearer, make_gateway, make_site, make_user, random_mac
+from ..utils import a_claim, random_mac
 
 OVERLAP = timedelta(hours=72)  # KINHBAC_CLAIM_KEY_OVERLAP_HOURS by default
 
@@ -38,27 +37,6 @@ def clock(monkeypatch):
     found = Clock()
     monkeypatch.setattr(sites, "utcnow", found)
     return found
-
-
-@pytest.fixture
-def site_gateway(session, box):
-    site = make_site(session, box)
-    _, token = make_gateway(session, site)
-    return site, bearer(token)
-
-
-@pytest.fixture
-def admin(session):
-    return bearer(make_user(session, Role.admin)[1])
-
-
-def a_claim(signed_with: str | None, mac=None, nonce=None):
-    """A claim as a gateway reports it, naming the claim key that verified it."""
-    claim = {"device_id": "6b62" + (mac or random_mac()).replace(":", ""),
-             "nonce": nonce or os.urandom(16).hex(), "fw_version": "0.1.0"}
-    if signed_with is not None:
-        claim["claim_key_fingerprint"] = fingerprint(signed_with.encode())
-    return claim
 
 
 def report(client, gateway, claim):
@@ -139,15 +117,15 @@ def test_a_claim_under_the_old_key_is_taken_during_the_overlap_and_refused_after
     assert keys["claim_key"] == new
     assert keys["previous_claim_key"] == {"claim_key": old,
                                           "expires_at": rotated["previous_claim_key_expires_at"]}
-    assert report(client, gateway, a_claim(old))["state"] == "pending"
-    assert report(client, gateway, a_claim(new))["state"] == "pending"
+    assert report(client, gateway, a_claim(signed_with=old))["state"] == "pending"
+    assert report(client, gateway, a_claim(signed_with=new))["state"] == "pending"
 
     clock.advance(OVERLAP + timedelta(seconds=1))
 
     assert "previous_claim_key" not in listing(client, gateway)
-    late = report(client, gateway, a_claim(old))
+    late = report(client, gateway, a_claim(signed_with=old))
     assert late["state"] == "refused" and "no longer takes" in late["detail"]
-    assert report(client, gateway, a_claim(new))["state"] == "pending"
+    assert report(client, gateway, a_claim(signed_with=new))["state"] == "pending"
     assert pending(client, admin)["total"] == 3
 
 
@@ -159,12 +137,12 @@ def test_a_stolen_old_key_after_rotation_and_overlap_cannot_make_a_pending_devic
     site, gateway = site_gateway
     stolen = key_now(session, box, site)
     rotate(client, site, admin, overlap_hours=1)
-    during = a_claim(stolen)
+    during = a_claim(signed_with=stolen)
     assert report(client, gateway, during)["state"] == "pending"
     clock.advance(timedelta(hours=1, seconds=1))
 
     for _ in range(20):
-        assert report(client, gateway, a_claim(stolen))["state"] == "refused"
+        assert report(client, gateway, a_claim(signed_with=stolen))["state"] == "refused"
     again = report(client, gateway, during)  # the pending one, asked again
     assert again["state"] == "refused"
 
@@ -184,7 +162,7 @@ def test_a_claim_made_under_the_old_key_is_approved_with_the_secret_that_key_der
     old = key_now(session, box, site)
     rotate(client, site, admin)
     new = key_now(session, box, site)
-    under_old, under_new = a_claim(old), a_claim(new)
+    under_old, under_new = a_claim(signed_with=old), a_claim(signed_with=new)
     for claim in (under_old, under_new):
         report(client, gateway, claim)
         device = device_of(client, admin, claim)
@@ -206,7 +184,7 @@ def test_the_old_key_cannot_repin_a_claim_made_under_the_new_one(
     old = key_now(session, box, site)
     rotate(client, site, admin)
     new = key_now(session, box, site)
-    board = a_claim(new)
+    board = a_claim(signed_with=new)
     report(client, gateway, board)
 
     replayed = report(client, gateway, dict(board, claim_key_fingerprint=fingerprint(
@@ -231,7 +209,7 @@ def test_a_rotation_with_no_overlap_ends_the_old_key_at_once(client, session, bo
 
     assert rotated["previous_claim_key_expires_at"] is None
     assert "previous_claim_key" not in listing(client, gateway)
-    assert report(client, gateway, a_claim(old))["state"] == "refused"
+    assert report(client, gateway, a_claim(signed_with=old))["state"] == "refused"
     assert pending(client, admin)["total"] == 0
 
 
@@ -244,8 +222,8 @@ def test_a_second_rotation_drops_the_first_key_at_once(client, session, box, sit
     rotate(client, site, admin)
 
     assert listing(client, gateway)["previous_claim_key"]["claim_key"] == second
-    assert report(client, gateway, a_claim(first))["state"] == "refused"
-    assert report(client, gateway, a_claim(second))["state"] == "pending"
+    assert report(client, gateway, a_claim(signed_with=first))["state"] == "refused"
+    assert report(client, gateway, a_claim(signed_with=second))["state"] == "pending"
 
 
 def test_a_claim_recorded_before_any_rotation_is_approved_under_the_key_it_was_made_with(
@@ -254,7 +232,7 @@ def test_a_claim_recorded_before_any_rotation_is_approved_under_the_key_it_was_m
     the key current then: a rotation pins them to it."""
     site, gateway = site_gateway
     old = key_now(session, box, site)
-    legacy = a_claim(None)
+    legacy = a_claim(signed_with=None)
     gateway_row = session.exec(select(Gateway).where(Gateway.site_id == site.id)).one()
     provisioning.record_claim(session, gateway_row, CLI, ClaimCreate(**legacy))
     rotate(client, site, admin)
@@ -282,7 +260,7 @@ def test_a_rotation_request_out_of_bounds_changes_nothing(client, session, box, 
 
 def test_a_claim_naming_a_key_the_site_never_had_is_refused(client, site_gateway, admin):
     _, gateway = site_gateway
-    answer = report(client, gateway, a_claim("a key of another site entirely"))
+    answer = report(client, gateway, a_claim(signed_with="a key of another site entirely"))
     assert answer["state"] == "refused"
     assert pending(client, admin)["total"] == 0
 
@@ -293,7 +271,7 @@ def test_after_a_leak_an_admin_lists_the_devices_whose_identity_the_leaked_key_d
     those set up by a claim under a key other than the profile's current one."""
     site, gateway = site_gateway
     leaked = key_now(session, box, site)
-    under_leaked = a_claim(leaked)
+    under_leaked = a_claim(signed_with=leaked)
     report(client, gateway, under_leaked)
     device = device_of(client, admin, under_leaked)
     assert client.post(f"/api/devices/{device['id']}/approve", headers=admin).status_code == 200

@@ -2,25 +2,13 @@
 gateway gone wrong) flooding the fleet gets 429 past the limit, and only its own site's
 gateways notice."""
 
-import os
 import time
 
 import pytest
 
-from kinhbac.fleet.models import Role
 from kinhbac.fleet.rate_limits import ClaimLimiter, TooManyAttempts
 
-from ..utils import bearer, make_gateway, make_site, make_user, random_mac
-
-
-def a_claim():
-    return {"device_id": "6b62" + random_mac().replace(":", ""), "nonce": os.urandom(16).hex(),
-            "fw_version": "0.1.0"}
-
-
-@pytest.fixture
-def admin(session):
-    return bearer(make_user(session, Role.admin)[1])
+from ..utils import a_claim, bearer, make_gateway, make_site
 
 
 def test_a_claim_flood_from_one_gateway_gets_429_past_the_limit_and_another_site_is_unaffected(

@@ -12,30 +12,12 @@ from kinhbac.fleet import sites
 from kinhbac.fleet.models import AuditEntry, Device, Role
 from kinhbac.fleet.rate_limits import ClaimLimiter
 
-from ..utils import bearer, make_device, make_gateway, make_site, make_user, random_mac
-
-
-@pytest.fixture
-def site_gateway(session, box):
-    site = make_site(session, box)
-    _, token = make_gateway(session, site)
-    return site, bearer(token)
-
-
-@pytest.fixture
-def admin(session):
-    return bearer(make_user(session, Role.admin)[1])
+from ..utils import a_claim, bearer, make_device, make_gateway, make_site, make_user
 
 
 @pytest.fixture
 def technician(session):
     return bearer(make_user(session, Role.technician)[1])
-
-
-def a_claim(mac=None, nonce=None, fw_version="0.1.0"):
-    mac = mac or random_mac()
-    return {"device_id": "6b62" + mac.replace(":", ""), "nonce": nonce or os.urandom(16).hex(),
-            "fw_version": fw_version}
 
 
 def listing(client, gateway):
