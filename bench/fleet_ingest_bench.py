@@ -33,14 +33,11 @@ import datetime as dt
 import json
 import logging
 import os
-import platform
-import re
 import resource
 import secrets
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -55,6 +52,7 @@ import psycopg
 from psycopg import sql
 
 from bench.gateway_bench import broker_pid, cpu_s, machine_cpu, rss_kb
+from bench.report import machine_rows, replace_section
 from kinhbac.broker import BrokerError, LocalBroker
 from kinhbac.fleet.db import make_engine, upgrade
 from kinhbac.fleet.ingest import Batch, IngestWorker
@@ -599,16 +597,7 @@ async def bench(args: argparse.Namespace, url: str, workdir: Path) -> list[Phase
 # ---- the report ------------------------------------------------------------------------------
 
 
-def _run(argv: list[str]) -> str:
-    try:
-        return subprocess.run(argv, check=False, capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-
-
 def describe_machine(broker: str) -> list[tuple[str, str]]:
-    model = re.search(r"^Model name:\s*(.+)$", _run(["lscpu"]), re.MULTILINE)
-    mem = re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())
     with psycopg.connect(POSTGRES_DSN) as connection:
         pg = connection.execute("SHOW server_version").fetchone()[0]
         settings = {
@@ -616,11 +605,7 @@ def describe_machine(broker: str) -> list[tuple[str, str]]:
             for name in ("shared_buffers", "synchronous_commit", "fsync")
         }
     return [
-        ("CPU", model[1].strip() if model else platform.processor() or "unknown"),
-        ("Cores", f"{os.cpu_count()} logical"),
-        ("RAM", f"{int(mem[1]) / 1024 / 1024:.1f} GiB" if mem else "unknown"),
-        ("OS", f"{platform.system()} {platform.release()}"),
-        ("Python", f"{platform.python_implementation()} {platform.python_version()}"),
+        *machine_rows(),
         (
             "PostgreSQL",
             f"{pg} on 127.0.0.1 ("
@@ -781,14 +766,7 @@ def build_report(
 
 
 def write_results(path: Path, section: str) -> None:
-    """Replace this benchmark's section of `path` (between its markers), keeping the rest."""
-    old = path.read_text() if path.exists() else ""
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        new = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + section
-    path.write_text(new)
+    replace_section(path, section, BEGIN, END)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

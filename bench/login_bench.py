@@ -33,7 +33,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import re
 import secrets
 import subprocess
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.gateway_bench import Proc, cpu_s, free_port, machine_cpu, rss_kb, wait_port
+from bench.report import command_output, machine_rows, replace_section
 
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -457,25 +457,12 @@ def database(args: argparse.Namespace, workdir: Path) -> Any:
 # ---- the report ------------------------------------------------------------------------------
 
 
-def _run(argv: list[str]) -> str:
-    try:
-        return subprocess.run(argv, check=False, capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-
-
 def describe_machine(db: str) -> list[tuple[str, str]]:
-    model = re.search(r"^Model name:\s*(.+)$", _run(["lscpu"]), re.MULTILINE)
-    mem = re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())
-    commit = _run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]).strip()
-    dirty = _run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no",
-                  "kinhbac"]).strip()
+    commit = command_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]).strip()
+    dirty = command_output(["git", "-C", str(REPO), "status", "--porcelain",
+                            "--untracked-files=no", "kinhbac"]).strip()
     return [
-        ("CPU", model[1].strip() if model else platform.processor() or "unknown"),
-        ("Cores", f"{os.cpu_count()} logical"),
-        ("RAM", f"{int(mem[1]) / 1024 / 1024:.1f} GiB" if mem else "unknown"),
-        ("OS", f"{platform.system()} {platform.release()}"),
-        ("Python", f"{platform.python_implementation()} {platform.python_version()}"),
+        *machine_rows(),
         ("Database", db),
         ("uvicorn / FastAPI / argon2-cffi", " / ".join(
             metadata.version(p) for p in ("uvicorn", "fastapi", "argon2-cffi"))),
@@ -657,14 +644,7 @@ def build_report(phases: list[Phase], machine: list[tuple[str, str]],
 
 
 def write_results(path: Path, section: str) -> None:
-    """Replace this benchmark's section of `path` (between its markers), keeping the rest."""
-    old = path.read_text() if path.exists() else ""
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        new = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + section
-    path.write_text(new)
+    replace_section(path, section, BEGIN, END)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
