@@ -64,7 +64,7 @@ NOT_EMULATED = {
         "WAKEUP_ANY_HIGH", "HEAP_DATA", "HEAP_EXEC",
     },
     # OTA bookkeeping comes with the OTA work (docs/emulator.md).
-    "esp32.Partition": {"set_boot", "get_next_update", "mark_app_valid_cancel_rollback"},
+    "esp32.Partition": {"set_boot", "get_next_update"},
     # The host's socket module has no such option.
     "socket": {"SO_BINDTODEVICE"},
 }
@@ -380,6 +380,7 @@ ACCEPTED_PROBES = [
     "network.WLAN(network.STA_IF).config('mac')",
     "esp32.Partition(esp32.Partition.RUNNING)",
     "esp32.Partition.find(esp32.Partition.TYPE_DATA, label='vfs')",
+    "esp32.Partition.mark_app_valid_cancel_rollback()",
     "socket.getaddrinfo('gateway.local', 1883, 0, socket.SOCK_STREAM)",
 ]
 

@@ -14,8 +14,9 @@ import pytest
 from test_firmware import FAST, assert_contiguous, seqs_of, start_nodes, wait_until
 from test_firmware_sensors import boot_node
 
-from kinhbac.emulator import launcher
+from kinhbac.emulator import launcher, otadata
 from kinhbac.emulator.board import DEEPSLEEP_RESET, HARD_RESET, PWRON_RESET, WDT_RESET
+from kinhbac.emulator.flash import GENERIC_LAYOUT
 from kinhbac.emulator.receiver import Receiver
 from kinhbac.firmware import config_file, firmware_files
 
@@ -154,21 +155,58 @@ def test_power_cuts_do_not_count_as_failed_boots_and_each_boot_keeps_its_reset_c
     assert state["bad_boots"] == 2  # boot 5 (stalled, so never good) and boot 6
 
 
+def after_an_update(board):
+    """otadata as esp_ota_set_boot_partition() leaves it: ota_0's image kept, ota_1's new."""
+    part = otadata.find(board.flash)
+    otadata.write(board.flash, part, 0, otadata.Entry.for_seq(1, otadata.VALID))
+    otadata.write(board.flash, part, 1, otadata.Entry.for_seq(2, otadata.NEW))
+
+
 def test_a_healthy_boot_marks_the_firmware_image_valid_once(emulator, receiver):
     node = launcher.provision(emulator, receiver.port, **(FAST | {"good_after_ms": 1000}))
     receiver.keys[node.key.device_id] = node.key
-    # The call as a bootloader without rollback answers it (ESP_ERR_NOT_FOUND), counted.
-    node.board.write_files({"/boot.py": (
-        b"import esp32\n"
-        b"def _mark():\n"
-        b"    print('TEST: mark_app_valid_cancel_rollback')\n"
-        b"    raise OSError(-261)\n"
-        b"esp32.Partition.mark_app_valid_cancel_rollback = staticmethod(_mark)\n")})
+    after_an_update(node.board)
+    node.board.power_on()
+    assert otadata.active_entry(node.board.flash) == otadata.Entry.for_seq(
+        2, otadata.PENDING_VERIFY)  # on trial: the bootloader rolls it back at the next reset
+    node.board.console.wait_for("firmware image marked valid", timeout=20)
+    count = receiver.count(node.device)
+    receiver.wait_for_count(count + 100, node.device)  # running on, well past the good mark
+    assert node.board.app_valid_calls == [0]  # once, in the first boot
+    assert otadata.active_entry(node.board.flash) == otadata.Entry.for_seq(2, otadata.VALID)
+    node.board.press_reset()
+    wait_until(lambda: receiver.devices[node.device].hello.boot == 2, what="boot 2's HELLO")
+    assert otadata.active_entry(node.board.flash) == otadata.Entry.for_seq(2, otadata.VALID)
+
+
+def test_an_image_reset_before_its_boot_is_good_is_rolled_back(emulator, receiver):
+    node = launcher.provision(emulator, receiver.port, **(FAST | {"good_after_ms": 60_000}))
+    receiver.keys[node.key.device_id] = node.key
+    after_an_update(node.board)
+    node.board.power_on()
+    receiver.wait_for_count(len(launcher.SENSOR_KIT), node.device)
+    node.board.power_cut()  # the new image sends readings, but has not lived a minute
+    wait_until(lambda: receiver.devices[node.device].hello.boot == 2, what="boot 2's HELLO")
+    assert node.board.app_valid_calls == []
+    part = otadata.find(node.board.flash)
+    assert otadata.read(node.board.flash, part)[1].state == otadata.ABORTED
+    assert otadata.active_entry(node.board.flash) == otadata.Entry.for_seq(1, otadata.VALID)
+
+
+def test_a_build_without_ota_data_takes_the_missing_rollback_as_normal(emulator, receiver):
+    settings = FAST | {"good_after_ms": 1000}
+    node = launcher.provision(emulator, receiver.port, **settings)
+    receiver.keys[node.key.device_id] = node.key
+    # A board flashed with the non-OTA ESP32_GENERIC build: no otadata partition, OSError(-261).
+    node.board.flash.create(GENERIC_LAYOUT)
+    node.board.write_files(firmware_files() | config_file(
+        launcher.node_config(node, receiver.port, emulator, **settings)))
     node.board.power_on()
     node.board.console.wait_for("firmware image: this bootloader has no rollback", timeout=20)
     count = receiver.count(node.device)
-    receiver.wait_for_count(count + 100, node.device)  # running on, well past the good mark
-    assert node.board.console.text().count("TEST: mark_app_valid_cancel_rollback") == 1
+    receiver.wait_for_count(count + 100, node.device)
+    assert node.board.app_valid_calls == [0]
+    assert "not marked valid" not in node.board.console.text()
     assert node.board.boots == [PWRON_RESET]
 
 

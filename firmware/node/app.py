@@ -293,8 +293,6 @@ class Node:
 def mark_app_valid():
     """Keep the running firmware image: an OTA build's bootloader rolls back, at the next
     reset, an image that never said so (ESP-IDF app rollback)."""
-    if not hasattr(esp32.Partition, "mark_app_valid_cancel_rollback"):
-        return  # the emulated boards' esp32 has no OTA calls yet (docs/emulator.md)
     try:
         esp32.Partition.mark_app_valid_cancel_rollback()
         log.info("firmware image marked valid")

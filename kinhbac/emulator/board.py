@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from kinhbac.emulator.access_point import WifiTiming
 from kinhbac.emulator.console import Console
+from kinhbac.emulator import otadata
 from kinhbac.emulator.devices import ADC2_PINS, AnalogSource, I2CDevice, PulseSource
 from kinhbac.emulator.flash import FlashImage
 from kinhbac.emulator.rom_loader import ROM_FAULTS, RomLoader
@@ -70,6 +71,7 @@ OP_ROUTE = 16
 # Known to the stand-ins network.py and socket.py (standins/_hw.py lists them too).
 OP_WLAN_STATUS = 18
 OP_RESOLVE = 19
+OP_MARK_APP_VALID = 21  # esp32.Partition.mark_app_valid_cancel_rollback() (otadata.py)
 ONE_WAY_OPS = (OP_PIN_WRITE, OP_WDT_FEED)
 STALLABLE_OPS = (OP_I2C_WRITE, OP_I2C_READ, OP_I2C_SCAN, OP_ADC_READ)
 # 40 and up: setting up the emulated hardware (standins/_hw.py).
@@ -125,6 +127,8 @@ class Board:
             self.flash.create()
         self.console = Console()
         self.boots: list[int] = []  # reset cause of every boot, oldest first
+        # esp32.Partition.mark_app_valid_cancel_rollback(): the boot (index in boots) of each call
+        self.app_valid_calls: list[int] = []
         self.rtc_memory = b""
         self.in_range = True
         self.pin_outputs: dict[int, int] = {}
@@ -392,6 +396,8 @@ class Board:
         }
         if cause != SOFT_RESET and chip_reset:
             self._emit(_rom_banner(cause))
+        if cause != SOFT_RESET:
+            await asyncio.to_thread(otadata.boot, self.flash)  # the second-stage bootloader
         self._process = await asyncio.create_subprocess_exec(
             self.emulator.micropython,
             "-X",
@@ -656,6 +662,10 @@ class Board:
             # Blocks the board for as long as lwIP would: the call is synchronous on the chip.
             address = await self.emulator.access_point.resolve(self, payload.decode())
             return b"\x00" + address.encode() if address else b"\x01"
+        if op == OP_MARK_APP_VALID:
+            self.app_valid_calls.append(len(self.boots) - 1)
+            err, rewrote = await asyncio.to_thread(otadata.mark_app_valid, self.flash)
+            return struct.pack("<iB", err, rewrote) + otadata.ERROR_NAMES.get(err, "").encode()
         if op == OP_ROUTE:
             # The loopback port that stands for address:port, and lwIP's SYN time in ms for
             # the stand-in's sockets (TCP_USER_TIMEOUT).

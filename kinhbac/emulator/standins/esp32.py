@@ -2,6 +2,7 @@
 # partition table, as esp32.Partition does on a chip.
 import struct
 import _flash
+import _hw
 
 _TABLE_OFFSET = 0x8000
 _ENTRY_SIZE = 32
@@ -38,6 +39,18 @@ class Partition:
             p._take(entry, block_size)
             found.append(p)
         return found
+
+    @classmethod
+    def mark_app_valid_cancel_rollback(cls):
+        # esp_ota_mark_app_valid_cancel_rollback() on the flash's otadata, which the emulator
+        # keeps as ESP-IDF does (kinhbac/emulator/otadata.py) and counts the calls of.
+        r = _hw.call(_hw.OP_MARK_APP_VALID)
+        err, rewrote = struct.unpack_from("<iB", r, 0)
+        if rewrote:
+            _hw.stall_us(_hw.erase_us)  # the entry's sector was erased
+        if err:
+            # check_esp_err: OSError(-code, the code's name) (ports/esp32/mphalport.c:64-104)
+            raise OSError(-err, str(bytes(r[5:]), "ascii"))
 
     def info(self):
         return (self._type, self._subtype, self._offset, self._size, self._label, False)
