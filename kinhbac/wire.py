@@ -152,10 +152,18 @@ RESET_NAMES = {
     RESET_BROWNOUT: "BROWNOUT",
 }
 
-# Positions in the HELLO drop-counter list; a node may send more counters than these.
+# Positions in HELLO's counter list (`drops`), cumulative since provisioning. A node may send
+# more counters than a receiver names; receivers keep them by position.
 DROP_BUFFER_FULL = const(0)  # readings dropped by the full-buffer policy
 DROP_STORAGE_ERROR = const(1)  # readings lost to a flash write/read error
 DROP_SENSOR_ERROR = const(2)  # scheduled readings not taken: the sensor failed
+DROP_OUT_OF_RANGE = const(3)  # readings skipped: outside what the sensor can measure
+DROP_SAFE_MODE = const(4)  # times the node entered safe mode
+DROP_WATCHDOG_RESETS = const(5)  # boots that began with a watchdog reset
+DROP_CRASHES = const(6)  # boots ended by an unexpected exception
+# Their names, by position, as the gateway's device status shows them (docs/mqtt.md).
+DROP_NAMES = ("buffer_full", "storage_error", "sensor_error", "out_of_range", "safe_mode",
+              "watchdog_resets", "crashes")
 
 READINGS_UNSYNCED = const(0x01)  # READINGS flags: base time is ms since boot, not Unix ms
 # READINGS flags: taken before the node's clock was synced; the Unix times were reconstructed

@@ -19,11 +19,13 @@ from kinhbac.emulator.board import DEEPSLEEP_RESET, HARD_RESET, PWRON_RESET, WDT
 from kinhbac.emulator.flash import GENERIC_LAYOUT
 from kinhbac.emulator.receiver import Receiver
 from kinhbac.firmware import config_file, firmware_files
+from kinhbac.wire import DROP_CRASHES as CRASHES
+from kinhbac.wire import DROP_OUT_OF_RANGE as OUT_OF_RANGE
+from kinhbac.wire import DROP_SAFE_MODE as SAFE_MODE
+from kinhbac.wire import DROP_WATCHDOG_RESETS as WATCHDOG_RESETS
 
 REPO = Path(__file__).resolve().parents[1]
 OUTAGE_S = 40  # past the old firmware's first watchdog reset (15-25 s) by a margin
-# HELLO counter positions beyond the wire's first three (firmware/node/state.py).
-OUT_OF_RANGE, SAFE_MODE, WATCHDOG_RESETS, CRASHES = 3, 4, 5, 6
 
 
 @pytest.fixture

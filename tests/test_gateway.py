@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from helpers.gateway import GatewayProcess
+from helpers.gateway import GatewayProcess, exchange
 
 from kinhbac import wire
 from kinhbac.broker import LocalBroker
@@ -90,11 +90,37 @@ def test_every_reading_reaches_the_broker_once_in_order_with_its_values(site, co
         assert set(sample) >= {"seq", "sensor", "value", "unit", "ts", "pre_sync"}
         status = collector.retained[f"kinhbac/testsite/{node.device}/status"]
         assert status["firmware"] == "0.1.0" and status["boot"] == 1
+        assert list(status["drops"]) == list(wire.DROP_NAMES)  # every counter the node sends
     gateway_status = collector.retained["kinhbac/testsite/gateway/gw1/status"]
     assert gateway_status["state"] == "online"
     metrics = site.gateway.metrics()
     assert metrics["kinhbac_gateway_readings_published_total"] >= 750
     assert metrics["kinhbac_gateway_uplink_connected"] == 1
+
+
+def test_the_device_status_names_each_hello_counter_and_keeps_a_later_ones_place(
+        tmp_path, broker, collector):
+    device = bytes.fromhex("6b62000000000042")
+    secret = os.urandom(32)
+    key = wire.Key(device, 1, secret)
+    key_file = tmp_path / "keys.json"
+    key_file.write_text(json.dumps({"devices": [
+        {"device_id": device.hex(), "key_id": 1, "secret": secret.hex()}]}))
+    gateway = GatewayProcess(tmp_path / "gw", key_file=key_file, broker_port=broker.port)
+    counts = [10 + i for i in range(len(wire.DROP_NAMES) + 1)]  # one a later firmware adds
+    try:
+        gateway.start()
+        hello = wire.encode_hello(key, 1, 1, "0.1.0", wire.RESET_WATCHDOG, counts,
+                                  [["temperature", "C"]])
+        [ack] = exchange(gateway.port, [hello], [key], 1, 1)
+        assert ack.type == wire.ACK
+        topic = f"kinhbac/testsite/{device.hex()}/status"
+        collector.wait_for(lambda: topic in collector.retained, what="the device's status")
+    finally:
+        gateway.stop()
+    assert collector.retained[topic]["drops"] == {
+        "buffer_full": 10, "storage_error": 11, "sensor_error": 12, "out_of_range": 13,
+        "safe_mode": 14, "watchdog_resets": 15, "crashes": 16, "counter_7": 17}
 
 
 def test_broker_stopped_for_ten_seconds_loses_nothing(site, collector, broker):

@@ -573,6 +573,20 @@ def test_doc_frame_type_table_matches_the_codec():
         assert direction == ("downlink" if int(code, 16) & 0x80 else "uplink"), name
 
 
+def test_doc_hello_counter_table_matches_the_codec():
+    rows = doc_table(r"^Drop counters are cumulative since provisioning", 3)
+    positions = list(range(len(wire.DROP_NAMES)))
+    assert [int(position) for position, _, _ in rows] == positions
+    assert [getattr(wire, constant) for _, constant, _ in rows] == positions
+    assert tuple(name for _, _, name in rows) == wire.DROP_NAMES
+
+
+def test_the_firmware_keeps_a_counter_for_each_position_the_wire_names():
+    state_py = (ROOT / "firmware" / "node" / "state.py").read_text()
+    counters = re.search(r"^COUNTERS = const\((\d+)\)", state_py, re.MULTILINE)
+    assert counters and int(counters.group(1)) == len(wire.DROP_NAMES)
+
+
 def test_header_layout_is_the_documented_one():
     # Built from the doc's header table by hand, independently of the encoder.
     payload = struct.pack(">BIIQ", 3, 3, 4, 5)

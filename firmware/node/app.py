@@ -22,7 +22,7 @@ from node.clock import Clock, set_rtc
 from node.link import Link, wire_reset_cause
 from node.rtc import RtcMemory, name_key
 from node.sensors import build_sensors
-from node.state import CRASHES, OUT_OF_RANGE, State
+from node.state import State
 from node.store import F_PRE_SYNC, Store
 from node.watchdog import Watchdog
 
@@ -106,7 +106,7 @@ class Node:
                 log.debug("saved through seq %d", self.store.saved_seq)
         drops = self.state.drops
         drops[wire.DROP_SENSOR_ERROR] += sensors.errors_total() - failed
-        drops[OUT_OF_RANGE] += sensors.out_of_range_total() - out_of_range
+        drops[wire.DROP_OUT_OF_RANGE] += sensors.out_of_range_total() - out_of_range
         if sensors.news:  # a sensor failed in a new way (or read again): counts to the gateway
             sensors.news = False
             self.link.request_hello()
@@ -346,7 +346,7 @@ def _reboot_after(state, e):
     """Record why this boot failed (safe mode reports it after too many), then reboot."""
     sys.print_exception(e)
     state.last_error = "%s: %s" % (type(e).__name__, e)
-    state.drops[CRASHES] += 1
+    state.drops[wire.DROP_CRASHES] += 1
     state.save()
     time.sleep_ms(100)
     machine.reset()

@@ -3,7 +3,7 @@
 # `safe_mode_retry_s` and try one normal boot. No readings, no watchdog (a technician may be
 # at the REPL, reached with Ctrl-C), nothing loaded that the app's failure could lie in.
 #
-# On the wire: a HELLO like any other, whose counter SAFE_MODE (node/state.py) has grown, and
+# On the wire: a HELLO like any other, whose counter wire.DROP_SAFE_MODE has grown, and
 # an ERROR (reason INTERNAL, ref 0: no frame refused) whose text is "safe mode: <reason>",
 # which the gateway logs. The ACK's clock also sets the RTC.
 import asyncio
@@ -16,7 +16,6 @@ from node import log
 from node.clock import set_rtc
 from node.link import cut, read_frame, wire_reset_cause
 from node.net import Gateway, Wifi
-from node.state import SAFE_MODE
 
 _RETRY_REPORT_MS = const(60000)  # an undelivered report is tried again this often
 _TICK_MS = const(1000)
@@ -73,7 +72,7 @@ class Reporter:
 def enter(state, reason, cfg, version):
     """Safe mode: say why; with a config (None: it is the problem), report and retry later."""
     state.safe_reason = reason
-    state.drops[SAFE_MODE] += 1
+    state.drops[wire.DROP_SAFE_MODE] += 1
     state.save()
     print("=" * 60)
     print("kinhbac: SAFE MODE:", reason)

@@ -23,6 +23,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from kinhbac import wire
 from kinhbac.gateway.config import GatewaySettings
 from kinhbac.gateway.keys import FileKeyStore, FleetKeyStore, KeyStore
 from kinhbac.gateway.listener import DeviceInfo, Listener
@@ -320,8 +321,9 @@ def _describe(error: BaseException) -> str:
 
 
 def _drop_names(drops: list[int]) -> dict[str, int]:
-    """A node's drop counters by name; counters a later firmware adds keep their position."""
-    names = ("buffer_full", "storage_error", "sensor_error")
+    """A node's HELLO counters by their wire names; one past those (a later firmware's) by its
+    position, as counter_<n>."""
+    names = wire.DROP_NAMES
     return {names[i] if i < len(names) else f"counter_{i}": n for i, n in enumerate(drops)}
 
 
