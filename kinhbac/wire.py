@@ -165,6 +165,10 @@ DROP_CRASHES = const(6)  # boots ended by an unexpected exception
 DROP_NAMES = ("buffer_full", "storage_error", "sensor_error", "out_of_range", "safe_mode",
               "watchdog_resets", "crashes")
 
+# An ERROR_UP with ref 0 refuses no frame: the node reports its own state. Its safe-mode report
+# is reason INTERNAL with this before the reason it gives (node/safe.py).
+SAFE_MODE_REPORT = "safe mode: "
+
 READINGS_UNSYNCED = const(0x01)  # READINGS flags: base time is ms since boot, not Unix ms
 # READINGS flags: taken before the node's clock was synced; the Unix times were reconstructed
 # from the boot's monotonic clock at its first sync. Never together with UNSYNCED.

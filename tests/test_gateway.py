@@ -13,6 +13,7 @@ from helpers.gateway import GatewayProcess, exchange
 from kinhbac import wire
 from kinhbac.broker import LocalBroker
 from kinhbac.emulator import launcher
+from kinhbac.transport.serial_link import connect
 
 NODE_SETTINGS = {
     "interval_ms": 50,
@@ -98,29 +99,73 @@ def test_every_reading_reaches_the_broker_once_in_order_with_its_values(site, co
     assert metrics["kinhbac_gateway_uplink_connected"] == 1
 
 
-def test_the_device_status_names_each_hello_counter_and_keeps_a_later_ones_place(
-        tmp_path, broker, collector):
+@pytest.fixture
+def lone_device(tmp_path, broker):
+    """A gateway that knows one device, whose frames a test makes itself: (gateway, key)."""
     device = bytes.fromhex("6b62000000000042")
     secret = os.urandom(32)
-    key = wire.Key(device, 1, secret)
     key_file = tmp_path / "keys.json"
     key_file.write_text(json.dumps({"devices": [
         {"device_id": device.hex(), "key_id": 1, "secret": secret.hex()}]}))
     gateway = GatewayProcess(tmp_path / "gw", key_file=key_file, broker_port=broker.port)
+    gateway.start()
+    yield gateway, wire.Key(device, 1, secret)
+    gateway.stop()
+
+
+def test_the_device_status_names_each_hello_counter_and_keeps_a_later_ones_place(
+        lone_device, collector):
+    gateway, key = lone_device
     counts = [10 + i for i in range(len(wire.DROP_NAMES) + 1)]  # one a later firmware adds
-    try:
-        gateway.start()
-        hello = wire.encode_hello(key, 1, 1, "0.1.0", wire.RESET_WATCHDOG, counts,
-                                  [["temperature", "C"]])
-        [ack] = exchange(gateway.port, [hello], [key], 1, 1)
-        assert ack.type == wire.ACK
-        topic = f"kinhbac/testsite/{device.hex()}/status"
-        collector.wait_for(lambda: topic in collector.retained, what="the device's status")
-    finally:
-        gateway.stop()
+    hello = wire.encode_hello(key, 1, 1, "0.1.0", wire.RESET_WATCHDOG, counts,
+                              [["temperature", "C"]])
+    [ack] = exchange(gateway.port, [hello], [key], 1, 1)
+    assert ack.type == wire.ACK
+    topic = f"kinhbac/testsite/{key.device_id.hex()}/status"
+    collector.wait_for(lambda: topic in collector.retained, what="the device's status")
     assert collector.retained[topic]["drops"] == {
         "buffer_full": 10, "storage_error": 11, "sensor_error": 12, "out_of_range": 13,
         "safe_mode": 14, "watchdog_resets": 15, "crashes": 16, "counter_7": 17}
+
+
+def test_a_nodes_error_frames_are_logged_as_a_refusal_or_as_its_own_report(lone_device):
+    gateway, key = lone_device
+    device = key.device_id.hex()
+    hello = wire.encode_hello(key, 1, 1, "0.1.0", wire.RESET_POWER_ON, [0] * 7, [["t", "C"]])
+    refusal = wire.encode_error(key, 1, 2, wire.UNSUPPORTED, 17, "no setting 'colour'", False)
+    report = wire.encode_error(key, 1, 3, wire.INTERNAL, 0, "flash worn out", False)
+    exchange(gateway.port, [hello, refusal, report], [key], 1, 1)
+    refused = f"node {device} refused our frame 17: UNSUPPORTED no setting 'colour'"
+    reported = f"node {device} reports INTERNAL: flash worn out"
+    deadline = time.monotonic() + 10
+    while not (reported in gateway.log() and refused in gateway.log()):
+        assert time.monotonic() < deadline, gateway.log()
+        time.sleep(0.05)
+
+
+def test_a_node_in_safe_mode_is_shown_so_in_the_gateways_log_and_status_until_it_recovers(
+        site, collector):
+    (node,) = site.add_nodes(1, safe_mode_after=2, safe_mode_retry_s=5)
+    node.board.write_files({"/buf": b"not a folder"})  # every start fails making the folder
+    site.gateway.start()
+    site.power_on()
+    topic = f"kinhbac/testsite/{node.device}/status"
+    collector.wait_for(lambda: "safe_mode" in collector.retained.get(topic, {}), timeout=60,
+                       what="the status of the node in safe mode")
+    reason = collector.retained[topic]["safe_mode"]
+    assert reason.startswith("2 boots in a row failed; last error: OSError: [Errno 17] EEXIST")
+    log = site.gateway.log()
+    # It used to say "node <device> refused our frame 0: INTERNAL safe mode: ...".
+    assert f"WARNING kinhbac.gateway.listener: node {node.device} is in safe mode: {reason}\n" \
+        in log
+    assert "refused our frame" not in log
+    # A technician removes the cause at the REPL; the node's next normal boot says HELLO.
+    connect(node.board.tty_path).fs_remove("/buf")  # Ctrl-C: the REPL, its retry off
+    node.board.press_reset()  # safe mode once more (the bad boots), then a normal boot
+    collector.wait_for(lambda: collector.count(node.device) >= 10, timeout=60,
+                       what="readings of the node out of safe mode")
+    collector.wait_for(lambda: "safe_mode" not in collector.retained[topic],
+                       what="its status without safe mode")
 
 
 def test_broker_stopped_for_ten_seconds_loses_nothing(site, collector, broker):

@@ -4,8 +4,8 @@
 # at the REPL, reached with Ctrl-C), nothing loaded that the app's failure could lie in.
 #
 # On the wire: a HELLO like any other, whose counter wire.DROP_SAFE_MODE has grown, and
-# an ERROR (reason INTERNAL, ref 0: no frame refused) whose text is "safe mode: <reason>",
-# which the gateway logs. The ACK's clock also sets the RTC.
+# an ERROR (reason INTERNAL, ref 0: no frame refused) whose text is wire.SAFE_MODE_REPORT
+# ("safe mode: ") and the reason, which the gateway logs and shows in the device's status. The ACK's clock also sets the RTC.
 import asyncio
 import time
 import machine
@@ -65,7 +65,7 @@ class Reporter:
         if msg.gateway_time_ms is not None:
             set_rtc(msg.gateway_time_ms)
         stream.write(wire.encode_error(key, state.boot, self.guard.next_counter(), wire.INTERNAL,
-                                       0, cut("safe mode: " + self.reason, _DETAIL_MAX), False))
+                                       0, cut(wire.SAFE_MODE_REPORT + self.reason, _DETAIL_MAX), False))
         await stream.drain()
 
 

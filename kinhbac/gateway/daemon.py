@@ -85,6 +85,7 @@ class Gateway:
             node_config_dir=settings.node_config_dir,
             on_hello=self._on_hello,
             on_seen=self.uplink.device_seen,
+            on_safe_mode=self.uplink.device_in_safe_mode,
         )
         self.metrics_port: int | None = None
         self.systemd = Notifier.from_environment()

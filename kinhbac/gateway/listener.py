@@ -94,6 +94,7 @@ class Listener:
         node_config_dir: Path | None = None,
         on_hello: Callable[[str, DeviceInfo], None] | None = None,
         on_seen: Callable[[str], None] | None = None,
+        on_safe_mode: Callable[[str, str], None] | None = None,
     ) -> None:
         self.keys = keys
         self.queue = queue
@@ -110,6 +111,7 @@ class Listener:
         self.node_config_dir = node_config_dir
         self.on_hello = on_hello
         self.on_seen = on_seen
+        self.on_safe_mode = on_safe_mode
         self.guard = wire.ReplayGuard()
         self._claim_windows: OrderedDict[str, None] = OrderedDict()  # device hex, oldest first
         self.devices: dict[str, DeviceInfo] = {}
@@ -261,10 +263,24 @@ class Listener:
             self._bound_claim_windows()
             return self._claim(device, key, msg)  # type: ignore[arg-type]
         if msg.type == wire.ERROR_UP:
-            log.warning("node %s refused our frame %d: %s %s", device, msg.ref,  # type: ignore
-                        wire.reason_name(msg.reason), msg.detail)  # type: ignore[attr-defined]
+            self._node_error(device, msg)  # type: ignore[arg-type]
         self.queue.note_device(device, None, replay)
         return []
+
+    def _node_error(self, device: str, msg: wire.ErrorMessage) -> None:
+        """An ERROR_UP: the node refused one of our frames (ref, its counter), or, with ref 0,
+        reports its own state: safe mode, or another fault of its own."""
+        ref, reason, detail = msg.ref, msg.reason, msg.detail  # type: ignore[attr-defined]
+        if ref == 0 and detail.startswith(wire.SAFE_MODE_REPORT):
+            why = detail[len(wire.SAFE_MODE_REPORT):]
+            log.warning("node %s is in safe mode: %s", device, why)
+            if self.on_safe_mode is not None:
+                self.on_safe_mode(device, why)
+        elif ref == 0:
+            log.warning("node %s reports %s: %s", device, wire.reason_name(reason), detail)
+        else:
+            log.warning("node %s refused our frame %d: %s %s", device, ref,
+                        wire.reason_name(reason), detail)
 
     def _hello(self, device: str, key: wire.Key, msg: wire.HelloMessage,
                replay: tuple[int, int, int]) -> list[bytes]:

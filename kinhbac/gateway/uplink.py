@@ -133,6 +133,15 @@ class Uplink:
         self._status[device] = status
         self._status_due.add(device)
 
+    def device_in_safe_mode(self, device: str, reason: str) -> None:
+        """A node reported safe mode (after its HELLO, on the same connection): its status
+        says why until a HELLO of a normal boot replaces it."""
+        status = self._status.get(device)
+        if status is None:
+            return  # its HELLO came before this gateway started: nothing to add the reason to
+        status["safe_mode"] = reason
+        self._status_due.add(device)
+
     def device_seen(self, device: str) -> None:
         """A node sent readings: refresh its retained status's last_seen, now and then."""
         status = self._status.get(device)
