@@ -1,6 +1,7 @@
 """`make bench`: every benchmark, each writing its results with the machine described.
 
     heap factor   bench/HEAP_FACTOR.md   the unix port's heap bytes per 32-bit byte
+    firmware heap bench/RESULTS.md       the node firmware's heap on an ESP32, by kind
     gateway       bench/RESULTS.md       readings/s end to end, ACK latency, RSS, vs naive
     fleet ingest  bench/RESULTS.md       messages/s from MQTT into PostgreSQL, lag
     queue         bench/RESULTS.md       bytes a reading on disk, a one-hour backlog's drain
@@ -9,11 +10,19 @@
 
 import sys
 
-from bench import fleet_ingest_bench, gateway_bench, heap_factor, login_bench, queue_bench
+from bench import (
+    firmware_heap,
+    fleet_ingest_bench,
+    gateway_bench,
+    heap_factor,
+    login_bench,
+    queue_bench,
+)
 
 
 def main() -> int:
     status = heap_factor.main([])
+    status = firmware_heap.main([]) or status
     status = gateway_bench.main([]) or status
     status = fleet_ingest_bench.main([]) or status
     status = queue_bench.main([]) or status

@@ -63,6 +63,18 @@ def firmware_files(firmware_dir: Path = FIRMWARE_DIR, compiled: bool = True) -> 
     return files
 
 
+def long_lived_buffers(config: dict) -> list[int]:
+    """The sizes of the byte buffers a running node keeps for good at these settings (the
+    firmware's defaults where a setting is absent): node/link.py's frame buffer and READINGS
+    writer and its batch records, and node/store.py's RAM ring. For heap accounting: a buffer
+    takes the same bytes on a 32-bit ESP32 as on the 64-bit unix port, unlike objects."""
+    record = 24  # node/store.py REC_SIZE
+    batch_max = int(config.get("batch_max", 20))
+    ram_readings = int(config.get("ram_readings", 64))
+    writer = wire.MIN_FRAME + wire.READINGS_HEAD_SIZE + batch_max * wire.READING_SIZE
+    return [wire.MAX_FRAME, writer, batch_max * record, ram_readings * record]
+
+
 def compile_mpy(source: bytes, name: str) -> bytes:
     """MicroPython bytecode for one module, from mpy-cross."""
     from kinhbac.emulator.interpreter import find_mpy_cross

@@ -9,7 +9,8 @@ from kinhbac import wire
 from kinhbac.emulator import launcher
 from kinhbac.emulator.access_point import WifiTiming
 from kinhbac.emulator.board import DEEPSLEEP_RESET, HARD_RESET, PWRON_RESET, WDT_RESET
-from kinhbac.emulator.interpreter import HEAP_FACTOR
+from kinhbac.emulator.interpreter import ESP32_FREE_AFTER_BOOT, esp32_heap_estimate
+from kinhbac.firmware import long_lived_buffers
 from kinhbac.emulator.receiver import Receiver
 from kinhbac.transport.serial_link import connect
 
@@ -25,7 +26,6 @@ FAST = {
 }
 SENSORS_PER_ROUND = len(launcher.SENSOR_KIT)
 FAST_BATCH_MAX = 20  # the firmware's default batch_max, which these tests keep
-ESP32_FREE_AFTER_BOOT = 91_000  # the low end of what a plain ESP32 has free (FACTS.md)
 
 
 @pytest.fixture
@@ -248,9 +248,27 @@ def test_deep_sleep_mode_keeps_its_boot_and_counters_in_rtc_memory(emulator, rec
     assert receiver.devices[node.device].connections >= 4
 
 
+LIVE_HEAP = "(__import__('gc').collect(), __import__('gc').mem_alloc())[1]"
+
+
 def heap_reports(node):
     pattern = r"heap alloc=(\d+) free=(\d+) readings=(\d+)"
     return [tuple(map(int, m)) for m in re.findall(pattern, node.board.console.text())]
+
+
+def test_the_config_checks_and_table_rules_leave_the_heap_once_the_boot_used_them(
+        emulator, receiver):
+    # Both are loaded at boot (the config file is checked, its sensor table too) and needed
+    # again only for a CONFIG frame: kept, their bytecode would hold about 10 KB of an
+    # ESP32's heap for good (docs/firmware.md, "Heap").
+    (held,) = start_nodes(emulator, receiver, console_window_ms=5000)
+    held.board.console.wait_for("Ctrl-C for the REPL")
+    repl = connect(held.board.tty_path)
+    repl.enter_raw_repl()
+    loaded = repl.eval("sorted(m for m in __import__('sys').modules if m.startswith('node'))")
+    assert "node.app" in loaded and "node.sensors" in loaded, loaded
+    assert "node.config" not in loaded and "node.table" not in loaded, loaded
+    assert repl.eval("hasattr(__import__('node'), 'config')") is False
 
 
 def test_ten_thousand_readings_fit_the_esp32_heap_and_the_live_heap_stays_flat(
@@ -271,15 +289,27 @@ def test_ten_thousand_readings_fit_the_esp32_heap_and_the_live_heap_stays_flat(
     assert warm and late, reports
     # The live heap after a collection: its high-water mark after warm-up does not grow.
     assert max(late) <= max(warm) + 1024, (warm, late)
-    # The same measurement on a board without firmware is what the interpreter and the
-    # stand-ins hold; the rest is the firmware's, to be scaled to the ESP32's 32-bit objects.
+    # Where the heap goes, for an estimate by kind: a board without firmware holds what the
+    # interpreter and the stand-ins hold; a board stopped at its console window, that plus
+    # the firmware's imports; the rest of the high-water is the firmware's running state.
     blank = emulator.add_board()
     blank.power_on()
     blank.console.wait_for(">>> ")
-    baseline = connect(blank.tty_path).eval(
-        "(__import__('gc').collect(), __import__('gc').mem_alloc())[1]")
+    baseline = connect(blank.tty_path).eval(LIVE_HEAP)
+    (held,) = start_nodes(emulator, receiver, console_window_ms=5000, batch_max=40)
+    held.board.console.wait_for("Ctrl-C for the REPL")
+    repl = connect(held.board.tty_path)
+    repl.enter_raw_repl()
+    imports = repl.eval(LIVE_HEAP) - baseline
     high = max(alloc for alloc, _, _ in reports)
     firmware = high - baseline
+    as_mpy, frozen = esp32_heap_estimate(
+        imports, firmware - imports, long_lived_buffers({"batch_max": 40}))
     print(f"\nlive heap high-water {high} B, without firmware {baseline} B: the firmware holds "
-          f"{firmware} B on the unix port, about {firmware / HEAP_FACTOR:.0f} B on an ESP32")
-    assert firmware / HEAP_FACTOR < 0.75 * ESP32_FREE_AFTER_BOOT  # room left for garbage
+          f"{firmware} B on the unix port ({imports} B of it its imports); on an ESP32, by "
+          f"kind, about {as_mpy:.0f} B as .mpy files, {frozen:.0f} B as a frozen image")
+    # The run itself is the fit check: the board's heap (HEAP_FACTOR) leaves the firmware the
+    # room for garbage an ESP32 leaves it. The estimate must agree that the firmware fits an
+    # ESP32's free heap, and a frozen image must meet issue 12's target.
+    assert as_mpy < ESP32_FREE_AFTER_BOOT
+    assert frozen < 48 * 1024

@@ -45,8 +45,9 @@ def boot_node(board, compiled=False):
     ever uses afterwards.
     """
     if compiled:
-        files = {"lib/node/__init__.py": b""}
-        for name in ("sensors", "table", "log"):  # the driver, the rules it checks, its log
+        files = {}
+        # the package (its forget()), the driver, the rules it checks, its log
+        for name in ("__init__", "sensors", "table", "log"):
             mpy = board.workdir / f"{name}.mpy"
             subprocess.run([find_mpy_cross(), "-o", str(mpy), str(NODE / f"{name}.py")],
                            check=True)

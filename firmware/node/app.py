@@ -17,7 +17,7 @@ import machine
 from micropython import const
 
 import wire
-from node import config, log
+from node import forget, log
 from node.clock import Clock, set_rtc
 from node.link import Link, wire_reset_cause
 from node.rtc import RtcMemory, name_key
@@ -163,6 +163,14 @@ class Node:
         nothing. Only then do the old sensors stop and the new ones start; the file is saved
         last, so the table on flash is one that started here.
         """
+        from node import config  # its checks are needed at boot and here only
+
+        try:
+            return self._apply_config(config, settings)
+        finally:
+            forget("config")
+
+    def _apply_config(self, config, settings):
         try:
             new = config.apply_remote(self.cfg, settings)
         except config.ConfigError as e:
@@ -356,13 +364,28 @@ def _resets(state):
     return " ".join("%d:%s" % (b, wire.RESET_NAMES.get(c, c)) for b, c in state.resets)
 
 
+def _load_config():
+    """The config file's settings, checked, and whether the board is to claim an identity.
+
+    node/config.py is dropped from the heap after (about 6 KB of bytecode on an ESP32): a
+    running node needs it again only when a CONFIG frame comes (Node.on_config).
+    """
+    from node import config
+
+    try:
+        cfg = config.load()
+        return cfg, config.claiming(cfg)
+    finally:
+        forget("config")
+
+
 def main():
     state = State()
     rtc = RtcMemory()
     resumed = rtc.load_sleep()
     cause = wire_reset_cause(machine)
     try:
-        cfg = config.load()
+        cfg, claiming = _load_config()
     except ValueError as e:
         state.begin_boot(cause)
         safe_mode(state, str(e))
@@ -379,7 +402,7 @@ def main():
         if retry:
             log.info("trying a normal boot after safe mode")
         _console_window(cfg["console_window_ms"])
-        if config.claiming(cfg):
+        if claiming:
             _claim(cfg, state)
             return
         boot, clock = state.boot, Clock()

@@ -55,6 +55,12 @@ def wire_reset_cause(machine):
     return wire.RESET_UNKNOWN
 
 
+def _readings_writer(key, batch_max):
+    # A frame of batch_max readings: 196 bytes at the default 20 instead of MAX_FRAME's 1,400.
+    size = wire.MIN_FRAME + wire.READINGS_HEAD_SIZE + batch_max * wire.READING_SIZE
+    return wire.ReadingsWriter(key, bytearray(size))
+
+
 async def read_frame(reader, buf, lookup, guard):
     """The next whole frame from the gateway, verified (FrameError if refused)."""
     header = await reader.readexactly(wire.HEADER_SIZE)
@@ -84,7 +90,7 @@ class Link:
         self.last_ack_ms = 0  # boot ms of the last ACK: drives the no-network reboot
         self.hello_due = True
         self.sessions = 0
-        self._writer = wire.ReadingsWriter(self.key)
+        self._writer = _readings_writer(self.key, cfg["batch_max"])
         self._recs = bytearray(cfg["batch_max"] * REC_SIZE)  # one batch's records
         self._inflight = []  # [boot, last seq, count, sent ms] of each frame awaiting ACK
         self._sent_boot = 0
@@ -266,6 +272,7 @@ class Link:
         room = node.cfg["batch_max"]
         if len(self._recs) < room * REC_SIZE:  # a CONFIG raised batch_max
             self._recs = bytearray(room * REC_SIZE)
+            self._writer = _readings_writer(self.key, room)
         n = node.store.read_after(self._sent_boot, self._sent_seq, self._recs, room)
         if n == 0:
             return None

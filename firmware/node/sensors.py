@@ -1,14 +1,13 @@
 # Sensor drivers for the node: a BME280 on I2C, ADC channels, meter pulse counters, and the
 # sensor set that turns the config's sensor table into readings, one round at a time.
 import struct
-import sys
 import time
 from errno import EIO, ENODEV, ETIMEDOUT
 
 from machine import ADC, Pin
 from micropython import const
 
-from node import log
+from node import forget, log
 
 # BME280 register map (Bosch BST-BME280-DS002, section 5.3).
 _REG_CALIB00 = const(0x88)  # 0x88..0xA1: dig_T1..dig_P9, 0xA1 dig_H1
@@ -426,13 +425,12 @@ def check_table(table, i2c=None):
     needs them only at boot and when a CONFIG brings a table, and kept they would hold
     about 4 KB of heap for good (their bytecode and texts, unix port).
     """
-    import node.table
+    import node.table as rules
 
     try:
-        node.table.check(table, i2c)
+        rules.check(table, i2c)
     finally:
-        del sys.modules["node.table"]
-        delattr(node, "table")
+        forget("table")
 
 
 def build_sensors(i2c_factory, table, counts=None):
