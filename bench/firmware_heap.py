@@ -110,6 +110,9 @@ import select, struct, json, os, hashlib, random, binascii, errno, time
 
 
 class Module:
+    # Stands in for the module object a frozen import makes (MicroPython code cannot make
+    # one), so that the firmware's later modules can import this one. It is made after the
+    # reading, and only its attribute table is extra.
     pass
 
 
