@@ -8,9 +8,14 @@ from pathlib import Path
 
 import pytest
 from helpers.micropython import find_mpy_cross
+from test_firmware import FAST, wait_until
 
+from kinhbac import wire
+from kinhbac.emulator import launcher
+from kinhbac.emulator.board import PWRON_RESET
 from kinhbac.emulator.devices import BME280, AnalogSource, Calibration, I2CDevice, PulseSource
 from kinhbac.emulator.interpreter import HEAP_FACTOR, STANDIN_ALLOWANCE_BYTES
+from kinhbac.emulator.receiver import Receiver
 from kinhbac.transport.raw_repl import RemoteError
 from kinhbac.transport.serial_link import connect
 
@@ -504,3 +509,27 @@ def test_thousand_sample_rounds_fit_a_small_heap_without_growth(emulator, addr):
     assert int(at_1000) <= int(at_100) + 32
     want = "[0, 0, 0, 0, 0]" if addr == 0x76 else "[1005, 1005, 1005, 0, 0]"
     assert errors.strip() == want
+
+
+# ---------------------------------------------------------------------------------------------
+# On a running node
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_bmp280_sold_as_a_bme280_is_named_on_the_console_and_counted_in_hello(emulator):
+    with Receiver({}) as receiver:
+        node = launcher.provision(emulator, receiver.port, **FAST)
+        receiver.keys[node.key.device_id] = node.key
+        node.board.attach_i2c(NotABme280(0x76))  # in the BME280's place: chip id 0x58
+        node.board.power_on()
+        receiver.wait_for_count(40, node.device)  # the level probe and the meter still report
+        view = receiver.devices[node.device]
+        wait_until(lambda: view.hello.drops[wire.DROP_SENSOR_ERROR] >= 3,
+                   what="a HELLO counting the failed reads")
+    text = node.board.console.text()
+    assert "chip id 0x58 at I2C address 0x76 is not a BME280" in text
+    for i, entry in enumerate(launcher.SENSOR_KIT[:3]):  # the BME280's three fields
+        assert entry["kind"] == "bme280"
+        assert text.count(f"E kinhbac: sensor {entry['name']} (sensors[{i}]): ") == 1, text
+    assert {r.sensor for r in receiver.readings_of(node.device)} == {3, 4}
+    assert node.board.boots == [PWRON_RESET]
