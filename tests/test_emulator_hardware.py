@@ -6,12 +6,14 @@ ESP32"."""
 
 import threading
 import time
+from itertools import pairwise
 
 import pytest
 from test_emulator import WIFI, boot_with
 from test_firmware import FAST, assert_contiguous, wait_until
 
 from kinhbac.emulator import launcher
+from kinhbac.emulator.access_point import WifiTiming
 from kinhbac.emulator.board import DEEPSLEEP_RESET, HARD_RESET, PWRON_RESET, SOFT_RESET
 from kinhbac.emulator.devices import BME280, AnalogSource, PulseSource, calibrated_mv
 from kinhbac.emulator.receiver import Receiver
@@ -276,21 +278,32 @@ def test_ticks_wrap_at_2_30_mid_session_and_ticks_diff_spans_the_wrap(board):
 
 @pytest.mark.slow
 def test_a_node_keeps_sending_readings_across_the_ticks_wrap(emulator):
+    emulator.access_point.wifi = WifiTiming.quick()  # a session well before the wrap
     with Receiver({}) as receiver:
         node = launcher.provision(emulator, receiver.port, **FAST)
         receiver.keys[node.key.device_id] = node.key
         node.board.ticks_start_ms = TICKS_PERIOD - 6000  # the wrap comes 6 s into the boot
         booted = time.monotonic()
+        booted_ms = time.time() * 1000
         node.board.power_on()
         receiver.wait_for_count(50, node.device)
-        wait_until(lambda: time.monotonic() - booted > 8, timeout=20, what="the wrap")
+        # The board's ticks reach 2**30 no sooner than 6 s after power-on: mid-session.
+        assert time.monotonic() - booted < 6
+        wait_until(lambda: time.monotonic() - booted > 10, timeout=20, what="well past the wrap")
         before = receiver.count(node.device)
         receiver.wait_for_count(before + 100, node.device, timeout=30)
+        ended_ms = time.time() * 1000
     readings = receiver.readings_of(node.device)
     assert_contiguous(sorted({r.seq for r in readings}))
     assert {r.boot for r in readings} == {1}
-    times = [r.time_ms for r in sorted(readings, key=lambda r: r.seq) if not r.unsynced]
-    assert times == sorted(times)  # the node's clock did not jump back at the wrap
+    assert receiver.devices[node.device].connections == 1  # one session, across the wrap
+    # Every reading has its Unix time: no jump of 2**30 ms (12.4 days) either way at the wrap.
+    assert not [r for r in readings if r.unsynced]
+    assert all(booted_ms - 1000 <= r.time_ms <= ended_ms + 1000 for r in readings)
+    times = [r.time_ms for r in sorted(readings, key=lambda r: r.seq) if r.sensor == 0]
+    assert all(0 <= b - a < 2000 for a, b in pairwise(times)), times  # a round each 20 ms
+    assert min(times) < booted_ms + 6000  # taken before the wrap ...
+    assert max(times) > booted_ms + 9000  # ... and after it (the board starts within 3 s)
     text = node.board.console.text()
     assert "Traceback" not in text and "SAFE MODE" not in text
     assert node.board.boots == [PWRON_RESET]
