@@ -25,7 +25,6 @@ from kinhbac.wire import DROP_SAFE_MODE as SAFE_MODE
 from kinhbac.wire import DROP_WATCHDOG_RESETS as WATCHDOG_RESETS
 
 REPO = Path(__file__).resolve().parents[1]
-OUTAGE_S = 40  # past the old firmware's first watchdog reset (15-25 s) by a margin
 
 
 @pytest.fixture
@@ -35,52 +34,6 @@ def receiver():
 
 
 # ----- the watchdog on every path (finding 2) -----
-
-
-def test_claim_mode_with_the_access_point_down_is_never_reset_by_its_watchdog(
-        emulator, receiver):
-    board = emulator.add_board()
-    ap = emulator.access_point
-    config = {
-        "claim_key": "k" * 32,
-        "wifi": {"ssid": ap.ssid, "password": ap.password},
-        "gateway": {"host": "127.0.0.1", "port": receiver.port},
-        "console_window_ms": 100,
-        "claim_retry_ms": 1000,
-    }
-    board.write_files(firmware_files() | config_file(config))
-    emulator.access_point_up(False)
-    board.power_on()
-    time.sleep(OUTAGE_S)  # each try waits 15 s for the WiFi: longer than the 10 s watchdog
-    text = board.console.text()
-    assert board.boots == [PWRON_RESET], text[-2000:]
-    assert "SAFE MODE" not in text
-    mark = board.console.mark()
-    emulator.access_point_up(True)
-    # It asks the gateway again once the WiFi is back (this receiver refuses a CLAIM).
-    board.console.wait_for("claim: no answer", since=mark, timeout=40)
-    assert board.boots == [PWRON_RESET]
-
-
-def test_deep_sleep_mode_with_the_access_point_down_keeps_its_readings_and_its_boot(
-        emulator, receiver):
-    # The default ack timeout: a cycle waits for the gateway up to 3 of them, 15 s.
-    (node,) = start_nodes(emulator, receiver, deep_sleep_ms=300, ack_timeout_ms=5000)
-    receiver.wait_for_count(3 * len(launcher.SENSOR_KIT), node.device)
-    emulator.access_point_up(False)
-    time.sleep(OUTAGE_S)  # the WiFi tries for 15 s in each cycle: longer than the watchdog
-    assert WDT_RESET not in node.board.boots
-    assert "SAFE MODE" not in node.board.console.text()
-    cycles = node.board.boots.count(DEEPSLEEP_RESET)
-    emulator.access_point_up(True)
-    wait_until(lambda: node.board.boots.count(DEEPSLEEP_RESET) >= cycles + 3,
-               timeout=60, what="three cycles after the outage")
-    wait_until(lambda: receiver.count(node.device) >= (cycles + 3) * len(launcher.SENSOR_KIT),
-               timeout=30, what="every cycle's readings")
-    readings = receiver.readings_of(node.device)
-    assert {r.boot for r in readings} == {1}  # the outage's wakes continued the boot
-    assert_contiguous([r.seq for r in readings])  # and lost nothing
-    assert set(node.board.boots) == {PWRON_RESET, DEEPSLEEP_RESET}
 
 
 # ----- time across reboots (finding 9) -----
