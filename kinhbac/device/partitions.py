@@ -1,5 +1,6 @@
 """The ESP32's partition table, read from a MicroPython image or the board's flash, to find the
-filesystem partition that `kinhbac device flash` erases.
+filesystem partition that `kinhbac device flash` erases; and the tables of the MicroPython builds
+the fleet's boards run, which the emulated flash lays out and the fleet sizes releases against.
 
 ESP-IDF's binary format (components/partition_table/gen_esp32part.py): 32-byte entries
 `<2sBBII16sI` (magic 0xAA 0x50, type, subtype, offset, size, label, flags) from 0x8000, then an
@@ -18,6 +19,10 @@ TYPE_DATA = 0x01
 # partition labelled "vfs", else TinyUF2's "ffat".
 FILESYSTEM_LABELS = ("vfs", "ffat")
 
+# App subtypes: factory is 0x00, ota_0..ota_15 are 0x10..0x1F (gen_esp32part.py SUBTYPES).
+SUBTYPE_OTA_FIRST = 0x10
+SUBTYPE_OTA_LAST = 0x1F
+
 _ENTRY = struct.Struct("<2sBBII16sI")
 _ENTRY_MAGIC = b"\xaa\x50"
 _MD5_MAGIC = b"\xeb\xeb"
@@ -34,6 +39,26 @@ class Partition:
     subtype: int
     offset: int
     size: int
+
+
+# MicroPython's ports/esp32/partitions-4MiB-ota.csv (ESP32_GENERIC-OTA): two 1.5 MiB app slots
+# and a littlefs "vfs" partition. The emulated boards' flash has this table.
+ESP32_GENERIC_OTA = (
+    Partition("nvs", TYPE_DATA, 0x02, 0x9000, 0x4000),
+    Partition("otadata", TYPE_DATA, 0x00, 0xD000, 0x2000),
+    Partition("phy_init", TYPE_DATA, 0x01, 0xF000, 0x1000),
+    Partition("ota_0", TYPE_APP, 0x10, 0x10000, 0x180000),
+    Partition("ota_1", TYPE_APP, 0x11, 0x190000, 0x180000),
+    Partition("vfs", TYPE_DATA, 0x81, 0x310000, 0xF0000),
+)
+
+# MicroPython's partitions-4MiB.csv (ESP32_GENERIC without OTA): one 1.9 MiB app, 2 MiB "vfs".
+ESP32_GENERIC = (
+    Partition("nvs", TYPE_DATA, 0x02, 0x9000, 0x6000),
+    Partition("phy_init", TYPE_DATA, 0x01, 0xF000, 0x1000),
+    Partition("factory", TYPE_APP, 0x00, 0x10000, 0x1F0000),
+    Partition("vfs", TYPE_DATA, 0x81, 0x200000, 0x200000),
+)
 
 
 def encode(partitions: tuple[Partition, ...]) -> bytes:
@@ -73,3 +98,10 @@ def filesystem(partitions: tuple[Partition, ...]) -> Partition | None:
             if p.type == TYPE_DATA and p.label == label:
                 return p
     return None
+
+
+def ota_slots(partitions: tuple[Partition, ...]) -> tuple[Partition, ...]:
+    """The OTA app partitions (ota_0, ota_1, ...) an update can be written to; () for a table
+    without OTA."""
+    return tuple(p for p in partitions
+                 if p.type == TYPE_APP and SUBTYPE_OTA_FIRST <= p.subtype <= SUBTYPE_OTA_LAST)

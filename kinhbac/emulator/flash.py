@@ -24,23 +24,12 @@ decode_partition_table = partitions.parse  # PartitionTableError (a ValueError) 
 
 
 # MicroPython's partitions-4MiB-ota.csv: two 1.5 MiB app slots and a littlefs "vfs" partition.
-OTA_LAYOUT = (
-    Partition("nvs", TYPE_DATA, 0x02, 0x9000, 0x4000),
-    Partition("otadata", TYPE_DATA, 0x00, 0xD000, 0x2000),
-    Partition("phy_init", TYPE_DATA, 0x01, 0xF000, 0x1000),
-    Partition("ota_0", TYPE_APP, 0x10, 0x10000, 0x180000),
-    Partition("ota_1", TYPE_APP, 0x11, 0x190000, 0x180000),
-    Partition("vfs", TYPE_DATA, 0x81, 0x310000, 0xF0000),
-)
+# The tables live with the codec, where the fleet sizes releases against the same one.
+OTA_LAYOUT = partitions.ESP32_GENERIC_OTA
 
 # MicroPython's partitions-4MiB.csv (ESP32_GENERIC without OTA): one 1.9 MiB app, 2 MiB "vfs".
 # A board flashed with that build's firmware.bin has this table instead.
-GENERIC_LAYOUT = (
-    Partition("nvs", TYPE_DATA, 0x02, 0x9000, 0x6000),
-    Partition("phy_init", TYPE_DATA, 0x01, 0xF000, 0x1000),
-    Partition("factory", TYPE_APP, 0x00, 0x10000, 0x1F0000),
-    Partition("vfs", TYPE_DATA, 0x81, 0x200000, 0x200000),
-)
+GENERIC_LAYOUT = partitions.ESP32_GENERIC
 
 
 class FlashImage:
