@@ -62,14 +62,14 @@ HELLO = const(0x01)
 READINGS = const(0x02)
 CLAIM = const(0x03)  # a node with only its site's claim key asks for an identity
 ERROR_UP = const(0x04)
-OTA_CHUNK_REQUEST = const(0x11)  # reserved for OTA, refused as BAD_TYPE in version 1
-OTA_RESULT = const(0x13)  # reserved
+OTA_CHUNK_REQUEST = const(0x11)  # the node asks for a chunk of an offered release
+OTA_RESULT = const(0x13)  # the node reports where its update stands
 ACK = const(0x83)
 ERROR_DOWN = const(0x84)
 CONFIG = const(0x85)
 IDENTITY = const(0x86)  # answer to an approved CLAIM: the key id the node is to use
-OTA_OFFER = const(0x90)  # reserved
-OTA_CHUNK = const(0x92)  # reserved
+OTA_OFFER = const(0x90)  # a release for the node: its files' paths, sizes and SHA-256
+OTA_CHUNK = const(0x92)  # bytes of one offered file, answering an OTA_CHUNK_REQUEST
 DOWNLINK_BIT = const(0x80)
 
 TYPE_NAMES = {
@@ -86,9 +86,8 @@ TYPE_NAMES = {
     OTA_OFFER: "OTA_OFFER",
     OTA_CHUNK: "OTA_CHUNK",
 }
-RESERVED_TYPES = (OTA_CHUNK_REQUEST, OTA_RESULT, OTA_OFFER, OTA_CHUNK)
-UPLINK_TYPES = (HELLO, READINGS, CLAIM, ERROR_UP)
-DOWNLINK_TYPES = (ACK, ERROR_DOWN, CONFIG, IDENTITY)
+UPLINK_TYPES = (HELLO, READINGS, CLAIM, ERROR_UP, OTA_CHUNK_REQUEST, OTA_RESULT)
+DOWNLINK_TYPES = (ACK, ERROR_DOWN, CONFIG, IDENTITY, OTA_OFFER, OTA_CHUNK)
 
 # CLAIM frames, and the gateway's ERROR answers to them, are signed with the site's claim key
 # under this key id; device keys never use it.
@@ -175,6 +174,35 @@ READINGS_UNSYNCED = const(0x01)  # READINGS flags: base time is ms since boot, n
 READINGS_PRE_SYNC = const(0x02)
 ACK_HAS_READINGS = const(0x01)  # ACK flags: readings boot / through seq are meaningful
 ACK_HAS_TIME = const(0x02)  # ACK flags: the gateway's clock is synced, time is meaningful
+
+# ---- OTA (docs/ota.md) ----------------------------------------------------------------------
+
+OTA_BUNDLE = const(1)  # OTA_OFFER kinds: the firmware's files, for the inactive app folder
+OTA_IMAGE = const(2)  # one MicroPython image, for the inactive OTA partition
+OTA_MAX_CHUNK = const(1024)  # a chunk the node holds in RAM at once: 1 KiB of its heap
+# OTA_RESULT states: the node's steps of docs/ota.md's device state machine. Receivers accept
+# codes they do not know.
+OTA_DOWNLOADING = const(1)
+OTA_VERIFYING = const(2)
+OTA_INSTALLED = const(3)
+OTA_REBOOTING = const(4)
+OTA_CONFIRMED = const(5)
+OTA_FAILED = const(6)
+OTA_ROLLED_BACK = const(7)
+# Their names, as the fleet's device states spell them.
+OTA_STATE_NAMES = {
+    OTA_DOWNLOADING: "downloading",
+    OTA_VERIFYING: "verifying",
+    OTA_INSTALLED: "installed",
+    OTA_REBOOTING: "rebooting",
+    OTA_CONFIRMED: "confirmed",
+    OTA_FAILED: "failed",
+    OTA_ROLLED_BACK: "rolled_back",
+}
+# Release ref, then a u8 and a u32: OTA_CHUNK's file index and offset, OTA_RESULT's state and
+# bytes so far; OTA_CHUNK_REQUEST adds its length (u16).
+_OTA_HEAD_FMT = ">IBI"
+_OTA_FILE_FMT = ">I32s"  # an offered file after its path: size, SHA-256
 
 
 def reason_name(reason):
@@ -433,6 +461,66 @@ def encode_identity(key, boot, counter):
     if key.key_id == CLAIM_KEY_ID:
         raise FrameError(BAD_PAYLOAD, "an IDENTITY is signed with the device's own key")
     return _frame(IDENTITY, key, boot, counter, b"")
+
+
+def _check_offer(kind, n):
+    # A bundle of 1..255 files, or an image: one file.
+    if n < 1 or n > 255 or (kind != OTA_BUNDLE and (kind != OTA_IMAGE or n > 1)):
+        raise FrameError(BAD_PAYLOAD, "kind %r with %d files" % (kind, n))
+
+
+def _check_chunk(offset, n):
+    # 1..OTA_MAX_CHUNK bytes, none past 2**32 - 1: file sizes are u32.
+    if n < 1 or n > OTA_MAX_CHUNK or offset + n - 1 > MAX_U32:
+        raise FrameError(BAD_PAYLOAD, "chunk of %d bytes at %d" % (n, offset))
+
+
+def encode_ota_offer(key, boot, counter, ref, kind, version, files):
+    """OTA_OFFER (downlink): release ref, kind (OTA_BUNDLE, or OTA_IMAGE: one file), version,
+    files [(path, size, SHA-256 digest)]; FrameError(BAD_PAYLOAD) if it does not fit a frame."""
+    _check_int(ref, MAX_U32, "release ref")
+    _check_offer(kind, len(files))
+    parts = [struct.pack(">IB", ref, kind), _str8(version, "version"), bytes([len(files)])]
+    for path, size, digest in files:
+        _check_int(size, MAX_U32, "file size")
+        if not path or not isinstance(digest, (bytes, bytearray)) or len(digest) != 32:
+            raise FrameError(BAD_PAYLOAD, "a file needs a path and a 32-byte SHA-256")
+        parts.append(_str8(path, "path") + struct.pack(_OTA_FILE_FMT, size, bytes(digest)))
+    payload = b"".join(parts)
+    if len(payload) > MAX_PAYLOAD:
+        raise FrameError(BAD_PAYLOAD, "offer of %d bytes, over MAX_PAYLOAD" % len(payload))
+    return _frame(OTA_OFFER, key, boot, counter, payload)
+
+
+def _ota_frame(frame_type, key, boot, counter, ref, u8, u32, tail, chunk=None):
+    # The head that OTA_CHUNK_REQUEST, OTA_CHUNK and OTA_RESULT share, then their own tail.
+    _check_int(ref, MAX_U32, "release ref")
+    _check_int(u8, 255, "file index or state")
+    _check_int(u32, MAX_U32, "offset or bytes so far")
+    if chunk is not None:
+        _check_chunk(u32, chunk)
+    payload = struct.pack(_OTA_HEAD_FMT, ref, u8, u32) + tail
+    return _frame(frame_type, key, boot, counter, payload)
+
+
+def encode_ota_chunk_request(key, boot, counter, ref, file_index, offset, length):
+    """OTA_CHUNK_REQUEST: length (1..OTA_MAX_CHUNK) bytes of the offer's file_index at offset."""
+    _check_int(length, MAX_U16, "length")
+    return _ota_frame(OTA_CHUNK_REQUEST, key, boot, counter, ref, file_index, offset,
+                      struct.pack(">H", length), length)
+
+
+def encode_ota_chunk(key, boot, counter, ref, file_index, offset, data):
+    """OTA_CHUNK (downlink): data (1..OTA_MAX_CHUNK bytes) of the offer's file_index at offset."""
+    return _ota_frame(OTA_CHUNK, key, boot, counter, ref, file_index, offset, bytes(data),
+                      len(data))
+
+
+def encode_ota_result(key, boot, counter, ref, state, bytes_done, reason=""):
+    """OTA_RESULT: where the update of release ref stands (an OTA_* state), the bytes the node
+    holds so far, and why, for a failure or a rollback."""
+    return _ota_frame(OTA_RESULT, key, boot, counter, ref, state, bytes_done,
+                      _str8(reason, "reason"))
 
 
 class ReadingsWriter:
@@ -706,6 +794,17 @@ class IdentityMessage(Message):
     """IDENTITY: the header's key id is the node's from now on."""
 
 
+class OtaMessage(Message):
+    """The four OTA frames (one class: each costs the node heap). Every one has .ref, the
+    release ref, and
+    - OTA_OFFER: .kind, .version, .files (list of (path, size, SHA-256 digest));
+    - OTA_CHUNK_REQUEST: .file_index, .offset, .length;
+    - OTA_CHUNK: .file_index, .offset, .data (a memoryview into the frame, not a copy: valid
+      while the frame's buffer is, so write it out or copy it before the next frame);
+    - OTA_RESULT: .state (an OTA_* state; unknown codes are kept), .bytes_done, .reason.
+    """
+
+
 class _Reader:
     """Bounds-checked reads within a payload (never into the MAC)."""
 
@@ -807,6 +906,34 @@ def _parse_config(m, r):
     m.settings = settings
 
 
+def _parse_ota(m, r):
+    if m.type == OTA_OFFER:
+        m.ref, m.kind = r.unpack(">IB", 5)
+        m.version = r.str8()
+        n = r.u8()
+        _check_offer(m.kind, n)
+        m.files = []
+        for _ in range(n):
+            path = r.str8()
+            if not path:
+                raise ValueError("a file without a path")
+            size, digest = r.unpack(_OTA_FILE_FMT, 36)
+            m.files.append((path, size, digest))
+        return
+    m.ref, u8, u32 = r.unpack(_OTA_HEAD_FMT, 9)
+    if m.type == OTA_RESULT:
+        m.state, m.bytes_done, m.reason = u8, u32, r.str8()
+        return
+    m.file_index, m.offset = u8, u32
+    if m.type == OTA_CHUNK_REQUEST:
+        n = m.length = r.unpack(">H", 2)[0]
+    else:
+        n = r.end - r.off
+        off = r.take(n)
+        m.data = memoryview(r.frame)[off : off + n]
+    _check_chunk(u32, n)
+
+
 _PARSERS = {
     HELLO: (HelloMessage, _parse_hello),
     READINGS: (ReadingsMessage, _parse_readings),
@@ -816,6 +943,10 @@ _PARSERS = {
     CONFIG: (ConfigMessage, _parse_config),
     CLAIM: (ClaimMessage, _parse_claim),
     IDENTITY: (IdentityMessage, _parse_identity),
+    OTA_OFFER: (OtaMessage, _parse_ota),
+    OTA_CHUNK_REQUEST: (OtaMessage, _parse_ota),
+    OTA_CHUNK: (OtaMessage, _parse_ota),
+    OTA_RESULT: (OtaMessage, _parse_ota),
 }
 
 
@@ -852,8 +983,7 @@ def _decode(frame, lookup, guard, downlink):
     if length < MIN_FRAME or length > MAX_FRAME or length != size:
         raise FrameError(BAD_LENGTH, "length field %d, frame %d bytes" % (length, size), header)
     if ftype not in (DOWNLINK_TYPES if downlink else UPLINK_TYPES):
-        why = "reserved" if ftype in RESERVED_TYPES else "not accepted in this direction"
-        raise FrameError(BAD_TYPE, "%s %s" % (type_name(ftype), why), header)
+        raise FrameError(BAD_TYPE, "%s not accepted here" % type_name(ftype), header)
     # The site's claim key is shared by every board of a site set up offline: it may sign a
     # CLAIM (and the gateway's ERROR answer to one), nothing else, and a CLAIM needs it.
     if key_id == CLAIM_KEY_ID:
@@ -888,8 +1018,9 @@ def _decode(frame, lookup, guard, downlink):
     r = _Reader(frame, HEADER_SIZE, end)
     try:
         parse(m, r)
-    except Exception as e:
-        raise FrameError(BAD_PAYLOAD, "%s: %s" % (type_name(ftype), e), header)  # noqa: B904
+    except Exception as e:  # a FrameError from a shared check: its message, not its name again
+        why = "%s: %s" % (type_name(ftype), getattr(e, "message", e))
+        raise FrameError(BAD_PAYLOAD, why, header)  # noqa: B904
     if r.off != end:
         why = "%s: %d trailing bytes" % (type_name(ftype), end - r.off)
         raise FrameError(BAD_PAYLOAD, why, header)

@@ -3,6 +3,7 @@
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -141,6 +142,43 @@ def test_a_nodes_error_frames_are_logged_as_a_refusal_or_as_its_own_report(lone_
     while not (reported in gateway.log() and refused in gateway.log()):
         assert time.monotonic() < deadline, gateway.log()
         time.sleep(0.05)
+
+
+def test_a_nodes_ota_frames_are_refused_as_unsupported_while_its_session_and_readings_go_on(
+        lone_device, collector):
+    # This gateway decodes OTA frames but serves no OTA yet: a node (or whoever holds its key)
+    # sending them gets a signed refusal by name, and nothing else of its session changes.
+    gateway, key = lone_device
+    device = key.device_id.hex()
+
+    def readings(counter, first_seq):
+        return wire.encode_readings(key, 1, counter, 1, first_seq, 1_800_000_000_000, False,
+                                    [(0, 10 * i, 20.0 + first_seq + i) for i in range(5)])
+
+    result = wire.encode_ota_result(key, 1, 4, 7, wire.OTA_FAILED, 0, "no offer")
+    frames = [
+        wire.encode_hello(key, 1, 1, "0.1.0", wire.RESET_POWER_ON, [0] * 7, [["t", "C"]]),
+        wire.encode_ota_chunk_request(key, 1, 2, 7, 0, 0, wire.OTA_MAX_CHUNK),
+        readings(3, 1),
+        result,
+        readings(5, 6),
+        # Authentic but malformed: a request for no bytes.
+        wire._frame(wire.OTA_CHUNK_REQUEST, key, 1, 6, struct.pack(">IBIH", 7, 0, 0, 0)),
+        readings(7, 11),
+    ]
+    answers = exchange(gateway.port, frames, [key], 1, len(frames))
+    # Each answer: an ACK and what it covers, or an ERROR's reason and the counter it refuses.
+    got = [("ACK", a.through_seq) if a.type == wire.ACK else (a.reason_name, a.ref)
+           for a in answers]
+    assert got == [("ACK", None), ("UNSUPPORTED", 2), ("ACK", 5), ("UNSUPPORTED", 4),
+                   ("ACK", 10), ("BAD_PAYLOAD", 6), ("ACK", 15)]
+    # The result recorded and sent again, on a connection of its own: the replay window moved.
+    [again] = exchange(gateway.port, [result], [key], 1, 1)
+    assert (again.reason_name, again.ref) == ("REPLAY", 4)
+    collector.wait_for(lambda: collector.count(device) == 15, what="the node's 15 readings")
+    assert gateway.metrics()['kinhbac_gateway_frames_refused_total{reason="unsupported"}'] == 2
+    assert f"refused a frame from {device}: UNSUPPORTED (OTA_CHUNK_REQUEST is not served" \
+        in gateway.log()
 
 
 def test_a_node_in_safe_mode_is_shown_so_in_the_gateways_log_and_status_until_it_recovers(

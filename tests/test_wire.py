@@ -273,8 +273,9 @@ def test_unknown_version_is_refused():
     assert reason_of(bytes(frame)) == "BAD_VERSION"
 
 
-def test_reserved_ota_types_are_refused_in_version_1():
-    for code in wire.RESERVED_TYPES:
+def test_unassigned_type_codes_are_refused_as_bad_type():
+    for code in (0x00, 0x05, 0x10, 0x12, 0x7F, 0x80, 0x87, 0x91, 0x93, 0xFF):
+        assert code not in wire.TYPE_NAMES
         frame = bytearray(readings_frame())
         frame[1] = code
         assert reason_of(bytes(frame), downlink=bool(code & 0x80)) == "BAD_TYPE"
@@ -554,6 +555,10 @@ def test_doc_figures_match_the_encoder():
         "Readings per frame, at most": wire.MAX_READINGS,
         "ACK frame": len(wire.encode_ack(KEY, 3, 16, 3, 1, 5)),
         "Batch span (`MAX_OFFSET_MS`)": wire.MAX_OFFSET_MS,
+        "OTA chunk data, at most (`OTA_MAX_CHUNK`)": wire.OTA_MAX_CHUNK,
+        "OTA_CHUNK frame with a full chunk": len(
+            wire.encode_ota_chunk(KEY, 3, 16, 7, 0, 0, bytes(wire.OTA_MAX_CHUNK))),
+        "OTA_CHUNK_REQUEST frame": len(wire.encode_ota_chunk_request(KEY, 3, 1, 7, 0, 0, 1)),
     }
     assert figures == measured
     assert len(readings_frame(n=wire.MAX_READINGS)) <= wire.MAX_FRAME

@@ -46,6 +46,37 @@ json_values = st.recursive(
 
 
 @st.composite
+def ota_offer_fields(draw):
+    kind = draw(st.sampled_from([wire.OTA_BUNDLE, wire.OTA_IMAGE]))
+    a_file = st.tuples(st.text(min_size=1, max_size=24), u32s,
+                       st.binary(min_size=32, max_size=32))
+    top = 1 if kind == wire.OTA_IMAGE else 30  # past 30 they rarely fit: the vectors fill one
+    files = draw(st.lists(a_file, min_size=1, max_size=top))
+    return {"ref": draw(u32s), "kind": kind, "version": draw(texts), "files": files}
+
+
+@st.composite
+def ota_span(draw):
+    """An offset and a length (1..OTA_MAX_CHUNK) that stay within a u32-sized file."""
+    length = draw(st.integers(1, wire.OTA_MAX_CHUNK))
+    return draw(st.integers(0, U32 - length + 1)), length
+
+
+@st.composite
+def ota_chunk_request_fields(draw):
+    offset, length = draw(ota_span())
+    return {"ref": draw(u32s), "file_index": draw(st.integers(0, 255)), "offset": offset,
+            "length": length}
+
+
+@st.composite
+def ota_chunk_fields(draw):
+    offset, length = draw(ota_span())
+    return {"ref": draw(u32s), "file_index": draw(st.integers(0, 255)), "offset": offset,
+            "data": draw(st.binary(min_size=length, max_size=length))}
+
+
+@st.composite
 def readings_fields(draw):
     reading = st.tuples(
         st.integers(0, 255),
@@ -96,6 +127,12 @@ FIELDS = {
          "fw_version": texts}
     ),
     wire.IDENTITY: st.fixed_dictionaries({}),
+    wire.OTA_OFFER: ota_offer_fields(),
+    wire.OTA_CHUNK_REQUEST: ota_chunk_request_fields(),
+    wire.OTA_CHUNK: ota_chunk_fields(),
+    wire.OTA_RESULT: st.fixed_dictionaries(
+        {"ref": u32s, "state": st.integers(0, 255), "bytes_done": u32s, "reason": texts}
+    ),
 }
 
 
@@ -119,6 +156,18 @@ def encode(ftype, key, boot, counter, f):
         return wire.encode_claim(key, boot, counter, f["nonce"], f["fw_version"])
     if ftype == wire.IDENTITY:
         return wire.encode_identity(key, boot, counter)
+    if ftype == wire.OTA_OFFER:
+        return wire.encode_ota_offer(key, boot, counter, f["ref"], f["kind"], f["version"],
+                                     f["files"])
+    if ftype == wire.OTA_CHUNK_REQUEST:
+        return wire.encode_ota_chunk_request(key, boot, counter, f["ref"], f["file_index"],
+                                             f["offset"], f["length"])
+    if ftype == wire.OTA_CHUNK:
+        return wire.encode_ota_chunk(key, boot, counter, f["ref"], f["file_index"], f["offset"],
+                                     f["data"])
+    if ftype == wire.OTA_RESULT:
+        return wire.encode_ota_result(key, boot, counter, f["ref"], f["state"], f["bytes_done"],
+                                      f["reason"])
     return wire.encode_config(key, boot, counter, f["settings"])
 
 
@@ -182,7 +231,8 @@ def cases(draw, types=tuple(FIELDS)):
     try:
         frame = encode(ftype, key, boot, counter, fields)
     except wire.FrameError as e:
-        assert e.reason == wire.BAD_LENGTH, e  # only "too big for one frame" is acceptable
+        # Only "too big for one frame" is acceptable: an offer says so as BAD_PAYLOAD.
+        assert e.reason == (wire.BAD_PAYLOAD if ftype == wire.OTA_OFFER else wire.BAD_LENGTH), e
         assume(False)
     return Case(ftype, key, boot, counter, fields, frame)
 

@@ -262,10 +262,20 @@ class Listener:
             self._claim_windows.move_to_end(device)
             self._bound_claim_windows()
             return self._claim(device, key, msg)  # type: ignore[arg-type]
+        self.queue.note_device(device, None, replay)
         if msg.type == wire.ERROR_UP:
             self._node_error(device, msg)  # type: ignore[arg-type]
-        self.queue.note_device(device, None, replay)
-        return []
+            return []
+        return self._unsupported(key, msg, frame)
+
+    def _unsupported(self, key: wire.Key, msg: wire.Message, frame: bytes) -> list[bytes]:
+        """An authentic, fresh frame of a type this gateway decodes but does not serve (OTA,
+        until its part is built): refused by name, counted; the connection goes on."""
+        why = f"{msg.type_name} is not served by this gateway"
+        header = (msg.type, msg.device_id, msg.key_id, msg.boot, msg.counter)
+        self._refused(wire.FrameError(wire.UNSUPPORTED, why, header), frame)
+        return [wire.encode_error(key, msg.boot, wire.downlink_counter(msg.counter, 0),
+                                  wire.UNSUPPORTED, msg.counter, why)]
 
     def _node_error(self, device: str, msg: wire.ErrorMessage) -> None:
         """An ERROR_UP: the node refused one of our frames (ref, its counter), or, with ref 0,

@@ -8,6 +8,7 @@ Tests only read these files; they never regenerate them.
 import hashlib
 import hmac
 import json
+import struct
 import sys
 from pathlib import Path
 
@@ -29,6 +30,20 @@ CLAIMED_KEY = {
                                 bytes.fromhex(CLAIM_NONCE)).hex(),
 }
 BASE_MS = 1767225600000  # 2026-01-01T00:00:00Z
+
+
+def sha256_hex(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+APP_FILES = [  # a bundle release: (path, size, SHA-256), an empty file among them
+    ["/lib/node/app.mpy", 7104, sha256_hex(b"app")],
+    ["/lib/wire.mpy", 20560, sha256_hex(b"wire")],
+    ["/lib/node/__init__.mpy", 0, sha256_hex(b"")],
+]
+# The most files of 17-byte paths one offer holds: 12 + 25 x 54 bytes, MAX_PAYLOAD exactly.
+FULL_OFFER = [["/lib/node/m%02d.mpy" % i, 1000 + i, sha256_hex(bytes([i]))] for i in range(25)]
+CHUNK = (bytes(range(256)) * 4).hex()  # a whole chunk: OTA_MAX_CHUNK bytes
 
 CASES = [
     {
@@ -177,12 +192,235 @@ CASES = [
         "header": {"boot": 1, "counter": 2 * 16},
         "fields": {},
     },
+    {
+        "name": "ota_offer_bundle",
+        "type": "OTA_OFFER",
+        "key": KEY,
+        # Answers the node's uplink 5 after its ACK (answer 0).
+        "header": {"boot": 3, "counter": 5 * 16 + 1},
+        "fields": {"ref": 7, "kind": wire.OTA_BUNDLE, "version": "0.2.0", "files": APP_FILES},
+    },
+    {
+        "name": "ota_offer_image",
+        "type": "OTA_OFFER",
+        "key": OTHER_KEY,
+        "header": {"boot": 4294967295, "counter": 268435455 * 16 + 15},
+        # The image fills ESP32_GENERIC-OTA's 1.5 MiB slot.
+        "fields": {"ref": 4294967295, "kind": wire.OTA_IMAGE, "version": "1.27.0-kinhbac.3",
+                   "files": [["micropython.bin", 1572864, sha256_hex(b"image")]]},
+    },
+    {
+        "name": "ota_offer_fills_a_frame",
+        "type": "OTA_OFFER",
+        "key": KEY,
+        "header": {"boot": 3, "counter": 6 * 16 + 1},
+        "fields": {"ref": 8, "kind": wire.OTA_BUNDLE, "version": "0.3.0", "files": FULL_OFFER},
+    },
+    {
+        "name": "ota_chunk_request",
+        "type": "OTA_CHUNK_REQUEST",
+        "key": KEY,
+        "header": {"boot": 3, "counter": 7},
+        "fields": {"ref": 7, "file_index": 0, "offset": 1024, "length": 1024},
+    },
+    {
+        "name": "ota_chunk_request_up_to_the_last_u32_offset",
+        "type": "OTA_CHUNK_REQUEST",
+        "key": OTHER_KEY,
+        "header": {"boot": 1, "counter": 2},
+        "fields": {"ref": 4294967295, "file_index": 255, "offset": 4294967295 - 1023,
+                   "length": 1024},
+    },
+    {
+        "name": "ota_chunk_full",
+        "type": "OTA_CHUNK",
+        "key": KEY,
+        "header": {"boot": 3, "counter": 7 * 16},
+        "fields": {"ref": 7, "file_index": 0, "offset": 1024, "data": CHUNK},
+    },
+    {
+        "name": "ota_chunk_last_byte_of_a_file",
+        "type": "OTA_CHUNK",
+        "key": KEY,
+        "header": {"boot": 3, "counter": 8 * 16},
+        "fields": {"ref": 7, "file_index": 1, "offset": 20559, "data": "ff"},
+    },
+    {
+        "name": "ota_result_downloading",
+        "type": "OTA_RESULT",
+        "key": KEY,
+        "header": {"boot": 3, "counter": 9},
+        "fields": {"ref": 7, "state": wire.OTA_DOWNLOADING, "bytes_done": 3072, "reason": ""},
+    },
+    {
+        "name": "ota_result_rolled_back",
+        "type": "OTA_RESULT",
+        "key": KEY,
+        "header": {"boot": 7, "counter": 1},
+        "fields": {"ref": 7, "state": wire.OTA_ROLLED_BACK, "bytes_done": 27664,
+                   "reason": "3 trial boots: ImportError: no module named 'node.app'"},
+    },
+    {
+        "name": "ota_result_state_of_a_later_firmware",
+        "type": "OTA_RESULT",
+        "key": KEY,
+        "header": {"boot": 7, "counter": 2},
+        # Receivers keep state codes they do not know, as they do reason codes.
+        "fields": {"ref": 7, "state": 200, "bytes_done": 4294967295, "reason": "é"},
+    },
 ]
+
+
+OFFER_HEAD = struct.pack(">IB", 7, wire.OTA_BUNDLE) + b"\x050.2.0"
+
+
+def offer_file(path, size, digest_hex):
+    """One file of an OTA_OFFER, by the doc's table: path str8, size u32, SHA-256."""
+    return bytes([len(path)]) + path.encode() + struct.pack(">I", size) + bytes.fromhex(digest_hex)
+
+
+OFFER_FILES = b"".join(offer_file(*f) for f in APP_FILES[:2])
 
 
 # Frames a receiver must refuse, with the reason: each is encoded like a case above (its bytes
 # pinned the same way) and decoded to that refusal, on both interpreters.
 REFUSALS = [
+    # OTA frames that are authentic (signed with the device's key) but malformed, each built
+    # by hand from the docs' tables: no encoder makes them.
+    {
+        "name": "ota_offer_file_list_overruns_the_payload_refused",
+        "type": "OTA_OFFER",
+        "key": KEY,
+        "header": {"boot": 3, "counter": 5 * 16 + 1},
+        "payload": (OFFER_HEAD + bytes([3]) + OFFER_FILES).hex(),  # 3 files, 2 there
+        "refused": "BAD_PAYLOAD",
+    },
+    {
+        "name": "ota_offer_cut_inside_a_sha256_refused",
+        "type": "OTA_OFFER",
+        "key": KEY,
+        "header": {"boot": 3, "counter": 5 * 16 + 1},
+        "payload": (OFFER_HEAD + bytes([2]) + OFFER_FILES[:-1]).hex(),
+        "refused": "BAD_PAYLOAD",
+    },
+    {
+        "name": "ota_offer_of_no_files_refused",
+        "type": "OTA_OFFER",
+        "key": KEY,
+        "header": {"boot": 3, "counter": 5 * 16 + 1},
+        "payload": (OFFER_HEAD + bytes([0])).hex(),
+        "refused": "BAD_PAYLOAD",
+    },
+    {
+        "name": "ota_offer_image_of_two_files_refused",
+        "type": "OTA_OFFER",
+        "key": KEY,
+        "header": {"boot": 3, "counter": 5 * 16 + 1},
+        "payload": (struct.pack(">IB", 7, wire.OTA_IMAGE) + b"\x050.2.0" + bytes([2])
+                    + OFFER_FILES).hex(),
+        "refused": "BAD_PAYLOAD",
+    },
+    {
+        "name": "ota_offer_of_an_unknown_kind_refused",
+        "type": "OTA_OFFER",
+        "key": KEY,
+        "header": {"boot": 3, "counter": 5 * 16 + 1},
+        "payload": (struct.pack(">IB", 7, 3) + b"\x050.2.0" + bytes([1])
+                    + offer_file(*APP_FILES[0])).hex(),
+        "refused": "BAD_PAYLOAD",
+    },
+    {
+        "name": "ota_offer_with_a_trailing_byte_refused",
+        "type": "OTA_OFFER",
+        "key": KEY,
+        "header": {"boot": 3, "counter": 5 * 16 + 1},
+        "payload": (OFFER_HEAD + bytes([2]) + OFFER_FILES + b"\x00").hex(),
+        "refused": "BAD_PAYLOAD",
+    },
+    {
+        "name": "ota_chunk_request_truncated_refused",
+        "type": "OTA_CHUNK_REQUEST",
+        "key": KEY,
+        "header": {"boot": 3, "counter": 7},
+        "payload": struct.pack(">IBIH", 7, 0, 1024, 1024)[:-1].hex(),
+        "refused": "BAD_PAYLOAD",
+    },
+    {
+        "name": "ota_chunk_request_of_0_bytes_refused",
+        "type": "OTA_CHUNK_REQUEST",
+        "key": KEY,
+        "header": {"boot": 3, "counter": 7},
+        "payload": struct.pack(">IBIH", 7, 0, 1024, 0).hex(),
+        "refused": "BAD_PAYLOAD",
+    },
+    {
+        "name": "ota_chunk_request_over_1024_bytes_refused",
+        "type": "OTA_CHUNK_REQUEST",
+        "key": KEY,
+        "header": {"boot": 3, "counter": 7},
+        "payload": struct.pack(">IBIH", 7, 0, 0, wire.OTA_MAX_CHUNK + 1).hex(),
+        "refused": "BAD_PAYLOAD",
+    },
+    {
+        "name": "ota_chunk_oversize_refused",
+        "type": "OTA_CHUNK",
+        "key": KEY,
+        "header": {"boot": 3, "counter": 7 * 16},
+        "payload": (struct.pack(">IBI", 7, 0, 0) + bytes(wire.OTA_MAX_CHUNK + 1)).hex(),
+        "refused": "BAD_PAYLOAD",
+    },
+    {
+        "name": "ota_chunk_of_0_bytes_refused",
+        "type": "OTA_CHUNK",
+        "key": KEY,
+        "header": {"boot": 3, "counter": 7 * 16},
+        "payload": struct.pack(">IBI", 7, 0, 1024).hex(),
+        "refused": "BAD_PAYLOAD",
+    },
+    {
+        "name": "ota_chunk_past_the_last_u32_offset_refused",
+        "type": "OTA_CHUNK",
+        "key": KEY,
+        "header": {"boot": 3, "counter": 7 * 16},
+        "payload": (struct.pack(">IBI", 7, 0, 4294967295) + b"\x00\x00").hex(),
+        "refused": "BAD_PAYLOAD",
+    },
+    {
+        "name": "ota_result_truncated_refused",
+        "type": "OTA_RESULT",
+        "key": KEY,
+        "header": {"boot": 3, "counter": 9},
+        "payload": (struct.pack(">IBI", 7, wire.OTA_FAILED, 0) + b"\x05sha").hex(),
+        "refused": "BAD_PAYLOAD",
+    },
+    # A downlink OTA frame sent to the gateway, an uplink one to the node: the direction bit is
+    # under the MAC, so neither side can be made to take the other's frame.
+    {
+        "name": "ota_offer_sent_uplink_refused",
+        "type": "OTA_OFFER",
+        "sent": "uplink",
+        "key": KEY,
+        "header": {"boot": 3, "counter": 5 * 16 + 1},
+        "fields": {"ref": 7, "kind": wire.OTA_BUNDLE, "version": "0.2.0", "files": APP_FILES},
+        "refused": "BAD_TYPE",
+    },
+    {
+        "name": "ota_chunk_request_sent_downlink_refused",
+        "type": "OTA_CHUNK_REQUEST",
+        "sent": "downlink",
+        "key": KEY,
+        "header": {"boot": 3, "counter": 7},
+        "fields": {"ref": 7, "file_index": 0, "offset": 1024, "length": 1024},
+        "refused": "BAD_TYPE",
+    },
+    {
+        "name": "ota_offer_under_the_claim_key_refused",
+        "type": "OTA_OFFER",
+        "key": CLAIM_KEY,  # downlink, the claim key signs only the ERROR answering a CLAIM
+        "header": {"boot": 1, "counter": 2 * 16},
+        "fields": {"ref": 7, "kind": wire.OTA_BUNDLE, "version": "0.2.0", "files": APP_FILES},
+        "refused": "BAD_KEY_ID",
+    },
     {
         "name": "hello_under_the_claim_key_refused",
         "type": "HELLO",
@@ -207,7 +445,11 @@ REFUSALS = [
 def encode_case(case):
     k = case["key"]
     key = wire.Key(bytes.fromhex(k["device_id"]), k["key_id"], bytes.fromhex(k["secret"]))
-    h, f, t = case["header"], case["fields"], case["type"]
+    h, t = case["header"], case["type"]
+    if "payload" in case:  # a malformed payload, signed: what no encoder makes
+        code = next(c for c, name in wire.TYPE_NAMES.items() if name == t)
+        return wire._frame(code, key, h["boot"], h["counter"], bytes.fromhex(case["payload"]))
+    f = case["fields"]
     if t == "HELLO":
         sensors = [tuple(s) for s in f["sensors"]]
         args = (f["fw_version"], f["reset_cause"], f["drops"], sensors)
@@ -229,6 +471,19 @@ def encode_case(case):
                                  f["fw_version"])
     if t == "IDENTITY":
         return wire.encode_identity(key, h["boot"], h["counter"])
+    if t == "OTA_OFFER":
+        files = [(p, size, bytes.fromhex(digest)) for p, size, digest in f["files"]]
+        return wire.encode_ota_offer(key, h["boot"], h["counter"], f["ref"], f["kind"],
+                                     f["version"], files)
+    if t == "OTA_CHUNK_REQUEST":
+        args = (f["ref"], f["file_index"], f["offset"], f["length"])
+        return wire.encode_ota_chunk_request(key, h["boot"], h["counter"], *args)
+    if t == "OTA_CHUNK":
+        args = (f["ref"], f["file_index"], f["offset"], bytes.fromhex(f["data"]))
+        return wire.encode_ota_chunk(key, h["boot"], h["counter"], *args)
+    if t == "OTA_RESULT":
+        args = (f["ref"], f["state"], f["bytes_done"], f["reason"])
+        return wire.encode_ota_result(key, h["boot"], h["counter"], *args)
     raise ValueError(t)
 
 
