@@ -50,6 +50,7 @@ _READINGS_HEAD_FMT = ">IIBQB"
 _READING_FMT = ">BHf"
 _ACK_FMT = ">BIIQ"
 _ERROR_HEAD_FMT = ">BI"
+_FAILURES_FMT = ">II"  # HELLO's failure counts of one sensor: could not read, out of range
 # Floats are heap objects on the node: keep the ones add() compares with ready-made.
 _MAX_F32 = 3.4028234663852886e38
 _MIN_F32 = -3.4028234663852886e38
@@ -384,8 +385,9 @@ def _frame(frame_type, key, boot, counter, payload):
     return bytes(buf)
 
 
-def encode_hello(key, boot, counter, fw_version, reset_cause, drops, sensors):
-    """HELLO: firmware version, reset cause, drop counters (u32 list), sensors [(name, unit)]."""
+def encode_hello(key, boot, counter, fw_version, reset_cause, drops, sensors, failures=None):
+    """HELLO: firmware version, reset cause, drop counters (u32 list), sensors [(name, unit)],
+    and optionally failures: per sensor, (could not read, out of range) counts."""
     _check_int(reset_cause, 255, "reset cause")
     if len(drops) > 255 or len(sensors) > 255:
         raise FrameError(BAD_PAYLOAD, "at most 255 drop counters and 255 sensors")
@@ -397,6 +399,14 @@ def encode_hello(key, boot, counter, fw_version, reset_cause, drops, sensors):
     for name, unit in sensors:
         parts.append(_str8(name, "sensor name"))
         parts.append(_str8(unit, "sensor unit"))
+    if failures is not None:
+        if len(failures) != len(sensors):
+            raise FrameError(BAD_PAYLOAD, "one pair of failure counts per sensor")
+        parts.append(bytes([len(failures)]))
+        for failed, out in failures:
+            _check_int(failed, MAX_U32, "failure count")
+            _check_int(out, MAX_U32, "failure count")
+            parts.append(struct.pack(_FAILURES_FMT, failed, out))
     return _frame(HELLO, key, boot, counter, b"".join(parts))
 
 
@@ -756,7 +766,8 @@ class Message:
 
 
 class HelloMessage(Message):
-    """HELLO: .fw_version, .reset_cause, .drops (list of int), .sensors (list of (name, unit))."""
+    """HELLO: .fw_version, .reset_cause, .drops (list of int), .sensors (list of (name, unit)),
+    .failures (per sensor (could not read, out of range); None when the HELLO has none)."""
 
 
 class ReadingsMessage(Message):
@@ -845,6 +856,12 @@ def _parse_hello(m, r):
     for _ in range(r.u8()):
         name = r.str8()
         m.sensors.append((name, r.str8()))
+    m.failures = None  # a node before the section, or one that sends none
+    if r.off < r.end:
+        n = r.u8()
+        if n != len(m.sensors):
+            raise ValueError("failure counts for %d sensors, table of %d" % (n, len(m.sensors)))
+        m.failures = [r.unpack(_FAILURES_FMT, 8) for _ in range(n)]
 
 
 def _parse_readings(m, r):

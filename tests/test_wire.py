@@ -79,6 +79,55 @@ def test_hello_carries_sensor_table_drops_and_reset_cause():
     assert m.boot == 9 and m.type_name == "HELLO"
 
 
+def test_hello_carries_each_sensors_failure_counts_or_none_without_the_section():
+    sensors = [("temperature", "C"), ("level", "m")]
+    failures = [(3, 0), (0, 2**32 - 1)]
+    frame = wire.encode_hello(KEY, 9, 1, "0.1.0", wire.RESET_POWER_ON, [0] * 7, sensors,
+                              failures)
+    m = wire.decode(frame, lookup, wire.ReplayGuard())
+    assert (m.sensors, m.failures) == (sensors, failures)
+    older = wire.encode_hello(KEY, 9, 2, "0.1.0", wire.RESET_POWER_ON, [0] * 7, sensors)
+    m = wire.decode(older, lookup, wire.ReplayGuard())
+    assert (m.sensors, m.failures) == (sensors, None)
+    assert len(frame) - len(older) == 1 + 8 * len(sensors)
+
+
+def resigned_hello(payload, counter=1):
+    """A HELLO frame around `payload`, signed with KEY: what a buggy node could send."""
+    head = struct.pack(">BBH8sHII", 1, wire.HELLO, wire.MIN_FRAME + len(payload), DEVICE, 1, 9,
+                       counter)
+    return head + payload + KEY.signer.mac(head + payload)
+
+
+@pytest.mark.parametrize("cut", ["count for another table", "a byte short", "a byte over",
+                                 "count alone"])
+def test_hello_whose_failure_counts_do_not_fit_its_sensor_table_is_refused_as_bad_payload(cut):
+    sensors = [("temperature", "C"), ("level", "m")]
+    frame = wire.encode_hello(KEY, 9, 1, "0.1.0", 0, [], sensors, [(3, 0), (0, 2)])
+    payload = frame[wire.HEADER_SIZE:-wire.MAC_SIZE]
+    table, section = payload[:-17], payload[-17:]
+    assert section[0] == 2
+    malformed = {
+        "count for another table": table + b"\x01" + section[1:9],
+        "a byte short": payload[:-1],
+        "a byte over": payload + b"\x00",
+        "count alone": table + b"\x02",
+    }[cut]
+    with pytest.raises(wire.FrameError) as refused:
+        wire.decode(resigned_hello(malformed), lookup, wire.ReplayGuard())
+    assert refused.value.name == "BAD_PAYLOAD"
+    assert refused.value.header[0] == wire.HELLO  # authentic: the gateway may answer it
+
+
+def test_hello_failure_counts_are_one_pair_per_sensor_within_u32():
+    sensors = [("temperature", "C"), ("level", "m")]
+    for failures in ([(1, 0)], [(1, 0), (0, 0), (0, 0)], [(1, 0), (0, 2**32)],
+                     [(1, 0), (-1, 0)]):
+        with pytest.raises(wire.FrameError) as refused:
+            wire.encode_hello(KEY, 9, 1, "0.1.0", 0, [], sensors, failures)
+        assert refused.value.reason == wire.BAD_PAYLOAD
+
+
 def test_ack_without_readings_or_time_decodes_to_none_fields():
     frame = wire.encode_ack(KEY, 3, wire.downlink_counter(1, 0))
     m = wire.decode(frame, lookup, node_guard(), downlink=True)
@@ -607,6 +656,17 @@ def test_readings_layout_is_the_documented_one():
     head = struct.pack(">BBH8sHII", 1, 0x02, 22 + len(payload) + 16, DEVICE, 1, 8, 9)
     mac = hmac.new(SECRET, head + payload, hashlib.sha256).digest()[:16]
     assert wire.encode_readings(KEY, 8, 9, 7, 41, 123_456, True, readings) == head + payload + mac
+
+
+def test_hello_layout_is_the_documented_one():
+    # Built from the doc's HELLO table by hand, failure counts included.
+    payload = bytes([3]) + b"\x050.1.0" + bytes([2]) + struct.pack(">II", 7, 0)
+    payload += bytes([1]) + b"\x05level\x01m"
+    payload += bytes([1]) + struct.pack(">II", 4, 9)
+    head = struct.pack(">BBH8sHII", 1, 0x01, 22 + len(payload) + 16, DEVICE, 1, 8, 9)
+    mac = hmac.new(SECRET, head + payload, hashlib.sha256).digest()[:16]
+    assert wire.encode_hello(KEY, 8, 9, "0.1.0", 3, [7, 0], [("level", "m")],
+                             [(4, 9)]) == head + payload + mac
 
 
 # ---- The common subset -----------------------------------------------------------------------

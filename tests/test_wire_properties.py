@@ -105,16 +105,22 @@ def ack_fields(draw):
     }
 
 
+@st.composite
+def hello_fields(draw):
+    sensors = draw(st.lists(st.tuples(st.text(max_size=12), st.text(max_size=8)), max_size=16))
+    return {
+        "fw_version": draw(texts),
+        "reset_cause": draw(st.integers(0, 255)),
+        "drops": draw(st.lists(u32s, max_size=16)),
+        "sensors": sensors,
+        "failures": draw(st.none() | st.lists(st.tuples(u32s, u32s), min_size=len(sensors),
+                                              max_size=len(sensors))),
+    }
+
+
 error_fields = st.fixed_dictionaries({"reason": st.integers(0, 255), "ref": u32s, "detail": texts})
 FIELDS = {
-    wire.HELLO: st.fixed_dictionaries(
-        {
-            "fw_version": texts,
-            "reset_cause": st.integers(0, 255),
-            "drops": st.lists(u32s, max_size=16),
-            "sensors": st.lists(st.tuples(st.text(max_size=12), st.text(max_size=8)), max_size=16),
-        }
-    ),
+    wire.HELLO: hello_fields(),
     wire.READINGS: readings_fields(),
     wire.ERROR_UP: error_fields,
     wire.ACK: ack_fields(),
@@ -139,7 +145,8 @@ FIELDS = {
 def encode(ftype, key, boot, counter, f):
     if ftype == wire.HELLO:
         return wire.encode_hello(
-            key, boot, counter, f["fw_version"], f["reset_cause"], f["drops"], f["sensors"]
+            key, boot, counter, f["fw_version"], f["reset_cause"], f["drops"], f["sensors"],
+            f.get("failures"),
         )
     if ftype == wire.READINGS:
         args = (f["readings_boot"], f["first_seq"], f["base_ms"], f["unsynced"], f["readings"])
@@ -287,8 +294,8 @@ def flip(frame, bit):
 
 def as_fields(case, m):
     got = {name: getattr(m, name) for name in case.fields}
-    for name in ("readings", "sensors"):
-        if name in got:
+    for name in ("readings", "sensors", "failures"):
+        if got.get(name) is not None:
             got[name] = [tuple(item) for item in got[name]]
     return got
 

@@ -33,7 +33,8 @@ def encode(case, key):
     if t == "HELLO":
         sensors = [tuple(s) for s in f["sensors"]]
         return wire.encode_hello(
-            key, boot, counter, f["fw_version"], f["reset_cause"], f["drops"], sensors
+            key, boot, counter, f["fw_version"], f["reset_cause"], f["drops"], sensors,
+            f.get("failures"),
         )
     if t == "READINGS":
         readings = [tuple(r) for r in f["readings"]]
@@ -79,8 +80,8 @@ def encode(case, key):
 def fields_of(case, m):
     names = list(case["fields"])
     got = {name: getattr(m, name) for name in names}
-    for name in ("readings", "sensors"):
-        if name in got:
+    for name in ("readings", "sensors", "failures"):
+        if got.get(name) is not None:
             got[name] = [list(item) for item in got[name]]
     if "nonce" in got:
         got["nonce"] = got["nonce"].hex()

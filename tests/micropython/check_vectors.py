@@ -40,7 +40,8 @@ def encode(case, key):
     if t == "HELLO":
         sensors = [tuple(s) for s in f["sensors"]]
         return wire.encode_hello(
-            key, h["boot"], h["counter"], f["fw_version"], f["reset_cause"], f["drops"], sensors
+            key, h["boot"], h["counter"], f["fw_version"], f["reset_cause"], f["drops"], sensors,
+            f.get("failures"),
         )
     if t == "READINGS":
         # The node's path: ReadingsWriter into a pre-sized buffer.
@@ -95,6 +96,7 @@ def decoded_fields(case, m):
             "reset_cause": m.reset_cause,
             "drops": list(m.drops),
             "sensors": [list(s) for s in m.sensors],
+            "failures": None if m.failures is None else [list(p) for p in m.failures],
         }
     if t == "READINGS":
         return {

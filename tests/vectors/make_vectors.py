@@ -56,6 +56,7 @@ CASES = [
             "reset_cause": wire.RESET_POWER_ON,
             "drops": [0, 2, 0],
             "sensors": [["temperature", "degC"], ["humidity", "%RH"], ["pm2_5", "µg/m³"]],
+            "failures": None,  # a node before HELLO's failure counts: still a valid HELLO
         },
     },
     {
@@ -68,7 +69,30 @@ CASES = [
             "reset_cause": wire.RESET_WATCHDOG,
             "drops": [],
             "sensors": [],
+            "failures": None,
         },
+    },
+    {
+        "name": "hello_sensor_failures",
+        "type": "HELLO",
+        "key": KEY,
+        "header": {"boot": 5, "counter": 1},
+        "fields": {
+            "fw_version": "0.1.0",
+            "reset_cause": wire.RESET_POWER_ON,
+            "drops": [0, 0, 6, 4294967295, 0, 0, 0],
+            # An unplugged BME280's two fields, and an ADC input driven past its range.
+            "sensors": [["temperature", "C"], ["humidity", "%RH"], ["level", "m"]],
+            "failures": [[3, 0], [3, 0], [0, 4294967295]],
+        },
+    },
+    {
+        "name": "hello_sensor_failures_of_no_sensors",
+        "type": "HELLO",
+        "key": KEY,
+        "header": {"boot": 5, "counter": 2},
+        "fields": {"fw_version": "0.1.0", "reset_cause": wire.RESET_SOFT, "drops": [],
+                   "sensors": [], "failures": []},
     },
     {
         "name": "readings_synced",
@@ -439,7 +463,47 @@ REFUSALS = [
                    "unsynced": False, "pre_sync": False, "readings": [[0, 0, 21.5]]},
         "refused": "BAD_KEY_ID",
     },
+    # HELLO's failure counts must cover the sensor table exactly: signed frames whose section
+    # does not (no encoder makes them), built from hello_sensor_failures' payload below.
+    {
+        "name": "hello_failures_of_another_table_refused",
+        "type": "HELLO",
+        "key": KEY,
+        "header": {"boot": 5, "counter": 3},
+        "cut": "count 2 for a table of 3, and two pairs",
+        "refused": "BAD_PAYLOAD",
+    },
+    {
+        "name": "hello_failures_cut_short_refused",
+        "type": "HELLO",
+        "key": KEY,
+        "header": {"boot": 5, "counter": 4},
+        "cut": "the last pair's last byte missing",
+        "refused": "BAD_PAYLOAD",
+    },
+    {
+        "name": "hello_failures_and_a_trailing_byte_refused",
+        "type": "HELLO",
+        "key": KEY,
+        "header": {"boot": 5, "counter": 5},
+        "cut": "one byte after the section",
+        "refused": "BAD_PAYLOAD",
+    },
 ]
+
+
+def _malformed_payloads():
+    """The payloads of the failure-count refusals, from hello_sensor_failures' (3 sensors)."""
+    case = next(c for c in CASES if c["name"] == "hello_sensor_failures")
+    payload = encode_case(case)[wire.HEADER_SIZE:-wire.MAC_SIZE]
+    section = payload[-25:]  # count, then three (u32, u32) pairs
+    assert section[0] == 3
+    table = payload[:-25]
+    return {
+        "hello_failures_of_another_table_refused": table + bytes([2]) + section[1:17],
+        "hello_failures_cut_short_refused": payload[:-1],
+        "hello_failures_and_a_trailing_byte_refused": payload + b"\x00",
+    }
 
 
 def encode_case(case):
@@ -452,7 +516,7 @@ def encode_case(case):
     f = case["fields"]
     if t == "HELLO":
         sensors = [tuple(s) for s in f["sensors"]]
-        args = (f["fw_version"], f["reset_cause"], f["drops"], sensors)
+        args = (f["fw_version"], f["reset_cause"], f["drops"], sensors, f.get("failures"))
         return wire.encode_hello(key, h["boot"], h["counter"], *args)
     if t == "READINGS":
         readings = [tuple(r) for r in f["readings"]]
@@ -517,6 +581,10 @@ def main():
     text = '{"version": %d,\n "generated_by": "tests/vectors/make_vectors.py",\n "cases": [\n' % (
         wire.VERSION
     )
+    payloads = _malformed_payloads()
+    for case in REFUSALS:
+        if case["name"] in payloads:
+            case["payload"] = payloads[case["name"]].hex()
     refusals = [json.dumps(dict(c, hex=encode_case(c).hex()), ensure_ascii=False)
                 for c in REFUSALS]
     (HERE / "wire_v1.json").write_text(text + ",\n".join(lines) + '\n],\n "refusals": [\n'
