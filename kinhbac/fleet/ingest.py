@@ -118,6 +118,11 @@ class SensorEntry(_Payload):
     unit: _text(16)
 
 
+class SensorFailures(_Payload):
+    sensor_error: int = Field(ge=0, le=INT64)
+    out_of_range: int = Field(ge=0, le=INT64)
+
+
 class DeviceStatusMessage(_Payload):
     device: DeviceId
     gateway: Name
@@ -127,6 +132,8 @@ class DeviceStatusMessage(_Payload):
     reset_cause: _text(32) | None = None
     drops: Counters = Field(default_factory=dict)
     sensors: list[SensorEntry] = Field(default_factory=list, max_length=256)
+    # By sensor name; absent from a node that does not count its failures per sensor.
+    sensor_failures: dict[_text(64), SensorFailures] | None = Field(default=None, max_length=256)
 
 
 class GatewayStatusMessage(_Payload):
@@ -389,18 +396,19 @@ def _records(rows: list[dict[str, Any]]) -> str:
 _PG_STATUS_RECORD = """json_to_recordset(CAST(:rows AS json)) AS heard (
     wire_id text, site text, gateway text, last_seen_at timestamptz, offline_at timestamptz,
     firmware text, boot bigint, reset_cause text, drops json, sensors json,
-    received_at timestamptz)"""
+    sensor_failures json, received_at timestamptz)"""
 _PG_UPSERT_STATUSES = sa.text(f"""
 INSERT INTO device_status AS held (wire_id, site, gateway, last_seen_at, offline_at, firmware,
-                                   boot, reset_cause, drops, sensors, received_at)
+                                   boot, reset_cause, drops, sensors, sensor_failures,
+                                   received_at)
 SELECT wire_id, site, gateway, last_seen_at, offline_at, firmware, boot, reset_cause, drops,
-       sensors, received_at
+       sensors, sensor_failures, received_at
 FROM {_PG_STATUS_RECORD}
 ON CONFLICT (wire_id) DO UPDATE SET
     site = excluded.site, gateway = excluded.gateway, last_seen_at = excluded.last_seen_at,
     offline_at = excluded.offline_at, firmware = excluded.firmware, boot = excluded.boot,
     reset_cause = excluded.reset_cause, drops = excluded.drops, sensors = excluded.sensors,
-    received_at = excluded.received_at
+    sensor_failures = excluded.sensor_failures, received_at = excluded.received_at
 WHERE held.last_seen_at <= excluded.last_seen_at
 """)
 _PG_UPDATE_DEVICES = sa.text(f"""
@@ -615,6 +623,9 @@ class IngestWorker:
                     "firmware": status.firmware, "boot": status.boot,
                     "reset_cause": status.reset_cause, "drops": status.drops,
                     "sensors": [sensor.model_dump() for sensor in status.sensors],
+                    "sensor_failures": None if status.sensor_failures is None else {
+                        name: counts.model_dump()
+                        for name, counts in status.sensor_failures.items()},
                     "received_at": received,
                 })
             case [site, "gateway", gateway, "status"] if site:

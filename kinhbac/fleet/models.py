@@ -552,6 +552,11 @@ class DeviceStatusBase(SQLModel):
     sensors: list[dict[str, str]] = Field(
         default_factory=list, sa_type=sa.JSON, description="[{name, unit}] from its HELLO"
     )
+    sensor_failures: dict[str, dict[str, int]] | None = Field(
+        default=None, sa_type=sa.JSON,
+        description="per sensor name, its failure counts since provisioning: {sensor_error, "
+        "out_of_range}; null from a node whose firmware does not count them per sensor",
+    )
     received_at: datetime = Field(sa_type=UTCDateTime, description="when the fleet took it")
 
 

@@ -88,7 +88,8 @@ class SiteGateway:
         self.publish(f"{self.site}/{device}/telemetry", json.dumps(payload, separators=(",", ":")))
 
     def status(self, device: str, *, last_seen_ms: int | None = None, firmware: str = "0.1.0",
-               boot: int = 8, buffer_full: int = 12) -> None:
+               boot: int = 8, buffer_full: int = 12,
+               sensor_failures: dict[str, Any] | None = None) -> None:
         payload = {
             "device": device, "site": self.site, "gateway": self.name,
             "last_seen_ms": now_ms() if last_seen_ms is None else last_seen_ms,
@@ -96,6 +97,8 @@ class SiteGateway:
             "drops": {"buffer_full": buffer_full, "storage_error": 0, "sensor_error": 1},
             "sensors": [{"name": name, "unit": unit} for name, unit in SENSORS],
         }
+        if sensor_failures is not None:  # a node that counts its failures per sensor
+            payload["sensor_failures"] = sensor_failures
         self.publish(f"{self.site}/{device}/status", json.dumps(payload), retain=True)
 
     def gateway_status(self, state: str, **fields: Any) -> None:
@@ -222,6 +225,33 @@ def test_status_updates_a_registered_device_and_records_an_unknown_one(fleet, se
     again = api_device(fleet, viewer, device.id)
     assert again["firmware_version"] == "0.1.0"
     assert again["status"]["drops"]["buffer_full"] == 12
+
+
+def test_device_detail_shows_each_sensors_failure_counts_from_its_last_status(
+        fleet, session, box, viewer):
+    site = make_site(session, box, slug=f"s-{uuid.uuid4().hex[:6]}")
+    device = make_device(session, box, site)
+    fleet.gateway.site = site.slug
+    unplugged = {"temperature": {"sensor_error": 41, "out_of_range": 0},
+                 "humidity": {"sensor_error": 41, "out_of_range": 0},
+                 "pressure": {"sensor_error": 41, "out_of_range": 2}}
+    fleet.gateway.status(device.wire_id, last_seen_ms=now_ms() - 3000,
+                         sensor_failures=unplugged)
+    fleet.settled()
+    assert api_device(fleet, viewer, device.id)["status"]["sensor_failures"] == unplugged
+
+    # A node whose firmware does not count per sensor (or a status before it did): none shown,
+    # rather than counts of zero it never reported.
+    fleet.gateway.status(device.wire_id, last_seen_ms=now_ms() - 2000)
+    fleet.settled()
+    assert api_device(fleet, viewer, device.id)["status"]["sensor_failures"] is None
+
+    # A status with a count no node sends is refused whole; the stored one stays.
+    fleet.gateway.status(device.wire_id, sensor_failures={"temperature": {"sensor_error": -1,
+                                                                          "out_of_range": 0}})
+    fleet.settled()
+    assert fleet.worker.stats.malformed == 1
+    assert api_device(fleet, viewer, device.id)["status"]["sensor_failures"] is None
 
 
 def test_device_goes_offline_after_the_configured_silence(app, broker, publisher, session, box,
