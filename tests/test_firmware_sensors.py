@@ -1,5 +1,6 @@
 """The node's sensor drivers (firmware/node/sensors.py), run on emulated boards."""
 
+import json
 import re
 import subprocess
 import threading
@@ -7,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.gateway import GatewayProcess
 from helpers.micropython import find_mpy_cross
 from test_firmware import FAST, wait_until
 
@@ -533,3 +535,77 @@ def test_a_bmp280_sold_as_a_bme280_is_named_on_the_console_and_counted_in_hello(
         assert text.count(f"E kinhbac: sensor {entry['name']} (sensors[{i}]): ") == 1, text
     assert {r.sensor for r in receiver.readings_of(node.device)} == {3, 4}
     assert node.board.boots == [PWRON_RESET]
+
+
+def test_an_unplugged_bme280_is_named_with_its_failure_count_in_the_gateways_status(
+        emulator, tmp_path, broker, collector):
+    key_file = tmp_path / "keys.json"
+    gateway = GatewayProcess(tmp_path / "gw", key_file=key_file, broker_port=broker.port)
+    # flash_every 1: each round's readings go to flash, and the state file with them when the
+    # counts moved, so that a reset keeps them (the default saves with the buffer's writes).
+    node = launcher.provision(emulator, gateway.port, **FAST, flash_every=1)
+    launcher.write_key_file(key_file, [node])
+    chip = Unpluggable(0x76)
+    node.board.attach_i2c(chip)  # in the kit's BME280's place
+    topic = f"kinhbac/testsite/{node.device}/status"
+    names = [entry["name"] for entry in launcher.SENSOR_KIT]
+    fields = names[:3]  # the BME280's
+
+    def failures(boot=1):
+        status = collector.retained.get(topic, {})
+        return status.get("sensor_failures") if status.get("boot") == boot else None
+
+    def counts(n):
+        return {name: {"sensor_error": n if name in fields else 0, "out_of_range": 0}
+                for name in names}
+
+    gateway.start()
+    try:
+        node.board.power_on()
+        collector.wait_for(lambda: failures() == counts(0), what="a status with no failures")
+        chip.plugged = False
+        # The first failed round logs each field and asks for a HELLO at once: it carries the
+        # rounds failed by the time it is sent.
+        collector.wait_for(lambda: (failures() or {}).get("pressure", {}).get("sensor_error"),
+                           what="a status with the failure")
+        early = failures()["pressure"]["sensor_error"]
+        assert failures() == counts(early), failures()
+        time.sleep(0.5)  # some 25 rounds unplugged
+        chip.plugged = True
+        node.board.console.wait_for("I kinhbac: sensor pressure (sensors[2]) reads again after")
+        text = node.board.console.text()
+        missed = {int(n) for n in re.findall(r"\(sensors\[[012]\]\) reads again after (\d+) "
+                                               r"failures", text)}
+        assert len(missed) == 1 and missed != {1}, text  # one chip: its fields failed together
+        (missed,) = missed
+        # The recovery is news too: the status has the whole count the console gave.
+        collector.wait_for(lambda: failures() == counts(missed), what="the count at recovery")
+        assert collector.retained[topic]["drops"]["sensor_error"] == 3 * missed
+        for i, name in enumerate(fields):  # once on the console, with the count at that time
+            line = f"E kinhbac: sensor {name} (sensors[{i}]): [Errno 19] ENODEV (1 failed, 0 "
+            assert text.count(f"E kinhbac: sensor {name} ") == text.count(line) == 1, text
+
+        # Counted since provisioning: a reset (the board's button) keeps them.
+        time.sleep(2.0)  # the housekeeping tick (250 ms) after the next flash write saves the state
+        node.board.press_reset()
+        collector.wait_for(lambda: failures(boot=2) == counts(missed), timeout=60,
+                           what="boot 2's status with the counts of boot 1")
+    finally:
+        gateway.stop()
+
+
+def test_failure_counts_the_state_file_cannot_hold_count_from_zero_and_the_hello_still_goes(
+        emulator):
+    with Receiver({}) as receiver:
+        node = launcher.provision(emulator, receiver.port, **FAST)
+        receiver.keys[node.key.device_id] = node.key
+        # Kept from an earlier boot: one good pair, and what no firmware of ours writes.
+        node.board.write_files({"/state.json": json.dumps({"boot": 4, "sensor_failures": {
+            "temperature": [5, 1], "humidity": "many", "pressure": [1, -2], "level": [True, 0],
+            "water": [3]}}).encode()})
+        node.board.power_on()
+        wait_until(lambda: node.device in receiver.devices
+                   and receiver.devices[node.device].hello is not None, what="a HELLO")
+        hello = receiver.devices[node.device].hello
+    assert hello.boot == 5
+    assert hello.failures == [(5, 1), (0, 0), (0, 0), (0, 0), (0, 0)]

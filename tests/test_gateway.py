@@ -129,6 +129,27 @@ def test_the_device_status_names_each_hello_counter_and_keeps_a_later_ones_place
         "safe_mode": 14, "watchdog_resets": 15, "crashes": 16, "counter_7": 17}
 
 
+def test_the_device_status_gives_each_sensors_failure_counts_by_name_when_the_hello_has_them(
+        lone_device, collector):
+    gateway, key = lone_device
+    topic = f"kinhbac/testsite/{key.device_id.hex()}/status"
+    sensors = [("temperature", "C"), ("level", "m")]
+    hello = wire.encode_hello(key, 1, 1, "0.1.0", wire.RESET_POWER_ON, [0, 0, 7, 2], sensors,
+                              [(7, 0), (0, 2)])
+    exchange(gateway.port, [hello], [key], 1, 1)
+    collector.wait_for(lambda: collector.retained.get(topic, {}).get("boot") == 1,
+                       what="the device's status")
+    assert collector.retained[topic]["sensor_failures"] == {
+        "temperature": {"sensor_error": 7, "out_of_range": 0},
+        "level": {"sensor_error": 0, "out_of_range": 2}}
+    # A node whose firmware has no per-sensor counts: its status says nothing of them.
+    older = wire.encode_hello(key, 2, 1, "0.0.9", wire.RESET_POWER_ON, [0, 0, 7, 2], sensors)
+    exchange(gateway.port, [older], [key], 2, 1)
+    collector.wait_for(lambda: collector.retained[topic].get("boot") == 2,
+                       what="the older node's status")
+    assert "sensor_failures" not in collector.retained[topic]
+
+
 def test_a_nodes_error_frames_are_logged_as_a_refusal_or_as_its_own_report(lone_device):
     gateway, key = lone_device
     device = key.device_id.hex()

@@ -45,7 +45,8 @@ class Node:
         self.store = Store(
             cfg["ram_readings"], cfg["flash_readings"], cfg["flash_every"], cfg["flash_after_ms"]
         )
-        self.sensors = build_sensors(self._i2c, cfg["sensors"], self._saved_pulses())
+        self.sensors = build_sensors(self._i2c, cfg["sensors"], self._saved_pulses(),
+                                     state.sensor_failures)
         self._pulses_moved = False  # counted since the pulse totals last went to flash
         self.link = Link(self)
         self.wdt = None  # a Watchdog once armed
@@ -68,14 +69,17 @@ class Node:
         return counts
 
     def _use_sensors(self, table):
-        """Stop the running sensors, start `table`'s; pulse totals carry over by name."""
+        """Stop the running sensors, start `table`'s; pulse totals and failure counts carry
+        over by name."""
         counts = self.sensors.pulse_counts()
+        failed = self.sensors.failure_counts()
         self.sensors.deinit()
-        self.sensors = build_sensors(self._i2c, table, counts)
+        self.sensors = build_sensors(self._i2c, table, counts, failed)
 
     def save_state(self):
-        """Write the state file with the pulse totals as they are now."""
+        """Write the state file with the pulse totals and failure counts as they are now."""
         self.state.pulses = self.sensors.pulse_counts()
+        self.state.sensor_failures = self.sensors.failure_counts()
         self.state.save()
         self._pulses_moved = False
 

@@ -211,6 +211,7 @@ class Link:
             wire_reset_cause(node.machine),
             drops,
             sensors,
+            node.sensors.failures(),
         )
 
     async def _read_frame(self, reader):

@@ -3,9 +3,10 @@
 # `safe_mode_retry_s` and try one normal boot. No readings, no watchdog (a technician may be
 # at the REPL, reached with Ctrl-C), nothing loaded that the app's failure could lie in.
 #
-# On the wire: a HELLO like any other, whose counter wire.DROP_SAFE_MODE has grown, and
-# an ERROR (reason INTERNAL, ref 0: no frame refused) whose text is wire.SAFE_MODE_REPORT
-# ("safe mode: ") and the reason, which the gateway logs and shows in the device's status. The ACK's clock also sets the RTC.
+# On the wire: a HELLO like any other (its sensors' failure counts those of the state file),
+# whose counter wire.DROP_SAFE_MODE has grown, and an ERROR (reason INTERNAL, ref 0: no frame
+# refused) whose text is wire.SAFE_MODE_REPORT ("safe mode: ") and the reason, which the
+# gateway logs and shows in the device's status. The ACK's clock also sets the RTC.
 import asyncio
 import time
 import machine
@@ -52,8 +53,11 @@ class Reporter:
         state = self.state
         key = self.key
         sensors = [(e["name"], e.get("unit", "")) for e in self.cfg["sensors"]]
+        failed = state.sensor_failures  # as the last normal boot left them: nothing reads now
+        failures = [failed.get(name, (0, 0)) for name, _ in sensors]
         stream.write(wire.encode_hello(key, state.boot, self.guard.next_counter(), self.version,
-                                       wire_reset_cause(machine), state.drops, sensors))
+                                       wire_reset_cause(machine), state.drops, sensors,
+                                       failures))
         await stream.drain()
         lookup = wire.lookup_for(key)
         while True:

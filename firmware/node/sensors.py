@@ -41,6 +41,7 @@ _FIELDS = ("temperature", "pressure", "humidity")
 _USABLE_MV = {0: (100, 950), 2.5: (100, 1250), 6: (150, 1750), 11: (150, 2450)}
 _LOG_AGAIN_MS = const(600000)  # a sensor failing the same way is logged again this often
 OUT_OF_RANGE = const(-1)  # a failure's kind beside the errno of an OSError
+_NONE_FAILED = (0, 0)  # a sensor's failures before this start when the state file has none
 
 
 def _osrs(factor):
@@ -320,19 +321,22 @@ class SensorSet:
     """The config's sensors in table order; sample(sink) reads one round.
 
     A sensor that fails is skipped and counted: `errors` (it could not be read) and
-    `out_of_range` (it read a value outside what it measures), per table entry. Its first
-    failure of each kind is logged at once with the sensor's name, the same failure again at
-    most every 10 minutes, and its recovery; `news` is set with every such line, so that the
-    node can send the counts on (a HELLO).
+    `out_of_range` (it read a value outside what it measures), per table entry, since this set
+    started. Its first failure of each kind is logged at once with the sensor's name, the same
+    failure again at most every 10 minutes, and its recovery; `news` is set with every such
+    line, so that the node can send the counts on (a HELLO). `failed` maps a sensor's name to
+    its [errors, out of range] before this start (the state file's): failures() adds them.
     """
 
-    def __init__(self, channels, chips, names=None):
+    def __init__(self, channels, chips, names=None, failed=None):
         self.channels = channels
         self.chips = chips  # the BME280s, each measured once per round
         n = len(channels)
         self.names = names or [str(i) for i in range(n)]
         self.errors = [0] * n  # failed reads per table entry
         self.out_of_range = [0] * n  # readings outside the sensor's range per table entry
+        failed = failed or {}
+        self._before = [failed.get(name, _NONE_FAILED) for name in self.names]
         self.pulses = [ch for ch in channels if isinstance(ch, PulseCounter)]
         self.news = False
         self._kind = [None] * n  # the failure last logged per entry, None while it reads
@@ -403,6 +407,15 @@ class SensorSet:
             n += e
         return n
 
+    def failures(self):
+        """[(errors, out of range)] per table entry since provisioning: HELLO's section."""
+        return [(b[0] + e, b[1] + o)
+                for b, e, o in zip(self._before, self.errors, self.out_of_range)]
+
+    def failure_counts(self):
+        """{name: [errors, out of range]} since provisioning: what the state file keeps."""
+        return {name: list(f) for name, f in zip(self.names, self.failures())}
+
     def pulse_counts(self):
         """{name: pulses} of the pulse counters: what a new table or the next boot continues."""
         return {pc.name: pc.pulses() for pc in self.pulses}
@@ -433,11 +446,12 @@ def check_table(table, i2c=None):
         forget("table")
 
 
-def build_sensors(i2c_factory, table, counts=None):
+def build_sensors(i2c_factory, table, counts=None, failed=None):
     """A SensorSet for the config's sensor table; ValueError names a bad field.
 
     i2c_factory() is called once, and only if the table has a BME280. `counts` maps a pulse
-    sensor's name to the pulses it continues from.
+    sensor's name to the pulses it continues from, `failed` a sensor's name to the failure
+    counts it continues from ([errors, out of range]).
     """
     check_table(table)
     atten = {0: ADC.ATTN_0DB, 2.5: ADC.ATTN_2_5DB, 6: ADC.ATTN_6DB, 11: ADC.ATTN_11DB}
@@ -471,4 +485,4 @@ def build_sensors(i2c_factory, table, counts=None):
     except BaseException:
         SensorSet(channels, ()).deinit()  # no handler left armed by a half-built table
         raise
-    return SensorSet(channels, list(chips.values()), [e["name"] for e in table])
+    return SensorSet(channels, list(chips.values()), [e["name"] for e in table], failed)

@@ -1,9 +1,10 @@
 # Counters that must outlive a reboot: the boot counter (part of every reading's identity and
 # of the replay window), the run of boots that never became good (safe mode), the counters
-# reported in HELLO (cumulative since provisioning), the reset cause of the last boots, the
-# clock offset of each boot whose readings may still be on flash (so that they can be stamped
-# after any number of reboots), and the pulse sensors' totals as of the last write (RTC memory
-# has newer ones unless the power was cut: node/rtc.py).
+# reported in HELLO (cumulative since provisioning; each sensor's failure counts too, which
+# move only when counters 2 and 3 do and so go to flash in the same writes), the reset cause
+# of the last boots, the clock offset of each boot whose readings may still be on flash (so
+# that they can be stamped after any number of reboots), and the pulse sensors' totals as of
+# the last write (RTC memory has newer ones unless the power was cut: node/rtc.py).
 # Written atomically, and rarely: at boot, when a boot becomes good, when a boot's clock offset
 # is first known (from the RTC or the gateway), together with buffer flushes when the counters
 # moved, every `pulse_flash_s` while pulses come in, and before an intentional reset.
@@ -34,6 +35,8 @@ class State:
         self.safe_retry = False  # safe mode's hour is up: the next boot tries the app once
         self.last_error = ""  # why the last boot crashed: safe mode reports it
         self.pulses = {}  # pulse sensor name -> pulses counted since provisioning
+        # sensor name -> [could not read, out of range] since provisioning, as of the last write
+        self.sensor_failures = {}
         self._saved_drops = list(self.drops)
         try:
             with open(path) as f:
@@ -51,6 +54,7 @@ class State:
         self.safe_retry = saved.get("safe_retry", False)
         self.last_error = saved.get("last_error", "")
         self.pulses = saved.get("pulses", {})
+        self.sensor_failures = _failure_pairs(saved.get("sensor_failures"))
         self._saved_drops = list(self.drops)
 
     def save(self):
@@ -64,6 +68,7 @@ class State:
             "safe_retry": self.safe_retry,
             "last_error": self.last_error,
             "pulses": self.pulses,
+            "sensor_failures": self.sensor_failures,
         }
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
@@ -107,3 +112,15 @@ class State:
 
     def drops_unsaved(self):
         return self.drops != self._saved_drops
+
+
+def _failure_pairs(saved):
+    # {name: [a, b]} of u32s as this firmware writes them. Anything else (a file written by
+    # another firmware) counts from zero: HELLO's encoder would refuse it, and no HELLO would go.
+    pairs = {}
+    if isinstance(saved, dict):
+        for name, pair in saved.items():
+            if isinstance(pair, list) and len(pair) == 2 and all(
+                    type(n) is int and 0 <= n <= wire.MAX_U32 for n in pair):
+                pairs[name] = pair
+    return pairs

@@ -17,9 +17,10 @@ _ATTEN_DB = (0, 2.5, 6, 11)
 _PULLS = ("up", "down", "none")
 _EDGES = ("falling", "rising")
 _TEXT_MAX = const(64)  # bytes of a name or unit: a HELLO of many sensors still fits a frame
-# HELLO payload bytes left for the sensor table: the frame's 1362 less the reset cause, a
-# firmware version of up to 32 bytes and 8 drop counters.
-_HELLO_TABLE_MAX = const(1294)
+# HELLO payload bytes left for the sensor table and its failure counts: the frame's 1362 less
+# the reset cause, a firmware version of up to 32 bytes, 8 drop counters and the counts' count.
+_HELLO_TABLE_MAX = const(1293)
+_HELLO_PER_SENSOR = const(10)  # a sensor's two str8 lengths and its two u32 failure counts
 
 
 def _bad(field, problem):
@@ -130,11 +131,11 @@ def check(table, i2c=None):
             _bad("sensors[%d].name" % i, "%r is already the name of sensors[%d]"
                  % (name, names[name]))
         names[name] = i
-        hello += 2 + len(name.encode()) + len(unit.encode())
+        hello += _HELLO_PER_SENSOR + len(name.encode()) + len(unit.encode())
         bus = bus or entry["kind"] == "bme280"
     if hello > _HELLO_TABLE_MAX:
-        _bad("sensors", "names and units take %d bytes, more than a HELLO frame holds (%d)"
-             % (hello, _HELLO_TABLE_MAX))
+        _bad("sensors", "names, units and failure counts take %d bytes, more than a HELLO "
+             "frame holds (%d)" % (hello, _HELLO_TABLE_MAX))
     if bus and i2c is not None:
         for line in ("scl", "sda"):
             if i2c[line] in pins:

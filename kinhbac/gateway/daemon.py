@@ -115,7 +115,7 @@ class Gateway:
 
     def _on_hello(self, device: str, info: DeviceInfo) -> None:
         hello = info.hello
-        self.uplink.device_status(device, {
+        status: dict[str, Any] = {
             "device": device,
             "site": self.settings.site,
             "gateway": self.settings.gateway_id,
@@ -125,7 +125,10 @@ class Gateway:
             "reset_cause": hello["reset_cause"],
             "drops": _drop_names(hello["drops"]),
             "sensors": [{"name": n, "unit": u} for n, u in info.sensors],
-        })
+        }
+        if hello.get("failures") is not None:  # a node that counts its failures per sensor
+            status["sensor_failures"] = _sensor_failures(info.sensors, hello["failures"])
+        self.uplink.device_status(device, status)
 
     def stop(self) -> None:
         self._stop.set()
@@ -326,6 +329,18 @@ def _drop_names(drops: list[int]) -> dict[str, int]:
     position, as counter_<n>."""
     names = wire.DROP_NAMES
     return {names[i] if i < len(names) else f"counter_{i}": n for i, n in enumerate(drops)}
+
+
+# A sensor's two failure counts in the device status, named as the HELLO counters they split
+# by sensor: scheduled readings not taken, and readings out of range.
+_FAILURE_NAMES = (wire.DROP_NAMES[wire.DROP_SENSOR_ERROR], wire.DROP_NAMES[wire.DROP_OUT_OF_RANGE])
+
+
+def _sensor_failures(sensors: list[tuple[str, str]],
+                     failures: list[list[int]]) -> dict[str, dict[str, int]]:
+    """Each sensor's failure counts (HELLO, in table order) by the sensor's name."""
+    return {name: dict(zip(_FAILURE_NAMES, counts, strict=True))
+            for (name, _), counts in zip(sensors, failures, strict=True)}
 
 
 class _JsonLines(logging.Formatter):

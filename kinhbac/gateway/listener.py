@@ -300,6 +300,8 @@ class Listener:
             "reset_cause": wire.RESET_NAMES.get(msg.reset_cause, str(msg.reset_cause)),
             "drops": list(msg.drops),
             "sensors": [list(s) for s in msg.sensors],
+            # Per sensor, in table order; None from a node that sends no failure counts.
+            "failures": None if msg.failures is None else [list(f) for f in msg.failures],
             "seen_ms": int(time.time() * 1000),
         }
         info = self.devices[device] = DeviceInfo(hello)
