@@ -16,6 +16,7 @@ from sqlalchemy.exc import DataError
 from starlette.concurrency import run_in_threadpool
 
 from kinhbac.fleet import ingest
+from kinhbac.fleet.artifacts import ArtifactStore
 from kinhbac.fleet.crypto import SecretBox
 from kinhbac.fleet.db import make_engine, upgrade, wait_for_database
 from kinhbac.fleet.errors import FleetError, Invalid
@@ -30,16 +31,19 @@ from kinhbac.fleet.routes import (
     gateways,
     health,
     readings,
+    releases,
     sites,
     tokens,
     users,
 )
 from kinhbac.fleet.settings import Settings, load_settings, secret_key_problem
+from kinhbac.fleet.signing import KEY_FILE, ReleaseSigner
 
 log = logging.getLogger(__name__)
 
-ROUTERS = (auth, users, tokens, sites, gateways, devices, readings, gateway_api, audit,
-           health)
+ROUTERS = (auth, users, tokens, sites, gateways, devices, readings, releases, gateway_api,
+           audit, health)
+RELEASES_FOLDER = "releases"  # in the data folder: the release files (kinhbac/fleet/artifacts.py)
 
 
 def prepare_database(settings: Settings, engine: Engine) -> None:
@@ -82,6 +86,9 @@ def create_app(settings: Settings | None = None, *, prepare: bool = True) -> Fas
     app.state.settings = settings
     app.state.engine = engine
     app.state.secret_box = SecretBox(settings.secret_key)
+    # Both make their files on first use, so an app that never takes a release writes nothing.
+    app.state.artifacts = ArtifactStore(settings.data_folder / RELEASES_FOLDER)
+    app.state.release_signer = ReleaseSigner(settings.data_folder / KEY_FILE)
     app.state.login_limiter = LoginLimiter(
         per_address=settings.login_failures_per_address,
         per_account=settings.login_failures_per_account,
@@ -97,7 +104,10 @@ def create_app(settings: Settings | None = None, *, prepare: bool = True) -> Fas
     app.add_exception_handler(FleetError, _refused)
     app.add_exception_handler(DataError, _unstorable)
     app.middleware("http")(_refuse_nul_in_query)
-    app.add_middleware(HttpHygiene)  # outermost: its headers go on every answer, errors too
+    # Outermost: its headers go on every answer, errors too. A release upload has its own
+    # body limit: it is streamed to disk, not held.
+    app.add_middleware(HttpHygiene, body_limits={
+        releases.PATH: settings.release_max_upload_bytes})
     return app
 
 

@@ -21,12 +21,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session, SQLModel, select
 from sqlmodel.sql.expression import SelectOfScalar
 
+from kinhbac.fleet.artifacts import ArtifactStore
 from kinhbac.fleet.audit import Actor
 from kinhbac.fleet.crypto import SecretBox
 from kinhbac.fleet.errors import Invalid, NotFound
 from kinhbac.fleet.models import ApiToken, Device, Gateway, Role, Site, User, utcnow
 from kinhbac.fleet.security import GATEWAY_TOKEN_PREFIX, USER_TOKEN_PREFIX, hash_token
 from kinhbac.fleet.settings import Settings
+from kinhbac.fleet.signing import ReleaseSigner
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -44,12 +46,22 @@ async def get_secret_box(request: Request) -> SecretBox:
     return request.app.state.secret_box
 
 
+async def get_artifacts(request: Request) -> ArtifactStore:
+    return request.app.state.artifacts
+
+
+async def get_release_signer(request: Request) -> ReleaseSigner:
+    return request.app.state.release_signer
+
+
 SessionDep = Annotated[Session, Depends(get_session)]
 # Pagination of list routes.
 Limit = Annotated[int, Query(ge=1, le=500, description="items per page")]
 Offset = Annotated[int, Query(ge=0, le=2**31 - 1, description="items to skip")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SecretBoxDep = Annotated[SecretBox, Depends(get_secret_box)]
+ArtifactsDep = Annotated[ArtifactStore, Depends(get_artifacts)]
+ReleaseSignerDep = Annotated[ReleaseSigner, Depends(get_release_signer)]
 
 
 @dataclass(frozen=True)

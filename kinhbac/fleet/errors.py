@@ -25,3 +25,10 @@ class Invalid(FleetError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+class Unavailable(FleetError):
+    """The service cannot do this until its operator fixes something on its side (the message
+    says what); the request itself was fine."""
+
+    status = 503

@@ -3,10 +3,11 @@
 Responses carry secrets (device secrets shown once, site WiFi passwords and claim keys, the
 gateways' key listings): none may be kept by a proxy or a browser cache. The API is JSON for
 programs, never a page to frame or sniff. A request body is bounded, so a client cannot make
-the service buffer gigabytes (the largest legitimate body is a bulk CSV of 1 MiB).
+the service buffer gigabytes (the largest legitimate body is a bulk CSV of 1 MiB), except where
+a path is given a limit of its own (a release upload, which is streamed to disk).
 """
 
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 MAX_BODY_BYTES = 2 * 1024 * 1024  # twice the bulk CSV limit (provisioning.BULK_MAX_BYTES)
@@ -27,20 +28,24 @@ SECURITY_HEADERS = [
 
 
 class HttpHygiene:
-    """ASGI middleware: the headers above on every response, and 413 past MAX_BODY_BYTES
-    (by Content-Length when given, else by counting what arrives)."""
+    """ASGI middleware: the headers above on every response, and 413 past MAX_BODY_BYTES, or
+    past the limit `body_limits` gives the request's path (by Content-Length when given, else
+    by counting what arrives)."""
 
-    def __init__(self, app: App, *, max_body: int = MAX_BODY_BYTES) -> None:
+    def __init__(self, app: App, *, max_body: int = MAX_BODY_BYTES,
+                 body_limits: Mapping[str, int] | None = None) -> None:
         self.app = app
         self.max_body = max_body
+        self.body_limits = dict(body_limits or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_body = self.body_limits.get(scope.get("path", ""), self.max_body)
         declared = next((v for k, v in scope.get("headers", []) if k == b"content-length"), None)
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-            await self._too_large(send)
+        if declared is not None and declared.isdigit() and int(declared) > max_body:
+            await self._too_large(send, max_body)
             return
         received = 0
         too_large = False  # the body passed the limit: the app hears a disconnect
@@ -53,7 +58,7 @@ class HttpHygiene:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body:
+                if received > max_body:
                     too_large = True
                     return {"type": "http.disconnect"}
             return message
@@ -63,7 +68,7 @@ class HttpHygiene:
             if too_large:  # whatever the app makes of the cut body, the answer is 413
                 if not answered:
                     answered = True
-                    await self._too_large(send)
+                    await self._too_large(send, max_body)
                 return
             if message["type"] == "http.response.start":
                 names = {k.lower() for k, _ in message.get("headers", [])}
@@ -79,10 +84,10 @@ class HttpHygiene:
             # The app gave up on the cut body (Starlette's ClientDisconnect): answered below.
         if too_large and not answered:
             answered = True
-            await self._too_large(send)
+            await self._too_large(send, max_body)
 
-    async def _too_large(self, send: Send) -> None:
-        body = (b'{"detail":"the request body is larger than %d bytes"}' % self.max_body)
+    async def _too_large(self, send: Send, max_body: int) -> None:
+        body = (b'{"detail":"the request body is larger than %d bytes"}' % max_body)
         await send({"type": "http.response.start", "status": 413, "headers": [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()), *SECURITY_HEADERS]})

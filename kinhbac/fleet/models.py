@@ -435,7 +435,7 @@ class PreviousClaimKey(BaseModel):
 class GatewayKeys(BaseModel):
     """The gateway's key file format, {"devices": [{"device_id", "key_id", "secret"}]}, and what
     only the fleet supplies: the site's claim key (and during a rotation's overlap the previous
-    one), approved claims and CONFIG for nodes."""
+    one), approved claims, CONFIG for nodes and the key that signs releases."""
 
     devices: list[GatewayKey]
     claim_key: str | None = Field(default=None, description="the site's claim key")
@@ -443,6 +443,9 @@ class GatewayKeys(BaseModel):
         default=None, description="during a rotation's overlap only: the key it replaced")
     claims: list[ApprovedClaim] = Field(default_factory=list)
     configs: list[PendingConfig] = Field(default_factory=list)
+    release_public_key: str | None = Field(
+        default=None, description="the Ed25519 key release manifests are signed with: base64 "
+        "of its raw 32 bytes (absent until the first release)")
 
 
 _WIRE_ID = re.compile(r"^6b62[0-9a-f]{12}$")  # "kb" + MAC: the only ids a claim may use
@@ -769,3 +772,91 @@ class RecentReading(ReadingBase, table=True):
 
 class ReadingPublic(ReadingBase):
     pass
+
+
+# ---- releases (kinhbac/fleet/releases.py, docs/ota.md)
+
+
+class ReleaseKind(StrEnum):
+    bundle = "bundle"  # the firmware's files, for the inactive app folder
+    image = "image"  # one MicroPython image, for the inactive OTA partition
+
+
+class ReleaseFile(SQLModel, table=True):
+    """A file of a release, as its manifest lists it; its bytes are kept by SHA-256
+    (kinhbac/fleet/artifacts.py)."""
+
+    __tablename__ = "release_file"
+    __table_args__ = (sa.UniqueConstraint("release_id", "path"),)
+
+    release_id: uuid.UUID = Field(foreign_key="release.id", primary_key=True,
+                                  ondelete="CASCADE")
+    position: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False},
+                          description="its index in the manifest (and on the wire)")
+    path: str = Field(max_length=255)
+    size: int = Field(sa_type=sa.BigInteger)
+    sha256: str = Field(max_length=64, index=True)
+
+
+class ReleaseBase(SQLModel):
+    kind: ReleaseKind = Field(sa_type=_enum(ReleaseKind))
+    version: str = Field(max_length=64, description="as packaging.version normalises it")
+
+
+class Release(ReleaseBase, table=True):
+    # Versions compare as versions: 1.0 and 1.0.0 are one version, so the key is canonical.
+    __table_args__ = (sa.UniqueConstraint("kind", "version_key"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    version_key: str = Field(max_length=64)
+    created_at: datetime = _created()
+    uploaded_by: str = Field(max_length=320, description="the admin's e-mail")
+    uploaded_by_id: uuid.UUID | None = None
+    size: int = Field(sa_type=sa.BigInteger, description="its files' bytes together")
+    manifest: bytes = Field(sa_type=sa.LargeBinary, description="the canonical bytes signed")
+    signature: bytes = Field(sa_type=sa.LargeBinary, description="Ed25519, 64 bytes")
+    signing_key: str = Field(max_length=44, description="the public key that verifies it, "
+                             "base64 of its raw 32 bytes")
+
+    file_rows: list[ReleaseFile] = Relationship(sa_relationship_kwargs={
+        "cascade": "all, delete-orphan", "lazy": "selectin", "order_by": "ReleaseFile.position",
+    })
+
+    @property
+    def files(self) -> list["ReleaseFilePublic"]:
+        return [ReleaseFilePublic(path=row.path, size=row.size, sha256=row.sha256)
+                for row in self.file_rows]
+
+
+class ReleaseFilePublic(BaseModel):
+    path: str = Field(description="a bundle's: the absolute board path; an image's: image.bin")
+    size: int
+    sha256: str
+
+
+class ReleasePublic(ReleaseBase):
+    id: uuid.UUID
+    created_at: datetime
+    uploaded_by: str
+    size: int
+    files: list[ReleaseFilePublic]
+
+
+class ReleaseDetail(ReleasePublic):
+    manifest: str = Field(description="the canonical manifest, exactly the bytes signed "
+                          "(UTF-8)")
+    signature: str = Field(description="Ed25519 over the manifest's bytes, base64")
+    signing_key: str = Field(description="the public key that verifies it, base64 of its raw "
+                             "32 bytes; gateways take the key from their listing, not from here")
+
+
+class SignedManifest(BaseModel):
+    """A release as a gateway fetches it: check the signature, then the files' SHA-256."""
+
+    id: uuid.UUID
+    kind: ReleaseKind
+    version: str
+    manifest: str = Field(description="the canonical manifest, exactly the bytes signed "
+                          "(UTF-8)")
+    signature: str = Field(description="Ed25519 over the manifest's bytes, base64; verify "
+                           "with release_public_key from GET /api/gateway/keys")

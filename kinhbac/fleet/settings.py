@@ -26,6 +26,10 @@ PLACEHOLDER = "changethis"
 # Values people paste from examples; a key containing one is not a secret.
 _PLACEHOLDER_WORDS = ("changethis", "changeme", "change-me", "change_me", "placeholder", "secret")
 DATABASE_FILE = "fleet.sqlite3"
+# An image fills at most an OTA slot (1.5 MiB on ESP32_GENERIC-OTA) and a bundle the 960 KiB
+# filesystem, so 2 MiB takes either with the form around it, and is what the reverse proxies
+# in deploy/ let through.
+RELEASE_MAX_UPLOAD_BYTES = 2 * 1024 * 1024
 
 
 class SettingsError(Exception):
@@ -45,8 +49,8 @@ class Settings(TomlFileSettings):
     )
     data_dir: Path | None = Field(
         None,
-        description="folder of the default SQLite database (default: ./data, or data/ next "
-        "to the config file)",
+        description="folder of the default SQLite database, the release files and the "
+        "release signing key (default: ./data, or data/ next to the config file)",
     )
     database_url: str | None = Field(
         None,
@@ -93,6 +97,11 @@ class Settings(TomlFileSettings):
     )
     db_wait_s: float = Field(
         30, ge=0, description="how long start-up waits for the database to answer"
+    )
+    release_max_upload_bytes: int = Field(
+        RELEASE_MAX_UPLOAD_BYTES, ge=64 * 1024, le=1024 * 1024 * 1024,
+        description="the largest release upload (the whole multipart body); above 2 MiB, raise "
+        "the reverse proxy's body limit for /api/releases too",
     )
 
     # MQTT ingest (kinhbac/fleet/ingest.py): device and gateway statuses, recent readings.
@@ -177,12 +186,17 @@ class Settings(TomlFileSettings):
         return self
 
     @property
+    def data_folder(self) -> Path:
+        """The data folder in use: the configured one, or data/ next to the config file (or in
+        the current folder)."""
+        return (self.data_dir or (self._config_dir or Path()) / "data").resolve()
+
+    @property
     def database(self) -> str:
         """The database URL in use: the configured one, or SQLite in the data folder."""
         if self.database_url:
             return self.database_url
-        folder = self.data_dir or (self._config_dir or Path()) / "data"
-        return f"sqlite:///{folder.resolve() / DATABASE_FILE}"
+        return f"sqlite:///{self.data_folder / DATABASE_FILE}"
 
 
 def secret_key_problem(key: str) -> str | None:

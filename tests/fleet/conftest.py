@@ -40,8 +40,11 @@ def backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="session")
 def app(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FastAPI]:
     """The service on a freshly migrated database of `backend`, in production mode."""
-    with empty_database(backend, tmp_path_factory.mktemp("fleet")) as url:
-        settings = Settings(env="production", secret_key=SECRET_KEY, database_url=url)
+    folder = tmp_path_factory.mktemp("fleet")
+    with empty_database(backend, folder) as url:
+        # The data folder (release files, the release signing key) is the test run's too.
+        settings = Settings(env="production", secret_key=SECRET_KEY, database_url=url,
+                            data_dir=folder / "data")
         app = create_app(settings, prepare=False)
         upgrade(app.state.engine)
         yield app

@@ -25,7 +25,8 @@ from .backends import BACKENDS, empty_database
 from .utils import SECRET_KEY
 
 TABLES = {"fleet_user", "api_token", "site", "gateway", "device", "device_tag", "audit_entry",
-          "device_status", "gateway_status", "recent_reading", "user_site", "api_token_site"}
+          "device_status", "gateway_status", "recent_reading", "user_site", "api_token_site",
+          "release", "release_file"}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -37,9 +37,10 @@ def _csv(ctx, value):
 
 @pytest.fixture(scope="module")
 def fuzz_app(tmp_path_factory):
-    with empty_database("sqlite", tmp_path_factory.mktemp("fuzz")) as url:
-        app = create_app(Settings(env="production", secret_key=SECRET_KEY, database_url=url),
-                         prepare=False)
+    folder = tmp_path_factory.mktemp("fuzz")
+    with empty_database("sqlite", folder) as url:
+        app = create_app(Settings(env="production", secret_key=SECRET_KEY, database_url=url,
+                                  data_dir=folder / "data"), prepare=False)
         upgrade(app.state.engine)
         yield app
         app.state.engine.dispose()

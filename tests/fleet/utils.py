@@ -1,4 +1,4 @@
-"""Factories for the fleet tests: users with tokens, sites, gateways, devices."""
+"""Factories for the fleet tests: users with tokens, sites, gateways, devices, releases."""
 
 import functools
 import os
@@ -6,10 +6,11 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from fastapi import FastAPI
 from sqlmodel import Session, select
 
 from kinhbac.claim_keys import fingerprint
-from kinhbac.fleet import provisioning, sites
+from kinhbac.fleet import provisioning, releases, sites, uploads
 from kinhbac.fleet.audit import CLI
 from kinhbac.fleet.crypto import SecretBox
 from kinhbac.fleet.models import (
@@ -19,6 +20,7 @@ from kinhbac.fleet.models import (
     DeviceCreate,
     DeviceProvisioned,
     Gateway,
+    ReleaseDetail,
     GatewayCreate,
     Role,
     Site,
@@ -106,6 +108,26 @@ def make_device(session: Session, box: SecretBox, site: Site | None = None,
     return provisioning.register_device(session, box, CLI, data)
 
 
+def make_release(session: Session, app: FastAPI, kind: str = "bundle",
+                 version: str | None = None,
+                 files: dict[str, bytes] | None = None) -> ReleaseDetail:
+    """A release recorded as an upload makes one (files kept, manifest signed), by the CLI;
+    `files`: board path (or any name, for an image) -> bytes."""
+    if files is None:
+        files = {"/lib/node/app.mpy": b"app " + os.urandom(16), "/lib/wire.mpy": b"wire"}
+    store = app.state.artifacts
+    upload = uploads.Upload(fields={"kind": kind, "version": version or
+                                    f"0.{uuid.uuid4().int % 10**6}.0"})
+    for name, data in files.items():
+        incoming = store.incoming()
+        incoming.write(data)
+        upload.files.append(uploads.ReceivedFile(name, incoming))
+    try:
+        return releases.create_release(session, store, app.state.release_signer, CLI, upload)
+    finally:
+        upload.discard()
+
+
 @dataclass
 class Callers:
     """Users of each role and a gateway, with their bearer tokens (caller name -> token).
@@ -181,9 +203,10 @@ class World:
     gateway: Gateway
     # The same at the callers' other site, beyond the callers limited to sites.
     other: "World | None" = None
+    release_id: uuid.UUID | None = None  # releases are city-wide: one for the whole world
 
 
-def make_world(session: Session, box: SecretBox) -> World:
+def make_world(session: Session, box: SecretBox, app: FastAPI | None = None) -> World:
     site = make_site(session, box)
     callers = make_callers(session, box, also=[site])
     _, spare = make_token(session, callers.viewer)
@@ -194,7 +217,8 @@ def make_world(session: Session, box: SecretBox) -> World:
         pending_device_id=make_pending_device(session, other_gateway), gateway=other_gateway)
     return World(callers=callers, site=site, device=make_device(session, box, site),
                  spare_token_id=spare.id, gateway=callers.gateway, other=other,
-                 pending_device_id=make_pending_device(session, callers.gateway))
+                 pending_device_id=make_pending_device(session, callers.gateway),
+                 release_id=make_release(session, app).id if app is not None else None)
 
 
 def make_pending_device(session: Session, gateway: Gateway) -> uuid.UUID:

@@ -1,12 +1,27 @@
 """What gateways fetch with their own token."""
 
-from fastapi import APIRouter, HTTPException, Request, Response, status
+import logging
+import uuid
+from typing import Annotated
 
-from kinhbac.fleet import audit, provisioning
-from kinhbac.fleet.deps import GatewayCaller, Principal, SecretBoxDep, SessionDep, SettingsDep
-from kinhbac.fleet.models import ClaimAnswer, ClaimCreate, GatewayKeys
+from fastapi import APIRouter, HTTPException, Path, Request, Response, status
+from fastapi.responses import FileResponse
+
+from kinhbac import release_manifest
+from kinhbac.fleet import audit, provisioning, releases
+from kinhbac.fleet.deps import (
+    ArtifactsDep,
+    GatewayCaller,
+    Principal,
+    SecretBoxDep,
+    SessionDep,
+    SettingsDep,
+)
+from kinhbac.fleet.errors import NotFound, Unavailable
+from kinhbac.fleet.models import ClaimAnswer, ClaimCreate, GatewayKeys, SignedManifest
 from kinhbac.fleet.rate_limits import ClaimLimiter, TooManyAttempts
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/gateway", tags=["gateway"])
 
 
@@ -16,9 +31,11 @@ def device_keys(
     response: Response, session: SessionDep, box: SecretBoxDep, gateway: GatewayCaller
 ) -> GatewayKeys:
     """The keys of the active devices at the calling gateway's site (the key file's format),
-    its claim key, and during a rotation's overlap the key it replaced, with its expiry."""
+    its claim key, during a rotation's overlap the key it replaced, with its expiry, and the
+    key that release manifests are signed with."""
     response.headers["Cache-Control"] = "no-store"  # secrets: no proxy or cache keeps them
     keys = provisioning.gateway_keys(session, box, gateway)
+    keys.release_public_key = releases.public_key(session)
     audit.record_secret_read(session, Principal(gateway=gateway).actor, "gateway.keys_read",
                              "site", gateway.site_id,
                              every=audit.GATEWAY_KEY_READS_LOGGED_EVERY)
@@ -43,3 +60,40 @@ def report_claim(
                             headers={"Retry-After": str(exc.retry_after)}) from None
     return provisioning.record_claim(session, gateway, Principal(gateway=gateway).actor, claim,
                                      box=box, max_pending=settings.max_pending_claims_per_site)
+
+
+# Any enrolled gateway may fetch any release by id: firmware holds no secret (a node's identity
+# is its own config), and which releases a site runs is the rollouts' business.
+@router.get("/releases/{release_id}", response_model=SignedManifest)
+def release_manifest_for_gateway(release_id: uuid.UUID, session: SessionDep,
+                                 gateway: GatewayCaller) -> SignedManifest:
+    """A release's canonical manifest and signature: verify the signature with the listing's
+    release_public_key before trusting anything the manifest says."""
+    release = releases.get_release(session, release_id)
+    return SignedManifest(id=release.id, kind=release.kind, version=release.version,
+                          manifest=release.manifest.decode("utf-8"),
+                          signature=release_manifest.b64(release.signature))
+
+
+@router.get("/releases/{release_id}/files/{index}", response_class=FileResponse, responses={
+    200: {"content": {"application/octet-stream": {}},
+          "description": "the file's bytes; Range requests resume a cut download"}})
+def release_file_for_gateway(
+    release_id: uuid.UUID,
+    index: Annotated[int, Path(ge=0, lt=release_manifest.MAX_FILES,
+                               description="the file's position in the manifest")],
+    session: SessionDep, store: ArtifactsDep, gateway: GatewayCaller,
+) -> FileResponse:
+    """A release file's bytes: check them against the manifest's SHA-256 before use."""
+    release = releases.get_release(session, release_id)
+    if index >= len(release.file_rows):
+        raise NotFound(f"release {release_id} has no file {index} (it has "
+                       f"{len(release.file_rows)})")
+    row = release.file_rows[index]
+    if not store.has(row.sha256):
+        log.error("release %s file %d (%s) is missing from %s", release_id, index, row.sha256,
+                  store.root)
+        raise Unavailable(f"the fleet's copy of release {release_id} file {index} is missing: "
+                          "tell the fleet's operator")
+    return FileResponse(store.local_path(row.sha256), media_type="application/octet-stream",
+                        filename=row.path.rsplit("/", 1)[-1])

@@ -112,10 +112,17 @@ ROUTES = [
     Route("POST", "/api/gateway/claims", frozenset({GATEWAY}), 200,
           lambda w: {"json": {"device_id": "6b62" + random_mac().replace(":", ""),
                               "nonce": "00" * 16, "fw_version": "0.1.0"}}),
+    Route("POST", "/api/releases", frozenset({ADMIN}), 201, lambda w: {
+        "data": {"kind": "bundle", "version": f"1.{uuid.uuid4().int % 10**6}"},
+        "files": [("file", ("/lib/node/app.mpy", b"app"))]}),
+    Route("GET", "/api/releases", frozenset({ADMIN}), 200),
+    Route("GET", "/api/releases/{release_id}", frozenset({ADMIN}), 200),
+    Route("GET", "/api/gateway/releases/{release_id}", frozenset({GATEWAY}), 200),
+    Route("GET", "/api/gateway/releases/{release_id}/files/{index}", frozenset({GATEWAY}), 200),
     Route("GET", "/api/audit", frozenset({ADMIN}), 200),
     Route("GET", "/api/health", ANYONE, 200),
 ]
-ID_NAMES = ("user_id", "token_id", "site_id", "gateway_id", "device_id")
+ID_NAMES = ("user_id", "token_id", "site_id", "gateway_id", "device_id", "release_id")
 
 
 def allowed(route: Route, caller: str) -> bool:
@@ -161,7 +168,7 @@ def _headers(tokens: dict[str, str], caller: str) -> dict[str, str]:
 def _ids(world: World) -> dict[str, Any]:
     return {"user_id": world.callers.viewer.id, "token_id": world.spare_token_id,
             "site_id": world.site.id, "gateway_id": world.gateway.id,
-            "device_id": world.device.id}
+            "device_id": world.device.id, "release_id": world.release_id, "index": 0}
 
 
 def _audit_entries(session) -> int:
@@ -174,14 +181,14 @@ def test_route_answers_each_caller_as_its_role_table_says(client: TestClient, se
                                                            route: Route, caller: str):
     expected = expected_status(route, caller)
     if allowed(route, caller):
-        world = make_world(session, box)
+        world = make_world(session, box, client.app)
         tokens = world.callers.tokens
         ids = _ids(world) | route.ids(world)
         request = route.request(world)
     else:
         # Refused before anything is looked up: the callers suffice, and any ids will do.
         tokens = {} if caller in (NO_TOKEN, WRONG_TOKEN) else make_callers(session, box).tokens
-        ids = {name: uuid.uuid4() for name in ID_NAMES}
+        ids = {name: uuid.uuid4() for name in ID_NAMES} | {"index": 0}
         request = {}
 
     headers = _headers(tokens, caller) | request.pop("headers", {})
