@@ -89,6 +89,16 @@ def _add_device_app() -> None:
 
 _add_device_app()
 
+
+def _add_release_app() -> None:
+    # The admin's commands talk to the fleet over HTTP (httpx, imported by the commands).
+    from kinhbac.admin.cli import release_app
+
+    app.add_typer(release_app, name="release")
+
+
+_add_release_app()
+
 fleet_app = typer.Typer(help="The fleet service: registry, provisioning, roles (fleet extra).")
 app.add_typer(fleet_app, name="fleet")
 

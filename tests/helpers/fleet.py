@@ -34,14 +34,17 @@ def wait_until(condition, timeout: float, what: str) -> float:
 class FleetServer:
     """The fleet service; its database in `workdir` is kept across stop() and start()."""
 
-    def __init__(self, workdir: Path, broker_port: int) -> None:
+    def __init__(self, workdir: Path, broker_port: int | None) -> None:
+        """`broker_port`: the broker its ingest reads; None: no ingest."""
         workdir.mkdir(parents=True, exist_ok=True)
         self.config = workdir / "fleet.toml"
-        self.config.write_text(
-            f'env = "production"\nsecret_key = "{secrets.token_urlsafe(32)}"\n'
-            f'database_url = "sqlite:///{workdir / "fleet.sqlite3"}"\n'
+        ingest = (
             f'ingest_enabled = true\nmqtt_port = {broker_port}\n'
             f'mqtt_client_id = "fleet-{uuid.uuid4().hex[:8]}"\ningest_batch_interval_s = 0.05\n'
+        ) if broker_port is not None else ""
+        self.config.write_text(
+            f'env = "production"\nsecret_key = "{secrets.token_urlsafe(32)}"\n'
+            f'database_url = "sqlite:///{workdir / "fleet.sqlite3"}"\n' + ingest
         )
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -86,7 +89,7 @@ class FleetServer:
 
 
 @contextmanager
-def running_fleet(workdir: Path, broker_port: int, monkeypatch,
+def running_fleet(workdir: Path, broker_port: int | None, monkeypatch,
                   admin: tuple[str, str]) -> Iterator[FleetServer]:
     """A started fleet with one admin, stopped afterwards. Argon2id runs at its cheapest, as in
     tests/fleet: the same code path and hash format, without the deliberate slowness."""

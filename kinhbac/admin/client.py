@@ -1,0 +1,229 @@
+"""The fleet's release API as the admin's commands use it: over HTTP, with an admin's token.
+
+Every refusal becomes an AdminToolError whose message says what to do next, with the API's own
+detail (which names the field, the file, the release) kept in it.
+"""
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Self
+from urllib.parse import urlsplit
+
+import httpx
+
+from kinhbac.admin.errors import AdminToolError, FleetRefused, FleetUnreachable
+from kinhbac.device import FLEET_TOKEN_ENV, FLEET_URL_ENV
+from kinhbac.loopback import is_loopback_host
+
+TIMEOUT_S = 15.0  # a listing or a release: longer and the admin should know
+UPLOAD_TIMEOUT_S = 120.0  # per read or write of an upload: 2 MiB over a slow office uplink
+PAGE_SIZE = 500  # the API's largest page
+PLAINTEXT_ENV = "KINHBAC_ALLOW_PLAINTEXT"  # the technician's tools' switch, by the same name
+
+
+def _detail(answer: httpx.Response) -> str:
+    """The API's explanation of a refusal, as one line."""
+    try:
+        detail = answer.json().get("detail")
+    except (ValueError, AttributeError):
+        return answer.text.strip()[:300] or answer.reason_phrase
+    if isinstance(detail, list):  # FastAPI's 422: [{"loc": [...], "msg": ...}]
+        parts = []
+        for item in detail:
+            loc = [str(p) for p in item.get("loc", []) if p not in ("body", "query", "path")]
+            parts.append(f"{'.'.join(loc)}: {item.get('msg')}" if loc else str(item.get("msg")))
+        return "; ".join(parts)
+    return str(detail)
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    """A file to upload: where it is here, and (a bundle's) where it goes on the board."""
+
+    source: Path
+    board_path: str | None
+    size: int
+
+
+class _Counted:
+    """A file httpx reads to send, telling `progress` how many bytes went."""
+
+    def __init__(self, file: BinaryIO, progress: Callable[[int], None]) -> None:
+        self._file = file
+        self._progress = progress
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._file.read(size)
+        self._progress(len(data))
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def fileno(self) -> int:  # httpx takes the length from it, for Content-Length
+        return self._file.fileno()
+
+
+class AdminClient:
+    """A session with one fleet service. Use as a context manager, or call close()."""
+
+    def __init__(self, url: str | None, token: str | None, *, timeout: float = TIMEOUT_S,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        if not url:
+            raise AdminToolError(f"no fleet address: give --fleet-url or set {FLEET_URL_ENV} "
+                                 "(e.g. https://fleet.example.org)")
+        if not url.startswith(("http://", "https://")):
+            raise AdminToolError(f"fleet address {url!r}: give an http:// or https:// URL")
+        if not token:
+            raise AdminToolError(f"no fleet token: give --token or set {FLEET_TOKEN_ENV} (an "
+                                 "admin's API token, kbt_...: POST /api/tokens makes one)")
+        if url.startswith("http://") and not is_loopback_host(urlsplit(url).hostname or "") \
+                and os.environ.get(PLAINTEXT_ENV) != "1":
+            raise AdminToolError(
+                f"fleet address {url} is plain http to another machine: an admin's token would "
+                f"cross the network in clear; use https://, or set {PLAINTEXT_ENV}=1 to "
+                "accept that")
+        self.url = url.rstrip("/")
+        # Redirects are not followed: they would carry the token to another address.
+        self._http = httpx.Client(
+            base_url=self.url, timeout=timeout, follow_redirects=False, transport=transport,
+            headers={"Authorization": f"Bearer {token}", "Accept": "application/json"})
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # ----- requests
+
+    def _request(self, method: str, path: str, *, uploading: bool = False,
+                 **kwargs: Any) -> Any:
+        try:
+            answer = self._http.request(method, path, **kwargs)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise FleetUnreachable(
+                f"cannot reach the fleet at {self.url} ({exc}): check the address "
+                f"(--fleet-url or {FLEET_URL_ENV}) and the network", maybe_done=False) from exc
+        except httpx.TimeoutException as exc:
+            raise FleetUnreachable(
+                f"the fleet at {self.url} did not answer in time ({exc.__class__.__name__})"
+                + (": the release may or may not be stored; `kinhbac release list` tells"
+                   if uploading else ": check the network and try again"),
+                maybe_done=True) from exc
+        except httpx.TransportError as exc:
+            raise FleetUnreachable(
+                f"the connection to the fleet at {self.url} failed ({exc or type(exc).__name__})"
+                + (": the fleet may have refused the upload before it was sent whole (too "
+                   "large?); `kinhbac release list` tells whether it is stored"
+                   if uploading else ": check the network and try again"),
+                maybe_done=True) from exc
+        if answer.is_success:
+            return answer.json() if answer.content else None
+        raise _refusal(answer, self.url)
+
+    def _pages(self, path: str, params: dict[str, Any], limit: int | None) -> Iterator[dict]:
+        offset = 0
+        while True:
+            size = PAGE_SIZE if limit is None else min(PAGE_SIZE, limit - offset)
+            if size <= 0:
+                return
+            page = self._request("GET", path, params={**params, "limit": size, "offset": offset})
+            yield from page["items"]
+            offset += len(page["items"])
+            if not page["items"] or offset >= page["total"]:
+                return
+
+    # ----- releases
+
+    def releases(self, *, kind: str | None = None, version: str | None = None,
+                 limit: int | None = None) -> list[dict[str, Any]]:
+        """Releases, newest first."""
+        params = {k: v for k, v in (("kind", kind), ("version", version)) if v is not None}
+        return list(self._pages("/api/releases", params, limit))
+
+    def release(self, release_id: str) -> dict[str, Any]:
+        """One release with its files, manifest and signature."""
+        return self._request("GET", f"/api/releases/{release_id}")
+
+    def find_release(self, ref: str, kind: str | None = None) -> dict[str, Any]:
+        """A release by its id, or by its version (and kind, when both kinds have it)."""
+        try:
+            uuid.UUID(ref)
+        except ValueError:
+            pass
+        else:
+            return self.release(ref)
+        found = self.releases(kind=kind, version=ref)
+        if not found:
+            raise AdminToolError(f"no {kind or 'release'} {ref} in the fleet: `kinhbac release "
+                                 "list` lists them")
+        if len(found) > 1:
+            raise AdminToolError(f"both a bundle and an image have version {ref}: give --kind")
+        return self.release(found[0]["id"])
+
+    def upload_release(self, kind: str, version: str, files: list[LocalFile],
+                       progress: Callable[[int], None] = lambda sent: None) -> dict[str, Any]:
+        """Upload a release, its files streamed from disk; the fleet's answer (the release
+        with its manifest and signature)."""
+        opened: list[BinaryIO] = []
+        try:
+            parts = []
+            for local in files:
+                file = local.source.open("rb")
+                opened.append(file)
+                parts.append(("file", (local.board_path or local.source.name,
+                                       _Counted(file, progress), "application/octet-stream")))
+            return self._request(
+                "POST", "/api/releases", uploading=True,
+                data={"kind": kind, "version": version}, files=parts,
+                timeout=httpx.Timeout(UPLOAD_TIMEOUT_S))
+        finally:
+            for file in opened:
+                file.close()
+
+
+def _refusal(answer: httpx.Response, url: str) -> AdminToolError:
+    detail = _detail(answer)
+    code = answer.status_code
+    if code == 401:
+        return FleetRefused(
+            f"the fleet refused the token ({detail}): log in again or ask for a new API token, "
+            f"and give it with --token or {FLEET_TOKEN_ENV}", status=code)
+    if code == 403:
+        return FleetRefused(f"the fleet refused this ({detail}): releases need an admin's "
+                            "token", status=code)
+    if code == 404:
+        return FleetRefused(f"not found in the fleet: {detail}; `kinhbac release list` lists "
+                            "the releases", status=code)
+    if code == 409:
+        return FleetRefused(f"the fleet refused: {detail}", status=code)
+    if code == 413:
+        return FleetRefused(
+            f"the upload is larger than the fleet takes ({detail}): an image must fit the OTA "
+            "slot and a bundle the boards' filesystem; if this one does, the fleet's operator "
+            "raises KINHBAC_RELEASE_MAX_UPLOAD_BYTES (and the reverse proxy's body limit)",
+            status=code)
+    if code == 422:
+        return FleetRefused(f"the fleet refused the release ({detail}); nothing was stored",
+                            status=code)
+    if code in (301, 302, 303, 307, 308):
+        return FleetRefused(
+            f"the fleet at {url} redirects to {answer.headers.get('location')}: give that "
+            "address with --fleet-url (redirects are not followed, they would carry the token "
+            "elsewhere)", status=code)
+    if code == 503:
+        return FleetRefused(f"the fleet cannot do this now: {detail}", status=code)
+    if code >= 500:
+        return FleetRefused(f"the fleet failed ({code}: {detail}): try again; if it goes on, "
+                            "tell the fleet's operator", status=code)
+    return FleetRefused(f"the fleet refused the request ({code}): {detail}", status=code)
