@@ -7,7 +7,6 @@ queue and uplink. Ctrl-C stops everything; nothing is left running.
 """
 
 import asyncio
-import json
 import math
 import random
 import shutil
@@ -23,6 +22,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from kinhbac import mqtt_contract
 from kinhbac.broker import LocalBroker
 from kinhbac.emulator import launcher
 from kinhbac.emulator.site import Emulator
@@ -45,23 +45,24 @@ class BrokerView:
         self.arrivals: dict[str, deque[tuple[float, int]]] = defaultdict(deque)
         self.boot: dict[str, int] = {}
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2)
-        self.client.on_connect = lambda c, *_: c.subscribe(f"kinhbac/{SITE}/+/telemetry", qos=1)
+        topics = mqtt_contract.telemetry_filter(mqtt_contract.DEFAULT_PREFIX, SITE)
+        self.client.on_connect = lambda c, *_: c.subscribe(topics, qos=1)
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
 
     def _on_message(self, client: object, userdata: object, msg: paho.MQTTMessage) -> None:
-        payload = json.loads(msg.payload)
-        device = payload["device"]
+        telemetry = mqtt_contract.parse_telemetry(msg.payload)
+        device = telemetry.device
         with self.lock:
             fresh = 0
-            for r in payload["readings"]:
-                key = (payload["boot"], r["seq"])
+            for r in telemetry.readings:
+                key = (telemetry.boot, r.seq)
                 if key not in self.seen[device]:  # at-least-once: count each reading once
                     self.seen[device].add(key)
                     fresh += 1
-                self.latest[device][r["sensor"]] = r["value"]
-            self.boot[device] = payload["boot"]
+                self.latest[device][r.sensor] = r.value if r.value is not None else math.nan
+            self.boot[device] = telemetry.boot
             self.arrivals[device].append((time.monotonic(), fresh))
 
     def rate(self, device: str) -> float:

@@ -3,10 +3,11 @@
     kinhbac fleet serve      with KINHBAC_INGEST_ENABLED=true: a background task of the app
     kinhbac fleet ingest     the same worker on its own (run_standalone)
 
-It subscribes at QoS 1 to what the gateways publish (docs/mqtt.md): `<prefix>/+/+/telemetry`,
-`<prefix>/+/+/status` and `<prefix>/+/gateway/+/status`. Each message is validated as it
-arrives and merged into one pending batch; one writer thread commits the batch in a single
-transaction every `ingest_batch_interval_s` (sooner once `ingest_batch_max` messages wait).
+It subscribes at QoS 1 to what the gateways publish (kinhbac/mqtt_contract.py, docs/mqtt.md):
+`<prefix>/+/+/telemetry`, `<prefix>/+/+/status` and `<prefix>/+/gateway/+/status`. Each message
+is validated as it arrives and merged into one pending batch; one writer thread commits the
+batch in a single transaction every `ingest_batch_interval_s` (sooner once `ingest_batch_max`
+messages wait).
 
 The pending batch coalesces: per device it holds the newest status and the newest N readings
 (N = `ingest_readings_per_device`, the window), per gateway its latest status. So however far
@@ -34,10 +35,10 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import ValidationError
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, select
@@ -52,6 +53,16 @@ from kinhbac.fleet.models import (
     utcnow,
 )
 from kinhbac.fleet.settings import Settings
+from kinhbac.mqtt_contract import (  # topics and payloads, as the gateways publish them
+    TopicError,
+    device_status_filter,
+    gateway_status_filter,
+    parse_device_status,
+    parse_gateway_status,
+    parse_telemetry,
+    parse_topic,
+    telemetry_filter,
+)
 
 if TYPE_CHECKING:
     import aiomqtt
@@ -64,83 +75,12 @@ RECONNECT_MAX_S = 30.0  # delays double up to this, jittered
 WRITE_RETRY_MAX_S = 10.0  # a failing database is retried at most this far apart
 MALFORMED_LOG_EVERY_S = 10.0  # one log line per this long, whatever the rate of bad messages
 KEEPALIVE_S = 30
-INT64 = 2**63 - 1  # the database's BIGINT
-MAX_TS_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last instant a datetime holds
-MAX_READINGS_PER_MESSAGE = 10_000  # the gateway sends at most mqtt.readings_per_message (200)
 # A boot counter this far past the last one the fleet heard is refused: a node adds one per
 # restart (a node waking every minute for two months adds about 90,000), while a forged status
 # far ahead would freeze the device's own later ones out.
 MAX_BOOT_JUMP = 100_000
 REFUSED_LOG_EVERY_S = 10.0  # messages refused for their site or boot: a line per this long
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-# ---- payloads, as docs/mqtt.md describes them; fields a later gateway adds are ignored
-
-
-class _Payload(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-def _text(max_length: int, min_length: int = 0) -> Any:
-    # No NUL: PostgreSQL's text refuses it, and a batch it fails must not be retried forever.
-    return Annotated[str, StringConstraints(min_length=min_length, max_length=max_length,
-                                            pattern=r"^[^\x00]*$")]
-
-
-DeviceId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]
-Name = _text(63, min_length=1)
-Counters = Annotated[
-    dict[_text(32), Annotated[int, Field(ge=0, le=INT64)]],
-    Field(max_length=64),
-]
-Millis = Annotated[int, Field(ge=0, le=MAX_TS_MS)]
-
-
-class TelemetryReading(_Payload):
-    seq: int = Field(ge=0, le=INT64)
-    sensor: _text(64)
-    unit: _text(16)
-    value: Annotated[float, Field(allow_inf_nan=False)] | None
-    ts: Millis | None = None
-    boot_ms: int | None = Field(default=None, ge=0, le=INT64)
-    pre_sync: bool = False
-
-
-class Telemetry(_Payload):
-    device: DeviceId
-    boot: int = Field(ge=0, le=INT64)
-    readings: list[TelemetryReading] = Field(max_length=MAX_READINGS_PER_MESSAGE)
-
-
-class SensorEntry(_Payload):
-    name: _text(64)
-    unit: _text(16)
-
-
-class SensorFailures(_Payload):
-    sensor_error: int = Field(ge=0, le=INT64)
-    out_of_range: int = Field(ge=0, le=INT64)
-
-
-class DeviceStatusMessage(_Payload):
-    device: DeviceId
-    gateway: Name
-    last_seen_ms: Millis
-    firmware: _text(64) | None = None
-    boot: int | None = Field(default=None, ge=0, le=INT64)
-    reset_cause: _text(32) | None = None
-    drops: Counters = Field(default_factory=dict)
-    sensors: list[SensorEntry] = Field(default_factory=list, max_length=256)
-    # By sensor name; absent from a node that does not count its failures per sensor.
-    sensor_failures: dict[_text(64), SensorFailures] | None = Field(default=None, max_length=256)
-
-
-class GatewayStatusMessage(_Payload):
-    state: Literal["online", "offline"]
-    gateway: Name
-    since_ms: Millis | None = None  # absent from the last will
-    dropped: Counters | None = None
 
 
 class Malformed(Exception):
@@ -453,8 +393,8 @@ def subscriptions(settings: Settings, *, shared: bool | None = None) -> list[str
     shared = settings.mqtt_shared if shared is None else shared
     share = f"$share/{settings.mqtt_share_group}/" if shared else ""
     prefix = settings.mqtt_topic_prefix
-    return [f"{share}{prefix}/+/+/telemetry", f"{share}{prefix}/+/+/status",
-            f"{prefix}/+/gateway/+/status"]
+    return [share + telemetry_filter(prefix), share + device_status_filter(prefix),
+            gateway_status_filter(prefix)]
 
 
 @dataclass
@@ -487,7 +427,6 @@ class IngestWorker:
         self._on_commit = on_commit
         self._window = settings.ingest_readings_per_device
         self._offline_after = timedelta(seconds=settings.ingest_offline_after_s)
-        self._prefix = settings.mqtt_topic_prefix + "/"
         self._pending = Batch(self._window)
         self._wake = asyncio.Event()  # the batch is full, or the worker is stopping
         self._stopping = False
@@ -595,14 +534,14 @@ class IngestWorker:
             self._wake.set()
 
     def _merge(self, topic: str, payload: Any, received: datetime) -> None:
-        if not topic.startswith(self._prefix):
-            raise Malformed("not under the topic prefix")
-        parts = topic[len(self._prefix):].split("/")
-        if len(parts[0]) > 63:
-            raise Malformed("site longer than 63 characters")
-        match parts:
-            case [site, device, "telemetry"] if site:
-                telemetry = Telemetry.model_validate_json(payload)
+        try:
+            where = parse_topic(self.settings.mqtt_topic_prefix, topic)
+        except TopicError as exc:
+            raise Malformed(str(exc)) from exc
+        site, device, gateway = where.site, where.device or "", where.gateway or ""
+        match where.kind:
+            case "telemetry":
+                telemetry = parse_telemetry(payload)
                 _same(device, telemetry.device)
                 self._pending.add_readings(device, [
                     {"wire_id": device, "site": site, "boot": telemetry.boot, "seq": r.seq,
@@ -612,8 +551,8 @@ class IngestWorker:
                      "pre_sync": r.pre_sync}
                     for r in telemetry.readings
                 ])
-            case [site, device, "status"] if site:
-                status = DeviceStatusMessage.model_validate_json(payload)
+            case "device_status":
+                status = parse_device_status(payload)
                 _same(device, status.device)
                 # A gateway's clock ahead of ours must not keep a device online for long.
                 seen = min(_from_ms(status.last_seen_ms), received)
@@ -628,8 +567,8 @@ class IngestWorker:
                         for name, counts in status.sensor_failures.items()},
                     "received_at": received,
                 })
-            case [site, "gateway", gateway, "status"] if site:
-                gateway_status = GatewayStatusMessage.model_validate_json(payload)
+            case "gateway_status":
+                gateway_status = parse_gateway_status(payload)
                 _same(gateway, gateway_status.gateway)
                 since = gateway_status.since_ms
                 self._pending.add_gateway({
@@ -637,8 +576,6 @@ class IngestWorker:
                     "since_at": None if since is None else _from_ms(since),
                     "dropped": gateway_status.dropped or {}, "received_at": received,
                 })
-            case _:
-                raise Malformed("not a topic the ingest reads")
 
     def _skip(self, topic: str, reason: str) -> None:
         self.stats.malformed += 1

@@ -23,7 +23,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from kinhbac import wire
+from kinhbac import mqtt_contract
 from kinhbac.gateway.config import GatewaySettings
 from kinhbac.gateway.keys import FileKeyStore, FleetKeyStore, KeyStore
 from kinhbac.gateway.listener import DeviceInfo, Listener
@@ -115,20 +115,18 @@ class Gateway:
 
     def _on_hello(self, device: str, info: DeviceInfo) -> None:
         hello = info.hello
-        status: dict[str, Any] = {
-            "device": device,
-            "site": self.settings.site,
-            "gateway": self.settings.gateway_id,
-            "last_seen_ms": hello["seen_ms"],
-            "firmware": hello["fw_version"],
-            "boot": hello["boot"],
-            "reset_cause": hello["reset_cause"],
-            "drops": _drop_names(hello["drops"]),
-            "sensors": [{"name": n, "unit": u} for n, u in info.sensors],
-        }
-        if hello.get("failures") is not None:  # a node that counts its failures per sensor
-            status["sensor_failures"] = _sensor_failures(info.sensors, hello["failures"])
-        self.uplink.device_status(device, status)
+        self.uplink.device_status(device, mqtt_contract.device_status(
+            device=device,
+            site=self.settings.site,
+            gateway=self.settings.gateway_id,
+            last_seen_ms=hello["seen_ms"],
+            firmware=hello["fw_version"],
+            boot=hello["boot"],
+            reset_cause=hello["reset_cause"],
+            drops=hello["drops"],
+            sensors=info.sensors,
+            failures=hello.get("failures"),  # None from a node that does not count by sensor
+        ))
 
     def stop(self) -> None:
         self._stop.set()
@@ -322,25 +320,6 @@ def _describe(error: BaseException) -> str:
     """"QueueError: maintain failed: disk I/O error", on one line."""
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def _drop_names(drops: list[int]) -> dict[str, int]:
-    """A node's HELLO counters by their wire names; one past those (a later firmware's) by its
-    position, as counter_<n>."""
-    names = wire.DROP_NAMES
-    return {names[i] if i < len(names) else f"counter_{i}": n for i, n in enumerate(drops)}
-
-
-# A sensor's two failure counts in the device status, named as the HELLO counters they split
-# by sensor: scheduled readings not taken, and readings out of range.
-_FAILURE_NAMES = (wire.DROP_NAMES[wire.DROP_SENSOR_ERROR], wire.DROP_NAMES[wire.DROP_OUT_OF_RANGE])
-
-
-def _sensor_failures(sensors: list[tuple[str, str]],
-                     failures: list[list[int]]) -> dict[str, dict[str, int]]:
-    """Each sensor's failure counts (HELLO, in table order) by the sensor's name."""
-    return {name: dict(zip(_FAILURE_NAMES, counts, strict=True))
-            for (name, _), counts in zip(sensors, failures, strict=True)}
 
 
 class _JsonLines(logging.Formatter):

@@ -1,27 +1,15 @@
-"""Telemetry JSON (docs/mqtt.md), built at publish time from the readings as the queue keeps
-them: the wire's 7 bytes a reading and the sensor table of the node's HELLO."""
+"""Telemetry JSON (kinhbac/mqtt_contract.py), built at publish time from the readings as the
+queue keeps them: the wire's 7 bytes a reading and the sensor table of the node's HELLO."""
 
 import json
-import math
 import struct
 
 from kinhbac import wire
 from kinhbac.gateway.queue import Stored
+from kinhbac.mqtt_contract import json_string, reading_json, unnamed_sensor
 
 _READING = struct.Struct(">BHf")  # as on the wire: sensor index, offset ms, float32 value
 _CACHED_TABLES = 4096  # sensor tables kept decoded; a site has a handful
-
-
-def reading_json(seq: int, names: tuple[str, str], value: float, time_ms: int,
-                 unsynced: bool, pre_sync: bool) -> str:
-    """One reading as the JSON object the telemetry payload carries."""
-    name, unit = names
-    number = repr(value) if math.isfinite(value) else "null"  # JSON has no NaN or infinity
-    if unsynced:  # the node's clock never synced that boot: only ms since its boot are known
-        return (f'{{"seq":{seq},"sensor":{name},"value":{number},"unit":{unit},"ts":null,'
-                f'"boot_ms":{time_ms},"pre_sync":true}}')
-    return (f'{{"seq":{seq},"sensor":{name},"value":{number},"unit":{unit},"ts":{time_ms},'
-            f'"pre_sync":{"true" if pre_sync else "false"}}}')
 
 
 def sensors_json(sensors: list[tuple[str, str]]) -> str:
@@ -41,7 +29,7 @@ class ReadingsEncoder:
             if len(self._tables) >= _CACHED_TABLES:
                 self._tables.clear()
             # Each name and unit as a JSON string, encoded once per table, not per reading.
-            names = [(json.dumps(n), json.dumps(u)) for n, u in json.loads(frame.sensors)]
+            names = [(json_string(n), json_string(u)) for n, u in json.loads(frame.sensors)]
             self._tables[frame.sensors_ref] = names
         return names
 
@@ -54,7 +42,7 @@ class ReadingsEncoder:
         base, seq = frame.base_ms, frame.first_seq
         out = []
         for index, offset, value in _READING.iter_unpack(frame.readings):
-            sensor = names[index] if index < known else (f'"sensor{index}"', '""')
+            sensor = names[index] if index < known else unnamed_sensor(index)
             out.append(reading_json(seq, sensor, value, base + offset, unsynced, pre_sync))
             seq += 1
         return ",".join(out)

@@ -16,17 +16,17 @@ minute, not a line per attempt.
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import random
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import aiomqtt
 
+from kinhbac import mqtt_contract as contract
 from kinhbac.gateway.config import GatewaySettings
 from kinhbac.gateway.metrics import Metrics
 from kinhbac.gateway.queue import Queue, Stored
@@ -102,7 +102,7 @@ class Uplink:
         self.connected_since_ms = 0
         self.state = "starting"
         self.published = 0
-        self._prefix = f"{self.mqtt.topic_prefix}/{settings.site}"
+        self._prefix = f"{self.mqtt.topic_prefix}/{settings.site}"  # our subtree, for the log
         self._status: dict[str, dict[str, Any]] = {}
         self._status_due: set[str] = set()
         self._status_sent: dict[str, float] = {}
@@ -119,14 +119,15 @@ class Uplink:
     # ----- topics -----
 
     def telemetry_topic(self, device: str) -> str:
-        return f"{self._prefix}/{device}/telemetry"
+        return contract.telemetry_topic(self.mqtt.topic_prefix, self.settings.site, device)
 
     def device_status_topic(self, device: str) -> str:
-        return f"{self._prefix}/{device}/status"
+        return contract.device_status_topic(self.mqtt.topic_prefix, self.settings.site, device)
 
     @property
     def gateway_status_topic(self) -> str:
-        return f"{self._prefix}/gateway/{self.settings.gateway_id}/status"
+        return contract.gateway_status_topic(self.mqtt.topic_prefix, self.settings.site,
+                                             self.settings.gateway_id)
 
     def device_status(self, device: str, status: dict[str, Any]) -> None:
         """A node's status changed (HELLO): publish it, retained, at the next chance."""
@@ -164,7 +165,8 @@ class Uplink:
         )
 
     def _client_for(self) -> aiomqtt.Client:
-        offline = json.dumps({"state": "offline", "gateway": self.settings.gateway_id})
+        offline = contract.gateway_status_payload(state="offline",
+                                                  gateway=self.settings.gateway_id)
         client = aiomqtt.Client(
             self.mqtt.host,
             self.mqtt.port,
@@ -284,8 +286,9 @@ class Uplink:
         proves it can write (and read) kinhbac/<site>/# first, and otherwise keeps everything
         queued and says why.
         """
-        topic = f"{self._prefix}/gateway/{self.settings.gateway_id}/probe"
-        nonce = json.dumps({"probe": os.urandom(8).hex()}).encode()  # JSON, like every topic
+        topic = contract.gateway_probe_topic(self.mqtt.topic_prefix, self.settings.site,
+                                             self.settings.gateway_id)
+        nonce = contract.probe_payload(os.urandom(8).hex())
         await client.subscribe(topic, qos=1)
         await client.publish(topic, nonce, qos=1)
 
@@ -328,13 +331,10 @@ class Uplink:
                                          self._gateway_status("offline"), qos=1, retain=True,
                                          timeout=2)
 
-    def _gateway_status(self, state: str) -> str:
-        return json.dumps({
-            "state": state,
-            "gateway": self.settings.gateway_id,
-            "since_ms": self.connected_since_ms,
-            "dropped": self.queue.stats.dropped,
-        })
+    def _gateway_status(self, state: Literal["online", "offline"]) -> bytes:
+        return contract.gateway_status_payload(state=state, gateway=self.settings.gateway_id,
+                                               since_ms=self.connected_since_ms,
+                                               dropped=self.queue.stats.dropped)
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         """Publish until stop(); a lost connection ends it at once, whatever is in flight."""
@@ -435,17 +435,16 @@ class Uplink:
     def _message(self, frames: list[Stored]) -> Message:
         """The telemetry payload (docs/mqtt.md), its readings encoded from the stored frames."""
         first = frames[0]
-        head = json.dumps({
-            "device": first.device,
-            "site": self.settings.site,
-            "gateway": self.settings.gateway_id,
-            "boot": first.boot,
-            "seq": first.first_seq,
-            "replayed": first.received_ms < self.connected_since_ms,
-        }, separators=(",", ":"))
-        body = ",".join(self._readings_json.encode(f) for f in frames)
-        payload = f'{head[:-1]},"readings":[{body}]}}'
-        return Message(first.device, self.telemetry_topic(first.device), payload.encode(),
+        payload = contract.telemetry_payload(
+            device=first.device,
+            site=self.settings.site,
+            gateway=self.settings.gateway_id,
+            boot=first.boot,
+            seq=first.first_seq,
+            replayed=first.received_ms < self.connected_since_ms,
+            readings=",".join(self._readings_json.encode(f) for f in frames),
+        )
+        return Message(first.device, self.telemetry_topic(first.device), payload,
                        [(f.id, f.count) for f in frames])
 
     async def _publish_statuses(self, client: aiomqtt.Client) -> None:
@@ -458,6 +457,7 @@ class Uplink:
         while self._status_due:
             device = self._status_due.pop()
             await client.publish(self.device_status_topic(device),
-                                 json.dumps(self._status[device]), qos=1, retain=True)
+                                 contract.device_status_payload(self._status[device]), qos=1,
+                                 retain=True)
             self._status_sent[device] = time.monotonic()
 
