@@ -37,3 +37,4 @@ def collector(broker):
     time.sleep(0.2)  # subscribed before the first publish
     yield c
     c.close()
+    assert not c.outside_contract, f"not as kinhbac/mqtt_contract.py says: {c.outside_contract}"

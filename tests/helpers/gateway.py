@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
+from pydantic import ValidationError
 
-from kinhbac import wire
+from kinhbac import mqtt_contract, wire
 
 
 def read_exactly(s: socket.socket, n: int) -> bytes:
@@ -161,9 +162,15 @@ class GatewayProcess:
         return out
 
 
+_PARSERS = {"telemetry": mqtt_contract.parse_telemetry,
+            "device_status": mqtt_contract.parse_device_status,
+            "gateway_status": mqtt_contract.parse_gateway_status}
+
+
 class Collector:
     """A subscriber on the site's topics with a persistent session, so that what is published
-    while it reconnects (after a broker restart) still reaches it. Deduplicates readings."""
+    while it reconnects (after a broker restart) still reaches it. Deduplicates readings, and
+    keeps in `outside_contract` what kinhbac/mqtt_contract.py's parsers refuse."""
 
     def __init__(self, port: int, topic: str = "kinhbac/#") -> None:
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2,
@@ -176,12 +183,14 @@ class Collector:
         self.arrival: dict[str, list[tuple[int, int]]] = defaultdict(list)
         self.telemetry: list[dict] = []
         self.retained: dict[str, Any] = {}
+        self.outside_contract: list[tuple[str, str]] = []  # (topic, the parser's reason)
         self.lock = threading.Lock()
         self.client.reconnect_delay_set(0.1, 1)
         self.client.connect("127.0.0.1", port, keepalive=10)
         self.client.loop_start()
 
     def _on_message(self, client: Any, userdata: Any, msg: paho.MQTTMessage) -> None:
+        self._check_contract(msg.topic, msg.payload)
         payload = json.loads(msg.payload)
         with self.lock:
             if msg.topic.endswith("/telemetry"):
@@ -193,6 +202,16 @@ class Collector:
                         self.arrival[payload["device"]].append(key)
             else:
                 self.retained[msg.topic] = payload
+
+    def _check_contract(self, topic: str, payload: bytes) -> None:
+        if not payload or topic.endswith("/" + mqtt_contract.PROBE):
+            return  # a retained status cleared; the gateway's write check, read by no consumer
+        try:
+            kind = mqtt_contract.parse_topic(topic.split("/", 1)[0], topic).kind
+            _PARSERS[kind](payload)
+        except (mqtt_contract.TopicError, ValidationError) as exc:
+            with self.lock:
+                self.outside_contract.append((topic, str(exc)))
 
     def count(self, device: str | None = None) -> int:
         with self.lock:
