@@ -78,6 +78,7 @@ STALLABLE_OPS = (OP_I2C_WRITE, OP_I2C_READ, OP_I2C_SCAN, OP_ADC_READ)
 OP_I2C_INIT = 40
 OP_RTC_SET = 41
 OP_WLAN_ACTIVE = 42
+OP_ROM_READY = 43
 # A held I2C bus ends a transaction after the controller's timeout: the port programs
 # `timeout` (default 50,000 us) in APB cycles, clamped to the ESP32's 20-bit I2C_TIME_OUT
 # register (ports/esp32/machine_i2c.c:84-85; ESP-IDF hal/i2c_ll.h I2C_LL_MAX_TIMEOUT).
@@ -100,6 +101,20 @@ REASON_NO_AP_FOUND = 201
 REASON_AUTH_FAIL = 202
 REASON_HANDSHAKE_TIMEOUT = 204
 REASON_CONNECTION_FAIL = 205
+
+
+def _catches_sigint(pid: int) -> bool:
+    """Whether the process has a SIGINT handler installed now (Linux: /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+    except FileNotFoundError:
+        return not os.path.isdir("/proc/self")  # no procfs: signal as before
+    except OSError:
+        return False
+    return False
 
 
 class Board:
@@ -371,7 +386,7 @@ class Board:
             self._rtc_offset_ns = -time.time_ns()
         self._reset_wifi()
         self._irq_pins.clear()
-        self._interpreter_up = False  # until the stand-ins call in: see _on_host_input
+        self._interpreter_up = False  # until _rom.py says OP_ROM_READY: see _on_host_input
         self._int_master, self._int_slave = os.openpty()
         # Raw, but with ISIG so that the emulator can tell running code (Ctrl-C must raise
         # KeyboardInterrupt) from the REPL reading input (Ctrl-C is a character).
@@ -521,9 +536,10 @@ class Board:
         for_board = bytearray()
         for byte in data:
             if byte == CTRL_C and not self._interpreter_up:
-                # The micropython launcher is still starting: a SIGINT would kill it and the
-                # board would come back with a hard reset. An ESP32 ignores the UART while its
-                # ROM and early boot run, so the byte is dropped.
+                # The micropython launcher is still starting (a SIGINT would kill it and the
+                # board would come back with a hard reset), or _rom.py is still importing the
+                # stand-ins (C on a chip). An ESP32 ignores the UART while its ROM and early
+                # boot run, so the byte is dropped.
                 continue
             if byte == CTRL_C and self._code_running():
                 self._write_to_board(for_board)
@@ -545,6 +561,13 @@ class Board:
         loop = asyncio.get_running_loop()
         if loop.time() - self._last_sigint < 0.1 or self._process is None:
             return
+        # The unix port turns its terminal's ISIG on a moment before it installs its SIGINT
+        # handler, and resets the handler to the default a moment before turning ISIG off; a
+        # SIGINT in those moments would end the process, a hard reset no chip makes. So the
+        # signal goes only while the process catches it; otherwise the Ctrl-C is lost, as a
+        # UART byte arriving at such a moment can be.
+        if not _catches_sigint(self._process.pid):
+            return
         self._last_sigint = loop.time()
         with contextlib.suppress(ProcessLookupError):
             os.kill(self._process.pid, signal.SIGINT)
@@ -565,7 +588,6 @@ class Board:
 
     async def _serve_calls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self._call_writer = writer
-        self._interpreter_up = True  # MicroPython runs _rom.py: its own SIGINT handler is set
         try:
             while True:
                 header = await reader.readexactly(_HDR.size)
@@ -647,6 +669,13 @@ class Board:
             return b""
         if op == OP_WLAN_ACTIVE:
             self._wifi_started = bool(a)
+            return b""
+        if op == OP_ROM_READY:
+            # _rom.py runs (its SIGINT handler is set) and has imported the stand-ins, which
+            # are C on a chip, there before the first byte of Python runs. Importing them takes
+            # the unix port a while; a Ctrl-C in that time would stop a boot before _boot.py's
+            # mount, a window a chip does not have, so the bytes were dropped until now.
+            self._interpreter_up = True
             return b""
         if op == OP_WLAN_CONNECT:
             ssid, _, password = payload.partition(b"\x00")

@@ -46,6 +46,7 @@ OP_MARK_APP_VALID = 21  # esp32.Partition.mark_app_valid_cancel_rollback()
 OP_I2C_INIT = 40  # a bus's timeout, applied when a device holds the bus
 OP_RTC_SET = 41  # machine.RTC().datetime(t): the RTC the emulator keeps across resets
 OP_WLAN_ACTIVE = 42  # WLAN.active(on): esp_wifi_start()/stop(), which take and free ADC2
+OP_ROM_READY = 43  # the ROM imported every stand-in: from now on Ctrl-C interrupts the board
 
 # Ops that expect no response, so that they are safe from an IRQ handler.
 ONE_WAY = (OP_PIN_WRITE, OP_WDT_FEED)

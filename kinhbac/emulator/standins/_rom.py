@@ -18,6 +18,8 @@ import socket  # noqa: E402,F401
 import vfs  # noqa: E402
 import os  # noqa: E402
 
+_hw.call(_hw.OP_ROM_READY)  # Ctrl-C interrupts from here, as on a chip from _boot.py
+
 
 def _boot():
     # The port's frozen _boot.py (ports/esp32/modules/_boot.py:5-11), its block device from
