@@ -26,9 +26,10 @@ BUFFER_HEADER = (32, 16)  # a byte buffer keeps its length; its object is one GC
 HEAP_FACTOR = 1.29
 # The stand-in modules (machine, network, esp32, socket, time, select) are Python on the
 # emulated board but C on a real one: their heap is added on top so that the firmware keeps the
-# ESP32's share. Measured at 47,520 bytes after boot (36,608 before the ESP32's ticks, RTC,
-# scheduler queue and ADC curve came in); test_stand_ins_fit_their_heap_allowance keeps it honest.
-STANDIN_ALLOWANCE_BYTES = 48 * 1024
+# ESP32's share. Measured at 49,088-49,152 bytes after boot (47,520 before otadata and
+# mark_app_valid_cancel_rollback came in, 36,608 before the ESP32's ticks, RTC, scheduler queue
+# and ADC curve); test_stand_ins_fit_their_heap_allowance keeps it honest.
+STANDIN_ALLOWANCE_BYTES = 50 * 1024
 
 
 def emulated_heap_bytes() -> int:
