@@ -10,33 +10,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Self
-from urllib.parse import urlsplit
 
 import httpx
 
 from kinhbac.admin.errors import AdminToolError, FleetRefused, FleetUnreachable
 from kinhbac.device import FLEET_TOKEN_ENV, FLEET_URL_ENV
-from kinhbac.loopback import is_loopback_host
+# The technician's client reads refusals and judges plain http the same way.
+from kinhbac.device.fleet_client import is_local, refusal_detail
 
 TIMEOUT_S = 15.0  # a listing or a release: longer and the admin should know
 UPLOAD_TIMEOUT_S = 120.0  # per read or write of an upload: 2 MiB over a slow office uplink
 PAGE_SIZE = 500  # the API's largest page
 PLAINTEXT_ENV = "KINHBAC_ALLOW_PLAINTEXT"  # the technician's tools' switch, by the same name
-
-
-def _detail(answer: httpx.Response) -> str:
-    """The API's explanation of a refusal, as one line."""
-    try:
-        detail = answer.json().get("detail")
-    except (ValueError, AttributeError):
-        return answer.text.strip()[:300] or answer.reason_phrase
-    if isinstance(detail, list):  # FastAPI's 422: [{"loc": [...], "msg": ...}]
-        parts = []
-        for item in detail:
-            loc = [str(p) for p in item.get("loc", []) if p not in ("body", "query", "path")]
-            parts.append(f"{'.'.join(loc)}: {item.get('msg')}" if loc else str(item.get("msg")))
-        return "; ".join(parts)
-    return str(detail)
 
 
 @dataclass(frozen=True)
@@ -83,8 +68,7 @@ class AdminClient:
         if not token:
             raise AdminToolError(f"no fleet token: give --token or set {FLEET_TOKEN_ENV} (an "
                                  "admin's API token, kbt_...: POST /api/tokens makes one)")
-        if url.startswith("http://") and not is_loopback_host(urlsplit(url).hostname or "") \
-                and os.environ.get(PLAINTEXT_ENV) != "1":
+        if url.startswith("http://") and not is_local(url) and os.environ.get(PLAINTEXT_ENV) != "1":
             raise AdminToolError(
                 f"fleet address {url} is plain http to another machine: an admin's token would "
                 f"cross the network in clear; use https://, or set {PLAINTEXT_ENV}=1 to "
@@ -193,7 +177,7 @@ class AdminClient:
 
 
 def _refusal(answer: httpx.Response, url: str) -> AdminToolError:
-    detail = _detail(answer)
+    detail = refusal_detail(answer)
     code = answer.status_code
     if code == 401:
         return FleetRefused(

@@ -36,7 +36,7 @@ def is_local(url: str) -> bool:
     return is_loopback_host(urlsplit(url).hostname or "")
 
 
-def _detail(answer: httpx.Response) -> str:
+def refusal_detail(answer: httpx.Response) -> str:
     """The API's explanation of a refusal, as one line."""
     try:
         detail = answer.json().get("detail")
@@ -120,7 +120,7 @@ class FleetClient:
             ) from exc
         if answer.is_success:
             return answer.json() if answer.content else None  # a 204 has no body
-        detail = _detail(answer)
+        detail = refusal_detail(answer)
         code = answer.status_code
         if code == 401:
             raise FleetAuthError(
