@@ -30,6 +30,7 @@ MAX_SITE_LENGTH = 63  # a site is a DNS label's length at most (the fleet's site
 TELEMETRY = "telemetry"
 STATUS = "status"
 PROBE = "probe"
+OTA = "ota"
 GATEWAY = "gateway"
 ANY = "+"  # MQTT's single-level wildcard
 
@@ -60,6 +61,17 @@ def gateway_probe_topic(prefix: str, site: str, gateway: str) -> str:
     return f"{prefix}/{site}/{GATEWAY}/{gateway}/{PROBE}"
 
 
+def ota_progress_topic(prefix: str, site: str, device: str) -> str:
+    """Where a device's update progress goes (not retained, QoS 1, through the gateway's
+    on-disk queue like readings): `<prefix>/<site>/<device>/ota`."""
+    return f"{prefix}/{site}/{device}/{OTA}"
+
+
+def ota_progress_filter(prefix: str, site: str = ANY) -> str:
+    """Every device's update progress (of one site, or of all)."""
+    return ota_progress_topic(prefix, site, ANY)
+
+
 def telemetry_filter(prefix: str, site: str = ANY) -> str:
     """Every device's telemetry (of one site, or of all)."""
     return telemetry_topic(prefix, site, ANY)
@@ -79,7 +91,7 @@ def gateway_status_filter(prefix: str, site: str = ANY) -> str:
 class Topic:
     """A parsed topic: what it carries, its site, and the device or the gateway it names."""
 
-    kind: Literal["telemetry", "device_status", "gateway_status"]
+    kind: Literal["telemetry", "device_status", "gateway_status", "ota_progress"]
     site: str
     device: str | None = None
     gateway: str | None = None
@@ -104,6 +116,8 @@ def parse_topic(prefix: str, topic: str) -> Topic:
             return Topic("telemetry", site, device=device)
         case [site, device, "status"] if site:
             return Topic("device_status", site, device=device)
+        case [site, device, "ota"] if site:
+            return Topic("ota_progress", site, device=device)
         case [site, "gateway", gateway, "status"] if site:
             return Topic("gateway_status", site, gateway=gateway)
     raise TopicError("not a topic the ingest reads")
@@ -218,6 +232,31 @@ class GatewayStatusMessage(_Payload):
     dropped: Counters | None = None
 
 
+# A device's update steps as the fleet's rollouts record them (docs/ota.md): `offered` is the
+# gateway's (it sent the offer), the rest are the node's OTA_RESULT states by their wire names.
+# `failed` also carries a gateway's refusal of a release (signature, hash) for that device.
+OTA_STATES = ("offered",) + tuple(wire.OTA_STATE_NAMES[s] for s in sorted(wire.OTA_STATE_NAMES))
+OtaState = Literal["offered", "downloading", "verifying", "installed", "rebooting", "confirmed",
+                   "failed", "rolled_back"]
+MAX_OTA_REASON = 255  # a str8 on the wire
+
+
+class OtaProgressMessage(_Payload):
+    """One step of one device's update, as its gateway heard it."""
+
+    device: DeviceId
+    gateway: Name
+    release_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f-]{36}$")]
+    rollout_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f-]{36}$")] | None = None
+    version: _text(64)
+    state: OtaState
+    bytes: int = Field(default=0, ge=0, le=2**32 - 1)  # bytes written so far (wire u32)
+    reason: _text(MAX_OTA_REASON) = ""
+    ts_ms: Millis  # the gateway's clock when it heard the step
+    boot: int | None = Field(default=None, ge=0, le=INT64)  # the node's boot that reported it
+    site: _text(MAX_SITE_LENGTH) | None = None
+
+
 def parse_telemetry(payload: str | bytes) -> Telemetry:
     """A telemetry payload; pydantic's ValidationError when it is not the documented shape."""
     return Telemetry.model_validate_json(payload)
@@ -231,6 +270,12 @@ def parse_device_status(payload: str | bytes) -> DeviceStatusMessage:
 def parse_gateway_status(payload: str | bytes) -> GatewayStatusMessage:
     """A gateway status payload; pydantic's ValidationError when it is not the documented shape."""
     return GatewayStatusMessage.model_validate_json(payload)
+
+
+def parse_ota_progress(payload: str | bytes) -> OtaProgressMessage:
+    """An update progress payload; pydantic's ValidationError when it is not the documented
+    shape."""
+    return OtaProgressMessage.model_validate_json(payload)
 
 
 # ---- payloads, as the gateway builds them
@@ -331,6 +376,20 @@ def gateway_status_payload(*, state: Literal["online", "offline"], gateway: str,
         doc["since_ms"] = since_ms
         doc["dropped"] = dropped if dropped is not None else {}
     return json.dumps(doc).encode()
+
+
+def ota_progress_payload(*, device: str, site: str, gateway: str, release_id: str,
+                         rollout_id: str | None, version: str, state: str, ts_ms: int,
+                         bytes_so_far: int = 0, reason: str = "",
+                         boot: int | None = None) -> bytes:
+    """One step of a device's update (OtaProgressMessage's shape)."""
+    if state not in OTA_STATES:
+        raise ValueError(f"unknown update state {state!r}")
+    return json.dumps({
+        "device": device, "site": site, "gateway": gateway, "release_id": release_id,
+        "rollout_id": rollout_id, "version": version, "state": state, "bytes": bytes_so_far,
+        "reason": reason[:MAX_OTA_REASON], "ts_ms": ts_ms, "boot": boot,
+    }).encode()
 
 
 def probe_payload(nonce: str) -> bytes:
