@@ -6,57 +6,52 @@ Exit codes: 0 done; 1 failed (the message says what to do next); 2 wrong usage.
 """
 
 import hashlib
-import json
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from kinhbac.admin.errors import AdminToolError
-from kinhbac.device import FLEET_TOKEN_ENV, FLEET_URL_ENV
+from kinhbac.fleet_client_setup import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    FleetUrl,
+    Json,
+    command_failure,
+    fleet_session,
+    print_json,
+)
+from kinhbac.fleet_client_setup import AdminToken as Token
 
 if TYPE_CHECKING:  # httpx is imported by the commands, not by `kinhbac`
     from kinhbac.admin.client import AdminClient, LocalFile
-
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 
 release_app = typer.Typer(
     help="Firmware releases in the fleet: upload, list, show (admins; admin extra).",
     no_args_is_help=True,
 )
 
-FleetUrl = Annotated[str | None, typer.Option(
-    "--fleet-url", envvar=FLEET_URL_ENV, show_default=False,
-    help="The fleet's address, e.g. https://fleet.example.org.")]
-Token = Annotated[str | None, typer.Option(
-    "--token", envvar=FLEET_TOKEN_ENV, show_default=False, help="An admin's API token (kbt_...).")]
-Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+def admin_session(command: str, url: str | None, token: str | None
+                  ) -> AbstractContextManager["AdminClient"]:
+    """An admin's client for `kinhbac <command>`; every AdminToolError while it is open
+    becomes one clear line and exit 1."""
+    def connect() -> "AdminClient":
+        from kinhbac.admin.client import AdminClient
+
+        return AdminClient(url, token)
+
+    return fleet_session(command, connect, AdminToolError, extra="admin")
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
-    typer.echo(f"kinhbac release: {message}", err=True)
-    return typer.Exit(code)
+    return command_failure("release", message, code)
 
 
-@contextmanager
-def _fleet(url: str | None, token: str | None) -> Iterator["AdminClient"]:
+def _fleet(url: str | None, token: str | None) -> AbstractContextManager["AdminClient"]:
     """A fleet client; every AdminToolError inside becomes one clear line and exit 1."""
-    try:
-        from kinhbac.admin.client import AdminClient
-    except ImportError as exc:
-        raise _fail(f"needs httpx ({exc}): pip install 'kinhbac[admin]'") from exc
-    try:
-        with AdminClient(url, token) as fleet:
-            yield fleet
-    except AdminToolError as exc:
-        raise _fail(str(exc)) from exc
-
-
-def _print_json(value: Any) -> None:
-    typer.echo(json.dumps(value, indent=1, sort_keys=True))
+    return admin_session("release", url, token)
 
 
 def _when(iso: str) -> str:
@@ -184,7 +179,7 @@ def upload(
                     "sent (sizes or SHA-256 differ): do not roll it out; tell the fleet's "
                     "operator")
     if as_json:
-        _print_json(release)
+        print_json(release)
         return
     typer.echo(f"released {release['kind']} {release['version']} as {release['id']}: "
                f"{_count(len(release['files']), 'file')}, {_size(release['size'])}, signed")
@@ -203,7 +198,7 @@ def list_releases(
     with _fleet(fleet_url, token) as fleet:
         found = fleet.releases(kind=kind, version=version, limit=limit)
     if as_json:
-        _print_json(found)
+        print_json(found)
         return
     if not found:
         typer.echo("no releases match", err=True)
@@ -232,7 +227,7 @@ def show(
     with _fleet(fleet_url, token) as fleet:
         found = fleet.find_release(release, kind)
     if as_json:
-        _print_json(found)
+        print_json(found)
         return
     for name, value in (
         ("id", found["id"]), ("kind", found["kind"]), ("version", found["version"]),

@@ -15,13 +15,14 @@ import httpx
 
 from kinhbac.admin.errors import AdminToolError, FleetRefused, FleetUnreachable
 from kinhbac.device import FLEET_TOKEN_ENV, FLEET_URL_ENV
-# The technician's client reads refusals and judges plain http the same way.
-from kinhbac.device.fleet_client import is_local, refusal_detail
+
+# The technician's client reads refusals the same way.
+from kinhbac.device.fleet_client import refusal_detail
+from kinhbac.fleet_client_setup import checked_fleet_address, fleet_http, read_pages
 
 TIMEOUT_S = 15.0  # a listing or a release: longer and the admin should know
 UPLOAD_TIMEOUT_S = 120.0  # per read or write of an upload: 2 MiB over a slow office uplink
 PAGE_SIZE = 500  # the API's largest page
-PLAINTEXT_ENV = "KINHBAC_ALLOW_PLAINTEXT"  # the technician's tools' switch, by the same name
 
 
 @dataclass(frozen=True)
@@ -60,24 +61,10 @@ class AdminClient:
 
     def __init__(self, url: str | None, token: str | None, *, timeout: float = TIMEOUT_S,
                  transport: httpx.BaseTransport | None = None) -> None:
-        if not url:
-            raise AdminToolError(f"no fleet address: give --fleet-url or set {FLEET_URL_ENV} "
-                                 "(e.g. https://fleet.example.org)")
-        if not url.startswith(("http://", "https://")):
-            raise AdminToolError(f"fleet address {url!r}: give an http:// or https:// URL")
-        if not token:
-            raise AdminToolError(f"no fleet token: give --token or set {FLEET_TOKEN_ENV} (an "
-                                 "admin's API token, kbt_...: POST /api/tokens makes one)")
-        if url.startswith("http://") and not is_local(url) and os.environ.get(PLAINTEXT_ENV) != "1":
-            raise AdminToolError(
-                f"fleet address {url} is plain http to another machine: an admin's token would "
-                f"cross the network in clear; use https://, or set {PLAINTEXT_ENV}=1 to "
-                "accept that")
-        self.url = url.rstrip("/")
-        # Redirects are not followed: they would carry the token to another address.
-        self._http = httpx.Client(
-            base_url=self.url, timeout=timeout, follow_redirects=False, transport=transport,
-            headers={"Authorization": f"Bearer {token}", "Accept": "application/json"})
+        self.url = checked_fleet_address(
+            url, token, error=AdminToolError, in_clear="an admin's token",
+            token_hint="an admin's API token, kbt_...: POST /api/tokens makes one")
+        self._http = fleet_http(self.url, token, timeout=timeout, transport=transport)
 
     def __enter__(self) -> Self:
         return self
@@ -116,16 +103,7 @@ class AdminClient:
         raise _refusal(answer, self.url)
 
     def _pages(self, path: str, params: dict[str, Any], limit: int | None) -> Iterator[dict]:
-        offset = 0
-        while True:
-            size = PAGE_SIZE if limit is None else min(PAGE_SIZE, limit - offset)
-            if size <= 0:
-                return
-            page = self._request("GET", path, params={**params, "limit": size, "offset": offset})
-            yield from page["items"]
-            offset += len(page["items"])
-            if not page["items"] or offset >= page["total"]:
-                return
+        return read_pages(self._request, path, params, limit, PAGE_SIZE)
 
     # ----- releases
 

@@ -5,23 +5,30 @@ Exit codes: 0 done; 1 failed (the message says what to do; nothing is left half-
 2 wrong usage; 3 provisioned, but the fleet did not report the device online in time.
 """
 
-import json
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from kinhbac.device import FLEET_TOKEN_ENV, FLEET_URL_ENV
 from kinhbac.device.errors import DeviceToolError
 from kinhbac.device.site_profiles import SITES_DIR_ENV, SiteProfiles, staleness
+from kinhbac.fleet_client_setup import (
+    EXIT_FAILED,
+    FleetUrl,
+    Json,
+    command_failure,
+    fleet_session,
+    is_local,
+    print_json,
+)
+from kinhbac.fleet_client_setup import TechnicianToken as Token
 
 if TYPE_CHECKING:  # httpx is imported by the commands that talk to the fleet, not by `kinhbac`
     from kinhbac.device.fleet_client import FleetClient
 
-EXIT_FAILED = 1
 EXIT_NOT_ONLINE = 3
 STALE_CHECK_TIMEOUT_S = 5.0  # a kept profile is checked on the way, not waited for
 
@@ -34,39 +41,24 @@ sites_app = typer.Typer(help="Site profiles kept on this laptop for flashing off
                         no_args_is_help=True)
 device_app.add_typer(sites_app, name="sites")
 
-FleetUrl = Annotated[str | None, typer.Option(
-    "--fleet-url", envvar=FLEET_URL_ENV, help="The fleet's address, e.g. https://fleet.example.org.",
-    show_default=False)]
-Token = Annotated[str | None, typer.Option(
-    "--token", envvar=FLEET_TOKEN_ENV, help="A technician's API token (kbt_...).", show_default=False)]
 SitesDir = Annotated[Path | None, typer.Option(
     "--sites-dir", envvar=SITES_DIR_ENV, show_default=False,
     help="Where site profiles are kept (default ~/.config/kinhbac/sites).")]
-Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
-    typer.echo(f"kinhbac device: {message}", err=True)
-    return typer.Exit(code)
+    return command_failure("device", message, code)
 
 
-@contextmanager
-def _fleet(url: str | None, token: str | None) -> Iterator["FleetClient"]:
+def _fleet(url: str | None, token: str | None) -> AbstractContextManager["FleetClient"]:
     """A fleet client; every DeviceToolError inside becomes one clear line and exit 1."""
-    from kinhbac.device.fleet_client import FleetClient, is_local
+    def connect() -> "FleetClient":
+        from kinhbac.device.fleet_client import FleetClient
 
-    try:
-        with FleetClient(url, token) as fleet:
-            if fleet.url.startswith("http://") and not is_local(fleet.url):
-                typer.echo(f"kinhbac device: warning: {fleet.url} is plain http: the token and "
-                           "device secrets cross the network in clear", err=True)
-            yield fleet
-    except DeviceToolError as exc:
-        raise _fail(str(exc)) from exc
+        return FleetClient(url, token)
 
-
-def _print_json(value: Any) -> None:
-    typer.echo(json.dumps(value, indent=1, sort_keys=True))
+    return fleet_session("device", connect, DeviceToolError,
+                         warn_in_clear="the token and device secrets")
 
 
 def _site_slugs(fleet: "FleetClient") -> dict[str, str]:
@@ -121,7 +113,7 @@ def register(
         device = fleet.register_device(mac, site_id=site_id, board=board, chip=chip,
                                        flash_size=flash_size, tags=tag or None)
     if as_json:
-        _print_json(device)
+        print_json(device)
         return
     typer.echo(f"registered {device['mac']} as {device['id']}")
     typer.echo(f"wire id:    {device['wire_id']}")
@@ -156,7 +148,7 @@ def list_devices(
         devices = fleet.devices(limit=limit, site_id=site_id, state=state, tag=tag,
                                 firmware_version=firmware, mac=mac)
     if as_json:
-        _print_json(devices)
+        print_json(devices)
         return
     if not devices:
         typer.echo("no devices match", err=True)
@@ -181,7 +173,7 @@ def show(
     with _fleet(fleet_url, token) as fleet:
         found = fleet.find_device(device)
         if as_json:
-            _print_json(found)
+            print_json(found)
             return
         _print_device(found, _site_slugs(fleet))
 
@@ -197,7 +189,7 @@ def revoke(
     with _fleet(fleet_url, token) as fleet:
         revoked = fleet.revoke(fleet.find_device(device)["id"])
     if as_json:
-        _print_json(revoked)
+        print_json(revoked)
         return
     typer.echo(f"revoked {revoked['mac']} ({revoked['id']}): its gateways refuse it from their "
                "next key refresh")
@@ -208,7 +200,7 @@ def _decide(decision: str, device: str, fleet_url: str | None, token: str | None
     with _fleet(fleet_url, token) as fleet:
         decided = fleet.decide_claim(fleet.find_device(device)["id"], decision)
     if as_json:
-        _print_json(decided)
+        print_json(decided)
     elif decision == "approve":
         typer.echo(f"approved {decided['mac']} ({decided['id']}) as key id {decided['key_id']}: "
                    "its gateway gives it its identity at its next claim")
@@ -301,7 +293,7 @@ def sites_list(
         with _fleet(fleet_url, token) as fleet:
             sites = fleet.sites()
         if as_json:
-            _print_json(sites)
+            print_json(sites)
         for found in [] if as_json else sites:
             typer.echo(f"{found['slug']:<24}{found['name']}")
         return
@@ -317,7 +309,7 @@ def sites_list(
     if unchecked:
         typer.echo(f"kinhbac device: {unchecked}", err=True)
     if as_json:  # without the secrets: a listing is not where they belong
-        _print_json([{k: v for k, v in p.items() if k not in ("wifi_password", "claim_key")}
+        print_json([{k: v for k, v in p.items() if k not in ("wifi_password", "claim_key")}
                      | ({"stale": stale[p["slug"]]} if p["slug"] in stale else {})
                      for p in kept])
         return
@@ -431,7 +423,7 @@ def flash(
     board are lost; --keep-data keeps them), copies the node's files over the raw REPL, writes
     its config with its identity from the fleet (or its site's claim key, offline), resets it.
     """
-    from kinhbac.device.fleet_client import FleetClient, is_local
+    from kinhbac.device.fleet_client import FleetClient
     from kinhbac.device.node_config import parse_setting
     from kinhbac.device.provision import (
         AutoReset,
@@ -474,7 +466,7 @@ def flash(
     except NotOnline as exc:
         reporter.close()
         if as_json:
-            _print_json(exc.result.as_json())
+            print_json(exc.result.as_json())
         raise _fail(str(exc), EXIT_NOT_ONLINE) from exc
     except DeviceToolError as exc:
         reporter.close()
@@ -484,7 +476,7 @@ def flash(
         raise _fail("stopped (Ctrl-C)") from None
     reporter.close()
     if as_json:
-        _print_json(result.as_json())
+        print_json(result.as_json())
     elif result.claim_mode:
         typer.echo(f"{result.mac}: flashed for site {result.site} in claim mode; approve it in "
                    "the fleet once it shows as pending")

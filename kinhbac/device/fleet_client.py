@@ -9,7 +9,6 @@ import re
 import uuid
 from collections.abc import Iterator
 from typing import Any, Self
-from urllib.parse import urlsplit
 
 import httpx
 
@@ -22,18 +21,19 @@ from kinhbac.device.errors import (
     FleetNotFound,
     FleetUnreachable,
 )
-from kinhbac.loopback import is_loopback_host
+
+# Shared with the admin's client; PLAINTEXT_ENV stays importable from here for this client's users.
+from kinhbac.fleet_client_setup import (
+    PLAINTEXT_ENV,  # noqa: F401
+    checked_fleet_address,
+    fleet_http,
+    read_pages,
+)
 
 TIMEOUT_S = 15.0  # a site's uplink can be slow; longer than this and the technician should know
 PAGE_SIZE = 500  # the API's largest page
-PLAINTEXT_ENV = "KINHBAC_ALLOW_PLAINTEXT"  # accept http:// to another machine, by name
 _MAC = re.compile(r"^(?:[0-9a-fA-F]{2}[:-]){5}[0-9a-fA-F]{2}$|^[0-9a-fA-F]{12}$")
 _WIRE_ID = re.compile(r"^[0-9a-fA-F]{16}$")
-
-
-def is_local(url: str) -> bool:
-    """Whether `url` points at this machine (plain http is acceptable only there)."""
-    return is_loopback_host(urlsplit(url).hostname or "")
 
 
 def refusal_detail(answer: httpx.Response) -> str:
@@ -56,31 +56,11 @@ class FleetClient:
 
     def __init__(self, url: str | None, token: str | None, *, timeout: float = TIMEOUT_S,
                  transport: httpx.BaseTransport | None = None) -> None:
-        if not url:
-            raise FleetError(
-                f"no fleet address: give --fleet-url or set {URL_ENV} "
-                "(e.g. https://fleet.example.org); without the fleet, flash with --offline"
-            )
-        if not url.startswith(("http://", "https://")):
-            raise FleetError(f"fleet address {url!r}: give an http:// or https:// URL")
-        if not token:
-            raise FleetError(
-                f"no fleet token: give --token or set {TOKEN_ENV} (an admin makes API tokens "
-                "for technicians with POST /api/tokens)"
-            )
-        if url.startswith("http://") and not is_local(url) and \
-                os.environ.get(PLAINTEXT_ENV) != "1":
-            raise FleetError(
-                f"fleet address {url} is plain http to another machine: the token and device "
-                f"secrets would cross the network in clear; use https://, or set "
-                f"{PLAINTEXT_ENV}=1 to accept that"
-            )
-        self.url = url.rstrip("/")
-        # Redirects are not followed: they would carry the token to another address.
-        self._http = httpx.Client(
-            base_url=self.url, timeout=timeout, follow_redirects=False, transport=transport,
-            headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
-        )
+        self.url = checked_fleet_address(
+            url, token, error=FleetError, without_fleet="; without the fleet, flash with --offline",
+            token_hint="an admin makes API tokens for technicians with POST /api/tokens",
+            in_clear="the token and device secrets")
+        self._http = fleet_http(self.url, token, timeout=timeout, transport=transport)
 
     @classmethod
     def from_env(cls, url: str | None = None, token: str | None = None) -> "FleetClient":
@@ -149,16 +129,7 @@ class FleetClient:
 
     def _pages(self, path: str, params: dict[str, Any], limit: int | None) -> Iterator[dict]:
         """Every item of a paged listing, up to `limit` (None: all)."""
-        offset = 0
-        while True:
-            size = PAGE_SIZE if limit is None else min(PAGE_SIZE, limit - offset)
-            if size <= 0:
-                return
-            page = self._request("GET", path, params={**params, "limit": size, "offset": offset})
-            yield from page["items"]
-            offset += len(page["items"])
-            if not page["items"] or offset >= page["total"]:
-                return
+        return read_pages(self._request, path, params, limit, PAGE_SIZE)
 
     # ----- who and where
 
