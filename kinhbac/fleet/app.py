@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError
 from starlette.concurrency import run_in_threadpool
 
-from kinhbac.fleet import ingest
+from kinhbac.fleet import ingest, rollouts
 from kinhbac.fleet.artifacts import ArtifactStore
 from kinhbac.fleet.crypto import SecretBox
 from kinhbac.fleet.db import make_engine, upgrade, wait_for_database
@@ -36,13 +36,14 @@ from kinhbac.fleet.routes import (
     tokens,
     users,
 )
+from kinhbac.fleet.routes import rollouts as rollout_routes
 from kinhbac.fleet.settings import Settings, load_settings, secret_key_problem
 from kinhbac.fleet.signing import KEY_FILE, ReleaseSigner
 
 log = logging.getLogger(__name__)
 
-ROUTERS = (auth, users, tokens, sites, gateways, devices, readings, releases, gateway_api,
-           audit, health)
+ROUTERS = (auth, users, tokens, sites, gateways, devices, readings, releases, rollout_routes,
+           gateway_api, audit, health)
 RELEASES_FOLDER = "releases"  # in the data folder: the release files (kinhbac/fleet/artifacts.py)
 
 
@@ -68,7 +69,8 @@ def create_app(settings: Settings | None = None, *, prepare: bool = True) -> Fas
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if prepare:
             await run_in_threadpool(prepare_database, settings, engine)
-        async with ingest.running(app):  # when settings.ingest_enabled
+        # The rollouts' periodic check (deadlines, waves), and the ingest when enabled.
+        async with rollouts.running(app), ingest.running(app):
             yield
         engine.dispose()
 

@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Generic, Literal, Optional, TypeVar
 
 import sqlalchemy as sa
-from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator, model_validator
 from sqlmodel import Field, Relationship, SQLModel
 
 from kinhbac.fleet.identity import normalise_mac
@@ -860,3 +860,264 @@ class SignedManifest(BaseModel):
                           "(UTF-8)")
     signature: str = Field(description="Ed25519 over the manifest's bytes, base64; verify "
                            "with release_public_key from GET /api/gateway/keys")
+
+
+# ---- rollouts (kinhbac/fleet/rollouts.py, docs/ota.md "Rollouts")
+
+
+class RolloutState(StrEnum):
+    created = "created"  # recorded, not started (a rollout starts at once today)
+    running = "running"  # its current wave's devices are offered the release
+    paused = "paused"  # by an admin, or by itself when a wave failed too often: no offers
+    completed = "completed"  # every wave done
+    cancelled = "cancelled"  # by an admin: devices not finished are cancelled
+
+
+class RolloutDeviceState(StrEnum):
+    pending = "pending"  # its wave has not started, or the gateway has not offered it yet
+    offered = "offered"  # the gateway sent it an OTA_OFFER
+    downloading = "downloading"
+    verifying = "verifying"
+    installed = "installed"  # staged and switched to, not yet booted
+    rebooting = "rebooting"  # booting the new version on trial
+    confirmed = "confirmed"  # runs the release and confirmed it (or ran it already)
+    failed = "failed"  # the node or its gateway gave up (the reason says why)
+    rolled_back = "rolled_back"  # the trial never confirmed: the node switched back
+    timed_out = "timed_out"  # past its deadline without a final state
+    cancelled = "cancelled"  # the rollout was cancelled first
+
+
+class RolloutEventSource(StrEnum):
+    node = "node"  # an OTA_RESULT the node sent, as its gateway relayed it
+    gateway = "gateway"  # the gateway's own step: offered, or failed refusing a release
+    fleet = "fleet"  # the fleet's rules: a deadline passed, a wave started
+    admin = "admin"  # an admin cancelled the rollout
+
+
+class RolloutTargetKind(StrEnum):
+    site = "site"
+    tag = "tag"
+    devices = "devices"
+
+
+class Rollout(SQLModel, table=True):
+    """One release sent to a target in waves (kinhbac/fleet/rollouts.py)."""
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    release_id: uuid.UUID = Field(foreign_key="release.id", index=True, ondelete="RESTRICT")
+    target_kind: RolloutTargetKind = Field(sa_type=_enum(RolloutTargetKind))
+    target_value: Any = Field(sa_type=sa.JSON, description="a site, a tag, or a list of wire "
+                              "ids, as the admin gave it")
+    waves: list[int] = Field(sa_type=sa.JSON, description="cumulative percents of the target")
+    # When each wave started (ISO 8601 UTC); null for a wave not started yet.
+    wave_started_at: list[str | None] = Field(default_factory=list, sa_type=sa.JSON)
+    success_threshold: int = Field(description="percent of a wave confirmed to advance")
+    failure_threshold: int = Field(description="percent of a wave failed to pause")
+    device_deadline_s: int
+    allow_downgrade: bool = False
+    state: RolloutState = Field(default=RolloutState.running, sa_type=_enum(RolloutState),
+                                index=True)
+    current_wave: int = 0
+    paused_reason: str | None = Field(default=None, max_length=500)
+    # The current wave's failures an admin's resume accepted: only failures past them pause it.
+    failures_accepted: int = 0
+    created_at: datetime = _created()
+    created_by: str = Field(max_length=320)
+    created_by_id: uuid.UUID | None = None
+    updated_at: datetime = _created()
+
+
+class RolloutDevice(SQLModel, table=True):
+    """A device's place and progress in a rollout."""
+
+    __tablename__ = "rollout_device"
+    # The gateway's query: by device (its site), then the rollout's state and wave.
+    __table_args__ = (sa.Index("ix_rollout_device_rollout_id_wave_state", "rollout_id", "wave",
+                               "state"),)
+
+    rollout_id: uuid.UUID = Field(foreign_key="rollout.id", primary_key=True, ondelete="CASCADE")
+    device_id: uuid.UUID = Field(foreign_key="device.id", primary_key=True, index=True,
+                                 ondelete="CASCADE")
+    position: int = Field(description="its place in the rollout's shuffled order")
+    wave: int
+    state: RolloutDeviceState = Field(default=RolloutDeviceState.pending,
+                                      sa_type=_enum(RolloutDeviceState))
+    bytes: int = Field(default=0, sa_type=sa.BigInteger)
+    reason: str | None = Field(default=None, max_length=500)
+    offered_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    deadline_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    updated_at: datetime = _created()
+
+
+class RolloutEvent(SQLModel, table=True):
+    """One step of one device in a rollout, in the order it was reported."""
+
+    __tablename__ = "rollout_event"
+    __table_args__ = (sa.Index("ix_rollout_event_rollout_id_device_id_at", "rollout_id",
+                               "device_id", "at"),)
+
+    # An integer that grows: events at the same instant keep the order they were recorded in.
+    id: int | None = Field(default=None, primary_key=True,
+                           sa_type=sa.BigInteger().with_variant(sa.Integer(), "sqlite"))
+    rollout_id: uuid.UUID = Field(foreign_key="rollout.id", ondelete="CASCADE")
+    device_id: uuid.UUID = Field(foreign_key="device.id", ondelete="CASCADE")
+    at: datetime = Field(sa_type=UTCDateTime, description="the gateway's clock for a node's or "
+                         "gateway's step; the fleet's for its own")
+    received_at: datetime = _created()
+    from_state: RolloutDeviceState = Field(sa_type=_enum(RolloutDeviceState))
+    to_state: RolloutDeviceState = Field(sa_type=_enum(RolloutDeviceState))
+    bytes: int = Field(default=0, sa_type=sa.BigInteger)
+    reason: str | None = Field(default=None, max_length=500)
+    source: RolloutEventSource = Field(sa_type=_enum(RolloutEventSource))
+    ignored: bool = Field(default=False, description="recorded, not applied: it would move "
+                          "the device backwards, or came after its final state")
+
+
+MAX_WAVES = 20
+MAX_TARGET_DEVICES = 10_000  # an explicit device list; a site or a tag may be any size
+_HEX16 = re.compile(r"^[0-9a-f]{16}$")
+
+
+def _check_waves(waves: list[int]) -> list[int]:
+    if not waves:
+        raise ValueError("give at least one wave, e.g. [100]")
+    if len(waves) > MAX_WAVES:
+        raise ValueError(f"at most {MAX_WAVES} waves")
+    for before, after in zip(waves, waves[1:], strict=False):
+        if after <= before:
+            raise ValueError(f"waves are cumulative percents, strictly increasing: {after} "
+                             f"follows {before}")
+    if waves[0] < 1:
+        raise ValueError(f"a wave is 1 to 100 percent of the target, not {waves[0]}")
+    if waves[-1] != 100:
+        raise ValueError(f"the last wave must be 100 (the whole target), not {waves[-1]}")
+    return waves
+
+
+class RolloutTarget(BaseModel):
+    """Exactly one of site, tag or devices."""
+
+    model_config = _INPUT
+
+    site: str | None = Field(default=None, min_length=1, max_length=100,
+                             description="a site's slug, name or id")
+    tag: str | None = Field(default=None, min_length=1, max_length=64)
+    devices: list[str] | None = Field(default=None, min_length=1, max_length=MAX_TARGET_DEVICES,
+                                      description="wire ids, 16 hex digits each")
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, devices: list[str] | None) -> list[str] | None:
+        if devices is None:
+            return None
+        seen: set[str] = set()
+        for wire_id in devices:
+            if not _HEX16.match(wire_id):
+                raise ValueError(f"{wire_id[:40]!r} is not a wire id (16 lower-case hex digits)")
+            if wire_id in seen:
+                raise ValueError(f"{wire_id} is given twice")
+            seen.add(wire_id)
+        return devices
+
+    def kind_and_value(self) -> tuple[RolloutTargetKind, Any]:
+        given = [(kind, value) for kind, value in ((RolloutTargetKind.site, self.site),
+                                                  (RolloutTargetKind.tag, self.tag),
+                                                  (RolloutTargetKind.devices, self.devices))
+                 if value is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of site, tag or devices")
+        return given[0]
+
+    @model_validator(mode="after")
+    def _one(self) -> "RolloutTarget":
+        self.kind_and_value()
+        return self
+
+
+class RolloutCreate(BaseModel):
+    model_config = _INPUT
+
+    release_id: uuid.UUID
+    target: RolloutTarget
+    waves: Annotated[list[int], AfterValidator(_check_waves)] = Field(
+        default_factory=lambda: [1, 10, 50, 100],
+        description="cumulative percents of the target, strictly increasing, the last 100")
+    success_threshold: int = Field(default=95, ge=1, le=100,
+                                   description="percent of a wave confirmed to advance")
+    failure_threshold: int = Field(default=5, ge=0, le=100,
+                                   description="percent of a wave failed to pause (at least "
+                                   "one device)")
+    device_deadline_s: int = Field(default=86400, ge=60, le=365 * 86400,
+                                   description="each device's time from its wave's start")
+    allow_downgrade: bool = False
+
+
+class RolloutRelease(BaseModel):
+    id: uuid.UUID
+    kind: ReleaseKind
+    version: str
+
+
+class RolloutWave(BaseModel):
+    index: int
+    percent: int
+    size: int = Field(description="devices in this wave (not counting earlier waves)")
+    started_at: datetime | None
+    counts: dict[str, int] = Field(description="its devices by state")
+
+
+class RolloutDetail(BaseModel):
+    id: uuid.UUID
+    release: RolloutRelease
+    target: dict[str, Any] = Field(description="as given: {site}, {tag} or {devices}")
+    state: RolloutState
+    paused_reason: str | None
+    waves: list[RolloutWave]
+    current_wave: int
+    counts: dict[str, int] = Field(description="all its devices by state")
+    total: int
+    success_threshold: int
+    failure_threshold: int
+    device_deadline_s: int
+    allow_downgrade: bool
+    created_at: datetime
+    created_by: str
+    updated_at: datetime
+
+
+class RolloutDevicePublic(BaseModel):
+    device_id: str = Field(description="wire id, 16 hex digits")
+    name: str | None = Field(default=None, description="the device's name, if it has one "
+                             "(devices have none yet: always null)")
+    wave: int
+    state: RolloutDeviceState
+    bytes: int
+    reason: str | None
+    offered_at: datetime | None
+    deadline_at: datetime | None
+    updated_at: datetime
+
+
+class RolloutEventPublic(BaseModel):
+    device_id: str = Field(description="wire id, 16 hex digits")
+    at: datetime
+    from_state: RolloutDeviceState
+    to_state: RolloutDeviceState
+    bytes: int
+    reason: str | None
+    source: RolloutEventSource
+    ignored: bool
+
+
+class OtaAssignment(BaseModel):
+    device_id: str = Field(description="wire id, 16 hex digits")
+    rollout_id: uuid.UUID
+    release_id: uuid.UUID
+    kind: ReleaseKind
+    version: str
+    manifest_sha256: str = Field(description="SHA-256 of the release's canonical manifest "
+                                 "bytes, 64 hex; the first 4 bytes are the release ref")
+
+
+class OtaAssignments(BaseModel):
+    assignments: list[OtaAssignment]

@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Path, Request, Response, status
 from fastapi.responses import FileResponse
 
 from kinhbac import release_manifest
-from kinhbac.fleet import audit, provisioning, releases
+from kinhbac.fleet import audit, provisioning, releases, rollouts
 from kinhbac.fleet.deps import (
     ArtifactsDep,
     GatewayCaller,
@@ -18,7 +18,13 @@ from kinhbac.fleet.deps import (
     SettingsDep,
 )
 from kinhbac.fleet.errors import NotFound, Unavailable
-from kinhbac.fleet.models import ClaimAnswer, ClaimCreate, GatewayKeys, SignedManifest
+from kinhbac.fleet.models import (
+    ClaimAnswer,
+    ClaimCreate,
+    GatewayKeys,
+    OtaAssignments,
+    SignedManifest,
+)
 from kinhbac.fleet.rate_limits import ClaimLimiter, TooManyAttempts
 
 log = logging.getLogger(__name__)
@@ -97,3 +103,13 @@ def release_file_for_gateway(
                           "tell the fleet's operator")
     return FileResponse(store.local_path(row.sha256), media_type="application/octet-stream",
                         filename=row.path.rsplit("/", 1)[-1])
+
+
+@router.get("/ota", response_model=OtaAssignments)
+def ota_assignments(response: Response, session: SessionDep,
+                    gateway: GatewayCaller) -> OtaAssignments:
+    """What running rollouts offer the devices of the calling gateway's site now (wave started,
+    not final, deadline not passed): fetch it with each key listing, offer what it lists and
+    stop offering what it no longer does (docs/ota.md, "How the parts talk")."""
+    response.headers["Cache-Control"] = "no-store"  # always the fleet's word of now
+    return rollouts.assignments(session, gateway.site_id)

@@ -15,7 +15,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import func, select
 
-from kinhbac.fleet.models import AuditEntry
+from kinhbac.fleet import rollouts
+from kinhbac.fleet.audit import CLI
+from kinhbac.fleet.models import AuditEntry, RolloutCreate, RolloutTarget
 
 from ..utils import KIT, PASSWORD, World, bearer, make_callers, make_world, random_mac
 
@@ -30,6 +32,8 @@ CALLERS = (ADMIN, TECHNICIAN, VIEWER, *LIMITED, GATEWAY, NO_TOKEN, WRONG_TOKEN)
 USERS = frozenset({ADMIN, TECHNICIAN, VIEWER})
 STAFF = frozenset({ADMIN, TECHNICIAN})
 ANYONE = frozenset(CALLERS)  # public: no token needed, a token changes nothing
+# Rollouts are read by admins and viewers, and only by those not limited to sites.
+ROLLOUT_READERS = frozenset({ADMIN, VIEWER})
 
 # What a route does for a caller limited to sites, aimed at another site.
 OBJECT = "object"  # a record there: 404, as a missing one
@@ -49,6 +53,10 @@ class Route:
     at_site: str | None = None  # None: the route is about no site
     # LIST: the ids of the rows at the world's sites, and of those at the other site.
     listed: Callable[[World], tuple[set[uuid.UUID], set[uuid.UUID]]] | None = None
+    # City-wide only: a caller limited to sites gets 403 whatever its role.
+    city_wide: bool = False
+    # The world has a rollout (of its device) in this state, for {rollout_id}.
+    rollout: str | None = None
 
     @property
     def key(self) -> str:
@@ -119,14 +127,33 @@ ROUTES = [
     Route("GET", "/api/releases/{release_id}", frozenset({ADMIN}), 200),
     Route("GET", "/api/gateway/releases/{release_id}", frozenset({GATEWAY}), 200),
     Route("GET", "/api/gateway/releases/{release_id}/files/{index}", frozenset({GATEWAY}), 200),
+    Route("GET", "/api/gateway/ota", frozenset({GATEWAY}), 200),
+    Route("POST", "/api/rollouts", frozenset({ADMIN}), 201, lambda w: {"json": {
+        "release_id": str(w.release_id), "target": {"devices": [w.device.wire_id]}}}),
+    Route("GET", "/api/rollouts", ROLLOUT_READERS, 200, city_wide=True),
+    Route("GET", "/api/rollouts/{rollout_id}", ROLLOUT_READERS, 200, city_wide=True,
+          rollout="running"),
+    Route("GET", "/api/rollouts/{rollout_id}/devices", ROLLOUT_READERS, 200, city_wide=True,
+          rollout="running"),
+    Route("GET", "/api/rollouts/{rollout_id}/events", ROLLOUT_READERS, 200, city_wide=True,
+          rollout="running"),
+    Route("POST", "/api/rollouts/{rollout_id}/pause", frozenset({ADMIN}), 200,
+          rollout="running"),
+    Route("POST", "/api/rollouts/{rollout_id}/resume", frozenset({ADMIN}), 200,
+          rollout="paused"),
+    Route("POST", "/api/rollouts/{rollout_id}/cancel", frozenset({ADMIN}), 200,
+          rollout="running"),
     Route("GET", "/api/audit", frozenset({ADMIN}), 200),
     Route("GET", "/api/health", ANYONE, 200),
 ]
-ID_NAMES = ("user_id", "token_id", "site_id", "gateway_id", "device_id", "release_id")
+ID_NAMES = ("user_id", "token_id", "site_id", "gateway_id", "device_id", "release_id",
+            "rollout_id")
 
 
 def allowed(route: Route, caller: str) -> bool:
     """Whether the route's role table lets the caller in (a limited caller: as its role)."""
+    if route.city_wide and caller in LIMITED:
+        return False
     return caller in route.allowed or LIMITED.get(caller) in route.allowed
 
 
@@ -171,6 +198,15 @@ def _ids(world: World) -> dict[str, Any]:
             "device_id": world.device.id, "release_id": world.release_id, "index": 0}
 
 
+def _rollout(session, world: World, state: str) -> uuid.UUID:
+    """A rollout of the world's release to its device, in `state`."""
+    started = rollouts.create_rollout(session, CLI, RolloutCreate(
+        release_id=world.release_id, target=RolloutTarget(devices=[world.device.wire_id])))
+    if state == "paused":
+        rollouts.pause(session, CLI, started.id)
+    return started.id
+
+
 def _audit_entries(session) -> int:
     return session.exec(select(func.count()).select_from(AuditEntry)).one()
 
@@ -184,6 +220,8 @@ def test_route_answers_each_caller_as_its_role_table_says(client: TestClient, se
         world = make_world(session, box, client.app)
         tokens = world.callers.tokens
         ids = _ids(world) | route.ids(world)
+        if route.rollout is not None:
+            ids["rollout_id"] = _rollout(session, world, route.rollout)
         request = route.request(world)
     else:
         # Refused before anything is looked up: the callers suffice, and any ids will do.

@@ -1,0 +1,647 @@
+"""Rollouts: one release sent to a target in waves that advance and pause by themselves
+(docs/ota.md, "Rollouts").
+
+The rules live here, as functions over the records, so that every path that changes a rollout
+runs the same ones: an admin's request (create, pause, resume, cancel), each read of a
+rollout, each batch of progress the MQTT ingest commits (apply_progress), and the app's
+periodic task (tick), which also times out devices past their deadline.
+
+    rollout:  running -> (paused <-> running) -> completed;  running | paused -> cancelled
+    device:   pending -> offered -> downloading -> verifying -> installed -> rebooting
+              -> confirmed; failed / rolled_back from any of those; timed_out past its
+              deadline; cancelled with its rollout. Terminal: confirmed, failed, rolled_back,
+              timed_out, cancelled.
+
+A wave is a share of the target's devices, shuffled by the rollout's id so that each wave is a
+sample. Wave k holds the devices up to ceil(p_k % of N) in that order, at least one more than
+wave k-1; a wave is judged by its own devices only.
+"""
+
+import asyncio
+import hashlib
+import logging
+import math
+import random
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from packaging.version import InvalidVersion, Version
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, func, select
+
+from kinhbac.fleet import audit
+from kinhbac.fleet.audit import Actor
+from kinhbac.fleet.errors import Conflict, Invalid, NotFound
+from kinhbac.fleet.models import (
+    Device,
+    DeviceState,
+    DeviceStatus,
+    DeviceTag,
+    OtaAssignment,
+    OtaAssignments,
+    Page,
+    Release,
+    ReleaseKind,
+    Rollout,
+    RolloutCreate,
+    RolloutDetail,
+    RolloutDevice,
+    RolloutDevicePublic,
+    RolloutDeviceState,
+    RolloutEvent,
+    RolloutEventPublic,
+    RolloutEventSource,
+    RolloutRelease,
+    RolloutState,
+    RolloutTargetKind,
+    RolloutWave,
+    Site,
+    utcnow,
+)
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+log = logging.getLogger(__name__)
+
+TICK_S = 10.0  # the periodic task: deadlines are hours, so a device times out within 10 s of its
+NAMED_AT_MOST = 5  # devices a refusal names before "and N more"
+MAX_REASON = 500  # rollout_device.reason and rollout_event.reason
+# Steps of one device in one ingest batch: a gateway sends about eight per update; more is a
+# broken or hostile gateway, and the batch must stay bounded (kinhbac/fleet/ingest.py).
+MAX_STEPS_PER_DEVICE = 32
+
+S = RolloutDeviceState
+TERMINAL = frozenset({S.confirmed, S.failed, S.rolled_back, S.timed_out, S.cancelled})
+NON_TERMINAL = tuple(s for s in S if s not in TERMINAL)
+FAILURES = (S.failed, S.rolled_back, S.timed_out)
+# The order progress moves in; failed and rolled_back end it from any of these.
+PROGRESS = {S.pending: 0, S.offered: 1, S.downloading: 2, S.verifying: 3, S.installed: 4,
+            S.rebooting: 5, S.confirmed: 6}
+LIVE = (RolloutState.running, RolloutState.paused)  # a device is in at most one of these
+FLEET = Actor("fleet", "fleet")  # what the rules do by themselves, in the audit log
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 1] + "…"
+
+
+def _named(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:NAMED_AT_MOST])
+    more = len(names) - NAMED_AT_MOST
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+# ---- waves
+
+
+def wave_ends(waves: Sequence[int], total: int) -> list[int]:
+    """Where each wave ends in the shuffled order: ceil(p % of total), at least one past the
+    previous wave's end, at most `total` (so a target smaller than its waves leaves the last
+    waves empty, and an empty wave is done at once)."""
+    ends: list[int] = []
+    previous = 0
+    for percent in waves:
+        end = min(total, max(-(-percent * total // 100), previous + 1))
+        ends.append(end)
+        previous = end
+    return ends
+
+
+def shuffled(devices: Iterable[Device], rollout_id: uuid.UUID) -> list[Device]:
+    """The devices in the rollout's order: sorted by wire id, then shuffled with the rollout's
+    id as the seed, so the same rollout always orders the same devices the same way."""
+    ordered = sorted(devices, key=lambda d: d.wire_id)
+    random.Random(rollout_id.int).shuffle(ordered)
+    return ordered
+
+
+# ---- creating
+
+
+def _site(session: Session, given: str) -> Site:
+    site = session.exec(select(Site).where(Site.slug == given)).first()
+    if site is None:
+        with suppress(ValueError):
+            site = session.get(Site, uuid.UUID(given))
+    if site is None:
+        named = session.exec(select(Site).where(Site.name == given).order_by(Site.slug)).all()
+        if len(named) > 1:
+            raise Invalid("target", f"{len(named)} sites are named {given!r} "
+                          f"({_named([s.slug for s in named])}): give the slug")
+        site = named[0] if named else None
+    if site is None:
+        raise Invalid("target", f"no site {given!r} (give its slug, name or id)")
+    return site
+
+
+def _target_devices(session: Session, kind: RolloutTargetKind, value: Any) -> list[Device]:
+    active = Device.state == DeviceState.active
+    if kind == RolloutTargetKind.site:
+        site = _site(session, value)
+        devices = list(session.exec(select(Device).where(Device.site_id == site.id, active)))
+        if not devices:
+            raise Invalid("target", f"site {value!r} has no active devices")
+        return devices
+    if kind == RolloutTargetKind.tag:
+        devices = list(session.exec(select(Device).join(DeviceTag).where(DeviceTag.tag == value,
+                                                                          active)))
+        if not devices:
+            raise Invalid("target", f"no active device has the tag {value!r}")
+        return devices
+    found = {d.wire_id: d for d in session.exec(select(Device).where(
+        col(Device.wire_id).in_(value)))}
+    unknown = [w for w in value if w not in found]
+    if unknown:
+        raise Invalid("target", f"no device {_named(unknown)}")
+    inactive = [f"{w} ({found[w].state.value})" for w in value if found[w].state != DeviceState.active]
+    if inactive:
+        raise Invalid("target", f"only active devices take updates: {_named(inactive)}")
+    return [found[w] for w in value]
+
+
+def _reported_version(device: Device) -> Version | None:
+    firmware = device.status.firmware if device.status is not None else None
+    if not firmware:
+        return None
+    try:
+        return Version(firmware)
+    except InvalidVersion:
+        return None  # a firmware string that is no version: it gets the update
+
+
+def _busy(session: Session, device_ids: list[uuid.UUID]) -> tuple[Rollout, int] | None:
+    """A live rollout holding some of these devices, and how many of them."""
+    rows = session.exec(
+        select(Rollout, func.count()).join(RolloutDevice, RolloutDevice.rollout_id == Rollout.id)
+        .where(col(Rollout.state).in_(LIVE), col(RolloutDevice.device_id).in_(device_ids))
+        .group_by(Rollout.id).order_by(Rollout.created_at)).all()
+    return (rows[0][0], rows[0][1]) if rows else None
+
+
+def create_rollout(session: Session, actor: Actor, data: RolloutCreate,
+                   now: datetime | None = None) -> RolloutDetail:
+    """Check and record a rollout, audited, and start its first wave."""
+    now = now or utcnow()
+    release = session.get(Release, data.release_id)
+    if release is None:
+        raise Invalid("release_id", f"no release {data.release_id}")
+    kind, value = data.target.kind_and_value()
+    rollout_id = uuid.uuid4()
+    devices = shuffled(_target_devices(session, kind, value), rollout_id)
+
+    target = Version(release.version)
+    running_it: set[uuid.UUID] = set()
+    newer: list[str] = []
+    if release.kind == ReleaseKind.bundle:  # a HELLO reports the app bundle's version
+        for device in devices:
+            version = _reported_version(device)
+            if version == target:
+                running_it.add(device.id)
+            elif version is not None and version > target:
+                newer.append(f"{device.wire_id} ({version})")
+    if newer and not data.allow_downgrade:
+        raise Invalid("allow_downgrade", f"release {release.version} is older than what "
+                      f"{len(newer)} of the target's devices run: {_named(newer)}; set "
+                      "allow_downgrade to send it anyway")
+    busy = _busy(session, [d.id for d in devices])
+    if busy is not None:
+        other, count = busy
+        raise Conflict(f"{count} of the target's devices are in rollout {other.id} "
+                       f"({other.state.value}) already: cancel it or let it complete first")
+
+    rollout = Rollout(
+        id=rollout_id, release_id=release.id, target_kind=kind, target_value=value,
+        waves=list(data.waves), wave_started_at=[None] * len(data.waves),
+        success_threshold=data.success_threshold, failure_threshold=data.failure_threshold,
+        device_deadline_s=data.device_deadline_s, allow_downgrade=data.allow_downgrade,
+        state=RolloutState.running, current_wave=0, created_at=now, created_by=actor.label,
+        created_by_id=actor.id, updated_at=now)
+    session.add(rollout)
+    session.flush()  # its devices refer to it
+    ends = wave_ends(data.waves, len(devices))
+    wave = 0
+    for position, device in enumerate(devices):
+        while position >= ends[wave]:
+            wave += 1
+        record = RolloutDevice(rollout_id=rollout.id, device_id=device.id, position=position,
+                               wave=wave, updated_at=now)
+        if device.id in running_it:
+            reason = f"already runs {release.version}"
+            record.state, record.reason = S.confirmed, reason
+            session.add(_event(rollout.id, device.id, now, S.pending, S.confirmed,
+                               RolloutEventSource.fleet, reason=reason))
+        session.add(record)
+    session.flush()
+    _start_wave(session, rollout, 0, now)
+    evaluate(session, rollout, now)
+    shown = detail(session, rollout)
+    audit.record(session, actor, "rollout.create", "rollout", rollout.id,
+                 after=shown.model_dump(mode="json"))
+    session.commit()
+    log.info("%s started rollout %s: %s %s to %s %s, %d devices", actor.label, rollout.id,
+             release.kind.value, release.version, kind.value, value if kind != "devices" else
+             f"of {len(value)}", len(devices))
+    return detail(session, rollout)
+
+
+def _event(rollout_id: uuid.UUID, device_id: uuid.UUID, at: datetime, before: S, after: S,
+           source: RolloutEventSource, *, reason: str | None = None, size: int = 0,
+           ignored: bool = False) -> RolloutEvent:
+    return RolloutEvent(rollout_id=rollout_id, device_id=device_id, at=at, from_state=before,
+                        to_state=after, source=source, reason=_cut(reason) if reason else None,
+                        bytes=size, ignored=ignored, received_at=utcnow())
+
+
+# ---- the rules
+
+
+def _start_wave(session: Session, rollout: Rollout, wave: int, now: datetime) -> None:
+    """Wave `wave` begins: its devices are offered from now, each until now + its deadline."""
+    started = list(rollout.wave_started_at)
+    started[wave] = now.isoformat()
+    rollout.wave_started_at = started
+    rollout.current_wave = wave
+    rollout.failures_accepted = 0
+    rollout.updated_at = now
+    session.execute(
+        sa.update(RolloutDevice)
+        .where(RolloutDevice.rollout_id == rollout.id, RolloutDevice.wave == wave,
+               col(RolloutDevice.state).in_(NON_TERMINAL))
+        .values(deadline_at=now + timedelta(seconds=rollout.device_deadline_s), updated_at=now))
+
+
+def _time_out(session: Session, rollout: Rollout, now: datetime) -> int:
+    late = session.exec(
+        select(RolloutDevice).where(
+            RolloutDevice.rollout_id == rollout.id, RolloutDevice.wave <= rollout.current_wave,
+            col(RolloutDevice.state).in_(NON_TERMINAL), col(RolloutDevice.deadline_at) <= now)
+        .order_by(RolloutDevice.device_id)).all()
+    for record in late:
+        reason = (f"no final state within {rollout.device_deadline_s} s of its wave's start "
+                  f"(last: {record.state.value})")
+        session.add(_event(rollout.id, record.device_id, now, record.state, S.timed_out,
+                           RolloutEventSource.fleet, reason=reason, size=record.bytes))
+        record.state, record.reason, record.updated_at = S.timed_out, reason, now
+        session.add(record)
+    if late:
+        session.flush()
+    return len(late)
+
+
+def _counts(session: Session, rollout_id: uuid.UUID) -> dict[int, Counter[str]]:
+    """Devices by wave and state."""
+    by_wave: dict[int, Counter[str]] = {}
+    for wave, state, n in session.exec(
+            select(RolloutDevice.wave, RolloutDevice.state, func.count())
+            .where(RolloutDevice.rollout_id == rollout_id)
+            .group_by(RolloutDevice.wave, RolloutDevice.state)).all():
+        by_wave.setdefault(wave, Counter())[S(state).value] += n
+    return by_wave
+
+
+@dataclass(frozen=True)
+class WaveTally:
+    size: int
+    confirmed: int
+    failures: int
+    unfinished: int  # devices not in a final state
+    counts: Counter[str]
+
+    @classmethod
+    def of(cls, counts: Counter[str]) -> "WaveTally":
+        return cls(size=sum(counts.values()), confirmed=counts[S.confirmed.value],
+                   failures=sum(counts[s.value] for s in FAILURES),
+                   unfinished=sum(counts[s.value] for s in NON_TERMINAL), counts=counts)
+
+    def succeeded(self, threshold: int) -> bool:
+        return self.confirmed * 100 >= threshold * self.size
+
+    def failed_too_often(self, threshold: int) -> bool:
+        return self.failures >= 1 and self.failures * 100 > threshold * self.size
+
+
+def _pause(session: Session, rollout: Rollout, reason: str, now: datetime) -> None:
+    rollout.state, rollout.paused_reason, rollout.updated_at = RolloutState.paused, reason, now
+    audit.record(session, FLEET, "rollout.pause", "rollout", rollout.id,
+                 after={"state": "paused", "paused_reason": reason})
+    log.warning("rollout %s paused itself: %s", rollout.id, reason)
+
+
+def evaluate(session: Session, rollout: Rollout, now: datetime | None = None) -> bool:
+    """Apply the rules to a running rollout (the caller holds its row, e.g. locked()): time
+    out devices past their deadline, pause on too many failures, advance a wave that
+    succeeded, complete the last. Whether anything changed; the caller commits."""
+    now = now or utcnow()
+    if rollout.state != RolloutState.running:
+        return False
+    changed = _time_out(session, rollout, now) > 0
+    last = len(rollout.waves) - 1
+    while True:
+        by_wave = _counts(session, rollout.id)
+        wave = rollout.current_wave
+        tally = WaveTally.of(by_wave.get(wave, Counter()))
+        new_failures = tally.failures > rollout.failures_accepted
+        where = f"wave {wave} ({rollout.waves[wave]}% of the target)"
+        if new_failures and tally.failed_too_often(rollout.failure_threshold):
+            c = tally.counts
+            _pause(session, rollout, _cut(
+                f"{where}: {tally.failures} of its {tally.size} devices failed "
+                f"({c[S.failed.value]} failed, {c[S.rolled_back.value]} rolled back, "
+                f"{c[S.timed_out.value]} timed out), past the {rollout.failure_threshold}% "
+                "failure threshold"), now)
+            return True
+        finished = tally.unfinished == 0
+        # A wave whose every device is final but below the success threshold, with failures
+        # an admin accepted by resuming: it goes on as if it had succeeded.
+        accepted = finished and not new_failures
+        if wave < last and (tally.succeeded(rollout.success_threshold) or accepted):
+            _start_wave(session, rollout, wave + 1, now)
+            audit.record(session, FLEET, "rollout.advance", "rollout", rollout.id,
+                         after={"current_wave": wave + 1, "wave_counts": dict(tally.counts)})
+            log.info("rollout %s: %s done (%d of %d confirmed), wave %d starts", rollout.id,
+                     where, tally.confirmed, tally.size, wave + 1)
+            changed = True
+            continue
+        if wave < last and finished:
+            _pause(session, rollout, _cut(
+                f"{where}: every device finished and {tally.confirmed} of {tally.size} are "
+                f"confirmed, below the {rollout.success_threshold}% success threshold; resume "
+                "to start the next wave anyway"), now)
+            return True
+        if wave == last and not any(sum(c[s.value] for s in NON_TERMINAL)
+                                    for c in by_wave.values()):
+            rollout.state, rollout.updated_at = RolloutState.completed, now
+            totals = sum(by_wave.values(), Counter())
+            audit.record(session, FLEET, "rollout.complete", "rollout", rollout.id,
+                         after={"state": "completed", "counts": dict(totals)})
+            log.info("rollout %s completed: %s", rollout.id, dict(totals))
+            return True
+        if changed:
+            rollout.updated_at = now
+        return changed
+
+
+def locked(session: Session, rollout_id: uuid.UUID) -> Rollout | None:
+    """The rollout, its row locked until the transaction ends (PostgreSQL; SQLite locks the
+    whole database on the first write), so instances apply the rules one at a time."""
+    return session.exec(select(Rollout).where(Rollout.id == rollout_id)
+                        .with_for_update()).first()
+
+
+def get_rollout(session: Session, rollout_id: uuid.UUID, now: datetime | None = None) -> Rollout:
+    """A rollout, with the rules applied first (a read sees its state as of now)."""
+    rollout = locked(session, rollout_id)
+    if rollout is None:
+        raise NotFound(f"no rollout {rollout_id}")
+    if evaluate(session, rollout, now):
+        session.commit()
+        session.refresh(rollout)
+    else:
+        session.rollback()  # lets the row lock go
+        rollout = session.get(Rollout, rollout_id)
+        assert rollout is not None
+    return rollout
+
+
+def tick(engine: Engine, now: datetime | None = None) -> int:
+    """Apply the rules to every running rollout, each in its own transaction (the periodic
+    task). How many changed."""
+    with Session(engine) as session:
+        ids = session.exec(select(Rollout.id).where(Rollout.state == RolloutState.running)
+                           .order_by(Rollout.id)).all()
+    changed = 0
+    for rollout_id in ids:
+        with Session(engine) as session:
+            rollout = locked(session, rollout_id)
+            if rollout is not None and evaluate(session, rollout, now):
+                session.commit()
+                changed += 1
+    return changed
+
+
+@asynccontextmanager
+async def running(app: "FastAPI") -> AsyncIterator[None]:
+    """The app's periodic task while the block runs: tick() every app.state.rollout_tick_s
+    (TICK_S unless a test sets it)."""
+    from starlette.concurrency import run_in_threadpool
+
+    interval = getattr(app.state, "rollout_tick_s", TICK_S)
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await run_in_threadpool(tick, app.state.engine)
+            except Exception:  # the database away, or a bug: try again next time, loudly
+                log.exception("rollouts: the periodic check failed; retrying in %s s", interval)
+
+    task = asyncio.create_task(loop(), name="fleet-rollouts")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+
+
+# ---- what an admin does
+
+
+def pause(session: Session, actor: Actor, rollout_id: uuid.UUID) -> RolloutDetail:
+    rollout = _locked_or_404(session, rollout_id)
+    now = utcnow()
+    if evaluate(session, rollout, now):  # it may have paused or completed meanwhile
+        session.commit()
+        rollout = _locked_or_404(session, rollout_id)
+    if rollout.state != RolloutState.running:
+        raise Conflict(f"rollout {rollout_id} is {rollout.state.value}: only a running one "
+                       "can be paused")
+    before = {"state": rollout.state.value}
+    rollout.state, rollout.paused_reason = RolloutState.paused, f"paused by {actor.label}"
+    rollout.updated_at = now
+    audit.record(session, actor, "rollout.pause", "rollout", rollout.id, before=before,
+                 after={"state": "paused", "paused_reason": rollout.paused_reason})
+    session.commit()
+    return detail(session, rollout)
+
+
+def resume(session: Session, actor: Actor, rollout_id: uuid.UUID) -> RolloutDetail:
+    """Running again. The current wave's failures so far are accepted (only new ones pause it
+    again), and every device not finished gets at least a whole deadline from now: no one was
+    offered anything while it was paused."""
+    rollout = _locked_or_404(session, rollout_id)
+    if rollout.state != RolloutState.paused:
+        raise Conflict(f"rollout {rollout_id} is {rollout.state.value}: only a paused one can "
+                       "be resumed")
+    now = utcnow()
+    before = {"state": rollout.state.value, "paused_reason": rollout.paused_reason}
+    tally = WaveTally.of(_counts(session, rollout.id).get(rollout.current_wave, Counter()))
+    rollout.state, rollout.paused_reason = RolloutState.running, None
+    rollout.failures_accepted = tally.failures
+    rollout.updated_at = now
+    fresh = now + timedelta(seconds=rollout.device_deadline_s)
+    session.execute(
+        sa.update(RolloutDevice)
+        .where(RolloutDevice.rollout_id == rollout.id,
+               RolloutDevice.wave <= rollout.current_wave,
+               col(RolloutDevice.state).in_(NON_TERMINAL),
+               sa.or_(col(RolloutDevice.deadline_at).is_(None),
+                      col(RolloutDevice.deadline_at) < fresh))
+        .values(deadline_at=fresh, updated_at=now))
+    audit.record(session, actor, "rollout.resume", "rollout", rollout.id, before=before,
+                 after={"state": "running", "failures_accepted": tally.failures})
+    evaluate(session, rollout, now)
+    session.commit()
+    return detail(session, rollout)
+
+
+def cancel(session: Session, actor: Actor, rollout_id: uuid.UUID) -> RolloutDetail:
+    """Cancelled: every device not finished is cancelled (its gateway stops offering; a node
+    that already switched keeps what it confirmed)."""
+    rollout = _locked_or_404(session, rollout_id)
+    if rollout.state not in LIVE:
+        raise Conflict(f"rollout {rollout_id} is {rollout.state.value} already: only a running "
+                       "or paused one can be cancelled")
+    now = utcnow()
+    before = {"state": rollout.state.value}
+    reason = f"rollout cancelled by {actor.label}"
+    open_records = session.exec(select(RolloutDevice).where(
+        RolloutDevice.rollout_id == rollout.id, col(RolloutDevice.state).in_(NON_TERMINAL))
+        .order_by(RolloutDevice.device_id)).all()
+    for record in open_records:
+        session.add(_event(rollout.id, record.device_id, now, record.state, S.cancelled,
+                           RolloutEventSource.admin, reason=reason, size=record.bytes))
+        record.state, record.reason, record.updated_at = S.cancelled, reason, now
+        session.add(record)
+    rollout.state, rollout.updated_at = RolloutState.cancelled, now
+    audit.record(session, actor, "rollout.cancel", "rollout", rollout.id, before=before,
+                 after={"state": "cancelled", "devices_cancelled": len(open_records)})
+    session.commit()
+    return detail(session, rollout)
+
+
+def _locked_or_404(session: Session, rollout_id: uuid.UUID) -> Rollout:
+    rollout = locked(session, rollout_id)
+    if rollout is None:
+        raise NotFound(f"no rollout {rollout_id}")
+    return rollout
+
+
+# ---- what the API shows
+
+
+def _target(rollout: Rollout) -> dict[str, Any]:
+    return {rollout.target_kind.value: rollout.target_value}
+
+
+def detail(session: Session, rollout: Rollout) -> RolloutDetail:
+    release = session.get(Release, rollout.release_id)
+    assert release is not None  # RESTRICT: a release in a rollout is never deleted
+    by_wave = _counts(session, rollout.id)
+    waves = []
+    for index, percent in enumerate(rollout.waves):
+        counts = by_wave.get(index, Counter())
+        started = rollout.wave_started_at[index] if index < len(rollout.wave_started_at) \
+            else None
+        waves.append(RolloutWave(index=index, percent=percent, size=sum(counts.values()),
+                                 started_at=datetime.fromisoformat(started) if started else None,
+                                 counts=dict(sorted(counts.items()))))
+    totals = sum(by_wave.values(), Counter())
+    return RolloutDetail(
+        id=rollout.id,
+        release=RolloutRelease(id=release.id, kind=release.kind, version=release.version),
+        target=_target(rollout), state=rollout.state, paused_reason=rollout.paused_reason,
+        waves=waves, current_wave=rollout.current_wave, counts=dict(sorted(totals.items())),
+        total=sum(totals.values()), success_threshold=rollout.success_threshold,
+        failure_threshold=rollout.failure_threshold,
+        device_deadline_s=rollout.device_deadline_s, allow_downgrade=rollout.allow_downgrade,
+        created_at=rollout.created_at, created_by=rollout.created_by,
+        updated_at=rollout.updated_at)
+
+
+def list_rollouts(session: Session, *, state: RolloutState | None, limit: int,
+                  offset: int) -> Page[RolloutDetail]:
+    """Rollouts, newest first, each as its detail (the rules applied to running ones)."""
+    query = select(Rollout.id)
+    if state is not None:
+        query = query.where(Rollout.state == state)
+    total = session.exec(select(func.count()).select_from(query.subquery())).one()
+    ids = session.exec(query.order_by(col(Rollout.created_at).desc(), Rollout.id)
+                       .limit(limit).offset(offset)).all()
+    items = [detail(session, get_rollout(session, rollout_id)) for rollout_id in ids]
+    return Page(items=items, total=total, limit=limit, offset=offset)
+
+
+def list_devices(session: Session, rollout_id: uuid.UUID, *, state: RolloutDeviceState | None,
+                 wave: int | None, limit: int, offset: int) -> Page[RolloutDevicePublic]:
+    get_rollout(session, rollout_id)
+    query = (select(RolloutDevice, Device.wire_id)
+             .join(Device, Device.id == RolloutDevice.device_id)
+             .where(RolloutDevice.rollout_id == rollout_id))
+    if state is not None:
+        query = query.where(RolloutDevice.state == state)
+    if wave is not None:
+        query = query.where(RolloutDevice.wave == wave)
+    total = session.exec(select(func.count()).select_from(query.subquery())).one()
+    rows = session.exec(query.order_by(RolloutDevice.position).limit(limit).offset(offset)).all()
+    return Page(items=[RolloutDevicePublic(
+        device_id=wire_id, name=None, wave=r.wave, state=r.state, bytes=r.bytes, reason=r.reason,
+        offered_at=r.offered_at, deadline_at=r.deadline_at, updated_at=r.updated_at)
+        for r, wire_id in rows], total=total, limit=limit, offset=offset)
+
+
+def list_events(session: Session, rollout_id: uuid.UUID, *, device: str | None, limit: int,
+                offset: int) -> Page[RolloutEventPublic]:
+    """A rollout's events in the order they were recorded; `device`: one device's (wire id)."""
+    get_rollout(session, rollout_id)
+    query = (select(RolloutEvent, Device.wire_id)
+             .join(Device, Device.id == RolloutEvent.device_id)
+             .where(RolloutEvent.rollout_id == rollout_id))
+    if device is not None:
+        query = query.where(Device.wire_id == device)
+    total = session.exec(select(func.count()).select_from(query.subquery())).one()
+    rows = session.exec(query.order_by(RolloutEvent.id).limit(limit).offset(offset)).all()
+    return Page(items=[RolloutEventPublic(
+        device_id=wire_id, at=e.at, from_state=e.from_state, to_state=e.to_state, bytes=e.bytes,
+        reason=e.reason, source=e.source, ignored=e.ignored) for e, wire_id in rows],
+        total=total, limit=limit, offset=offset)
+
+
+# ---- what gateways fetch
+
+
+def manifest_sha256(release: Release) -> str:
+    """SHA-256 of the release's canonical manifest bytes, as stored: its first 4 bytes are the
+    release ref on the wire (docs/ota.md, "How the parts talk")."""
+    return hashlib.sha256(release.manifest).hexdigest()
+
+
+def assignments(session: Session, site_id: uuid.UUID,
+                now: datetime | None = None) -> OtaAssignments:
+    """Each device at the site that a running rollout offers a release to now: its wave has
+    started, it is not in a final state, its deadline has not passed."""
+    now = now or utcnow()
+    rows = session.exec(
+        select(Device.wire_id, Rollout.id, Release)
+        .select_from(RolloutDevice)
+        .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
+        .join(Device, Device.id == RolloutDevice.device_id)
+        .join(Release, Release.id == Rollout.release_id)
+        .where(Device.site_id == site_id, Device.state == DeviceState.active,
+               Rollout.state == RolloutState.running,
+               RolloutDevice.wave <= Rollout.current_wave,
+               col(RolloutDevice.state).in_(NON_TERMINAL),
+               col(RolloutDevice.deadline_at) > now)
+        .order_by(Device.wire_id)).all()
+    return OtaAssignments(assignments=[
+        OtaAssignment(device_id=wire_id, rollout_id=rollout_id, release_id=release.id,
+                      kind=release.kind, version=release.version,
+                      manifest_sha256=manifest_sha256(release))
+        for wire_id, rollout_id, release in rows])
