@@ -4,7 +4,8 @@
     kinhbac fleet ingest     the same worker on its own (run_standalone)
 
 It subscribes at QoS 1 to what the gateways publish (kinhbac/mqtt_contract.py, docs/mqtt.md):
-`<prefix>/+/+/telemetry`, `<prefix>/+/+/status` and `<prefix>/+/gateway/+/status`. Each message
+`<prefix>/+/+/telemetry`, `<prefix>/+/+/status`, `<prefix>/+/gateway/+/status` and
+`<prefix>/+/+/ota` (update progress, which kinhbac/fleet/rollouts.py applies to rollouts). Each message
 is validated as it arrives and merged into one pending batch; one writer thread commits the
 batch in a single transaction every `ingest_batch_interval_s` (sooner once `ingest_batch_max`
 messages wait).
@@ -29,6 +30,7 @@ import signal
 import socket
 import ssl
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
@@ -43,6 +45,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, select
 
+from kinhbac.fleet import rollouts
 from kinhbac.fleet.models import (
     Device,
     DeviceStatus,
@@ -57,8 +60,10 @@ from kinhbac.mqtt_contract import (  # topics and payloads, as the gateways publ
     TopicError,
     device_status_filter,
     gateway_status_filter,
+    ota_progress_filter,
     parse_device_status,
     parse_gateway_status,
+    parse_ota_progress,
     parse_telemetry,
     parse_topic,
     telemetry_filter,
@@ -106,6 +111,9 @@ class Batch:
     statuses: dict[str, dict[str, Any]] = field(default_factory=dict)  # wire id -> row
     gateways: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     readings: dict[str, dict[tuple[int, int], dict[str, Any]]] = field(default_factory=dict)
+    # Update steps are not coalesced (each is an event of its rollout): per device, each step
+    # once (a redelivery merges into it), at most rollouts.MAX_STEPS_PER_DEVICE.
+    progress: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
     messages: int = 0  # accepted messages merged in
 
     def add_status(self, row: dict[str, Any]) -> None:
@@ -131,6 +139,21 @@ class Batch:
         if len(held) > 2 * self.window:  # trimming at 2N keeps the cost per reading constant
             self._trim(wire_id)
 
+    def add_progress(self, row: dict[str, Any]) -> bool:
+        """Add an update step; False if its device has too many waiting already."""
+        held = self.progress.setdefault(row["wire_id"], {})
+        key = (row["rollout_id"], row["release_id"], row["state"], row["at"], row["bytes"])
+        if key in held:
+            return True
+        if len(held) >= rollouts.MAX_STEPS_PER_DEVICE:
+            return False
+        held[key] = row
+        return True
+
+    def progress_rows(self) -> list[dict[str, Any]]:
+        return [row for wire_id in sorted(self.progress)
+                for row in self.progress[wire_id].values()]
+
     def _trim(self, wire_id: str) -> None:
         held = self.readings[wire_id]
         if len(held) > self.window:
@@ -145,6 +168,8 @@ class Batch:
             self.add_gateway(row)
         for wire_id, rows in other.readings.items():
             self.add_readings(wire_id, list(rows.values()))
+        for row in other.progress_rows():
+            self.add_progress(row)
         self.messages += other.messages
 
     def reading_rows(self) -> list[dict[str, Any]]:
@@ -193,14 +218,16 @@ _PRUNE = sa.text(
 @dataclass
 class Refusals:
     """Messages' rows kept out of a batch: a device's status or readings under another site's
-    topics than the one it is registered at, or a boot counter far past its last."""
+    topics than the one it is registered at, or a boot counter far past its last; update
+    steps that rollouts.apply_progress() refused (site, rollout, release)."""
 
     site: int = 0
     boot: int = 0
+    ota: int = 0
     example: str = ""  # one of them, for the log
 
     def __bool__(self) -> bool:
-        return bool(self.site or self.boot)
+        return bool(self.site or self.boot or self.ota)
 
 
 def refuse_foreign(connection: Connection, batch: Batch) -> Refusals:
@@ -264,6 +291,13 @@ def write_batch(engine: Engine, batch: Batch) -> Refusals:
             _write_statuses(connection, [batch.statuses[k] for k in sorted(batch.statuses)])
         if batch.readings:
             _write_readings(connection, batch)
+        if batch.progress:
+            # The ORM's records and rules, in this same transaction.
+            with Session(bind=connection) as session:
+                problems = rollouts.apply_progress(session, batch.progress_rows())
+            refused.ota += len(problems)
+            if problems:
+                refused.example = problems[0]
     return refused
 
 
@@ -394,7 +428,7 @@ def subscriptions(settings: Settings, *, shared: bool | None = None) -> list[str
     share = f"$share/{settings.mqtt_share_group}/" if shared else ""
     prefix = settings.mqtt_topic_prefix
     return [share + telemetry_filter(prefix), share + device_status_filter(prefix),
-            gateway_status_filter(prefix)]
+            gateway_status_filter(prefix), share + ota_progress_filter(prefix)]
 
 
 @dataclass
@@ -411,6 +445,7 @@ class IngestStats:
     write_failures: int = 0  # transactions that failed (and were retried)
     refused_site: int = 0  # status or reading rows under another site than the device's
     refused_boot: int = 0  # status or reading rows with a boot far past the device's last
+    refused_ota: int = 0  # update steps: another site's device, an unknown rollout or release
 
 
 class IngestWorker:
@@ -576,6 +611,21 @@ class IngestWorker:
                     "since_at": None if since is None else _from_ms(since),
                     "dropped": gateway_status.dropped or {}, "received_at": received,
                 })
+            case "ota_progress":
+                step = parse_ota_progress(payload)
+                _same(device, step.device)
+                try:
+                    release_id = uuid.UUID(step.release_id)
+                    rollout_id = None if step.rollout_id is None else uuid.UUID(step.rollout_id)
+                except ValueError as exc:
+                    raise Malformed(f"release_id or rollout_id is not a UUID: {exc}") from None
+                if not self._pending.add_progress({
+                    "wire_id": device, "site": site, "release_id": release_id,
+                    "rollout_id": rollout_id, "state": step.state, "bytes": step.bytes,
+                    "reason": step.reason, "at": _from_ms(step.ts_ms), "boot": step.boot,
+                }):
+                    raise Malformed(f"more than {rollouts.MAX_STEPS_PER_DEVICE} update steps of "
+                                    f"{device} in one batch")
 
     def _skip(self, topic: str, reason: str) -> None:
         self.stats.malformed += 1
@@ -593,13 +643,15 @@ class IngestWorker:
         """Count rows refuse_foreign() kept out; log them at most every REFUSED_LOG_EVERY_S."""
         self.stats.refused_site += refused.site
         self.stats.refused_boot += refused.boot
-        self._refused_unlogged += refused.site + refused.boot
+        self.stats.refused_ota += refused.ota
+        self._refused_unlogged += refused.site + refused.boot + refused.ota
         now = time.monotonic()
         if now - self._refused_logged_at < REFUSED_LOG_EVERY_S:
             return
-        log.warning("ingest: refused %d status or reading rows (a device under another site's "
-                    "topics, or a boot far ahead), e.g. %s; a site's broker account may be "
-                    "misused", self._refused_unlogged, refused.example)
+        log.warning("ingest: refused %d status, reading or update rows (a device under another "
+                    "site's topics, a boot far ahead, an update step for no rollout of it), e.g. "
+                    "%s; a site's broker account may be misused", self._refused_unlogged,
+                    refused.example)
         self._refused_logged_at = now
         self._refused_unlogged = 0
 

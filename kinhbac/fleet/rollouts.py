@@ -645,3 +645,141 @@ def assignments(session: Session, site_id: uuid.UUID,
                       kind=release.kind, version=release.version,
                       manifest_sha256=manifest_sha256(release))
         for wire_id, rollout_id, release in rows])
+
+
+# ---- progress from the gateways (the MQTT ingest's batches)
+
+
+def _source(state: S, boot: int | None) -> RolloutEventSource:
+    # `offered` is the gateway's own step; so is a `failed` without a node's boot (the gateway
+    # refused the release: signature, hash, cache); the rest are the node's OTA_RESULT.
+    if state == S.offered or boot is None:
+        return RolloutEventSource.gateway
+    return RolloutEventSource.node
+
+
+def _why_ignored(rollout: Rollout, record: RolloutDevice, new: S, size: int) -> str | None:
+    """Why a step is recorded but not applied; None: apply it."""
+    current = record.state
+    if current in TERMINAL:
+        return f"{current.value} again" if new == current else \
+            f"after its final state ({current.value})"
+    if record.wave > rollout.current_wave:
+        return f"its wave ({record.wave}) has not started"
+    if new in (S.failed, S.rolled_back):
+        return None
+    if new == current:
+        return None if size > record.bytes else f"{current.value} again"
+    if PROGRESS[new] < PROGRESS[current]:
+        return f"backwards from {current.value}"
+    return None
+
+
+def apply_progress(session: Session, steps: list[dict[str, Any]],
+                   now: datetime | None = None) -> list[str]:
+    """Apply update steps to their devices' rollout records and apply the rules to the
+    rollouts they touch, in the caller's transaction (the caller commits). What was refused,
+    one reason each: a device not registered at the topic's site, an unknown rollout, a
+    rollout of another release, a device not in it.
+
+    A step is a dict: wire_id, site (the topic's), release_id, rollout_id (uuid.UUID or None),
+    state, bytes, reason, at (the gateway's clock), boot. Each device's steps go in the order
+    the gateway heard them; each is recorded as an event, those that would move the device
+    backwards or come after its final state marked ignored; a step recorded already (the
+    broker's redelivery) is not recorded twice."""
+    now = now or utcnow()
+    refused: list[str] = []
+    if not steps:
+        return refused
+    site = Site.__table__
+    devices = {wire_id: (device_id, slug) for wire_id, device_id, slug in session.exec(
+        select(Device.wire_id, Device.id, site.c.slug)
+        .select_from(Device).outerjoin(site, site.c.id == Device.site_id)
+        .where(col(Device.wire_id).in_(sorted({s["wire_id"] for s in steps})))).all()}
+    named = {s["rollout_id"] for s in steps if s["rollout_id"] is not None}
+    released = {s["release_id"] for s in steps if s["rollout_id"] is None}
+    device_ids = sorted(device_id for device_id, _ in devices.values())
+    # Rows locked in id order, so that instances writing at once never wait on each other
+    # in a circle.
+    found = {r.id: r for r in session.exec(
+        select(Rollout).where(sa.or_(col(Rollout.id).in_(named), sa.and_(
+            col(Rollout.release_id).in_(released), col(Rollout.state).in_(LIVE))))
+        .order_by(Rollout.id).with_for_update()).all()} if device_ids else {}
+    records = {(r.rollout_id, r.device_id): r for r in session.exec(
+        select(RolloutDevice).where(col(RolloutDevice.rollout_id).in_(sorted(found)),
+                                    col(RolloutDevice.device_id).in_(device_ids))
+        .order_by(RolloutDevice.rollout_id, RolloutDevice.device_id).with_for_update()).all()
+    } if found else {}
+    touched: set[uuid.UUID] = set()
+
+    def order(step: dict[str, Any]) -> tuple[str, datetime, int]:
+        return step["wire_id"], step["at"], PROGRESS.get(S(step["state"]), len(PROGRESS))
+
+    for step in sorted(steps, key=order):
+        wire_id, release_id = step["wire_id"], step["release_id"]
+        if wire_id not in devices:
+            refused.append(f"{wire_id}: an update step for a device the fleet does not know")
+            continue
+        device_id, home = devices[wire_id]
+        if home != step["site"]:
+            refused.append(f"{wire_id}: an update step under site {step['site']!r}, registered "
+                           f"at {home!r}" if home else f"{wire_id}: an update step under site "
+                           f"{step['site']!r}, registered at no site")
+            continue
+        if step["rollout_id"] is not None:
+            rollout = found.get(step["rollout_id"])
+            if rollout is None:
+                refused.append(f"{wire_id}: no rollout {step['rollout_id']}")
+                continue
+            if rollout.release_id != release_id:
+                refused.append(f"{wire_id}: rollout {rollout.id} sends release "
+                               f"{rollout.release_id}, not {release_id}")
+                continue
+            record = records.get((rollout.id, device_id))
+        else:
+            held = [(found[r], rec) for (r, d), rec in records.items()
+                    if d == device_id and found[r].release_id == release_id
+                    and found[r].state in LIVE]
+            rollout, record = held[0] if held else (None, None)  # type: ignore[assignment]
+        if rollout is None or record is None:
+            refused.append(f"{wire_id}: in no rollout of release {release_id}"
+                           if rollout is None else f"{wire_id}: not in rollout {rollout.id}")
+            continue
+        _apply_step(session, rollout, record, step, now)
+        touched.add(rollout.id)
+    session.flush()
+    for rollout_id in sorted(touched):
+        evaluate(session, found[rollout_id], now)
+    session.flush()
+    return refused
+
+
+def _apply_step(session: Session, rollout: Rollout, record: RolloutDevice,
+                step: dict[str, Any], now: datetime) -> None:
+    new, size, at = S(step["state"]), step["bytes"], step["at"]
+    already = session.exec(select(RolloutEvent.id).where(
+        RolloutEvent.rollout_id == rollout.id, RolloutEvent.device_id == record.device_id,
+        RolloutEvent.at == at, RolloutEvent.to_state == new, RolloutEvent.bytes == size)
+        .limit(1)).first()
+    if already is not None:
+        return  # the same step delivered again: recorded once
+    why = _why_ignored(rollout, record, new, size)
+    reported = step["reason"] or None
+    source = _source(new, step["boot"])
+    if why is not None:
+        reason = f"ignored: {why}" + (f"; {reported}" if reported else "")
+        session.add(_event(rollout.id, record.device_id, at, record.state, new, source,
+                           reason=reason, size=size, ignored=True))
+        session.flush()  # a second copy of it later in this batch finds it
+        return
+    session.add(_event(rollout.id, record.device_id, at, record.state, new, source,
+                       reason=reported, size=size))
+    record.state, record.updated_at = new, now
+    if size:  # a step without a byte count (offered, most final states) keeps the last one
+        record.bytes = size
+    if reported or new in TERMINAL:
+        record.reason = _cut(reported) if reported else None
+    if record.offered_at is None:
+        record.offered_at = at  # offered, or a later step whose offer was not heard
+    session.add(record)
+    session.flush()

@@ -570,6 +570,7 @@ def test_settings_for_ingest_name_what_is_wrong(monkeypatch, tmp_path):
         "$share/kinhbac-fleet/city/kinhbac/+/+/telemetry",
         "$share/kinhbac-fleet/city/kinhbac/+/+/status",
         "city/kinhbac/+/gateway/+/status",  # retained gateway states reach every instance
+        "$share/kinhbac-fleet/city/kinhbac/+/+/ota",
     ]
 
 
