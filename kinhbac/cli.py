@@ -99,6 +99,15 @@ def _add_release_app() -> None:
 
 _add_release_app()
 
+
+def _add_rollout_app() -> None:
+    from kinhbac.admin.rollouts import rollout_app
+
+    app.add_typer(rollout_app, name="rollout")
+
+
+_add_rollout_app()
+
 fleet_app = typer.Typer(help="The fleet service: registry, provisioning, roles (fleet extra).")
 app.add_typer(fleet_app, name="fleet")
 

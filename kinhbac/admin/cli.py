@@ -54,7 +54,7 @@ def _fleet(url: str | None, token: str | None) -> AbstractContextManager["AdminC
     return admin_session("release", url, token)
 
 
-def _when(iso: str) -> str:
+def when(iso: str) -> str:
     """An API time (UTC) as people read it: 2026-12-06 10:00:00Z."""
     return iso[:19].replace("T", " ") + "Z"
 
@@ -205,7 +205,7 @@ def list_releases(
         return
     header = ("ID", "KIND", "VERSION", "FILES", "SIZE", "CREATED", "BY")
     rows = [(r["id"], r["kind"], r["version"], str(len(r["files"])), _size(r["size"]),
-             _when(r["created_at"]), r["uploaded_by"]) for r in found]
+             when(r["created_at"]), r["uploaded_by"]) for r in found]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
@@ -231,7 +231,7 @@ def show(
         return
     for name, value in (
         ("id", found["id"]), ("kind", found["kind"]), ("version", found["version"]),
-        ("created", _when(found["created_at"])), ("uploaded by", found["uploaded_by"]),
+        ("created", when(found["created_at"])), ("uploaded by", found["uploaded_by"]),
         ("size", f"{found['size']:,} bytes"),
         ("signed by", f"key {fingerprint(found['signing_key'])} ({found['signing_key']})"),
         ("signature", found["signature"]),
