@@ -294,8 +294,11 @@ def _live_view(rollout: dict[str, Any], note: str | None) -> Any:
             str(sum(counts.get(s, 0) for s in IN_PROGRESS)),
             when(wave["started_at"])[11:] if wave.get("started_at") else "-",
         )
+    legend = Text.assemble(("█", "green"), " confirmed  ", ("█", "red"), " failed  ",
+                           ("█", "yellow"), " on the way  ", ("░", "dim"), " not yet offered",
+                           style="dim")
     parts: list[Any] = [Text(f"{_headline(rollout)}: {_state_text(rollout)}", style="bold"),
-                        table]
+                        table, legend]
     if note:
         parts.append(Text(note, style="yellow"))
     return Group(*parts)
@@ -543,6 +546,38 @@ def cancel(rollout: RolloutRef, fleet_url: FleetUrl = None, token: Token = None,
            as_json: Json = False) -> None:
     """End the rollout for good: no more offers; devices that confirmed keep the release."""
     _change("cancel", rollout, fleet_url, token, as_json)
+
+
+@rollout_app.command("events")
+def events(
+    rollout: RolloutRef,
+    device: Annotated[str | None, typer.Option(
+        help="Only this device's (its wire id).", show_default=False)] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="At most this many.")] = None,
+    fleet_url: FleetUrl = None,
+    token: Token = None,
+    as_json: Json = False,
+) -> None:
+    """Every step of the rollout's devices, in the order the fleet recorded them."""
+    _rollout_ref(rollout)
+    if device is not None and not _WIRE_ID.match(device):
+        raise _fail(f"--device {device!r}: give the device's wire id (16 hex digits)",
+                    EXIT_USAGE)
+    with _fleet(fleet_url, token) as fleet:
+        found = fleet.find_rollout(rollout)
+        steps = fleet.rollout_events(found["id"], device=device and device.lower(),
+                                     limit=limit)
+    if as_json:
+        print_json(steps)
+        return
+    if not steps:
+        typer.echo("no events match", err=True)
+        return
+    _table(("AT", "DEVICE", "STEP", "BY", "REASON"),
+           [(when(e["at"]), e["device_id"], f"{e['from_state']} -> {e['to_state']}",
+             e["source"], (e.get("reason") or "") + (" (recorded, not applied)" if e["ignored"]
+                                                     else ""))
+            for e in steps])
 
 
 @rollout_app.command("list")

@@ -11,9 +11,12 @@ import subprocess
 import sys
 import time
 
+import paho.mqtt.client as mqtt
 import pytest
+from helpers.fleet import running_fleet
 from typer.testing import CliRunner
 
+from kinhbac import mqtt_contract
 from kinhbac.cli import app
 
 from .conftest import ADMIN
@@ -139,6 +142,13 @@ def test_pause_resume_and_cancel_say_what_changed_and_refuse_what_the_state_forb
     assert "cancelled 2" in cancelled.stdout
     assert json.loads(rollout(fleet, "status", short, "--json").stdout)["counts"] == {
         "cancelled": 2}
+    steps = rollout(fleet, "events", short, "--device", devices[1]["wire_id"])
+    assert steps.exit_code == 0, steps.output
+    header, step = steps.stdout.splitlines()
+    assert header.split() == ["AT", "DEVICE", "STEP", "BY", "REASON"]
+    assert step.split()[2:] == [devices[1]["wire_id"], "pending", "->", "cancelled", "admin",
+                                "rollout", "cancelled", "by", ADMIN[0]]
+    assert len(json.loads(rollout(fleet, "events", short, "--json").stdout)) == 2
     late = rollout(fleet, "resume", short)
     assert late.exit_code == 1 and "only a paused one can be resumed" in late.stderr
     # The devices are free again: a new rollout may take them, by tag this time.
@@ -237,6 +247,72 @@ def test_a_watch_without_a_terminal_prints_changes_and_ends_when_the_rollout_is_
     assert (f"kinhbac rollout: paused: paused by {ADMIN[0]}; see `kinhbac rollout status {short} "
             f"--devices`, then `kinhbac rollout resume {short}` or `kinhbac rollout cancel "
             f"{short}`") in err
+
+
+@pytest.fixture
+def fleet_with_ingest(tmp_path, broker, monkeypatch):
+    """The fleet reading update progress from a private broker, as from its gateways."""
+    with running_fleet(tmp_path / "fleet", broker.port, monkeypatch, ADMIN) as server:
+        server.admin = server.login(*ADMIN)
+        yield server
+
+
+@pytest.fixture
+def gateway_publisher(broker):
+    """Publishes what a site's gateway publishes, through a paho client."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"gw-{os.getpid()}")
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    yield client
+    client.disconnect()
+    client.loop_stop()
+
+
+def test_a_watch_ends_when_a_failure_reported_by_the_gateway_pauses_the_rollout(
+        fleet_with_ingest, gateway_publisher):
+    fleet = fleet_with_ingest
+    release = upload_bundle(fleet, "0.7.0")
+    add_site(fleet, SITE, 4)
+    env = {**os.environ, "KINHBAC_FLEET_URL": fleet.url, "KINHBAC_FLEET_TOKEN": fleet.admin}
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "kinhbac.cli", "rollout", "create", "0.7.0", "--site", SITE,
+         "--waves", "25,100", "--watch"], env=env, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = watcher.stdout.readline()
+        assert first.startswith("started rollout "), first + watcher.stderr.read()
+        rollout_id = first.rsplit(" ", 1)[1].strip()
+        [first_wave] = fleet.call("GET", f"/api/rollouts/{rollout_id}/devices", fleet.admin,
+                                  params={"wave": 0})["items"]
+        device = first_wave["device_id"]
+
+        def report(state: str, reason: str = "") -> None:
+            payload = mqtt_contract.ota_progress_payload(
+                device=device, site=SITE, gateway="gw1", release_id=release["id"],
+                rollout_id=rollout_id, version="0.7.0", state=state,
+                ts_ms=int(time.time() * 1000), reason=reason, boot=3)
+            topic = mqtt_contract.ota_progress_topic("kinhbac", SITE, device)
+            gateway_publisher.publish(topic, payload, qos=1).wait_for_publish(5)
+
+        assert "pending 1 (of 1)" in watcher.stdout.readline()
+        report("offered")
+        assert "offered 1 (of 1)" in watcher.stdout.readline()  # a line for the change
+        report("rolled_back", "trial boot never reached its gateway")
+        out, err = watcher.communicate(timeout=30)
+    finally:
+        watcher.kill()
+    short = rollout_id[:8]
+    assert watcher.returncode == 1, err
+    assert "paused, wave 0" in out.splitlines()[-1]
+    assert "rolled_back 1 (of 1)" in out.splitlines()[-1]
+    assert ("kinhbac rollout: paused: wave 0 (25% of the target): 1 of its 1 devices failed (0 "
+            "failed, 1 rolled back, 0 timed out), past the 5% failure threshold; see "
+            f"`kinhbac rollout status {short} --devices`, then `kinhbac rollout resume {short}` "
+            f"or `kinhbac rollout cancel {short}`") in err
+    failed = json.loads(rollout(fleet, "status", short, "--devices", "--state", "rolled_back",
+                                "--json").stdout)["devices"]
+    assert [(d["device_id"], d["reason"]) for d in failed] == [
+        (device, "trial boot never reached its gateway")]
 
 
 def read_until_exit(fd: int, process: subprocess.Popen, timeout: float) -> str:
