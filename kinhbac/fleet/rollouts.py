@@ -210,6 +210,10 @@ def create_rollout(session: Session, actor: Actor, data: RolloutCreate,
         raise Invalid("allow_downgrade", f"release {release.version} is older than what "
                       f"{len(newer)} of the target's devices run: {_named(newer)}; set "
                       "allow_downgrade to send it anyway")
+    # Two admins starting rollouts of the same devices at once: the second waits here for the
+    # first to commit (PostgreSQL), then finds them busy.
+    session.exec(select(Device.id).where(col(Device.id).in_([d.id for d in devices]))
+                 .order_by(Device.id).with_for_update()).all()
     busy = _busy(session, [d.id for d in devices])
     if busy is not None:
         other, count = busy

@@ -2,14 +2,16 @@
 rollout may target, and what each gateway is told to offer (its own site's devices only)."""
 
 import hashlib
+import threading
 import uuid
 from datetime import timedelta
 
 import pytest
-from sqlmodel import select
+from sqlmodel import Session, select
 
 from kinhbac.fleet import rollouts
 from kinhbac.fleet.audit import CLI
+from kinhbac.fleet.errors import Conflict
 from kinhbac.fleet.models import (
     AuditEntry,
     Device,
@@ -286,3 +288,32 @@ def test_only_gateways_fetch_assignments(client, session, box, app, admin):
     assert client.get("/api/gateway/ota").status_code == 401
     listed = client.get("/api/gateway/ota", headers=bearer(callers.tokens["gateway"])).json()
     assert [a["device_id"] for a in listed["assignments"]] == [device.wire_id]
+
+
+def test_two_admins_starting_rollouts_of_one_device_at_once_get_one_rollout(
+        session, box, app, backend):
+    if backend != "postgresql":
+        pytest.skip("SQLite has one writer at a time; the row lock is PostgreSQL's")
+    site = make_site(session, box)
+    devices = [make_device(session, box, site) for _ in range(5)]
+    releases = [make_release(session, app) for _ in range(2)]
+    barrier = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def admin_starts(release) -> None:
+        with Session(app.state.engine) as own:
+            barrier.wait()
+            try:
+                rollouts.create_rollout(own, CLI, RolloutCreate(
+                    release_id=release.id,
+                    target=RolloutTarget(devices=[d.wire_id for d in devices])))
+                outcomes.append("started")
+            except Conflict:
+                outcomes.append("refused")
+
+    threads = [threading.Thread(target=admin_starts, args=(r,)) for r in releases]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(outcomes) == ["refused", "started"]
