@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -313,6 +314,75 @@ def test_a_watch_ends_when_a_failure_reported_by_the_gateway_pauses_the_rollout(
                                 "--json").stdout)["devices"]
     assert [(d["device_id"], d["reason"]) for d in failed] == [
         (device, "trial boot never reached its gateway")]
+
+
+def test_a_watch_for_scripts_prints_json_lines_and_exits_0_when_the_rollout_completes(
+        fleet_with_ingest, gateway_publisher):
+    fleet = fleet_with_ingest
+    release = upload_bundle(fleet, "0.8.0")
+    [only] = add_site(fleet, SITE, 1)
+    env = {**os.environ, "KINHBAC_FLEET_URL": fleet.url, "KINHBAC_FLEET_TOKEN": fleet.admin}
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "kinhbac.cli", "rollout", "create", "0.8.0", "--device",
+         only["wire_id"], "--waves", "100", "--watch", "--json"], env=env,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        created = json.loads(watcher.stdout.readline())
+        assert created["state"] == "running" and created["counts"] == {"pending": 1}
+        for state in ("offered", "downloading", "verifying", "installed", "rebooting",
+                      "confirmed"):
+            payload = mqtt_contract.ota_progress_payload(
+                device=only["wire_id"], site=SITE, gateway="gw1", release_id=release["id"],
+                rollout_id=created["id"], version="0.8.0", state=state,
+                ts_ms=int(time.time() * 1000), boot=1)
+            topic = mqtt_contract.ota_progress_topic("kinhbac", SITE, only["wire_id"])
+            gateway_publisher.publish(topic, payload, qos=1).wait_for_publish(5)
+        out, err = watcher.communicate(timeout=30)
+    finally:
+        watcher.kill()
+    assert watcher.returncode == 0, err
+    last = json.loads(out.splitlines()[-1])  # every line is one JSON document
+    assert (last["state"], last["counts"]) == ("completed", {"confirmed": 1})
+    assert "kinhbac rollout: completed: 1 of 1 devices confirmed" in err
+
+
+def test_a_watch_rides_out_a_fleet_restart_and_ctrl_c_leaves_the_rollout_running(fleet):
+    upload_bundle(fleet, "0.9.0")
+    add_site(fleet, SITE, 2)
+    created = started(fleet, "0.9.0", "--site", SITE)
+    env = {**os.environ, "KINHBAC_FLEET_URL": fleet.url, "KINHBAC_FLEET_TOKEN": fleet.admin}
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "kinhbac.cli", "rollout", "status", created["id"], "--watch"],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        assert "running, wave 0" in watcher.stdout.readline()
+        fleet.stop()
+        note = watcher.stderr.readline()
+        assert note.startswith("kinhbac rollout: no answer from the fleet since "), note
+        assert note.rstrip().endswith("; trying again")
+        fleet.start()
+        fleet.call("POST", f"/api/rollouts/{created['id']}/pause", fleet.admin)
+        out, _ = watcher.communicate(timeout=30)
+    finally:
+        watcher.kill()
+    assert "paused, wave 0" in out and watcher.returncode == 1  # it went on, and saw the pause
+
+    fleet.call("POST", f"/api/rollouts/{created['id']}/resume", fleet.admin)
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "kinhbac.cli", "rollout", "status", created["id"][:8], "--watch"],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        assert "running, wave 0" in watcher.stdout.readline()
+        watcher.send_signal(signal.SIGINT)
+        _, err = watcher.communicate(timeout=30)
+    finally:
+        watcher.kill()
+    assert watcher.returncode == 1
+    assert ("stopped watching (Ctrl-C); the rollout goes on: `kinhbac rollout status "
+            f"{created['id'][:8]}`") in err
+    assert fleet.call("GET", f"/api/rollouts/{created['id']}", fleet.admin)["state"] == "running"
 
 
 def read_until_exit(fd: int, process: subprocess.Popen, timeout: float) -> str:
