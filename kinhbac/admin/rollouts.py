@@ -9,7 +9,6 @@ that paused or was cancelled (the message says why and what to do next); 2 wrong
 import json
 import re
 import time
-from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
@@ -263,13 +262,14 @@ def _wave_bar(wave: dict[str, Any]) -> Any:
     size = max(wave["size"], 1)
     counts = wave["counts"]
     bar = Text()
-    drawn = 0
+    so_far = drawn = 0
     for count, style in ((counts.get("confirmed", 0), "green"), (_failures(counts), "red"),
                          (sum(counts.get(s, 0) for s in IN_PROGRESS), "yellow")):
-        cells = round(count * BAR_WIDTH / size)
+        so_far += count
+        cells = round(so_far * BAR_WIDTH / size) - drawn  # rounded as a whole: never too long
         bar.append("█" * cells, style=style)
         drawn += cells
-    bar.append("░" * max(BAR_WIDTH - drawn, 0), style="dim")
+    bar.append("░" * (BAR_WIDTH - drawn), style="dim")
     return bar
 
 
@@ -304,70 +304,61 @@ def _live_view(rollout: dict[str, Any], note: str | None) -> Any:
     return Group(*parts)
 
 
-def watch(fleet: "AdminClient", rollout: dict[str, Any], *, as_json: bool,
-          interval: float = WATCH_INTERVAL_S, terminal: bool | None = None,
-          sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
-    """Poll the rollout until it completes, pauses or is cancelled; its last detail. In a
-    terminal a live view of every wave; otherwise a line (or, with `as_json`, a JSON line)
-    each time something changed."""
+def watch(fleet: "AdminClient", rollout: dict[str, Any], *, as_json: bool) -> dict[str, Any]:
+    """Poll the rollout every WATCH_INTERVAL_S until it completes, pauses or is cancelled; its
+    last detail. In a terminal a live view of every wave; otherwise a line (or, with
+    `as_json`, a JSON line) each time something changed."""
     from rich.console import Console
 
     console = Console(stderr=True, highlight=False)
-    live_view = (console.is_terminal if terminal is None else terminal) and not as_json
     rollout_id = rollout["id"]
-    last_seen: Any = None
     unanswered_since: float | None = None
-    note: str | None = None
+    note: str | None = None  # while the fleet does not answer: since when
 
-    def fetch() -> dict[str, Any] | None:
+    def fetch(current: dict[str, Any]) -> dict[str, Any]:
+        """The rollout as the fleet has it now; `current` while the fleet does not answer."""
         nonlocal unanswered_since, note
         try:
             found = fleet.rollout(rollout_id)
         except FleetUnreachable as exc:
             now = time.monotonic()
-            unanswered_since = unanswered_since or now
-            if now - unanswered_since > WATCH_PATIENCE_S:
+            if unanswered_since is None:
+                unanswered_since = now
+                note = (f"no answer from the fleet since {datetime.now(UTC):%H:%M:%S}; trying "
+                        "again")
+                if not live_view:
+                    typer.echo(f"kinhbac rollout: {note}", err=True)
+            elif now - unanswered_since > WATCH_PATIENCE_S:
                 raise AdminToolError(
                     f"{exc}; stopped watching after {WATCH_PATIENCE_S:.0f} s without an "
                     f"answer (the rollout goes on: `kinhbac rollout status {short(rollout_id)} "
                     "--watch` to watch again)") from exc
-            note = f"no answer from the fleet since {datetime.now(UTC):%H:%M:%S}; trying again"
-            return None
+            return current
         unanswered_since, note = None, None
         return found
 
-    def report_plain(current: dict[str, Any]) -> None:
-        nonlocal last_seen
-        seen = (current["state"], current["current_wave"], current["paused_reason"],
-                json.dumps([w["counts"] for w in current["waves"]], sort_keys=True))
-        if seen == last_seen:
-            return
-        last_seen = seen
-        if as_json:
-            typer.echo(json.dumps(current, sort_keys=True))
-        else:
-            typer.echo(_progress_line(current))
-
+    live_view = console.is_terminal and not as_json
+    current = rollout
     if not live_view:
-        current = rollout
+        last_seen: Any = None
         while True:
-            report_plain(current)
+            seen = (current["state"], current["current_wave"], current["paused_reason"],
+                    json.dumps([w["counts"] for w in current["waves"]], sort_keys=True))
+            if seen != last_seen:
+                last_seen = seen
+                typer.echo(json.dumps(current, sort_keys=True) if as_json
+                           else _progress_line(current))
             if current["state"] in WATCH_ENDS:
                 return current
-            sleep(interval)
-            found = fetch()
-            if found is None and note:
-                typer.echo(f"kinhbac rollout: {note}", err=True)
-            current = found or current
+            time.sleep(WATCH_INTERVAL_S)
+            current = fetch(current)
 
     from rich.live import Live
 
-    current = rollout
-    with Live(_live_view(current, note), console=console, auto_refresh=False,
-              transient=False) as live:
+    with Live(_live_view(current, note), console=console, auto_refresh=False) as live:
         while current["state"] not in WATCH_ENDS:
-            sleep(interval)
-            current = fetch() or current
+            time.sleep(WATCH_INTERVAL_S)
+            current = fetch(current)
             live.update(_live_view(current, note), refresh=True)
     return current
 
