@@ -63,8 +63,6 @@ NOT_EMULATED = {
         "raw_temperature", "idf_heap_info", "NVS", "RMT", "ULP", "WAKEUP_ALL_LOW",
         "WAKEUP_ANY_HIGH", "HEAP_DATA", "HEAP_EXEC",
     },
-    # OTA bookkeeping comes with the OTA work (docs/emulator.md).
-    "esp32.Partition": {"set_boot", "get_next_update"},
     # The host's socket module has no such option.
     "socket": {"SO_BINDTODEVICE"},
 }

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING
 
 from kinhbac.emulator.access_point import WifiTiming
 from kinhbac.emulator.console import Console
-from kinhbac.emulator import otadata
+from kinhbac.emulator import esp32_image, otadata
 from kinhbac.emulator.devices import ADC2_PINS, AnalogSource, I2CDevice, PulseSource
-from kinhbac.emulator.flash import FlashImage
+from kinhbac.emulator.flash import FlashImage, Partition
 from kinhbac.emulator.rom_loader import ROM_FAULTS, RomLoader
 
 if TYPE_CHECKING:
@@ -71,7 +71,13 @@ OP_ROUTE = 16
 # Known to the stand-ins network.py and socket.py (standins/_hw.py lists them too).
 OP_WLAN_STATUS = 18
 OP_RESOLVE = 19
-OP_MARK_APP_VALID = 21  # esp32.Partition.mark_app_valid_cancel_rollback() (otadata.py)
+OP_OTA = 21  # esp32.Partition's OTA calls (otadata.py); `a` says which:
+OTA_BOOT = 0  # esp_ota_get_boot_partition()
+OTA_RUNNING = 1  # esp_ota_get_running_partition()
+OTA_NEXT = 2  # esp_ota_get_next_update_partition(the partition at the payload's address)
+OTA_SET_BOOT = 3  # esp_ota_set_boot_partition(the partition at the payload's address)
+OTA_MARK_VALID = 4  # esp_ota_mark_app_valid_cancel_rollback()
+_ENOENT = 2
 ONE_WAY_OPS = (OP_PIN_WRITE, OP_WDT_FEED)
 STALLABLE_OPS = (OP_I2C_WRITE, OP_I2C_READ, OP_I2C_SCAN, OP_ADC_READ)
 # 40 and up: setting up the emulated hardware (standins/_hw.py).
@@ -140,10 +146,19 @@ class Board:
         self.flash = FlashImage(self.workdir / "flash.bin")
         if not self.flash.exists():
             self.flash.create()
+            # As MicroPython's firmware.bin leaves a board: its app in ota_0 (an image with
+            # MicroPython's empty version), so that a rollback has an image to go back to.
+            ota_0 = self.flash.partition("ota_0")
+            self.flash.program(ota_0.offset, esp32_image.app_image())
         self.console = Console()
         self.boots: list[int] = []  # reset cause of every boot, oldest first
         # esp32.Partition.mark_app_valid_cancel_rollback(): the boot (index in boots) of each call
         self.app_valid_calls: list[int] = []
+        # The app partition the bootloader started at the last chip reset (esp32.Partition.
+        # RUNNING), None before the first boot or with no table; and the one RTC memory keeps
+        # for a wake from deep sleep (lost with the power).
+        self.running_app: Partition | None = None
+        self._retained_app: Partition | None = None
         self.rtc_memory = b""
         self.in_range = True
         self.pin_outputs: dict[int, int] = {}
@@ -306,6 +321,7 @@ class Board:
             await self._kill()
             self.rtc_memory = b""  # a chip reset, as the EN button is
             self._rtc_offset_ns = None
+            self._retained_app = None
             self.boots.append(PWRON_RESET)
             self._emit(_rom_banner(PWRON_RESET, download=True))
             self._rom = RomLoader(
@@ -338,6 +354,7 @@ class Board:
             await self._kill()
             self.rtc_memory = b""
             self._rtc_offset_ns = None  # the RTC stops with the power
+            self._retained_app = None
             if restore:
                 await self._spawn(PWRON_RESET)
 
@@ -412,7 +429,10 @@ class Board:
         if cause != SOFT_RESET and chip_reset:
             self._emit(_rom_banner(cause))
         if cause != SOFT_RESET:
-            await asyncio.to_thread(otadata.boot, self.flash)  # the second-stage bootloader
+            # The second-stage bootloader; a wake from deep sleep starts the app it kept.
+            retained = self._retained_app if cause == DEEPSLEEP_RESET else None
+            self.running_app = await asyncio.to_thread(otadata.boot, self.flash, retained)
+            self._retained_app = self.running_app
         self._process = await asyncio.create_subprocess_exec(
             self.emulator.micropython,
             "-X",
@@ -691,10 +711,8 @@ class Board:
             # Blocks the board for as long as lwIP would: the call is synchronous on the chip.
             address = await self.emulator.access_point.resolve(self, payload.decode())
             return b"\x00" + address.encode() if address else b"\x01"
-        if op == OP_MARK_APP_VALID:
-            self.app_valid_calls.append(len(self.boots) - 1)
-            err, rewrote = await asyncio.to_thread(otadata.mark_app_valid, self.flash)
-            return struct.pack("<iB", err, rewrote) + otadata.ERROR_NAMES.get(err, "").encode()
+        if op == OP_OTA:
+            return await self._ota_call(a, struct.unpack("<I", payload)[0])
         if op == OP_ROUTE:
             # The loopback port that stands for address:port, and lwIP's SYN time in ms for
             # the stand-in's sockets (TCP_USER_TIMEOUT).
@@ -702,6 +720,52 @@ class Board:
             port = await ap.route(self, payload.decode(), a)
             return struct.pack("<HH", port, min(int(ap.syn_timeout_s * 1000), 0xFFFF))
         raise OSError(_EIO, f"unknown hardware call {op}")
+
+    async def _ota_call(self, call: int, address: int) -> bytes:
+        """An esp32.Partition OTA call: its esp_err_t, a partition's address (0 for none) and
+        how many sectors the stand-in is to stall for, then the error's name."""
+        err, found, erased = otadata.ESP_OK, None, 0
+        if call == OTA_BOOT:
+            found = await asyncio.to_thread(otadata.boot_partition, self.flash)
+        elif call == OTA_RUNNING:
+            found = self.running_app
+        elif call == OTA_NEXT:
+            found = await asyncio.to_thread(
+                otadata.next_update_partition, self.flash, self._partition_at(address))
+        elif call == OTA_SET_BOOT:
+            err = await self._set_boot(self._partition_at(address))
+        elif call == OTA_MARK_VALID:
+            self.app_valid_calls.append(len(self.boots) - 1)
+            err, rewrote = await asyncio.to_thread(otadata.mark_app_valid, self.flash)
+            erased = int(rewrote)
+        else:
+            raise OSError(_EIO, f"unknown OTA call {call}")
+        return (struct.pack("<iIB", err, found.offset if found else 0, erased)
+                + otadata.ERROR_NAMES.get(err, "").encode())
+
+    async def _set_boot(self, target: Partition) -> int:
+        """esp_ota_set_boot_partition(): verify, then for each otadata sector it rewrites, the
+        erase, the erase's time with the board stalled in it, and the entry programmed. A power
+        cut in that time leaves the sector erased and the other sector's entry in use."""
+        asked_by, power_went = self._process, self._unstall  # _kill() sets the event
+        err, writes = await asyncio.to_thread(otadata.plan_set_boot, self.flash, target)
+        part = otadata.find(self.flash)
+        for sector, entry in writes:
+            assert part is not None and power_went is not None
+            await asyncio.to_thread(otadata.erase_sector, self.flash, part, sector)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(power_went.wait(), self.flash_erase_ms / 1000)
+            if power_went.is_set() or self._process is not asked_by:
+                return err  # the power went during the erase: nothing more is written
+            if entry is not None:
+                await asyncio.to_thread(otadata.program_entry, self.flash, part, sector, entry)
+        return err
+
+    def _partition_at(self, address: int) -> Partition:
+        for part in self.flash.partitions():
+            if part.offset == address:
+                return part
+        raise OSError(_ENOENT, f"no partition at {address:#x}")
 
     async def _i2c_held(self, op: int, a: int) -> bytes:
         """An I2C transaction on a bus a device holds: the controller's timeout, ETIMEDOUT."""

@@ -41,7 +41,7 @@ OP_LOG = 17
 OP_WLAN_STATUS = 18
 OP_RESOLVE = 19
 OP_CONNECT = 20
-OP_MARK_APP_VALID = 21  # esp32.Partition.mark_app_valid_cancel_rollback()
+OP_OTA = 21  # esp32.Partition's OTA calls: boot, running, next, set_boot, mark valid
 # 40 and up: setting up the emulated hardware.
 OP_I2C_INIT = 40  # a bus's timeout, applied when a device holds the bus
 OP_RTC_SET = 41  # machine.RTC().datetime(t): the RTC the emulator keeps across resets
