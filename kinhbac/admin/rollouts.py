@@ -17,6 +17,7 @@ import typer
 
 from kinhbac.admin.cli import admin_session, when
 from kinhbac.admin.errors import AdminToolError, FleetRefused, FleetUnreachable
+from kinhbac.device import FLEET_TOKEN_ENV
 from kinhbac.fleet_client_setup import (
     EXIT_FAILED,
     EXIT_USAGE,
@@ -52,6 +53,10 @@ rollout_app = typer.Typer(
     no_args_is_help=True,
 )
 
+# Reading a rollout takes a viewer's token too (not one limited to sites).
+ReaderToken = Annotated[str | None, typer.Option(
+    "--token", envvar=FLEET_TOKEN_ENV, show_default=False,
+    help="An admin's or a viewer's API token (kbt_...).")]
 RolloutRef = Annotated[str, typer.Argument(
     help="The rollout's id, or its first 8 hex digits or more.", show_default=False)]
 
@@ -402,8 +407,8 @@ def create(
     failure_threshold: Annotated[int, typer.Option(
         help="Percent of a wave failed (at least one device) that pauses the rollout.")] = 5,
     deadline: Annotated[str, typer.Option(
-        help="Each device's time from its offer to confirm, e.g. 24h, 90m, 2d; past it the "
-        "device is timed_out.")] = "24h",
+        help="Each device's time to confirm, from its wave's start (or a resume), e.g. 24h, "
+        "90m, 2d; past it the device is timed_out.")] = "24h",
     allow_downgrade: Annotated[bool, typer.Option(
         "--allow-downgrade", help="Also offer it to devices running a newer version.")] = False,
     watch_it: Annotated[bool, typer.Option(
@@ -467,7 +472,7 @@ def status(
     state: Annotated[str | None, typer.Option(
         help="With --devices: only devices in this state (e.g. failed).")] = None,
     fleet_url: FleetUrl = None,
-    token: Token = None,
+    token: ReaderToken = None,
     as_json: Json = False,
 ) -> None:
     """A rollout's state, waves and counts (and, with --devices, each device)."""
@@ -546,7 +551,7 @@ def events(
         help="Only this device's (its wire id).", show_default=False)] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="At most this many.")] = None,
     fleet_url: FleetUrl = None,
-    token: Token = None,
+    token: ReaderToken = None,
     as_json: Json = False,
 ) -> None:
     """Every step of the rollout's devices, in the order the fleet recorded them."""
@@ -577,7 +582,7 @@ def list_rollouts(
         help=f"Only rollouts in this state: {', '.join(ROLLOUT_STATES)}.")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="At most this many.")] = None,
     fleet_url: FleetUrl = None,
-    token: Token = None,
+    token: ReaderToken = None,
     as_json: Json = False,
 ) -> None:
     """The fleet's rollouts, newest first, one a line."""
