@@ -9,12 +9,15 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlmodel import select
 
 from kinhbac import mqtt_contract
 from kinhbac.fleet import rollouts
+from kinhbac.fleet.app import create_app
 from kinhbac.fleet.audit import CLI
 from kinhbac.fleet.models import (
+    Device,
     Role,
     RolloutCreate,
     RolloutDevice,
@@ -101,8 +104,6 @@ def assigned(fleet, gateway) -> list[str]:
 
 def in_wave(session, rollout_id, wave: int) -> list[str]:
     """Wire ids of the wave's devices, in the rollout's order."""
-    from kinhbac.fleet.models import Device
-
     session.expire_all()
     return list(session.exec(
         select(Device.wire_id).join(RolloutDevice, RolloutDevice.device_id == Device.id)
@@ -261,3 +262,38 @@ def test_progress_a_site_may_not_report_is_refused(fleet, session, box, app, adm
     report(fleet, slug, victim, release.id, rollout_id, "offered")
     fleet.settled()
     assert shown(fleet, admin, rollout_id)["counts"] == {"offered": 1}
+
+
+def test_the_app_times_out_silent_devices_by_itself(app, session, box):
+    """Nobody reads the rollout: the app's periodic task applies the deadlines."""
+    here = Site(session, box, 2)
+    rollout_id = start(session, make_release(session, app), here.devices, waves=[100],
+                       device_deadline_s=60)
+    [late, _] = in_wave(session, rollout_id, 0)
+    # Its deadline passes (as a day would): only this one device's.
+    late_id = session.exec(select(Device.id).where(Device.wire_id == late)).one()
+    record = session.get(RolloutDevice, (rollout_id, late_id))
+    record.deadline_at = utcnow() - timedelta(seconds=1)
+    session.add(record)
+    session.commit()
+
+    fleet_app = create_app(app.state.settings, prepare=False)
+    fleet_app.state.rollout_tick_s = 0.05
+    try:
+        with TestClient(fleet_app):
+            deadline = time.monotonic() + 10
+            while True:
+                session.expire_all()
+                states = {e.to_state.value for e in session.exec(select(RolloutEvent).where(
+                    RolloutEvent.rollout_id == rollout_id)).all()}
+                if states:
+                    break
+                assert time.monotonic() < deadline, "the periodic task timed nothing out"
+                time.sleep(0.05)
+    finally:
+        fleet_app.state.engine.dispose()
+    session.expire_all()
+    by_device = {r.device_id: r.state.value for r in session.exec(select(RolloutDevice).where(
+        RolloutDevice.rollout_id == rollout_id)).all()}
+    assert sorted(by_device.values()) == ["pending", "timed_out"]
+    assert by_device[late_id] == "timed_out"
