@@ -13,9 +13,10 @@ from esptool.bin_image import LoadFirmwareImage
 from test_emulator import boot_with
 from test_rom_loader import esptool_output  # noqa: F401 (a fixture)
 
+from kinhbac.device.esp_flash import NO_RESET, flash_image
 from kinhbac.emulator import esp32_image, otadata
 from kinhbac.emulator.board import DEEPSLEEP_RESET
-from kinhbac.emulator.esp32_image import app_image, app_version
+from kinhbac.emulator.esp32_image import app_image, app_version, combined_image
 from kinhbac.emulator.flash import GENERIC_LAYOUT, OTA_LAYOUT, SECTOR_SIZE, FlashImage
 from kinhbac.transport.serial_link import connect
 
@@ -375,3 +376,26 @@ def test_writeblocks_erases_whole_sectors_and_refuses_what_esp_partition_refuses
     assert repl.eval("bytes(c[:512]) == b'\\x11' * 512 and bytes(c[512:1024]) == "
                      "b'\\x22' * 512 and bytes(c[1024:]) == b'\\x11' * 3072")
     assert repl.eval("t.ioctl(6, 0)") == -22
+
+
+# ----- flashing a board again -----
+
+
+def test_a_board_flashed_again_boots_ota_0_whatever_otadata_said(emulator):
+    # MicroPython's firmware.bin fills 0x9000-0x10000 with 0xFF (makeimg.py), so writing it at
+    # 0x1000 erases otadata too: the bootloader then starts ota_0, the image just written, and
+    # not the slot an earlier update left selected.
+    board = emulator.add_board()
+    put(board.flash, "ota_1", app_image("2.0.0", seed=2))
+    part = otadata.find(board.flash)
+    otadata.write(board.flash, part, 0, otadata.Entry.for_seq(1, otadata.VALID))
+    otadata.write(board.flash, part, 1, otadata.Entry.for_seq(2, otadata.VALID))
+    board.power_on(download=True)
+    flash_image(board.tty_path, combined_image(app_size=0x2000, seed=8), modes=NO_RESET,
+                use_stub=False, connect_attempts=1)
+    assert otadata.read(board.flash, part) == [otadata.Entry(), otadata.Entry()]
+    board.power_cut(restore=False)
+    boot_with(board, HELPERS)
+    assert board.running_app.label == "ota_0"
+    assert connect(board.tty_path).eval(RUNNING) == "ota_0"
+    assert otadata.read(board.flash, part)[0] == otadata.Entry.for_seq(1, otadata.VALID)
