@@ -223,6 +223,29 @@ def test_a_wake_from_deep_sleep_is_no_failed_trial_boot(emulator):
     assert repl.eval(RUNNING) == "ota_0"
 
 
+def test_a_deep_sleep_after_set_boot_wakes_in_the_old_slot(emulator):
+    # The fast wake starts the app RTC memory names: the new slot waits for another reset.
+    board = emulator.add_board()
+    main = HELPERS + (
+        "try:\n"
+        "    os.remove('update-then-sleep')\n"
+        "except OSError:\n"
+        "    pass\n"
+        "else:\n"
+        "    write_image('new.bin').set_boot()\n"
+        "    machine.deepsleep(200)\n"
+    )
+    board.write_files({"new.bin": app_image("2.0.0", seed=2), "update-then-sleep": b""})
+    woke = boot_with(board, main, wait_for="rst:0x5 (DEEPSLEEP_RESET)")
+    board.console.wait_for(">>> ", timeout=15, since=woke)
+    repl = connect(board.tty_path)
+    assert repl.eval(RUNNING) == "ota_0" and repl.eval(BOOT) == "ota_1"
+    assert otadata.active_entry(board.flash) == otadata.Entry.for_seq(2, otadata.NEW)
+    repl = reset(board)
+    assert repl.eval(RUNNING) == "ota_1"
+    assert otadata.active_entry(board.flash) == otadata.Entry.for_seq(2, otadata.PENDING_VERIFY)
+
+
 # ----- set_boot refuses what the bootloader would refuse -----
 
 

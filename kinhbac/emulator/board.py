@@ -724,7 +724,8 @@ class Board:
     async def _ota_call(self, call: int, address: int) -> bytes:
         """An esp32.Partition OTA call: its esp_err_t, a partition's address (0 for none) and
         how many sectors the stand-in is to stall for, then the error's name."""
-        err, found, erased = otadata.ESP_OK, None, 0
+        err, erased = otadata.ESP_OK, 0
+        found: Partition | None = None
         if call == OTA_BOOT:
             found = await asyncio.to_thread(otadata.boot_partition, self.flash)
         elif call == OTA_RUNNING:

@@ -281,6 +281,8 @@ def verify(read: Callable[[int, int], bytes], offset: int, size: int,
         address = data_address + length
     image_len = address - offset
     padded = ((image_len + 1 + 15) & ~15) - image_len
+    if address + padded > flash_end:
+        return f"Image length {image_len + padded} doesn't fit in partition length {size}"
     line = read(address, padded)
     if line[-1] != checksum:
         return f"Checksum failed. Calculated {checksum:#x} read {line[-1]:#x}"
