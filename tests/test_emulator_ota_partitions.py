@@ -389,6 +389,8 @@ def test_writeblocks_erases_whole_sectors_and_refuses_what_esp_partition_refuses
     repl.exec("s.writeblocks(0, b'\\xf0' * 4096)\ns.writeblocks(0, b'\\x0f\\x3c', 8)\n"
               "b = bytearray(12)\ns.readblocks(0, b)")
     assert repl.eval("bytes(b)") == b"\xf0" * 8 + b"\x00\x30" + b"\xf0" * 2
+    repl.exec("two = bytearray(2)\ns.readblocks(0, two, 8)")  # a read from an offset
+    assert repl.eval("bytes(two)") == b"\x00\x30"
     assert repl.eval("(s.ioctl(6, 0), s.ioctl(4, 0), s.ioctl(5, 0), s.ioctl(42, 0))") == (
         0, 384, 4096, None)
     repl.exec("s.readblocks(0, b)")
