@@ -63,6 +63,21 @@ def firmware_files(firmware_dir: Path = FIRMWARE_DIR, compiled: bool = True) -> 
     return files
 
 
+# Files an update never replaces: main.py chooses which app runs (docs/ota.md), boot.py is empty.
+ROOT_FILES = ("/boot.py", "/main.py")
+
+
+def bundle_files(firmware_dir: Path = FIRMWARE_DIR, compiled: bool = True) -> dict[str, bytes]:
+    """A bundle release of this firmware: board path -> contents, every file under /lib, as
+    firmware_files() lays them out (compiled as the flash tool compiles them), without the
+    root files an update leaves alone."""
+    return {
+        path: data
+        for path, data in firmware_files(firmware_dir, compiled).items()
+        if path not in ROOT_FILES
+    }
+
+
 def long_lived_buffers(config: dict) -> list[int]:
     """The sizes of the byte buffers a running node keeps for good at these settings (the
     firmware's defaults where a setting is absent): node/link.py's frame buffer and READINGS

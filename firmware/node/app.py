@@ -9,6 +9,8 @@
 # `good_after_ms`, so a crash loop ends in safe mode instead of looping for ever. Safe mode
 # tells the gateway, and after `safe_mode_retry_s` tries one normal boot again.
 import gc
+import json
+import os
 import sys
 import time
 import asyncio
@@ -30,6 +32,8 @@ VERSION = "0.1.0"
 _HOUSEKEEPING_MS = const(250)  # watchdog feed, flush check, pulse counts into RTC memory
 _HEAP_REPORT_MS = const(1000)  # at debug level: how tests and bench watch the heap
 _NO_ROLLBACK = const(-261)  # ESP_ERR_NOT_FOUND: the bootloader has no app rollback
+APP_PATH = "/app.json"  # which app runs (main.py reads it): docs/ota.md
+_IMAGE = const(2)  # wire.OTA_IMAGE: a release that is a whole firmware image
 
 
 class Node:
@@ -40,7 +44,12 @@ class Node:
         self.clock = clock
         self.rtc = rtc
         self.machine = machine
-        self.version = VERSION
+        # From an update (docs/ota.md): the release's version, its trial, a result to report.
+        app = read_json(APP_PATH)
+        self.version = app.get("version") or VERSION
+        self.app = app if app.get("trial") else None  # on trial until confirmed
+        self.ota = None  # node/ota.py's Ota while an offer is worked on
+        back = app.get("rolled_back")
         self.seq = 0
         self.store = Store(
             cfg["ram_readings"], cfg["flash_readings"], cfg["flash_every"], cfg["flash_after_ms"]
@@ -49,6 +58,8 @@ class Node:
                                      state.sensor_failures)
         self._pulses_moved = False  # counted since the pulse totals last went to flash
         self.link = Link(self)
+        if back and not back.get("told"):  # main.py rolled an update back: say so, once
+            self.link.ota_report = (back["ref"], wire.OTA_ROLLED_BACK, 0, back.get("reason", ""))
         self.wdt = None  # a Watchdog once armed
         self.resumed = False  # a wake from deep sleep: the boot began earlier
         self.taken = 0
@@ -104,6 +115,8 @@ class Node:
         first = self.seq + 1
         writes = self.store.flash_writes
         sensors.sample(self._store_reading)
+        if self.app is not None and self.link.acked and sensors.errors_total() == failed:
+            self._confirm()  # the trial reached its gateway and read every sensor
         if log.LEVEL >= 3:
             log.debug("took seq %d..%d", first, self.seq)
             if self.store.flash_writes != writes:
@@ -225,7 +238,42 @@ class Node:
         self.save_state()
 
     def boot_is_good(self):
-        _boot_is_good(self.state)
+        if self.app is not None and self.app.get("kind") == _IMAGE:
+            self.state.mark_good()  # the image is kept only at its confirmation
+        else:
+            _boot_is_good(self.state)
+
+    # ----- updates (docs/ota.md) -----
+
+    def _confirm(self):
+        app = self.app
+        self.app = None
+        app["trial"] = False
+        app["boots"] = 0
+        app.pop("error", None)
+        write_json(APP_PATH, app)
+        if app.get("kind") == _IMAGE:
+            mark_app_valid()
+        log.info("release %s confirmed", app["version"])
+        self.link.ota_report = (app["ref"], wire.OTA_CONFIRMED, app.get("size", 0), "")
+        self.link.wake()
+
+    def ota_reported(self, report):
+        """The link sent `report`: a rollback is told once, later offers get it again."""
+        if report[1] == wire.OTA_ROLLED_BACK:
+            app = read_json(APP_PATH)
+            if app.get("rolled_back"):
+                app["rolled_back"]["told"] = True
+                write_json(APP_PATH, app)
+
+    def _trial_expired(self):
+        why = "no ACK from the gateway" if not self.link.acked else "sensor errors"
+        log.error("release %s not confirmed within %d s (%s): resetting",
+                  self.app["version"], self.cfg["ota_trial_s"], why)
+        self.state.last_error = "trial not confirmed within %d s: %s" % (
+            self.cfg["ota_trial_s"], why)
+        self.shutdown()
+        machine.reset()
 
     async def housekeeping(self):
         good = False
@@ -254,6 +302,8 @@ class Node:
             if not good and now >= cfg["good_after_ms"]:
                 good = True
                 self.boot_is_good()
+            if self.app is not None and now >= cfg["ota_trial_s"] * 1000:
+                self._trial_expired()
             if cfg["deep_sleep_ms"]:  # a CONFIG switched battery mode on
                 self.sleep()
             limit = cfg["no_network_reboot_s"] * 1000
@@ -284,7 +334,7 @@ class Node:
             log.info("gateway not reached this cycle")
         feeding.cancel()
         self.state.mark_good()
-        if not self.resumed:
+        if not self.resumed and (self.app is None or self.app.get("kind") != _IMAGE):
             mark_app_valid()  # the boot's first cycle went through
         if self.cfg["deep_sleep_ms"]:
             self.sleep()
@@ -301,6 +351,23 @@ class Node:
 
 
 # ----- start-up -----
+
+def read_json(path):
+    """A JSON file's object, or {} when it is missing or was never completed."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        return doc if isinstance(doc, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def write_json(path, doc):
+    """Replace `path` atomically: a new file renamed over the old one (littlefs)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(doc, f)
+    os.rename(path + ".tmp", path)
+
 
 def mark_app_valid():
     """Keep the running firmware image: an OTA build's bootloader rolls back, at the next
@@ -325,7 +392,7 @@ def safe_mode(state, reason, cfg=None):
     """No readings; say why on the console and (with a config to reach it) to the gateway."""
     from node import safe  # only safe mode needs it
 
-    safe.enter(state, reason, cfg, VERSION)
+    safe.enter(state, reason, cfg, read_json(APP_PATH).get("version") or VERSION)
 
 
 def leave_safe_mode():
@@ -423,7 +490,7 @@ def main():
             node.seq = resumed[1]
             node.link.set_counter(resumed[2])
         else:
-            log.info("boot %d, firmware %s, %d sensors; resets: %s", boot, VERSION,
+            log.info("boot %d, firmware %s, %d sensors; resets: %s", boot, node.version,
                      len(cfg["sensors"]), _resets(state))
         if not clock.synced and clock.from_rtc():
             # An earlier boot set the RTC: this one's readings get Unix times even if it never

@@ -31,6 +31,7 @@ DEFAULTS = {
     "log_level": 2,
     "claim_retry_ms": 30000,  # a claiming board asks its gateway again this often
     "pulse_flash_s": 600,  # pulse totals go to flash this often (RTC memory keeps them 4/s)
+    "ota_trial_s": 600,  # an update not confirmed by then resets the board (a trial boot)
     "i2c": {"id": 0, "scl": 22, "sda": 21},  # the ESP32 DevKit's usual I2C pins
     "sensors": [],
 }
@@ -69,6 +70,7 @@ _POSITIVE = (
     ("log_level", 0, 3),
     ("claim_retry_ms", 100, 3600000),
     ("pulse_flash_s", 0, 86400),
+    ("ota_trial_s", 10, 86400),
 )
 
 

@@ -27,6 +27,7 @@ WINDOW = const(4)  # READINGS frames in flight: enough to fill the link, little 
 _TICK_MS = const(50)  # how late a deadline may be noticed; a tick allocates nothing
 _NEVER = const(0x3FFFFFFF)  # a pending count the store never reaches: readings wake no one
 _DETAIL_MAX = const(160)  # bytes of an ERROR's text: the field and what is wrong with it
+_REASON_MAX = const(200)  # bytes of an OTA_RESULT's reason (str8: at most 255)
 
 
 def cut(text, limit):
@@ -61,14 +62,25 @@ def _readings_writer(key, batch_max):
     return wire.ReadingsWriter(key, bytearray(size))
 
 
+async def _read_into(reader, view):
+    # Straight into the frame buffer: readexactly() builds its answer by concatenation, a
+    # 1 KB chunk frame cost several 1 KB blocks, and with an update's module loaded the
+    # emulated ESP32 heap had no such block left (MemoryError).
+    got = 0
+    while got < len(view):
+        n = await reader.readinto(view[got:])
+        if n == 0:
+            raise EOFError()
+        got += n or 0  # None: nothing there yet
+
+
 async def read_frame(reader, buf, lookup, guard):
     """The next whole frame from the gateway, verified (FrameError if refused)."""
-    header = await reader.readexactly(wire.HEADER_SIZE)
-    length = wire.frame_length(header)
-    rest = await reader.readexactly(length - wire.HEADER_SIZE)
-    buf[:wire.HEADER_SIZE] = header
-    buf[wire.HEADER_SIZE:length] = rest
-    return wire.decode(memoryview(buf)[:length], lookup, guard, True)
+    view = memoryview(buf)
+    await _read_into(reader, view[:wire.HEADER_SIZE])
+    length = wire.frame_length(buf)
+    await _read_into(reader, view[wire.HEADER_SIZE:length])
+    return wire.decode(view[:length], lookup, guard, True)
 
 
 class SessionEnded(Exception):
@@ -88,6 +100,9 @@ class Link:
         self.gateway = Gateway(cfg["gateway"])
         self.connected = False
         self.last_ack_ms = 0  # boot ms of the last ACK: drives the no-network reboot
+        self.acked = False  # the gateway answered this boot (an update's trial needs it)
+        self._ota_sent = [-1, -1]  # counters of the last OTA frames: an ERROR may answer one
+        self.ota_report = None  # (ref, wire OTA state, bytes, reason) to send in a session
         self.hello_due = True
         self.sessions = 0
         self._writer = _readings_writer(self.key, cfg["batch_max"])
@@ -241,6 +256,7 @@ class Link:
     def _on_ack(self, msg):
         node = self.node
         self.last_ack_ms = node.clock.now()
+        self.acked = True
         if msg.gateway_time_ms is not None:
             node.on_clock(msg.gateway_time_ms)
         if msg.readings_boot is not None:
@@ -261,11 +277,61 @@ class Link:
                     self.key, self.node.boot, self.guard.next_counter(), reason,
                     msg.counter, cut(detail, _DETAIL_MAX), False)
                 await self._send(writer, frame)
+        elif msg.type == wire.OTA_OFFER or msg.type == wire.OTA_CHUNK:
+            if writer is not None:
+                await self._on_ota(msg, writer)
         elif msg.type == wire.ERROR_DOWN:
+            if msg.reason == wire.UNSUPPORTED and msg.ref in self._ota_sent:
+                # The gateway does not serve (or no longer serves) this update: stop it and
+                # keep the session, whose readings matter more.
+                log.info("update refused by the gateway: %s", msg.detail)
+                if self.node.ota is not None:
+                    self.node.ota.stop()
+                    self._drop_ota()
+                return
             if msg.reason == wire.STALE_BOOT:
                 self.node.on_stale_boot(msg.ref)
             raise SessionEnded("gateway refused a frame: %s %s" % (
                 wire.reason_name(msg.reason), msg.detail))
+
+    # ----- updates (docs/ota.md): node/ota.py, loaded only while an offer is worked on -----
+
+    async def _on_ota(self, msg, writer):
+        node = self.node
+        if node.ota is None:
+            if msg.type != wire.OTA_OFFER:
+                log.error("OTA chunk with no offer: ignored")
+                return
+            from node.ota import Ota
+
+            node.ota = Ota(node)
+        if msg.type == wire.OTA_OFFER:
+            busy = await node.ota.on_offer(msg, self, writer)
+        else:
+            busy = await node.ota.on_chunk(msg, self, writer)
+        if not busy:
+            self._drop_ota()
+
+    def _drop_ota(self):
+        from node import forget
+
+        self.node.ota = None
+        forget("ota")
+
+    def _ota_counter(self):
+        counter = self.guard.next_counter()
+        self._ota_sent[counter & 1] = counter
+        return counter
+
+    async def send_ota_result(self, writer, ref, state, done, reason=""):
+        """OTA_RESULT: where the update of release `ref` stands."""
+        await self._send(writer, wire.encode_ota_result(
+            self.key, self.node.boot, self._ota_counter(), ref, state, done,
+            cut(reason, _REASON_MAX)))
+
+    async def send_chunk_request(self, writer, ref, index, offset, length):
+        await self._send(writer, wire.encode_ota_chunk_request(
+            self.key, self.node.boot, self._ota_counter(), ref, index, offset, length))
 
     def _batch(self):
         """The next READINGS frame from the buffer, or None when nothing waits."""
@@ -331,6 +397,11 @@ class Link:
                     raise SessionEnded("receive: %r" % (self._dead,))
                 if self.hello_due:
                     await self._send(writer, self._hello())
+                if self.ota_report is not None:  # an update's outcome (confirmed, rolled back)
+                    report = self.ota_report
+                    await self.send_ota_result(writer, *report)
+                    self.ota_report = None
+                    node.ota_reported(report)
                 now = node.clock.now()
                 deadline = None
                 if self._inflight:
