@@ -337,6 +337,21 @@ def test_an_otadata_entry_cut_off_at_any_byte_boots_the_old_slot(flash):
         otadata.write(flash, part, 0, otadata.Entry.for_seq(1, otadata.VALID))
 
 
+def test_a_slot_damaged_after_set_boot_boots_the_old_slot_and_stays_on_trial(flash):
+    put(flash, "ota_0", app_image(seed=1))
+    put(flash, "ota_1", app_image("2.0.0", seed=2))
+    assert otadata.boot(flash).label == "ota_0"
+    assert otadata.set_boot(flash, flash.partition("ota_1")) == otadata.ESP_OK
+    ota_1 = flash.partition("ota_1")
+    assert flash.read(ota_1.offset + 700, 1) != b"\x00"
+    flash.program(ota_1.offset + 700, b"\x00")  # bits cleared after the check
+    assert otadata.boot(flash).label == "ota_0"  # the walk down from ota_1
+    assert otadata.boot_partition(flash) == ota_1  # what otadata still names
+    assert otadata.active_entry(flash) == otadata.Entry.for_seq(2, otadata.PENDING_VERIFY)
+    assert otadata.boot(flash).label == "ota_0"
+    assert otadata.active_entry(flash) == otadata.Entry.for_seq(1, otadata.VALID)
+
+
 # ----- what a table without OTA slots answers -----
 
 
