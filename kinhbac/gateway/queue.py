@@ -41,6 +41,12 @@ for it). A window only moves forward, as in the guard. The table is keyed by the
 text, not `devices.ref`: a CLAIM comes from a board that is no device yet, and its window must
 not create or touch a device's row (mark, HELLO, last seen, CONFIG sent). The listener bounds
 how many claim windows are kept (`forget_window`).
+
+The outbox (table `outbox`) holds what else goes upstream and must survive an uplink outage and
+a restart: OTA progress (docs/ota.md). A message is kept with the next commit (`send_later`,
+redone if that commit fails) and deleted only after the broker's PUBACK (`forget_outbox`); the
+uplink publishes it in the order kept. It needs no layout change: an older gateway ignores the
+table.
 """
 
 import asyncio
@@ -64,9 +70,13 @@ from kinhbac.wire import READING_SIZE, READINGS_PRE_SYNC, READINGS_UNSYNCED
 
 log = logging.getLogger(__name__)
 
-_WRITES = ("put", "device", "window", "forget_window", "delete", "config_sent")
+_WRITES = ("put", "device", "window", "forget_window", "delete", "config_sent", "outbox",
+           "forget_outbox")
 # Fire-and-forget writes: a failed commit's are redone.
-_REDONE = ("device", "window", "forget_window", "delete")
+_REDONE = ("device", "window", "forget_window", "delete", "outbox", "forget_outbox")
+# Messages waiting in the outbox at most (OTA progress: a few per device and update). Only a
+# node holding its own key can make more, by repeating its results; past it the oldest go.
+MAX_OUTBOX = 20_000
 MAX_GROUP = 512  # requests per transaction: bounds one commit's latency under a flood
 CAP_MARGIN = 0.99  # a cap deletion frees 1 % below the cap, so that it does not run per commit
 # Disk space kept free beside the queue for the WAL and checkpoints: a tenth of the filesystem,
@@ -121,6 +131,13 @@ CREATE TABLE IF NOT EXISTS sensor_tables (
     sensors TEXT NOT NULL UNIQUE             -- JSON [[name, unit], ...] from a HELLO
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (         -- messages other than readings, e.g. OTA progress
+    id INTEGER PRIMARY KEY AUTOINCREMENT,   -- publish order
+    device TEXT NOT NULL,                   -- the device the message is about (its topic's)
+    kind TEXT NOT NULL,                     -- which topic: "ota" (mqtt_contract.OTA)
+    payload BLOB NOT NULL,                  -- as published
+    created_ms INTEGER NOT NULL
+);
 """
 
 
@@ -162,6 +179,16 @@ class Stored:
 
 
 @dataclass
+class Outgoing:
+    """One outbox message, as the uplink reads it back."""
+
+    id: int
+    device: str
+    kind: str
+    payload: bytes
+
+
+@dataclass
 class Batch:
     """Readings of one READINGS frame, ready to store."""
 
@@ -189,6 +216,7 @@ class Stats:
     oldest_received_ms: int | None = None
     dropped: dict[str, int] = field(default_factory=dict)
     storage_faults: dict[str, int] = field(default_factory=dict)  # failed commits, by kind
+    outbox_depth: int = 0  # messages in the outbox
 
 
 def default_cap(folder: Path) -> int:
@@ -327,6 +355,21 @@ class Queue:
         the one after if that commit fails). If a power cut loses the delete, the readings are
         published again: harmless duplicates. `ids` are (frame id, readings in it)."""
         self._requests.put(("delete", ids, None))
+
+    def send_later(self, device: str, kind: str, payload: bytes) -> None:
+        """Keep a message for the uplink in the outbox, with the next commit (redone if that
+        commit fails), until the broker acknowledges it (forget_outbox)."""
+        self._requests.put(("outbox", (device, kind, bytes(payload)), None))
+
+    async def fetch_outbox(self, after_id: int, limit: int) -> list[Outgoing]:
+        """The oldest outbox messages after `after_id`, in the order they were kept."""
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._read_pool, self._fetch_outbox, after_id,
+                                                limit)
+
+    def forget_outbox(self, ids: list[int]) -> None:
+        """Delete outbox messages the broker has acknowledged, with the next commit."""
+        self._requests.put(("forget_outbox", list(ids), None))
 
     async def maintain(self) -> Stats:
         """Apply the age limit, retry what a failed commit left, refresh the statistics."""
@@ -488,7 +531,7 @@ class Queue:
         now_ms = int(time.time() * 1000)
         results: list[Any] = []
         before = (dict(self.marks), dict(self._device_refs), dict(self._sensor_refs),
-                  self.stats.depth, self.stats.oldest_received_ms)
+                  self.stats.depth, self.stats.oldest_received_ms, self.stats.outbox_depth)
         try:
             db.execute("BEGIN")
             for kind, payload, _ in writes:
@@ -504,7 +547,7 @@ class Queue:
             self._marked.clear()
             self._windows.clear()
             (self.marks, self._device_refs, self._sensor_refs,
-             self.stats.depth, self.stats.oldest_received_ms) = before
+             self.stats.depth, self.stats.oldest_received_ms, self.stats.outbox_depth) = before
             kind = _fault_kind(exc)
             self._storage_fault(kind, str(exc), refused=puts)
             if kind == "disk_full":
@@ -668,6 +711,23 @@ class Queue:
         db.executemany("DELETE FROM frames WHERE id = ?", [(i,) for i, _ in ids])
         self.stats.depth = max(0, self.stats.depth - sum(n for _, n in ids))
 
+    def _write_outbox(self, db: apsw.Connection, payload: Any, now_ms: int) -> None:
+        device, kind, message = payload
+        db.execute("INSERT INTO outbox (device, kind, payload, created_ms) VALUES (?, ?, ?, ?)",
+                   (device, kind, message, now_ms))
+        self.stats.outbox_depth += 1
+        if self.stats.outbox_depth > MAX_OUTBOX:
+            over = self.stats.outbox_depth - MAX_OUTBOX
+            db.execute("DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id "
+                       "LIMIT ?)", (over,))
+            self.stats.outbox_depth -= over
+            self.stats.dropped["outbox_cap"] = self.stats.dropped.get("outbox_cap", 0) + over
+            log.warning("outbox over %d messages: dropped the %d oldest", MAX_OUTBOX, over)
+
+    def _write_forget_outbox(self, db: apsw.Connection, ids: list[int], now_ms: int) -> None:
+        db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+        self.stats.outbox_depth = max(0, self.stats.outbox_depth - len(ids))
+
     def _write_config_sent(self, db: apsw.Connection, payload: Any, now_ms: int) -> None:
         device, settings = payload
         ref = self._device_ref(db, device)
@@ -686,6 +746,14 @@ class Queue:
             (after_id, limit),
         )
         return [Stored(*r) for r in cursor]
+
+    def _fetch_outbox(self, after_id: int, limit: int) -> list[Outgoing]:
+        if self._reader is None:
+            self._reader = apsw.Connection(str(self.path), flags=apsw.SQLITE_OPEN_READONLY)
+        cursor = self._reader.execute(
+            "SELECT id, device, kind, payload FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+            (after_id, limit))
+        return [Outgoing(*r) for r in cursor]
 
     def _do_devices(self, _: None) -> dict[str, dict[str, Any]]:
         assert self._db is not None
@@ -740,6 +808,7 @@ class Queue:
         ).fetchone()
         self.stats.depth = depth
         self.stats.oldest_received_ms = oldest
+        self.stats.outbox_depth = _one(self._db, "SELECT COUNT(*) FROM outbox")
 
     # ----- the disk cap -----
 

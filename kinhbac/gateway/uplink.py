@@ -12,6 +12,10 @@ when paho's keepalive finds it silent), so `uplink_connected` and the log say so
 figures docs/mqtt.md states ("Broker loss and recovery"). Reconnects follow a capped, jittered
 exponential backoff; a lost broker is logged once, and while it stays away a reminder once a
 minute, not a line per attempt.
+
+Beside the readings, the queue's outbox (OTA progress, docs/ota.md) goes to
+`<prefix>/<site>/<device>/ota`, QoS 1, one message at a time in the order kept, each deleted
+after its PUBACK; a new session sends again what was not acknowledged.
 """
 
 import asyncio
@@ -37,6 +41,8 @@ log = logging.getLogger(__name__)
 FETCH = 256  # frames read from the queue at a time: ~13,000 readings, a few MB in memory
 PROBE_TIMEOUT_S = 5.0  # a publish to our own subtree must come back within this
 IDLE_POLL_S = 0.02  # how often an empty queue is looked at again
+OUTBOX_POLL_S = 0.1  # how often an empty outbox is looked at again (OTA progress is rare)
+OUTBOX_FETCH = 64  # outbox messages read at a time
 STATUS_EVERY_S = 30.0  # a device's retained status is refreshed at most this often
 # A CONNACK comes within milliseconds from a live broker; a proxy in front of a stopped one may
 # accept the connection and never answer, and must not hold an attempt for the PUBACK timeout.
@@ -274,7 +280,9 @@ class Uplink:
     async def stop(self, drain_s: float = 5.0) -> None:
         """Publish what is queued for up to drain_s, say offline, disconnect."""
         deadline = time.monotonic() + drain_s
-        while self.connected.is_set() and self.queue.stats.depth and time.monotonic() < deadline:
+        stats = self.queue.stats
+        while self.connected.is_set() and (stats.depth or stats.outbox_depth) \
+                and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self._stopping.set()
 
@@ -339,13 +347,16 @@ class Uplink:
     async def _serve(self, client: aiomqtt.Client) -> None:
         """Publish until stop(); a lost connection ends it at once, whatever is in flight."""
         publishing = asyncio.create_task(self._publish_loop(client), name="uplink-publish")
+        outbox = asyncio.create_task(self._outbox_loop(client), name="uplink-outbox")
         watching = asyncio.create_task(self._watch(client), name="uplink-watch")
         try:
-            await asyncio.wait({publishing, watching}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({publishing, outbox, watching},
+                               return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (publishing, watching):
+            for task in (publishing, outbox, watching):
                 task.cancel()
-            results = await asyncio.gather(publishing, watching, return_exceptions=True)
+            results = await asyncio.gather(publishing, outbox, watching,
+                                           return_exceptions=True)
         for result in reversed(results):  # the watcher's error says best why the session ended
             if isinstance(result, Exception):
                 raise result
@@ -390,6 +401,30 @@ class Uplink:
                 failed.cancel()
             elif not failed.cancelled():
                 failed.exception()  # seen: the watcher may have ended the session first
+
+    async def _outbox_loop(self, client: aiomqtt.Client) -> None:
+        """The outbox (OTA progress), one message at a time in the order kept, each deleted
+        once the broker acknowledged it; until the connection fails. Apart from the readings,
+        so that neither waits for the other's PUBACKs."""
+        after_id = 0  # a new session starts from the oldest message not yet acknowledged
+        while not self._stopping.is_set():
+            if not self.queue.stats.outbox_depth:
+                await asyncio.sleep(OUTBOX_POLL_S)
+                continue
+            rows = await self.queue.fetch_outbox(after_id, OUTBOX_FETCH)
+            if not rows:
+                await asyncio.sleep(OUTBOX_POLL_S)  # deletes not committed yet
+                continue
+            for row in rows:
+                if row.kind == contract.OTA:
+                    topic = contract.ota_progress_topic(self.mqtt.topic_prefix,
+                                                        self.settings.site, row.device)
+                    await client.publish(topic, row.payload, qos=1)
+                else:  # only a newer gateway's queue file could hold one: not ours to send
+                    log.error("outbox message %d of unknown kind %r deleted unsent", row.id,
+                              row.kind)
+                self.queue.forget_outbox([row.id])
+                after_id = row.id
 
     async def _publish(self, client: aiomqtt.Client, message: Message,
                        previous: asyncio.Future | None, window: asyncio.Semaphore,
