@@ -76,6 +76,18 @@ class MqttSettings(BaseModel):
         return self
 
 
+class OtaSettings(BaseModel):
+    cache_dir: Path | None = Field(
+        None, description="where releases fetched from the fleet are kept for the site's nodes "
+        "(default: <data_dir>/ota-cache)"
+    )
+    cache_bytes: int = Field(
+        64 * 1024 * 1024, ge=64 * 1024, description="the release cache's size limit: the least "
+        "recently offered release no rollout still needs goes first; a release larger than "
+        "this is refused (reported failed for its devices)"
+    )
+
+
 class GatewaySettings(TomlFileSettings):
     model_config = SettingsConfigDict(
         env_prefix="KINHBAC_GATEWAY_", env_nested_delimiter="__", extra="forbid"
@@ -139,6 +151,7 @@ class GatewaySettings(TomlFileSettings):
     )
     log_format: str = Field("text", pattern="^(text|json)$", description="text or json lines")
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    ota: OtaSettings = Field(default_factory=OtaSettings)
 
     @field_validator("site", "gateway_id")
     @classmethod
@@ -191,6 +204,15 @@ class GatewaySettings(TomlFileSettings):
         """The last device keys the fleet gave, for a start while it is unreachable."""
         return self.data_dir / "fleet-keys.json"
 
+    @property
+    def ota_cache_dir(self) -> Path:
+        """Releases fetched for the site's nodes."""
+        return self.ota.cache_dir or self.data_dir / "ota-cache"
+
+    @property
+    def fleet_ota_cache(self) -> Path:
+        """The last update assignments the fleet gave, for a start while it is unreachable."""
+        return self.data_dir / "fleet-ota.json"
 
 
 def describe_settings() -> str:

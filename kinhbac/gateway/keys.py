@@ -3,8 +3,11 @@ key file (the offline option), or the fleet service, fetched on an interval and 
 
 The fleet also supplies what only it can: the site's claim key (to verify CLAIM frames of
 boards set up offline; during a rotation's overlap also the key it replaced, with its expiry),
-the claims an admin approved, and CONFIG settings for nodes; claims are reported to it as they
-come (docs/protocol.md, "Claiming an identity")."""
+the claims an admin approved, CONFIG settings for nodes, and the key release manifests are
+signed with (`release_public_key`, which the OTA cache checks them with); claims are reported to
+it as they come (docs/protocol.md, "Claiming an identity"). FleetKeyStore is also the gateway's
+one client of the fleet: the OTA part fetches with its token and its error handling (open,
+get_json)."""
 
 import asyncio
 import contextlib
@@ -19,7 +22,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -84,6 +87,9 @@ class Listing:
     claims: dict[bytes, tuple[bytes, int]] = field(default_factory=dict)  # -> (nonce, key id)
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # device hex -> settings
     previous_claim_key: ClaimKey | None = None  # during a rotation's overlap only
+    # The key release manifests are signed with (base64 of its raw 32 bytes), None until the
+    # fleet's first release: the OTA cache checks every manifest with it.
+    release_public_key: str | None = None
 
 
 def _claim_key(value: Any, name: str) -> bytes:
@@ -147,7 +153,12 @@ def parse_keys(doc: Any) -> Listing:
     }
     if previous_doc is not None:  # absent otherwise: a listing from before rotation, unchanged
         canonical["previous_claim_key"] = previous_doc
-    return Listing(keys, canonical, current, claims, configs, previous)
+    release_key = doc.get("release_public_key")
+    if release_key is not None:
+        if not isinstance(release_key, str) or len(release_key) != 44:
+            raise ValueError("release_public_key must be base64 of a 32-byte Ed25519 key")
+        canonical["release_public_key"] = release_key  # absent otherwise, as before releases
+    return Listing(keys, canonical, current, claims, configs, previous, release_key)
 
 
 class _ClaimSigner:
@@ -334,7 +345,8 @@ class FleetKeyStore(_KeyTable):
         on_failure: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__()
-        self.url = url.rstrip("/") + FLEET_KEYS_PATH
+        self.base_url = url.rstrip("/")
+        self.url = self.base_url + FLEET_KEYS_PATH
         self._token = token
         self.cache_file = Path(cache_file)
         self.refresh_s = refresh_s
@@ -379,22 +391,44 @@ class FleetKeyStore(_KeyTable):
     def refresh(self) -> None:
         """Nothing: run() refreshes on its own schedule."""
 
-    async def run(self) -> None:
-        """Fetch every refresh_s (a little early, jittered) until cancelled; the start-up fetch
-        is update()'s, awaited before the listener opens."""
+    async def run(self, then: Callable[[], Awaitable[Any]] | None = None) -> None:
+        """Fetch every refresh_s (a little early, jittered) until cancelled, and after each
+        good listing await `then()` (the OTA assignments: same interval, same schedule); the
+        start-up fetch is update()'s, awaited before the listener opens."""
         while True:
             await asyncio.sleep(self.refresh_s * (1 - JITTER * random.random()))
-            await self.update()
+            if await self.update() and then is not None:
+                await then()
 
     async def update(self) -> bool:
         """One fetch off the event loop; applies the answer if good. True if it was."""
         try:
-            listing = await _in_thread(self._fetch_and_cache)
+            listing = await in_thread(self._fetch_and_cache)
         except FetchError as exc:
             self._failed(exc)
             return False
         self._apply(listing)
         return True
+
+    @property
+    def release_public_key(self) -> str | None:
+        """The key release manifests are signed with, from the last listing (None before the
+        fleet's first release)."""
+        return self._listing.release_public_key
+
+    def open(self, path: str, headers: dict[str, str] | None = None) -> Any:
+        """GET `path` of the fleet with the gateway's token (blocking): the open answer, to read
+        and close (a `with` block); FetchError says what went wrong. For the OTA cache, which
+        streams release files to disk instead of reading them whole."""
+        request = urllib.request.Request(self.base_url + path, headers=headers or {})
+        request.add_header("Authorization", f"Bearer {self._token}")
+        try:
+            return self._opener.open(request, timeout=self.timeout_s)
+        except urllib.error.HTTPError as exc:
+            raise _http_failure(exc) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise FetchError("unreachable", f"the fleet is unreachable: {reason}") from None
 
     def _request(self, request: urllib.request.Request) -> bytes:
         """Send a request with the gateway's token (blocking); FetchError says what went wrong."""
@@ -404,19 +438,23 @@ class FleetKeyStore(_KeyTable):
             with self._opener.open(request, timeout=self.timeout_s) as answer:
                 body = answer.read(MAX_ANSWER_BYTES + 1)
         except urllib.error.HTTPError as exc:
-            if exc.code == 429:
-                raise _rate_limited(exc) from None
-            exc.close()
-            if exc.code in (401, 403):
-                raise FetchError("refused", f"the fleet refused this gateway's token (HTTP "
-                                 f"{exc.code}): check fleet_token") from None
-            raise FetchError("http_error", f"the fleet answered HTTP {exc.code}") from None
+            raise _http_failure(exc) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", exc)
             raise FetchError("unreachable", f"the fleet is unreachable: {reason}") from None
         if len(body) > MAX_ANSWER_BYTES:
             raise FetchError("invalid", f"the fleet's answer is over {MAX_ANSWER_BYTES} bytes")
         return body
+
+    def get_json(self, path: str) -> Any:
+        """GET `path` of the fleet with the gateway's token, as JSON (blocking); FetchError
+        says what went wrong."""
+        body = self._request(urllib.request.Request(self.base_url + path))
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise FetchError("invalid", f"the fleet's answer to {path} is not JSON: "
+                             f"{exc!r}") from None
 
     def fetch(self) -> Listing:
         """GET the listing (blocking); FetchError says what went wrong."""
@@ -431,7 +469,7 @@ class FleetKeyStore(_KeyTable):
         listing = self.fetch()
         if listing.doc != self._cached_doc:  # an SD card: write only what changed
             try:
-                _write_atomically(self.cache_file, json.dumps(listing.doc, indent=1))
+                write_atomically(self.cache_file, json.dumps(listing.doc, indent=1))
             except OSError as exc:
                 if not self._cache_error_logged:
                     log.error("cannot cache the device keys in %s: %s", self.cache_file, exc)
@@ -512,7 +550,7 @@ class FleetKeyStore(_KeyTable):
                 if time.monotonic() < self._reports_held_until:
                     entry[1] = -self.refresh_s  # queued before the 429: with a later claim
                     return
-                answer = json.loads(await _in_thread(lambda: self._request(request)))
+                answer = json.loads(await in_thread(lambda: self._request(request)))
             state = answer["state"]
         except FetchError as exc:
             entry[1] = -self.refresh_s  # report it again with the node's next claim
@@ -549,6 +587,17 @@ class FleetKeyStore(_KeyTable):
         self._report_logged_at, self._reports_unlogged = now, 0
 
 
+def _http_failure(exc: urllib.error.HTTPError) -> FetchError:
+    """An HTTP error answer from the fleet, as the FetchError that names it."""
+    if exc.code == 429:
+        return _rate_limited(exc)
+    exc.close()
+    if exc.code in (401, 403):
+        return FetchError("refused", f"the fleet refused this gateway's token (HTTP "
+                          f"{exc.code}): check fleet_token")
+    return FetchError("http_error", f"the fleet answered HTTP {exc.code}")
+
+
 def _rate_limited(exc: urllib.error.HTTPError) -> FetchError:
     """A 429 from the fleet, with its Retry-After (seconds; 60 if absent or not a number) and
     the limit its detail names."""
@@ -575,7 +624,7 @@ def _ids(device_ids: list[bytes], most: int = 5) -> str:
     return f"{len(device_ids)} ({shown}{more})" if device_ids else "0"
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
     """Write, fsync, rename: after a power cut the file is the old one or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -594,7 +643,7 @@ def _write_atomically(path: Path, text: str) -> None:
         os.close(dir_fd)
 
 
-async def _in_thread(work: Callable[[], Any]) -> Any:
+async def in_thread(work: Callable[[], Any], name: str = "fleet-keys") -> Any:
     """work() on a daemon thread of its own: unlike the default executor's, it cannot hold up
     the gateway's exit while a request to a silent fleet waits for its timeout."""
     loop = asyncio.get_running_loop()
@@ -619,5 +668,5 @@ async def _in_thread(work: Callable[[], Any]) -> Any:
         except RuntimeError:
             pass  # the loop is closed: the gateway stopped while this ran
 
-    threading.Thread(target=target, name="fleet-keys", daemon=True).start()
+    threading.Thread(target=target, name=name, daemon=True).start()
     return await done
