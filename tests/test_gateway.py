@@ -165,10 +165,11 @@ def test_a_nodes_error_frames_are_logged_as_a_refusal_or_as_its_own_report(lone_
         time.sleep(0.05)
 
 
-def test_a_nodes_ota_frames_are_refused_as_unsupported_while_its_session_and_readings_go_on(
+def test_a_chunk_request_for_a_release_not_offered_is_refused_and_a_result_recorded_unanswered(
         lone_device, collector):
-    # This gateway decodes OTA frames but serves no OTA yet: a node (or whoever holds its key)
-    # sending them gets a signed refusal by name, and nothing else of its session changes.
+    # This gateway (a key file: no rollouts) offers this node nothing: a node (or whoever holds
+    # its key) asking for a chunk gets a signed refusal by name, its result is taken without an
+    # answer, and nothing else of its session changes.
     gateway, key = lone_device
     device = key.device_id.hex()
 
@@ -187,19 +188,24 @@ def test_a_nodes_ota_frames_are_refused_as_unsupported_while_its_session_and_rea
         wire._frame(wire.OTA_CHUNK_REQUEST, key, 1, 6, struct.pack(">IBIH", 7, 0, 0, 0)),
         readings(7, 11),
     ]
-    answers = exchange(gateway.port, frames, [key], 1, len(frames))
+    answers = exchange(gateway.port, frames, [key], 1, len(frames) - 1)
     # Each answer: an ACK and what it covers, or an ERROR's reason and the counter it refuses.
     got = [("ACK", a.through_seq) if a.type == wire.ACK else (a.reason_name, a.ref)
            for a in answers]
-    assert got == [("ACK", None), ("UNSUPPORTED", 2), ("ACK", 5), ("UNSUPPORTED", 4),
+    assert got == [("ACK", None), ("UNSUPPORTED", 2), ("ACK", 5),
                    ("ACK", 10), ("BAD_PAYLOAD", 6), ("ACK", 15)]
+    assert answers[1].detail == "release ref 00000007 is not offered to this node"
     # The result recorded and sent again, on a connection of its own: the replay window moved.
     [again] = exchange(gateway.port, [result], [key], 1, 1)
     assert (again.reason_name, again.ref) == ("REPLAY", 4)
     collector.wait_for(lambda: collector.count(device) == 15, what="the node's 15 readings")
-    assert gateway.metrics()['kinhbac_gateway_frames_refused_total{reason="unsupported"}'] == 2
-    assert f"refused a frame from {device}: UNSUPPORTED (OTA_CHUNK_REQUEST is not served" \
-        in gateway.log()
+    assert gateway.metrics()['kinhbac_gateway_frames_refused_total{reason="unsupported"}'] == 1
+    log = gateway.log()
+    assert f"refused a frame from {device}: UNSUPPORTED (release ref 00000007 is not offered" \
+        in log
+    assert f"node {device} reports failed for release ref 00000007 ('no offer'), which this " \
+        "gateway does not offer it: not recorded" in log
+    assert not collector.ota_progress  # nothing assigned: nothing to report
 
 
 def test_a_node_in_safe_mode_is_shown_so_in_the_gateways_log_and_status_until_it_recovers(

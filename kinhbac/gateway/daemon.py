@@ -1,8 +1,9 @@
 """`kinhbac gateway run`: the listener, the queue and the uplink in one asyncio process.
 
 Every long-running task runs under one supervisor, a TaskGroup, as aiomqtt runs its loops: the
-uplink, housekeeping, the fleet key refresh, the node listener's server, the watch on the
-queue's database thread and the systemd watchdog pings. If one of them dies (or returns, which
+uplink, housekeeping, the fleet key refresh (and the OTA assignments after each listing), the
+OTA release fetcher, the node listener's server, the watch on the queue's database thread and
+the systemd watchdog pings. If one of them dies (or returns, which
 none does while the gateway runs), the gateway logs one line naming the task and the error
 ("gateway stopped: task housekeeping failed: RuntimeError: ..."), marks itself offline, closes
 the queue and `run()` raises GatewayFailed: the process exits 1 and systemd restarts it.
@@ -28,6 +29,8 @@ from kinhbac.gateway.config import GatewaySettings
 from kinhbac.gateway.keys import FileKeyStore, FleetKeyStore, KeyStore
 from kinhbac.gateway.listener import DeviceInfo, Listener
 from kinhbac.gateway.metrics import Metrics
+from kinhbac.gateway.ota_cache import ReleaseCache
+from kinhbac.gateway.ota_offers import OtaOffers
 from kinhbac.gateway.queue import Queue, QueueError, QueueLayoutError
 from kinhbac.gateway.systemd import Notifier
 from kinhbac.gateway.uplink import Uplink
@@ -72,6 +75,16 @@ class Gateway:
             on_fault=lambda kind: self.metrics.storage_faults.labels(kind).inc(),
         )
         self.uplink = Uplink(settings, self.queue, self.metrics)
+        fleet = self.keys if isinstance(self.keys, FleetKeyStore) else None
+        self.ota = OtaOffers(
+            cache=ReleaseCache(settings.ota_cache_dir, settings.ota.cache_bytes),
+            queue=self.queue,
+            site=settings.site,
+            gateway=settings.gateway_id,
+            fleet=fleet,  # a key file gateway has no assignments: it offers nothing
+            assignments_file=settings.fleet_ota_cache if fleet is not None else None,
+            registry=self.metrics.registry,
+        )
         self.listener = Listener(
             keys=self.keys,
             queue=self.queue,
@@ -86,6 +99,7 @@ class Gateway:
             on_hello=self._on_hello,
             on_seen=self.uplink.device_seen,
             on_safe_mode=self.uplink.device_in_safe_mode,
+            ota=self.ota,
         )
         self.metrics_port: int | None = None
         self.systemd = Notifier.from_environment()
@@ -159,8 +173,12 @@ class Gateway:
 
     async def _start(self) -> int:
         await self.queue.open()
+        await asyncio.to_thread(self.ota.load)  # the release cache and the last assignments
         if isinstance(self.keys, FleetKeyStore):
-            await self.keys.update()  # the fleet's answer (or the cache) before the first node
+            # The fleet's answer (or the cache) before the first node; the OTA assignments
+            # right after a good listing, as at every refresh.
+            if await self.keys.update():
+                await self.ota.update()
         port = await self.listener.start()
         self.metrics_port = self.metrics.serve(self.settings.metrics_host,
                                                self.settings.metrics_port)
@@ -176,8 +194,9 @@ class Gateway:
         supervise("listener", self._serve_nodes())
         self._uplink_task = supervise("uplink", self.uplink.run())
         supervise("housekeeping", self._housekeeping())
+        supervise("ota", self.ota.run())
         if isinstance(self.keys, FleetKeyStore):
-            supervise("fleet-keys", self.keys.run())
+            supervise("fleet-keys", self.keys.run(then=self.ota.update))
         interval = self.systemd.ping_interval_s
         if interval is not None:
             supervise("watchdog", self._watchdog(interval))
@@ -218,6 +237,7 @@ class Gateway:
                       "write-ahead log", CLOSE_S)
         except Exception as exc:  # noqa: BLE001 - the process ends anyway: say why, go on
             log.error("closing the queue: %s", _describe(exc))
+        self.ota.cache.close()
         self.systemd.close()
         log.info("stopped; %d readings still queued for next time", self.queue.stats.depth)
 

@@ -16,6 +16,10 @@ Replay windows are kept per (device, key id) in memory and in the queue, CLAIM f
 id 0xFFFF), and loaded at start: a frame recorded on the WiFi is refused after a gateway restart
 as before it. A CLAIM's window is saved on its own; claim traffic never touches the window,
 mark, status or pending CONFIG of the device's own key.
+
+OTA (docs/ota.md): an offer follows a HELLO's ACK (and CONFIG) when ota_offers.py has one due;
+a chunk request is answered from the release cache or refused with ERROR UNSUPPORTED, and the
+session goes on; a result is recorded and never answered.
 """
 
 import asyncio
@@ -31,6 +35,7 @@ from typing import Any
 from kinhbac import wire
 from kinhbac.gateway.keys import KeyStore
 from kinhbac.gateway.metrics import Metrics
+from kinhbac.gateway.ota_offers import OtaOffers, OtaRefusal
 from kinhbac.gateway.queue import Batch, Queue, QueueError
 from kinhbac.gateway.telemetry import sensors_json
 
@@ -95,6 +100,7 @@ class Listener:
         on_hello: Callable[[str, DeviceInfo], None] | None = None,
         on_seen: Callable[[str], None] | None = None,
         on_safe_mode: Callable[[str, str], None] | None = None,
+        ota: OtaOffers | None = None,
     ) -> None:
         self.keys = keys
         self.queue = queue
@@ -112,6 +118,7 @@ class Listener:
         self.on_hello = on_hello
         self.on_seen = on_seen
         self.on_safe_mode = on_safe_mode
+        self.ota = ota  # None: nothing is offered, every chunk request is refused
         self.guard = wire.ReplayGuard()
         self._claim_windows: OrderedDict[str, None] = OrderedDict()  # device hex, oldest first
         self.devices: dict[str, DeviceInfo] = {}
@@ -262,16 +269,32 @@ class Listener:
             self._claim_windows.move_to_end(device)
             self._bound_claim_windows()
             return self._claim(device, key, msg)  # type: ignore[arg-type]
+        if msg.type == wire.OTA_CHUNK_REQUEST:
+            # Its window only: a download is hundreds of requests, and a window noted is
+            # written once per commit, where a device note is a row update each.
+            self.queue.note_window(device, replay)
+            ref = msg.ref  # type: ignore[attr-defined]
+            try:
+                if self.ota is None:
+                    raise OtaRefusal(f"release ref {ref:08x} is not offered to this node")
+                return [self.ota.chunk(device, key, msg)]  # type: ignore[arg-type]
+            except OtaRefusal as refusal:
+                return self._unsupported(key, msg, frame, str(refusal))
         self.queue.note_device(device, None, replay)
         if msg.type == wire.ERROR_UP:
             self._node_error(device, msg)  # type: ignore[arg-type]
             return []
-        return self._unsupported(key, msg, frame)
+        if msg.type == wire.OTA_RESULT:
+            if self.ota is not None:
+                self.ota.record_result(device, msg)  # type: ignore[arg-type]
+            return []  # recorded, never answered (docs/ota.md)
+        return self._unsupported(key, msg, frame, f"{msg.type_name} is not served by this "
+                                 "gateway")
 
-    def _unsupported(self, key: wire.Key, msg: wire.Message, frame: bytes) -> list[bytes]:
-        """An authentic, fresh frame of a type this gateway decodes but does not serve (OTA,
-        until its part is built): refused by name, counted; the connection goes on."""
-        why = f"{msg.type_name} is not served by this gateway"
+    def _unsupported(self, key: wire.Key, msg: wire.Message, frame: bytes,
+                     why: str) -> list[bytes]:
+        """An authentic, fresh frame this gateway will not serve (e.g. a chunk of a release
+        it does not offer that node): refused by name, counted; the connection goes on."""
         header = (msg.type, msg.device_id, msg.key_id, msg.boot, msg.counter)
         self._refused(wire.FrameError(wire.UNSUPPORTED, why, header), frame)
         return [wire.encode_error(key, msg.boot, wire.downlink_counter(msg.counter, 0),
@@ -318,6 +341,11 @@ class Listener:
             self.config_sent[device] = text
             asyncio.ensure_future(self.queue.set_config_sent(device, settings))
             log.info("sent CONFIG to %s: %s", device, text)
+        if self.ota is not None:  # after the ACK (and CONFIG): the next answer number
+            offer = self.ota.offer(device, key, msg.boot,
+                                   wire.downlink_counter(msg.counter, len(answers)))
+            if offer is not None:
+                answers.append(offer)
         return answers
 
     def _claim(self, device: str, claim_key: wire.Key, msg: wire.ClaimMessage) -> list[bytes]:

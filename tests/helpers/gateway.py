@@ -164,7 +164,8 @@ class GatewayProcess:
 
 _PARSERS = {"telemetry": mqtt_contract.parse_telemetry,
             "device_status": mqtt_contract.parse_device_status,
-            "gateway_status": mqtt_contract.parse_gateway_status}
+            "gateway_status": mqtt_contract.parse_gateway_status,
+            "ota_progress": mqtt_contract.parse_ota_progress}
 
 
 class Collector:
@@ -183,6 +184,7 @@ class Collector:
         self.arrival: dict[str, list[tuple[int, int]]] = defaultdict(list)
         self.telemetry: list[dict] = []
         self.retained: dict[str, Any] = {}
+        self.ota_progress: list[dict] = []  # OTA progress, in the order it arrived
         self.outside_contract: list[tuple[str, str]] = []  # (topic, the parser's reason)
         self.lock = threading.Lock()
         self.client.reconnect_delay_set(0.1, 1)
@@ -200,6 +202,8 @@ class Collector:
                     if key not in self.readings[payload["device"]]:
                         self.readings[payload["device"]][key] = r
                         self.arrival[payload["device"]].append(key)
+            elif msg.topic.endswith("/" + mqtt_contract.OTA):
+                self.ota_progress.append(payload)
             else:
                 self.retained[msg.topic] = payload
 
