@@ -167,9 +167,10 @@ def _headline(rollout: dict[str, Any]) -> str:
 
 
 def _wave_label(rollout: dict[str, Any], index: int) -> str:
-    """A wave as the fleet numbers it (from 0, in its pause reasons and its `wave` filter)."""
-    return (f"wave {index} ({rollout['waves'][index]['percent']}%; waves 0 to "
-            f"{len(rollout['waves']) - 1})")
+    """A wave as people count them, from 1 (as the fleet's pause reasons do; the API's `index`
+    and `wave` filter count from 0)."""
+    return (f"wave {index + 1} of {len(rollout['waves'])} "
+            f"({rollout['waves'][index]['percent']}%)")
 
 
 def _state_text(rollout: dict[str, Any]) -> str:
@@ -203,7 +204,7 @@ def _wave_rows(rollout: dict[str, Any]) -> list[tuple[str, ...]]:
     rows = []
     for wave in rollout["waves"]:
         started = when(wave["started_at"]) if wave.get("started_at") else "not started"
-        rows.append((str(wave["index"]), f"{wave['percent']}%", str(wave["size"]), started,
+        rows.append((str(wave["index"] + 1), f"{wave['percent']}%", str(wave["size"]), started,
                      _counts_text(wave["counts"]) if wave.get("started_at") else "-"))
     return rows
 
@@ -291,7 +292,7 @@ def _live_view(rollout: dict[str, Any], note: str | None) -> Any:
         current = rollout["state"] in ("running", "paused") and \
             wave["index"] == rollout["current_wave"]
         table.add_row(
-            Text(f"{'>' if current else ' '} {wave['index']} ({wave['percent']}%)",
+            Text(f"{'>' if current else ' '} {wave['index'] + 1} ({wave['percent']}%)",
                  style="bold" if current else ""),
             _wave_bar(wave),
             f"{counts.get('confirmed', 0)}/{wave['size']}",

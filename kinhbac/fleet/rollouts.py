@@ -352,7 +352,8 @@ def evaluate(session: Session, rollout: Rollout, now: datetime | None = None) ->
         wave = rollout.current_wave
         tally = WaveTally.of(by_wave.get(wave, Counter()))
         new_failures = tally.failures > rollout.failures_accepted
-        where = f"wave {wave} ({rollout.waves[wave]}% of the target)"
+        # People count waves from 1; the API's `index` and `?wave=` count from 0.
+        where = f"wave {wave + 1} of {last + 1} ({rollout.waves[wave]}% of the target)"
         if new_failures and tally.failed_too_often(rollout.failure_threshold):
             c = tally.counts
             _pause(session, rollout, _cut(
@@ -370,7 +371,7 @@ def evaluate(session: Session, rollout: Rollout, now: datetime | None = None) ->
             audit.record(session, FLEET, "rollout.advance", "rollout", rollout.id,
                          after={"current_wave": wave + 1, "wave_counts": dict(tally.counts)})
             log.info("rollout %s: %s done (%d of %d confirmed), wave %d starts", rollout.id,
-                     where, tally.confirmed, tally.size, wave + 1)
+                     where, tally.confirmed, tally.size, wave + 2)
             changed = True
             continue
         if wave < last and finished:

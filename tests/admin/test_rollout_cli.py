@@ -94,12 +94,12 @@ def test_a_rollout_started_by_version_reads_back_by_short_id_as_json_and_plain(f
     plain = rollout(fleet, "status", short, "--devices")
     assert plain.exit_code == 0, plain.output
     assert f"id:         {created['id']}" in plain.stdout
-    assert "state:      running, wave 0 (50%; waves 0 to 1)" in plain.stdout
+    assert "state:      running, wave 1 of 2 (50%)" in plain.stdout
     assert "devices:    pending 3 (of 3)" in plain.stdout
     assert "deadline:   2h per device" in plain.stdout
     waves = [line.split()[:3] for line in plain.stdout.splitlines()
-             if line.split()[:1] in (["0"], ["1"])]
-    assert waves == [["0", "50%", "2"], ["1", "100%", "1"]]
+             if line.split()[:1] in (["1"], ["2"])]
+    assert waves == [["1", "50%", "2"], ["2", "100%", "1"]]
     assert all(d["wire_id"] in plain.stdout for d in devices)
 
     listed = rollout(fleet, "list")
@@ -235,7 +235,7 @@ def test_a_watch_without_a_terminal_prints_changes_and_ends_when_the_rollout_is_
         assert first.startswith("started rollout "), first + watcher.stderr.read()
         rollout_id = first.rsplit(" ", 1)[1].strip()
         assert watcher.stdout.readline().split()[1:] == [
-            "running,", "wave", "0", "(25%;", "waves", "0", "to", "1):", "pending", "1", "(of",
+            "running,", "wave", "1", "of", "2", "(25%):", "pending", "1", "(of",
             "1);", "all:", "pending", "4", "(of", "4)"]
         time.sleep(2.5)  # a poll or more with nothing new: no line for it
         fleet.call("POST", f"/api/rollouts/{rollout_id}/pause", fleet.admin)
@@ -304,9 +304,9 @@ def test_a_watch_ends_when_a_failure_reported_by_the_gateway_pauses_the_rollout(
         watcher.kill()
     short = rollout_id[:8]
     assert watcher.returncode == 1, err
-    assert "paused, wave 0" in out.splitlines()[-1]
+    assert "paused, wave 1 of" in out.splitlines()[-1]
     assert "rolled_back 1 (of 1)" in out.splitlines()[-1]
-    assert ("kinhbac rollout: paused: wave 0 (25% of the target): 1 of its 1 devices failed (0 "
+    assert ("kinhbac rollout: paused: wave 1 of 2 (25% of the target): 1 of its 1 devices failed (0 "
             "failed, 1 rolled back, 0 timed out), past the 5% failure threshold; see "
             f"`kinhbac rollout status {short} --devices`, then `kinhbac rollout resume {short}` "
             f"or `kinhbac rollout cancel {short}`") in err
@@ -356,7 +356,7 @@ def test_a_watch_rides_out_a_fleet_restart_and_ctrl_c_leaves_the_rollout_running
         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
     try:
-        assert "running, wave 0" in watcher.stdout.readline()
+        assert "running, wave 1 of" in watcher.stdout.readline()
         fleet.stop()
         note = watcher.stderr.readline()
         assert note.startswith("kinhbac rollout: no answer from the fleet since "), note
@@ -366,7 +366,7 @@ def test_a_watch_rides_out_a_fleet_restart_and_ctrl_c_leaves_the_rollout_running
         out, _ = watcher.communicate(timeout=30)
     finally:
         watcher.kill()
-    assert "paused, wave 0" in out and watcher.returncode == 1  # it went on, and saw the pause
+    assert "paused, wave 1 of" in out and watcher.returncode == 1  # it went on, and saw the pause
 
     fleet.call("POST", f"/api/rollouts/{created['id']}/resume", fleet.admin)
     watcher = subprocess.Popen(
@@ -374,7 +374,7 @@ def test_a_watch_rides_out_a_fleet_restart_and_ctrl_c_leaves_the_rollout_running
         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
     try:
-        assert "running, wave 0" in watcher.stdout.readline()
+        assert "running, wave 1 of" in watcher.stdout.readline()
         watcher.send_signal(signal.SIGINT)
         _, err = watcher.communicate(timeout=30)
     finally:
@@ -424,7 +424,7 @@ def test_a_watch_in_a_terminal_draws_every_wave_and_ends_on_cancel(fleet):
     assert watcher.returncode == 1, screen
     assert f"rollout {created['id'][:8]}: bundle 0.6.0 to site {SITE}: running" in screen
     assert "\x1b[" in screen  # drawn for a terminal, not plain lines
-    for wave in ("0 (1%)", "1 (10%)", "2 (50%)", "3 (100%)"):
+    for wave in ("1 (1%)", "2 (10%)", "3 (50%)", "4 (100%)"):
         assert wave in screen
     assert "░" in screen and "0/1" in screen
     assert "cancelled: cancelled 3 (of 3); no device is offered the release any more" in screen

@@ -163,7 +163,7 @@ def test_a_wave_that_fails_too_often_pauses_and_a_resume_waits_for_new_failures(
     detail = shown(fleet, admin, rollout_id)
     assert detail["state"] == "paused"
     assert detail["paused_reason"] == (
-        "wave 0 (50% of the target): 2 of its 10 devices failed (1 failed, 1 rolled back, "
+        "wave 1 of 2 (50% of the target): 2 of its 10 devices failed (1 failed, 1 rolled back, "
         "0 timed out), past the 10% failure threshold")
     assert assigned(fleet, here.gateway) == []  # the gateway stops offering
     assert detail["current_wave"] == 0  # and later waves never start
