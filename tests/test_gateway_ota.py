@@ -68,10 +68,10 @@ class OtaSite:
                                  bytes.fromhex(device["secret"])))
         return keys
 
-    def upload(self, version: str, files: dict[str, bytes]) -> dict:
+    def upload(self, version: str, files: dict[str, bytes], kind: str = "bundle") -> dict:
         answer = self.fleet.http.post(
             "/api/releases", headers={"Authorization": f"Bearer {self.admin}"},
-            data={"kind": "bundle", "version": version},
+            data={"kind": kind, "version": version},
             files=[("file", (path, data)) for path, data in files.items()])
         assert answer.status_code == 201, answer.text
         return answer.json()
@@ -381,6 +381,44 @@ def test_a_release_is_fetched_once_for_the_site_and_each_node_downloads_and_repo
     # Three nodes, each two files of 2,500 bytes in 1,024-byte chunks: 3 x 2 x 3.
     assert metric(gateway, "kinhbac_gateway_ota_chunks_served_total") == 18
     assert metric(gateway, UNSUPPORTED) == 0
+
+
+def test_an_image_release_is_offered_as_its_one_file_and_served_whole(
+        tmp_path, broker, collector, site, proxy, gateways):
+    (key,) = site.register(1)
+    image = bytes([0xE9]) + os.urandom(150_000)  # the app image's magic byte first
+    release = site.upload("1.2.0", {"micropython.bin": image}, kind="image")
+    site.rollout(release, [key])
+    gateway = start_gateway(tmp_path, broker, proxy, site, gateways)
+    wait_until(lambda: metric(gateway, CACHED) == 1, 10, "the image cached")
+    node = Node(key, gateway.port)
+    offer = node.offer()
+    assert (offer.kind, offer.version, offer.ref) == (wire.OTA_IMAGE, "1.2.0", ref_of(release))
+    assert [(p, s) for p, s, _ in offer.files] == [("image.bin", len(image))]
+    assert node.download(offer) == {"image.bin": image}
+    node.close()
+
+
+def test_a_node_repeating_its_results_cannot_fill_the_outbox(
+        tmp_path, broker, collector, site, proxy, gateways):
+    (key,) = site.register(1)
+    release = site.upload("0.2.0", bundle(2000))
+    site.rollout(release, [key])
+    gateway = start_gateway(tmp_path, broker, proxy, site, gateways)
+    wait_until(lambda: metric(gateway, CACHED) == 1, 10, "the release cached")
+    node = Node(key, gateway.port)
+    offer = node.offer()
+    node.result(offer.ref, wire.OTA_DOWNLOADING, 0)
+    node.result(offer.ref, wire.OTA_DOWNLOADING, 0)  # the same again: a repeat, not recorded
+    for done in range(1, 200):  # each one different
+        node.result(offer.ref, wire.OTA_DOWNLOADING, done)
+    node.close()
+    collector.wait_for(lambda: len(progress(collector, node.device)) >= 31, what="progress")
+    time.sleep(1)
+    # "offered", then 30 results: the rest of the minute's are not recorded.
+    assert [d for _, d, _ in progress(collector, node.device)] == [0] + list(range(30))
+    assert f"node {node.device} sent more than 30 update results within a minute" \
+        in gateway.log()
 
 
 def test_chunk_requests_for_what_the_node_was_not_offered_are_refused_and_its_session_goes_on(

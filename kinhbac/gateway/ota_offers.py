@@ -46,6 +46,9 @@ FLEET_OTA_PATH = "/api/gateway/ota"
 # A node repeats a final result at every session until its assignment ends: the same result is
 # recorded again at most this often (a lost message is the outbox's to redeliver, not the node's).
 RESULT_REPEAT_S = 60.0
+# Results recorded per device a minute at most: an update is about eight; a node that sends
+# more (a firmware fault, or whoever holds its key) cannot fill the outbox.
+RESULTS_PER_MINUTE = 30
 REFUSED_RETRY_S = 3600.0  # a refused release still assigned is fetched again after this
 FINAL_STATES = (wire.OTA_CONFIRMED, wire.OTA_FAILED, wire.OTA_ROLLED_BACK)
 RESULT_LOG_EVERY_S = 60.0  # results for refs this gateway does not offer: a line a minute
@@ -125,6 +128,7 @@ class OtaOffers:
         self._offered: set[tuple[str, str, str]] = set()  # (device, rollout, sha)
         self._final: dict[str, tuple[str, str]] = {}  # device -> (rollout, sha) it finished
         self._last_result: dict[str, tuple[tuple, float]] = {}  # device -> (result, monotonic)
+        self._recorded: dict[str, list[float]] = {}  # device -> [minute's start, results in it]
         self._failing: dict[str, str] = {}  # what failed last, per fetch, for the log
         self._result_logged = -RESULT_LOG_EVERY_S
         registry = registry if registry is not None else CollectorRegistry()
@@ -198,7 +202,7 @@ class OtaOffers:
             log.info("OTA assignments: %d devices (%s); ended or changed for %d", len(assignments),
                      ", ".join(releases) or "none", len(ended))
         # What is kept per device follows the assignments, so it stays bounded by them.
-        for table in (self._final, self._last_result):
+        for table in (self._final, self._last_result, self._recorded):
             for device in [d for d in table if d not in assignments]:
                 del table[device]
         current = {(a.device, a.rollout_id, a.manifest_sha256) for a in assignments.values()}
@@ -207,6 +211,8 @@ class OtaOffers:
         shas = {a.manifest_sha256 for a in assignments.values()}
         for sha in [s for s in self._checked if s not in shas]:
             del self._checked[sha]
+        for sha in [s for s in self._refused if s not in shas]:
+            del self._refused[sha]  # assigned again later: fetched and checked again
         self._wake.set()
 
     async def run(self) -> None:
@@ -367,6 +373,15 @@ class OtaOffers:
         last = self._last_result.get(device)
         now = time.monotonic()
         if last is not None and last[0] == result and now - last[1] < RESULT_REPEAT_S:
+            return
+        window = self._recorded.setdefault(device, [now, 0])
+        if now - window[0] >= 60.0:
+            window[:] = [now, 0]
+        window[1] += 1
+        if window[1] > RESULTS_PER_MINUTE:
+            if window[1] == RESULTS_PER_MINUTE + 1:
+                log.warning("node %s sent more than %d update results within a minute: the "
+                            "rest of this minute's are not recorded", device, RESULTS_PER_MINUTE)
             return
         self._last_result[device] = (result, now)
         log.info("node %s: release %s %s %s (%d bytes)%s", device, a.kind, a.version, name,
