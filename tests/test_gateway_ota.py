@@ -421,6 +421,32 @@ def test_a_node_repeating_its_results_cannot_fill_the_outbox(
         in gateway.log()
 
 
+def test_a_node_that_never_answers_its_offers_is_offered_no_more_and_reported_failed(
+        tmp_path, broker, collector, site, proxy, gateways):
+    # A node whose firmware predates OTA ends its session at an offer: offered at every HELLO,
+    # its readings would never get through.
+    silent_key, answering_key = site.register(2)
+    release = site.upload("0.2.0", bundle(2000))
+    site.rollout(release, [silent_key, answering_key])
+    gateway = start_gateway(tmp_path, broker, proxy, site, gateways)
+    wait_until(lambda: metric(gateway, CACHED) == 1, 10, "the release cached")
+    silent, answering = Node(silent_key, gateway.port), Node(answering_key, gateway.port)
+    for _ in range(3):
+        assert silent.offer() is not None
+        offer = answering.offer()
+        answering.result(offer.ref, wire.OTA_DOWNLOADING, 0)  # answered: offered on
+    assert silent.offer() is None
+    assert answering.offer() is not None
+    collector.wait_for(lambda: len(progress(collector, silent.device)) == 2, what="failed")
+    [offered, (state, _, reason)] = progress(collector, silent.device)
+    assert offered[0] == "offered" and state == "failed"
+    assert reason == "the node left 3 offers in a row unanswered (firmware without OTA?): no " \
+        "longer offered"
+    assert silent.offer() is None and silent.readings(5)[-1].through_seq == silent.seq
+    silent.close()
+    answering.close()
+
+
 def test_chunk_requests_for_what_the_node_was_not_offered_are_refused_and_its_session_goes_on(
         tmp_path, broker, collector, site, proxy, gateways):
     mine, other, unassigned = site.register(3)

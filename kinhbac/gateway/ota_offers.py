@@ -49,6 +49,11 @@ RESULT_REPEAT_S = 60.0
 # Results recorded per device a minute at most: an update is about eight; a node that sends
 # more (a firmware fault, or whoever holds its key) cannot fill the outbox.
 RESULTS_PER_MINUTE = 30
+# Offers in a row a node leaves unanswered before it is offered no more for that rollout (and
+# reported failed): a node answers every offer with an OTA_RESULT, and one whose firmware
+# predates OTA refuses the frame and ends its session instead, at every HELLO, so that its
+# readings would never get through.
+MAX_UNANSWERED_OFFERS = 3
 REFUSED_RETRY_S = 3600.0  # a refused release still assigned is fetched again after this
 FINAL_STATES = (wire.OTA_CONFIRMED, wire.OTA_FAILED, wire.OTA_ROLLED_BACK)
 RESULT_LOG_EVERY_S = 60.0  # results for refs this gateway does not offer: a line a minute
@@ -129,6 +134,7 @@ class OtaOffers:
         self._final: dict[str, tuple[str, str]] = {}  # device -> (rollout, sha) it finished
         self._last_result: dict[str, tuple[tuple, float]] = {}  # device -> (result, monotonic)
         self._recorded: dict[str, list[float]] = {}  # device -> [minute's start, results in it]
+        self._unanswered: dict[str, int] = {}  # device -> offers in a row without an answer
         self._failing: dict[str, str] = {}  # what failed last, per fetch, for the log
         self._result_logged = -RESULT_LOG_EVERY_S
         registry = registry if registry is not None else CollectorRegistry()
@@ -202,7 +208,7 @@ class OtaOffers:
             log.info("OTA assignments: %d devices (%s); ended or changed for %d", len(assignments),
                      ", ".join(releases) or "none", len(ended))
         # What is kept per device follows the assignments, so it stays bounded by them.
-        for table in (self._final, self._last_result, self._recorded):
+        for table in (self._final, self._last_result, self._recorded, self._unanswered):
             for device in [d for d in table if d not in assignments]:
                 del table[device]
         current = {(a.device, a.rollout_id, a.manifest_sha256) for a in assignments.values()}
@@ -308,6 +314,15 @@ class OtaOffers:
         release = self.cache.get(a.manifest_sha256)
         if release is None:
             return None
+        unanswered = self._unanswered.get(device, 0)
+        if unanswered >= MAX_UNANSWERED_OFFERS:
+            self._final[device] = (a.rollout_id, a.manifest_sha256)
+            why = (f"the node left {unanswered} offers in a row unanswered (firmware without "
+                   "OTA?): no longer offered")
+            log.warning("node %s: release %s %s: %s", device, a.kind, a.version, why)
+            self._progress(a, "failed", reason=why, boot=boot)
+            return None
+        self._unanswered[device] = unanswered + 1
         try:
             frame = wire.encode_ota_offer(key, boot, counter, release.ref, release.wire_kind,
                                           release.version, release.offer_files())
@@ -335,6 +350,7 @@ class OtaOffers:
             raise OtaRefusal(f"offset {offset} is at or past the end of file {index} "
                              f"({size} bytes)")
         length = min(msg.length, size - offset)  # type: ignore[attr-defined]
+        self._unanswered.pop(device, None)
         try:
             data = self.cache.read(release, index, offset, length)
         except OSError as exc:
@@ -367,6 +383,7 @@ class OtaOffers:
                             "does not offer it: not recorded", device,
                             name or f"state {state}", ref, reason)
             return
+        self._unanswered.pop(device, None)
         if state in FINAL_STATES:
             self._final[device] = (a.rollout_id, a.manifest_sha256)
         result = (a.rollout_id, ref, state, done, reason)
