@@ -383,6 +383,29 @@ def test_a_release_is_fetched_once_for_the_site_and_each_node_downloads_and_repo
     assert metric(gateway, UNSUPPORTED) == 0
 
 
+def test_a_node_in_a_long_session_is_offered_once_after_a_readings_ack(
+        tmp_path, broker, collector, site, proxy, gateways):
+    # A node that stays connected says HELLO once: a release that becomes due during its
+    # session follows the ACK of its next READINGS (the ACK's next answer number, which the
+    # node's DownlinkGuard checks), once for the connection.
+    (key,) = site.register(1)
+    files = bundle(2000)
+    release = site.upload("0.2.0", files)
+    gateway = start_gateway(tmp_path, broker, proxy, site, gateways)
+    node = Node(key, gateway.port)
+    assert node.offer() is None  # no rollout yet
+    site.rollout(release, [key])
+    wait_until(lambda: metric(gateway, CACHED) == 1, 10, "the release cached")
+    [ack] = node.readings()  # the offer follows this ACK
+    offer, ack = node.readings()
+    assert (offer.type, offer.ref, ack.type) == (wire.OTA_OFFER, ref_of(release), wire.ACK)
+    for _ in range(5):
+        assert [a.type for a in node.readings()] == [wire.ACK]
+    assert node.download(offer) == files
+    node.close()
+    assert node.offer().ref == offer.ref  # the next session's HELLO: offered again
+
+
 def test_an_image_release_is_offered_as_its_one_file_and_served_whole(
         tmp_path, broker, collector, site, proxy, gateways):
     (key,) = site.register(1)
@@ -768,3 +791,49 @@ def test_the_ota_settings_default_to_a_cache_under_the_data_dir_of_64_mib(tmp_pa
     monkeypatch.setenv("KINHBAC_GATEWAY_OTA__CACHE_BYTES", "1000")
     with pytest.raises(ConfigError, match="ota.cache_bytes"):
         load_settings(config)
+
+
+def test_a_node_running_the_real_firmware_is_updated_from_the_fleet_and_confirms(
+        tmp_path, broker, collector, site, proxy, gateways, emulator):
+    # The whole path: an admin's release and rollout, this gateway, and an emulated board
+    # running the firmware, whose confirmation reaches the fleet's rollout through the broker.
+    from test_gateway_fleet_keys import NODE_SETTINGS, firmware, wired_node
+
+    from kinhbac.firmware import bundle_files, config_file
+
+    gateway = GatewayProcess(tmp_path / "gw", key_file=None, broker_port=broker.port,
+                             fleet_url=proxy.url, fleet_token=site.gateway_token,
+                             key_refresh_s=REFRESH_S)
+    gateways.append(gateway)
+    board = emulator.add_board()
+    device = site.fleet.call("POST", "/api/devices", site.technician, 201,
+                             json={"mac": board.mac.hex(":"), "site_id": site.site_id})
+    secret = bytes.fromhex(device["secret"])
+    node = wired_node(board, wire.Key(bytes.fromhex(device["wire_id"]), device["key_id"],
+                                      secret), secret)
+    board.write_files(firmware() | config_file(
+        launcher.node_config(node, gateway.port, emulator, **NODE_SETTINGS)))
+    gateway.start()
+    board.power_on()
+    collector.wait_for(lambda: collector.count(node.device) >= 10, timeout=60,
+                       what="readings before the update")
+
+    files = bundle_files()
+    release = site.upload("0.2.0", files)
+    rollout_id = site.fleet.call("POST", "/api/rollouts", site.admin, 201, json={
+        "release_id": release["id"], "waves": [100],
+        "target": {"devices": [node.device]}})["id"]
+    wait_until(lambda: site.fleet.call("GET", f"/api/rollouts/{rollout_id}/devices",
+                                       site.admin)["items"][0]["state"] == "confirmed",
+               300, "the fleet's rollout records the device confirmed")
+    steps = list(dict.fromkeys(s for s, _, _ in progress(collector, node.device)))
+    assert steps == ["offered", "downloading", "verifying", "installed", "rebooting",
+                     "confirmed"]
+    status = collector.retained[f"kinhbac/{SITE}/{node.device}/status"]
+    assert status["firmware"] == "0.2.0"
+    before = collector.count(node.device)
+    collector.wait_for(lambda: collector.count(node.device) >= before + 20, timeout=60,
+                       what="readings after the update")
+    assert proxy.count(f"/api/gateway/releases/{release['id']}") == 1
+    for index in range(len(files)):
+        assert proxy.count(f"/api/gateway/releases/{release['id']}/files/{index}") == 1

@@ -17,7 +17,8 @@ id 0xFFFF), and loaded at start: a frame recorded on the WiFi is refused after a
 as before it. A CLAIM's window is saved on its own; claim traffic never touches the window,
 mark, status or pending CONFIG of the device's own key.
 
-OTA (docs/ota.md): an offer follows a HELLO's ACK (and CONFIG) when ota_offers.py has one due;
+OTA (docs/ota.md): an offer follows a HELLO's ACK (and CONFIG) when ota_offers.py has one due,
+or, once per connection, a READINGS ACK when it became due during the session;
 a chunk request is answered from the release cache or refused with ERROR UNSUPPORTED, and the
 session goes on; a result is recorded and never answered.
 """
@@ -81,6 +82,7 @@ class _Connection:
         # Devices with a refused READINGS frame on this connection: their later batches are
         # refused too (docs/protocol.md, ACK), never stored past the refused ones.
         self.refused: set[str] = set()
+        self.offered: dict[str, int] = {}  # device -> the release ref offered on this connection
 
 
 class Listener:
@@ -259,7 +261,7 @@ class Listener:
         assert isinstance(key, wire.Key)
         replay = (msg.key_id, msg.boot, msg.counter)
         if msg.type == wire.HELLO:
-            return self._hello(device, key, msg, replay)  # type: ignore[arg-type]
+            return self._hello(device, key, msg, replay, conn)  # type: ignore[arg-type]
         if msg.type == wire.READINGS:
             return self._readings(device, key, msg, frame, replay, conn)  # type: ignore
         if msg.type == wire.CLAIM:
@@ -316,7 +318,7 @@ class Listener:
                         wire.reason_name(reason), detail)
 
     def _hello(self, device: str, key: wire.Key, msg: wire.HelloMessage,
-               replay: tuple[int, int, int]) -> list[bytes]:
+               replay: tuple[int, int, int], conn: _Connection) -> list[bytes]:
         hello = {
             "fw_version": msg.fw_version,
             "boot": msg.boot,
@@ -341,12 +343,27 @@ class Listener:
             self.config_sent[device] = text
             asyncio.ensure_future(self.queue.set_config_sent(device, settings))
             log.info("sent CONFIG to %s: %s", device, text)
-        if self.ota is not None:  # after the ACK (and CONFIG): the next answer number
-            offer = self.ota.offer(device, key, msg.boot,
-                                   wire.downlink_counter(msg.counter, len(answers)))
-            if offer is not None:
-                answers.append(offer)
+        # After the ACK (and CONFIG): the next answer number.
+        offer = self._offer(conn, device, key, msg.boot,
+                            wire.downlink_counter(msg.counter, len(answers)))
+        if offer is not None:
+            answers.append(offer)
         return answers
+
+    def _offer(self, conn: _Connection, device: str, key: wire.Key, boot: int,
+               counter: int) -> bytes | None:
+        """An OTA_OFFER due to the node, once per connection and release: after its HELLO's
+        ACK, or, for a release that became due during a long session, after the ACK of its
+        next READINGS (a node that stays connected would otherwise never be offered it)."""
+        if self.ota is None:
+            return None
+        ref = self.ota.due(device)
+        if ref is None or conn.offered.get(device) == ref:
+            return None
+        offer = self.ota.offer(device, key, boot, counter)
+        if offer is not None:
+            conn.offered[device] = ref
+        return offer
 
     def _claim(self, device: str, claim_key: wire.Key, msg: wire.ClaimMessage) -> list[bytes]:
         """A board holding only its site's claim key: its identity once an admin approved this
@@ -434,8 +451,11 @@ class Listener:
                 self.on_seen(device)
             if fresh < count:
                 self.metrics.readings_duplicate.inc(count - fresh)
-            return [wire.encode_ack(key, msg.boot, wire.downlink_counter(msg.counter, 0),
-                                    msg.readings_boot, msg.last_seq, int(time.time() * 1000))]
+            ack = wire.encode_ack(key, msg.boot, wire.downlink_counter(msg.counter, 0),
+                                  msg.readings_boot, msg.last_seq, int(time.time() * 1000))
+            offer = self._offer(conn, device, key, msg.boot,
+                                wire.downlink_counter(msg.counter, 1))
+            return [ack] if offer is None else [ack, offer]
 
         return asyncio.ensure_future(answer())
 

@@ -306,14 +306,21 @@ class OtaOffers:
 
     # ----- the listener's calls (event loop) -----
 
-    def offer(self, device: str, key: wire.Key, boot: int, counter: int) -> bytes | None:
-        """The OTA_OFFER for a node whose HELLO was just answered, if it has one due."""
+    def due(self, device: str) -> int | None:
+        """The ref of the release the node is to be offered now, if any (no side effect)."""
         a = self.assignments.get(device)
-        if a is None or self._final.get(device) == (a.rollout_id, a.manifest_sha256):
+        if a is None or self._final.get(device) == (a.rollout_id, a.manifest_sha256) \
+                or self.cache.get(a.manifest_sha256) is None:
             return None
+        return a.ref
+
+    def offer(self, device: str, key: wire.Key, boot: int, counter: int) -> bytes | None:
+        """The OTA_OFFER for the node, if one is due (the listener sends it after an ACK)."""
+        if self.due(device) is None:
+            return None
+        a = self.assignments[device]
         release = self.cache.get(a.manifest_sha256)
-        if release is None:
-            return None
+        assert release is not None
         unanswered = self._unanswered.get(device, 0)
         if unanswered >= MAX_UNANSWERED_OFFERS:
             self._final[device] = (a.rollout_id, a.manifest_sha256)
