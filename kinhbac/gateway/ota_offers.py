@@ -199,7 +199,7 @@ class OtaOffers:
         return assignments
 
     def apply(self, assignments: dict[str, Assignment]) -> None:
-        """New assignments: offers follow them from the next HELLO on."""
+        """New assignments: offers follow them from each node's next HELLO or READINGS on."""
         old = self.assignments
         self.assignments = assignments
         if assignments != old:
