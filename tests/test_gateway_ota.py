@@ -687,6 +687,32 @@ def test_the_cache_evicts_the_least_recently_offered_release_never_an_assigned_o
         node.close()
 
 
+def test_a_lowered_cache_limit_evicts_what_no_rollout_needs_at_the_next_start(
+        tmp_path, broker, collector, site, proxy, gateways, monkeypatch):
+    keys = site.register(3)
+    releases = [site.upload(f"0.{i}.0", bundle(40_000)) for i in range(1, 4)]
+    rollouts = [site.rollout(r, [k]) for r, k in zip(releases, keys, strict=True)]
+    gateway = start_gateway(tmp_path, broker, proxy, site, gateways)
+    wait_until(lambda: metric(gateway, CACHED) == 3, 10, "three releases cached")
+    nodes = [Node(k, gateway.port) for k in keys]
+    for node in (nodes[1], nodes[0]):  # release 3 never offered: it is the oldest
+        assert node.offer() is not None
+        node.close()
+        time.sleep(0.05)
+    site.cancel(rollouts[0])
+    site.cancel(rollouts[2])
+    assert gateway.terminate() == 0
+
+    # 80,000 bytes now: release 2 is still assigned, of the others the older offer goes.
+    monkeypatch.setenv("KINHBAC_GATEWAY_OTA__CACHE_BYTES", "80000")
+    gateway.start()
+    sha = [manifest_sha256(r) for r in releases]
+    wait_until(lambda: cache_folders(gateway) == sorted(sha[:2]), 10, "release 3 evicted")
+    assert "OTA cache over its limit (ota.cache_bytes 80000): evicted release bundle 0.3.0" \
+        in gateway.log()
+    assert Node(keys[1], gateway.port, boot=2).offer().ref == ref_of(releases[1])
+
+
 def test_a_cut_download_resumes_with_a_range_request_from_the_byte_it_reached(
         tmp_path, broker, collector, site, proxy, gateways):
     (key,) = site.register(1)
@@ -837,3 +863,44 @@ def test_a_node_running_the_real_firmware_is_updated_from_the_fleet_and_confirms
     assert proxy.count(f"/api/gateway/releases/{release['id']}") == 1
     for index in range(len(files)):
         assert proxy.count(f"/api/gateway/releases/{release['id']}/files/{index}") == 1
+
+
+def test_a_progress_message_whose_commit_failed_is_kept_with_the_next_and_survives_a_restart(
+        tmp_path):
+    # The outbox on a card whose fsync fails once (EIO), as the readings meet it.
+    import asyncio
+
+    from helpers.faulty_disk import FaultyDisk
+
+    from kinhbac.gateway.queue import Queue
+
+    path, device = tmp_path / "queue.sqlite3", "6b62000000000042"
+
+    async def main(disk: FaultyDisk) -> None:
+        queue = Queue(path, disk_cap_bytes=0, max_age_s=3600)
+        await queue.open()
+        disk.fail_syncs(1)
+        queue.send_later(device, "ota", b'{"state":"offered"}')
+        queue.send_later(device, "ota", b'{"state":"downloading"}')
+        deadline = time.monotonic() + 10
+        while len(await queue.fetch_outbox(0, 10)) < 2:
+            assert time.monotonic() < deadline, "the failed commit's messages were not redone"
+            await asyncio.sleep(0.05)
+        assert queue.stats.storage_faults.get("io_error") == 1
+        await queue.close()
+
+        queue = Queue(path, disk_cap_bytes=0, max_age_s=3600)  # a restart
+        await queue.open()
+        rows = await queue.fetch_outbox(0, 10)
+        assert [(r.device, r.kind, r.payload) for r in rows] == [
+            (device, "ota", b'{"state":"offered"}'), (device, "ota", b'{"state":"downloading"}')]
+        assert queue.stats.outbox_depth == 2
+        queue.forget_outbox([rows[0].id])  # the broker acknowledged the first
+        await queue.maintain()
+        assert [r.payload for r in await queue.fetch_outbox(0, 10)] == [
+            b'{"state":"downloading"}']
+        assert queue.stats.outbox_depth == 1
+        await queue.close()
+
+    with FaultyDisk() as disk:
+        asyncio.run(main(disk))

@@ -236,6 +236,26 @@ class ReleaseCache:
             self._forget(victim)
         return [v.folder for v in chosen]
 
+    def trim(self, keep: Iterable[str]) -> list[Path]:
+        """Take out the least recently offered releases that `keep` does not name while the
+        cache holds more than its limit (a limit lowered since they were fetched); the
+        folders to delete (off the event loop)."""
+        keep = set(keep)
+        used = self.used_bytes()
+        chosen = []
+        for release in sorted(self.releases.values(), key=lambda r: r.offered_at):
+            if used <= self.limit_bytes:
+                break
+            if release.manifest_sha256 not in keep:
+                chosen.append(release)
+                used -= release.size
+        for release in chosen:
+            log.info("OTA cache over its limit (ota.cache_bytes %d): evicted release %s %s "
+                     "(%s, %d bytes)", self.limit_bytes, release.kind, release.version,
+                     release.manifest_sha256[:16], release.size)
+            self._forget(release)
+        return [r.folder for r in chosen]
+
     def _forget(self, release: CachedRelease) -> None:
         self.releases.pop(release.manifest_sha256, None)
         if self._by_ref.get(release.ref) is release:
@@ -362,8 +382,11 @@ class ReleaseCache:
                                  f"{expected[:16]}...: the fleet served other bytes")
         os.rename(part, staging / str(index))
 
-    def drop_incoming(self, keep: Iterable[str]) -> None:
-        """Delete partial downloads of releases no longer assigned (blocking)."""
+    def drop_incoming(self, keep: Iterable[str], evicted: Iterable[Path] = ()) -> None:
+        """Delete partial downloads of releases no longer assigned, and the folders of
+        releases trim() took out (blocking)."""
+        for folder in evicted:
+            shutil.rmtree(folder, ignore_errors=True)
         keep = set(keep)
         for folder in _folders(self.folder / INCOMING):
             if folder.name not in keep:

@@ -232,7 +232,8 @@ class OtaOffers:
         needed: dict[str, Assignment] = {}
         for a in self.assignments.values():
             needed.setdefault(a.manifest_sha256, a)
-        await in_thread(lambda: self.cache.drop_incoming(needed), "ota-cache")
+        evicted = self.cache.trim(needed)
+        await in_thread(lambda: self.cache.drop_incoming(needed, evicted), "ota-cache")
         for sha, a in needed.items():
             if self.cache.get(sha) is not None:
                 continue
