@@ -6,6 +6,8 @@
     fleet ingest  bench/RESULTS.md       messages/s from MQTT into PostgreSQL, lag
     queue         bench/RESULTS.md       bytes a reading on disk, a one-hour backlog's drain
     login         bench/RESULTS.md       fleet RSS and health p99 under 60 clients' bad logins
+    ota           bench/RESULTS.md       a release to 100 boards behind one gateway: time,
+                                         fetches at the fleet, node heap while downloading
 """
 
 import sys
@@ -16,6 +18,7 @@ from bench import (
     gateway_bench,
     heap_factor,
     login_bench,
+    ota_bench,
     queue_bench,
 )
 
@@ -27,6 +30,7 @@ def main() -> int:
     status = fleet_ingest_bench.main([]) or status
     status = queue_bench.main([]) or status
     status = login_bench.main([]) or status
+    status = ota_bench.main([]) or status
     return status
 
 

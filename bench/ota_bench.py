@@ -1,0 +1,219 @@
+"""Over-the-air updates at a site's scale (issue 13): one release to every board behind one
+gateway, in one wave, with every real part (the fleet with its ingest, Mosquitto, the gateway
+process, emulated ESP32 boards running the real firmware; tests/helpers/ota.py sets them up).
+
+    python -m bench.ota_bench                 # 10 boards (the baseline), then 100; writes RESULTS.md
+    python -m bench.ota_bench --boards 10 30 --no-write
+
+For each size, measured in the same run:
+- the time from the rollout's start to every device confirmed in the fleet;
+- what the gateway fetched of the release from the fleet: requests and body bytes under
+  /api/gateway/releases/, counted inside the fleet's ASGI app (target: one download per site,
+  whatever the number of nodes);
+- the node's live heap (after a collection, the firmware's debug heap report every second) on
+  a few boards at log level 3: the highest report while the release downloads (between the
+  node's "offered" and "installed" lines) against the idle figure, the highest report of the
+  settled old version before the offer (target: under 16 KB above idle).
+
+The boards run and deliver readings before the rollout starts, as on a site.
+"""
+
+import argparse
+import datetime as dt
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))  # the shared harness: tests/helpers/ota.py
+
+from helpers.gateway import Collector  # noqa: E402
+from helpers.ota import (  # noqa: E402
+    OtaSite,
+    assert_nothing_lost,
+    counting_fleet,
+    firmware_variant,
+    summary,
+    wait_flowing,
+)
+
+from bench.report import machine_rows, replace_section  # noqa: E402
+from kinhbac.broker import LocalBroker  # noqa: E402
+from kinhbac.emulator.site import Emulator  # noqa: E402
+
+RESULTS = REPO / "bench" / "RESULTS.md"
+BEGIN = "<!-- ota-bench:begin (written by python -m bench.ota_bench) -->"
+END = "<!-- ota-bench:end -->"
+VERSION = "0.2.0"
+HEAP_TARGET = 16 * 1024  # docs/ota.md: a download holds a chunk, its frame and a block at most
+HEAP_BOARDS = 3  # boards at log level 3 (a heap report a second); the rest log less
+# Readings every second, not every 50 ms as the tests take them: 100 boards on 2 cores share
+# the CPU with the gateway, the fleet and the broker, and the update is what is measured.
+SETTINGS = {"interval_ms": 1000}
+CONFIRM_TIMEOUT_S = 1200
+HEAP_LINE = "heap alloc="
+
+
+def heap_reports(text: str) -> list[tuple[int, str]]:
+    """(line number, line) of the console's heap reports and update steps, in order."""
+    return [(i, line) for i, line in enumerate(text.splitlines())
+            if HEAP_LINE in line or "offered:" in line or "installed in" in line
+            or "confirmed" in line]
+
+
+def heap_figures(text: str) -> tuple[int, int] | None:
+    """(peak while downloading, idle before the offer) from one board's console."""
+    download, idle, phase = [], [], "idle"
+    for _, line in heap_reports(text):
+        if "offered:" in line:
+            phase = "download"
+        elif "installed in" in line:
+            phase = "switch"
+        elif HEAP_LINE in line:
+            alloc = int(line.split(HEAP_LINE, 1)[1].split()[0])
+            if phase == "download":
+                download.append(alloc)
+            elif phase == "idle":
+                idle.append(alloc)
+    if not download or len(idle) < 4:
+        return None
+    return max(download), max(idle[3:])  # settled: past the boot's first reports
+
+
+def run(workdir: Path, boards: int) -> dict:
+    """One site of `boards` boards, one release, one wave: the figures."""
+    print(f"ota bench: {boards} boards ...", flush=True)
+    monkeypatch = pytest.MonkeyPatch()
+    with LocalBroker(workdir / "broker") as broker, \
+            counting_fleet(workdir / "fleet", broker.port, monkeypatch) as fleet, \
+            Emulator(workdir / "site") as emulator:
+        collector = Collector(broker.port)
+        site = OtaSite(workdir, fleet, emulator, broker.port)
+        try:
+            watched = site.add_nodes(HEAP_BOARDS, **SETTINGS, log_level=3)
+            nodes = watched + site.add_nodes(boards - HEAP_BOARDS, **SETTINGS)
+            release = site.upload("bundle", VERSION, firmware_variant(workdir, VERSION))
+            site.start()
+            wait_flowing(collector, nodes, 5, 300, f"readings from the {boards} boards")
+            time.sleep(3)  # a few idle heap reports
+            started = time.monotonic()
+            rollout = site.start_rollout(release, [100])
+            site.wait_all(rollout["id"], "confirmed", CONFIRM_TIMEOUT_S)
+            took = time.monotonic() - started
+            states = summary(site.states(rollout["id"]))
+            heaps = [f for n in watched if (f := heap_figures(n.board.console.text()))]
+            try:
+                assert_nothing_lost(collector, nodes)
+                lost = "none"
+            except AssertionError as exc:
+                lost = str(exc)
+            return {
+                "boards": boards,
+                "seconds": took,
+                "states": states,
+                "release_files": len(release["files"]),
+                "release_bytes": release["size"],
+                "file_requests": len(fleet.fetches.files()),
+                "requests": len(fleet.fetches.requests),
+                "fetched_bytes": fleet.fetches.body_bytes,
+                "heap": heaps,
+                "lost": lost,
+                "readings": collector.count(),
+            }
+        finally:
+            site.close()
+            collector.close()
+            monkeypatch.undo()
+
+
+def section(results: list[dict], date: str) -> str:
+    rows = machine_rows() + [("Date", date)]
+    lines = [
+        BEGIN,
+        "# OTA rollout benchmark",
+        "",
+        "Written by `python -m bench.ota_bench` (part of `make bench`): one bundle release "
+        "(this firmware as version 0.2.0) to every board behind one gateway, one wave "
+        "(`waves [100]`), with the fleet, Mosquitto, the gateway process and emulated ESP32 "
+        "boards running the real firmware on one machine. The smaller site is the baseline, "
+        "measured in the same run.",
+        "",
+        "## Machine",
+        "",
+        "| | |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in rows],
+        "",
+        "## Results",
+        "",
+        "| Boards | Rollout start to all confirmed | Final states | Release (files, bytes) "
+        "| Gateway's fetches at the fleet (file requests, all requests, body bytes) "
+        "| Node heap: download peak / idle / above idle (max of the watched boards) "
+        "| Readings lost |",
+        "|---:|---:|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r["heap"]:
+            above = max(peak - idle for peak, idle in r["heap"])
+            peak = max(p for p, _ in r["heap"])
+            idle = statistics.median(i for _, i in r["heap"])
+            mark = "under" if above < HEAP_TARGET else "**over**"
+            heap = (f"{peak:,} B / {idle:,.0f} B / {above:,} B ({mark} the 16 KB target; "
+                    f"{len(r['heap'])} boards)")
+        else:
+            heap = "no download seen between two heap reports"
+        lines.append(
+            f"| {r['boards']} | {r['seconds']:.1f} s | {r['states']} | {r['release_files']} "
+            f"files, {r['release_bytes']:,} B | {r['file_requests']}, {r['requests']}, "
+            f"{r['fetched_bytes']:,} B | {heap} | {r['lost']} |")
+    lines += [
+        "",
+        "## Notes",
+        "",
+        "- One download per site: the gateway fetches each file of the release once (plus the "
+        "signed manifest), whatever the number of boards; the bytes above are the files and "
+        "the manifest's JSON.",
+        "- The heap figures are the emulated boards' (MicroPython's unix port, 64-bit: objects "
+        "take more than on an ESP32, buffers the same); `bench/firmware_heap.py` converts "
+        "figures by kind. A download is a few seconds and the firmware reports its heap once a "
+        "second, so the peak is sampled, not exact.",
+        "- The boards run and deliver readings before the rollout starts; the time includes "
+        "the gateway's next assignment fetch (every second here) and its one download.",
+        f"- Readings every {SETTINGS['interval_ms']} ms (the tests take them every 50 ms): the "
+        "2 cores run the boards, the gateway, the fleet and the broker together.",
+        END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.ota_bench",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--boards", type=int, nargs="+", default=[10, 100],
+                   help="site sizes, the first the baseline")
+    p.add_argument("--no-write", action="store_true", help="print, do not write RESULTS.md")
+    a = p.parse_args(argv)
+    results = []
+    for boards in a.boards:
+        if boards < HEAP_BOARDS:
+            p.error(f"--boards: at least {HEAP_BOARDS} (the heap-watched boards)")
+        with tempfile.TemporaryDirectory(prefix="ota-bench-") as tmp:
+            try:
+                results.append(run(Path(tmp), boards))
+            except (AssertionError, TimeoutError) as exc:
+                print(f"ota bench: {boards} boards did not finish: {exc}"[:4000], file=sys.stderr)
+                return 1
+        print(results[-1], flush=True)
+    text = section(results, dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"))
+    if not a.no_write:
+        replace_section(RESULTS, text, BEGIN, END)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
