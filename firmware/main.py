@@ -65,10 +65,12 @@ def _choose():
     return app, slot
 
 
-def _start():
+def _load():
     app, slot = _choose()
     try:
         import node.app
+
+        return node.app
     except Exception as e:
         if not slot:
             raise  # the base: nothing to fall back to
@@ -80,7 +82,10 @@ def _start():
         else:
             _roll_back(app, why)
         machine.reset()
-    node.app.main()
 
 
-_start()
+_app = _load()
+# This file runs in the start-up code's globals, which live as long as the board: its
+# functions go, so that their bytecode leaves the app's heap.
+del _app_read, _app_write, _last_error, _roll_back, _choose, _load, APP_PATH, TRIAL_BOOTS
+_app.main()

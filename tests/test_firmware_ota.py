@@ -50,7 +50,9 @@ class OtaGateway(Receiver):
         self.tamper = None  # (device, msg, data) -> list of (ref, index, offset, data) to send
         self.unsupported = False  # answer chunk requests with ERROR UNSUPPORTED
         self.on_result = None  # (device, state name) -> None, called on the receiver's thread
-        self.inject: list[bytes] = []  # raw frames written after the next HELLO's answers
+        # frames an attacker on the link adds after the next ACK: (key, boot, counter of that
+        # ACK) -> bytes
+        self.inject: list = []
         self._cv = threading.Condition()
 
     def offer(self, node, files, version=NEW_VERSION, ref=REF, kind=wire.OTA_BUNDLE):
@@ -108,11 +110,8 @@ class OtaGateway(Receiver):
             ref, detail = payload
             return wire.encode_error(key, boot, counter, wire.UNSUPPORTED, ref, detail)
         frame = Receiver._encode(kind, key, boot, counter, payload)
-        return frame + b"".join(self._take_injected())
-
-    def _take_injected(self):
         frames, self.inject = self.inject, []
-        return frames
+        return frame + b"".join(make(key, boot, counter) for make in frames)
 
 
 @pytest.fixture
@@ -179,3 +178,291 @@ def test_a_bundle_is_downloaded_switched_to_and_confirmed_while_readings_flow(
         assert node.board.read_file("/a" + path) == data
     assert_nothing_lost(gateway, node)
     assert {r.boot for r in gateway.readings_of(node.device)} == {1, 2}
+
+
+# ----- releases that never confirm are rolled back -----
+
+BROKEN_AT_IMPORT = patched("app", 'VERSION = "0.1.0"',
+                           'raise RuntimeError("this release is broken")\nVERSION = "0.1.0"')
+
+
+def test_a_bundle_that_raises_at_import_is_rolled_back_after_three_trial_boots(
+        emulator, gateway):
+    node = start(emulator, gateway)
+    gateway.offer(node, bundle_files() | BROKEN_AT_IMPORT)
+    gateway.drop_connections()
+    _, _, _, reason = gateway.result(node, "rolled_back", timeout=180)
+    assert reason == "import failed: RuntimeError: this release is broken"
+    assert list(dict.fromkeys(gateway.states(node))) == [
+        "downloading", "verifying", "installed", "rebooting", "rolled_back"]
+    # The old version runs again, and its readings flow.
+    wait_until(lambda: gateway.devices[node.device].hello.fw_version == OLD_VERSION,
+               what="the old version in HELLO")
+    gateway.wait_for_count(gateway.count(node.device) + 50, node.device)
+    text = node.board.console.text()
+    assert text.count("\nRuntimeError: this release is broken") == 3  # three trial boots
+    assert "release 0.2.0 rolled back: import failed" in text
+    assert len(node.board.boots) == 5  # the switch, three trial boots, the old app again
+    node.board.power_cut(restore=False)
+    app = board_json(node, "/app.json")
+    assert app["slot"] == "" and not app.get("trial")
+    assert app["rolled_back"] == {"ref": REF, "version": NEW_VERSION, "told": True,
+                                  "reason": reason}
+    assert_nothing_lost(gateway, node)
+
+
+NO_BME280 = patched("sensors", "chip = chips[address] = BME280(i2c, address)",
+                    "chip = chips[address] = BME280(i2c, address - 1)")  # a wrong address
+NO_GATEWAY = patched("link", "stream = await self.gateway.connect(node.wdt)",
+                     'raise OSError(113, "this release reaches no gateway")')
+
+
+@pytest.mark.parametrize("broken, why", [
+    (NO_BME280, "sensor errors"),
+    (NO_GATEWAY, "no ACK from the gateway"),
+])
+def test_a_bundle_that_cannot_read_its_sensors_or_reach_its_gateway_is_rolled_back(
+        emulator, gateway, broken, why):
+    # Sampling every 100 ms: three trials and their outage pile up readings on flash, and at
+    # FAST's 20 ms (250 readings a second) their count, not the update, would test the heap.
+    node = start(emulator, gateway, ota_trial_s=10, interval_ms=100)
+    gateway.offer(node, bundle_files() | broken)
+    gateway.drop_connections()
+    gateway.result(node, "rebooting", timeout=180)
+    _, _, _, reason = gateway.result(node, "rolled_back", timeout=120)
+    assert reason == f"trial not confirmed within 10 s: {why}"
+    assert "confirmed" not in gateway.states(node)
+    wait_until(lambda: gateway.devices[node.device].hello.fw_version == OLD_VERSION,
+               what="the old version in HELLO")
+    count = gateway.count(node.device)
+    gateway.wait_for_count(count + 50, node.device)  # every sensor of the kit reads again
+    latest = gateway.readings_of(node.device)[-25:]
+    assert {r.sensor for r in latest} == set(range(len(launcher.SENSOR_KIT)))
+    assert node.board.console.text().count(f"not confirmed within 10 s ({why})") == 3
+    node.board.power_cut(restore=False)
+    assert_nothing_lost(gateway, node)
+
+
+# ----- from the attacker's side -----
+
+
+def test_a_forged_offer_is_refused_and_nothing_is_staged(emulator, gateway):
+    node = start(emulator, gateway)
+    files = bundle_files()
+    offered = [(p, len(d), __import__("hashlib").sha256(d).digest()) for p, d in files.items()]
+    forger = wire.Key(node.key.device_id, node.key.key_id, b"\x01" * 32)  # not the node's key
+    gateway.inject.append(lambda key, boot, counter: wire.encode_ota_offer(
+        forger, boot, counter + 1, REF, wire.OTA_BUNDLE, NEW_VERSION, offered))
+    gateway.drop_connections()
+    node.board.console.wait_for("BAD_MAC", timeout=30)
+    gateway.wait_for_count(gateway.count(node.device) + 50, node.device)
+    assert gateway.results.get(node.device) is None  # the node never answered it
+    node.board.power_cut(restore=False)
+    assert board_json(node, "/ota.json") is None and board_json(node, "/app.json") is None
+    assert node.board.read_file("/a/lib/node/app.mpy") is None
+    assert_nothing_lost(gateway, node)
+
+
+def test_a_replayed_offer_is_refused_after_the_gateway_withdrew_it(emulator, gateway):
+    node = start(emulator, gateway)
+    gateway.unsupported = True  # the rollout is paused: requests are refused
+    gateway.offer(node, bundle_files())
+    gateway.drop_connections()
+    node.board.console.wait_for("update refused by the gateway: no release offered", timeout=30)
+    node.board.console.wait_for("download stopped")
+    sessions = node.board.console.text().count("I kinhbac: session ")
+    gateway.wait_for_count(gateway.count(node.device) + 50, node.device)
+    # The refusal kept the session: readings went on in it.
+    assert node.board.console.text().count("I kinhbac: session ") == sessions
+    recorded = gateway.sent_offers[-1]
+    del gateway.assignments[node.device]
+    gateway.inject.append(lambda key, boot, counter: recorded)  # the recorded frame, again
+    gateway.drop_connections()
+    node.board.console.wait_for("REPLAY", timeout=30)
+    gateway.wait_for_count(gateway.count(node.device) + 50, node.device)
+    assert gateway.states(node) == ["downloading"]  # the first offer's answer only
+    node.board.power_cut(restore=False)
+    assert board_json(node, "/ota.json") is None  # what was staged went with the refusal
+    assert node.board.read_file("/a/lib/wire.mpy") is None
+    assert_nothing_lost(gateway, node)
+
+
+def small_first(files):
+    """The bundle with its smallest file first: it is the first one asked for."""
+    first = min(files, key=lambda p: len(files[p]))
+    return {first: files[first]} | files
+
+
+def test_a_chunk_with_wrong_bytes_is_asked_again_and_the_release_still_installs(
+        emulator, gateway):
+    node = start(emulator, gateway)
+    files = small_first(bundle_files())
+    tampered = []
+
+    def tamper(device, msg, data):
+        if not tampered and msg.file_index == 0:
+            tampered.append(msg.offset)
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        return [(msg.ref, msg.file_index, msg.offset, data)]
+
+    gateway.tamper = tamper
+    gateway.offer(node, files)
+    gateway.drop_connections()
+    gateway.result(node, "confirmed", timeout=240)
+    text = node.board.console.text()
+    assert "SHA-256 mismatch (1)" in text and "SHA-256 mismatch (2)" not in text
+    asked = [(i, off) for _, i, off, _ in gateway.requests[node.device]]
+    assert asked.count((0, 0)) == 2  # the file from its start again
+    node.board.power_cut(restore=False)
+    for path, data in files.items():
+        assert node.board.read_file("/a" + path) == data
+
+
+def test_a_file_that_keeps_arriving_wrong_fails_the_release_and_nothing_is_installed(
+        emulator, gateway):
+    node = start(emulator, gateway)
+    files = small_first(bundle_files())
+
+    def tamper(device, msg, data):
+        return [(msg.ref, msg.file_index, msg.offset, bytes(len(data)))]  # zeros
+
+    gateway.tamper = tamper
+    gateway.offer(node, files)
+    gateway.drop_connections()
+    _, _, _, reason = gateway.result(node, "failed", timeout=60)
+    first = next(iter(files))
+    assert reason == f"{first}: SHA-256 mismatch 3 times"
+    gateway.wait_for_count(gateway.count(node.device) + 50, node.device)
+    assert gateway.devices[node.device].hello.fw_version == OLD_VERSION
+    # Offered again at the next session, the node answers its final state, downloads nothing.
+    asked = len(gateway.requests[node.device])
+    gateway.results[node.device].clear()
+    gateway.drop_connections()
+    gateway.result(node, "failed")
+    assert len(gateway.requests[node.device]) == asked
+    node.board.power_cut(restore=False)
+    assert board_json(node, "/app.json") is None
+    assert node.board.read_file("/a" + first) is None
+    assert_nothing_lost(gateway, node)
+
+
+def test_chunks_nobody_asked_for_are_ignored_counted_and_never_written(emulator, gateway):
+    node = start(emulator, gateway)
+    files = bundle_files()
+    sent = []
+
+    def tamper(device, msg, data):
+        if sent:
+            return [(msg.ref, msg.file_index, msg.offset, data)]
+        sent.append(msg)
+        junk = b"\xAA" * len(data)
+        return [(msg.ref, msg.file_index, msg.offset + 1, junk),  # another offset
+                (msg.ref + 1, msg.file_index, msg.offset, junk),  # another release
+                (msg.ref, msg.file_index + 1, msg.offset, junk),  # another file
+                (msg.ref, msg.file_index, msg.offset, data)]  # the one asked for
+
+    gateway.tamper = tamper
+    gateway.offer(node, files)
+    gateway.drop_connections()
+    gateway.result(node, "confirmed", timeout=240)
+    text = node.board.console.text()
+    assert "; 3 ignored" in text and "; 4 ignored" not in text
+    assert "SHA-256 mismatch" not in text  # the junk never reached a file
+    node.board.power_cut(restore=False)
+    for path, data in files.items():
+        assert node.board.read_file("/a" + path) == data
+
+
+def test_offers_the_node_cannot_take_fail_with_the_reason_and_write_nothing(emulator, gateway):
+    node = start(emulator, gateway)
+    main_py = node.board  # noqa: F841 (read after power-off below)
+    cases = [
+        ({"/main.py": b"print('taken over')"}, "path /main.py is not a file under /lib"),
+        ({"/boot.py": b"import os"}, "path /boot.py is not a file under /lib"),
+        ({"/lib/../main.py": b"x"}, "path /lib/../main.py is not a file under /lib"),
+        ({"/config.json": b"{}"}, "path /config.json is not a file under /lib"),
+        ({"/lib/wire.mpy": b"x"}, "a bundle without /lib/node/app.mpy would not start"),
+        ({"/lib/node/app.mpy": b"x", "/lib/big.bin": bytes(1_200_000)}, "needs 1204224 bytes of flash"),
+    ]
+    for n, (files, words) in enumerate(cases):
+        ref = REF + 100 + n
+        gateway.offer(node, files, ref=ref)
+        gateway.drop_connections()
+        _, _, _, reason = gateway.result(node, "failed", ref=ref)
+        assert reason.startswith(words), reason
+        assert gateway.states(node, ref) == ["failed"]
+    assert node.device not in gateway.requests  # not a byte asked for
+    gateway.wait_for_count(gateway.count(node.device) + 50, node.device)
+    node.board.power_cut(restore=False)
+    assert node.board.read_file("/main.py") == (FIRMWARE_DIR / "main.py").read_bytes()
+    assert board_json(node, "/app.json") is None
+    assert node.board.read_file("/a/main.py") is None
+    assert_nothing_lost(gateway, node)
+
+
+# ----- power cuts -----
+
+
+def test_a_power_cut_mid_download_resumes_from_what_is_on_flash(emulator, gateway):
+    node = start(emulator, gateway)
+    files = bundle_files()
+    gateway.offer(node, files)
+    gateway.drop_connections()
+    wait_until(lambda: len(gateway.requests.get(node.device, [])) >= 30, timeout=60,
+               what="30 chunks asked for")
+    node.board.power_cut()
+    before = list(gateway.requests[node.device])
+    _, _, size, _ = gateway.result(node, "confirmed", timeout=240)
+    downloading = [done for r, s, done, _ in gateway.results[node.device] if s == "downloading"]
+    assert downloading[0] == 0 and downloading[-1] > 0  # the second offer found bytes there
+    after = gateway.requests[node.device][len(before):]
+    # Nothing asked again but, at most, the chunk the cut interrupted.
+    assert len(set(before) & set(after)) <= 1
+    assert sum(n for _, _, _, n in before) + sum(n for _, _, _, n in after) <= size + 1024
+    node.board.power_cut(restore=False)
+    for path, data in files.items():
+        assert node.board.read_file("/a" + path) == data
+    assert_nothing_lost(gateway, node)
+
+
+def test_a_power_cut_before_the_switch_keeps_the_staged_files_and_switches_later(
+        emulator, gateway):
+    node = start(emulator, gateway)
+    files = bundle_files()
+
+    def cut(device, state):
+        if state == "verifying" and gateway.on_result is not None:
+            gateway.on_result = None
+            node.board.power_cut(restore=False)  # while the node checks every file
+
+    gateway.on_result = cut
+    gateway.offer(node, files)
+    gateway.drop_connections()
+    gateway.result(node, "verifying", timeout=180)
+    wait_until(lambda: not node.board.running, what="the power off")
+    assert board_json(node, "/app.json") is None  # not switched yet
+    asked = len(gateway.requests[node.device])
+    node.board.power_on()
+    gateway.result(node, "confirmed", timeout=120)
+    assert len(gateway.requests[node.device]) == asked  # every byte was still there
+    total = sum(len(d) for d in files.values())
+    assert [d for _, s, d, _ in gateway.results[node.device] if s == "downloading"][-1] == total
+    assert_nothing_lost(gateway, node)
+
+
+def test_a_power_cut_in_the_first_trial_boot_is_a_trial_boot_and_it_confirms_after(
+        emulator, gateway):
+    node = start(emulator, gateway)
+    gateway.offer(node, bundle_files())
+    gateway.drop_connections()
+    gateway.result(node, "rebooting", timeout=180)
+    node.board.console.wait_for(f"firmware {NEW_VERSION}", timeout=30)
+    node.board.power_cut()  # before it could confirm, most likely; counted either way
+    gateway.result(node, "confirmed", timeout=60)
+    wait_until(lambda: gateway.devices[node.device].hello.fw_version == NEW_VERSION,
+               what="the new version in HELLO")
+    gateway.wait_for_count(gateway.count(node.device) + 50, node.device)
+    node.board.power_cut(restore=False)
+    app = board_json(node, "/app.json")
+    assert app["slot"] == "a" and app["trial"] is False and app["boots"] == 0
+    assert_nothing_lost(gateway, node)

@@ -246,34 +246,17 @@ class Node:
     # ----- updates (docs/ota.md) -----
 
     def _confirm(self):
-        app = self.app
-        self.app = None
-        app["trial"] = False
-        app["boots"] = 0
-        app.pop("error", None)
-        write_json(APP_PATH, app)
-        if app.get("kind") == _IMAGE:
-            mark_app_valid()
-        log.info("release %s confirmed", app["version"])
-        self.link.ota_report = (app["ref"], wire.OTA_CONFIRMED, app.get("size", 0), "")
-        self.link.wake()
+        from node import trial  # a trial boot's moments only
 
-    def ota_reported(self, report):
-        """The link sent `report`: a rollback is told once, later offers get it again."""
-        if report[1] == wire.OTA_ROLLED_BACK:
-            app = read_json(APP_PATH)
-            if app.get("rolled_back"):
-                app["rolled_back"]["told"] = True
-                write_json(APP_PATH, app)
+        try:
+            trial.confirm(self)
+        finally:
+            forget("trial")
 
     def _trial_expired(self):
-        why = "no ACK from the gateway" if not self.link.acked else "sensor errors"
-        log.error("release %s not confirmed within %d s (%s): resetting",
-                  self.app["version"], self.cfg["ota_trial_s"], why)
-        self.state.last_error = "trial not confirmed within %d s: %s" % (
-            self.cfg["ota_trial_s"], why)
-        self.shutdown()
-        machine.reset()
+        from node import trial
+
+        trial.expire(self)
 
     async def housekeeping(self):
         good = False

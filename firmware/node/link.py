@@ -19,7 +19,7 @@ import time
 from micropython import const
 
 import wire
-from node import log
+from node import forget, log
 from node.net import Gateway, Wifi
 from node.store import F_PRE_SYNC, REC, REC_SIZE
 
@@ -27,7 +27,6 @@ WINDOW = const(4)  # READINGS frames in flight: enough to fill the link, little 
 _TICK_MS = const(50)  # how late a deadline may be noticed; a tick allocates nothing
 _NEVER = const(0x3FFFFFFF)  # a pending count the store never reaches: readings wake no one
 _DETAIL_MAX = const(160)  # bytes of an ERROR's text: the field and what is wrong with it
-_REASON_MAX = const(200)  # bytes of an OTA_RESULT's reason (str8: at most 255)
 
 
 def cut(text, limit):
@@ -278,60 +277,22 @@ class Link:
                     msg.counter, cut(detail, _DETAIL_MAX), False)
                 await self._send(writer, frame)
         elif msg.type == wire.OTA_OFFER or msg.type == wire.OTA_CHUNK:
-            if writer is not None:
-                await self._on_ota(msg, writer)
+            if writer is not None:  # node/ota.py, loaded only while an update needs it
+                from node import ota
+
+                await ota.on_frame(self, msg, writer)
         elif msg.type == wire.ERROR_DOWN:
             if msg.reason == wire.UNSUPPORTED and msg.ref in self._ota_sent:
-                # The gateway does not serve (or no longer serves) this update: stop it and
-                # keep the session, whose readings matter more.
-                log.info("update refused by the gateway: %s", msg.detail)
-                if self.node.ota is not None:
-                    self.node.ota.stop()
-                    self._drop_ota()
+                # The gateway does not serve (or no longer serves) this update: it stops, and
+                # the session, whose readings matter more, goes on.
+                from node import ota
+
+                ota.refused(self, msg.detail)
                 return
             if msg.reason == wire.STALE_BOOT:
                 self.node.on_stale_boot(msg.ref)
             raise SessionEnded("gateway refused a frame: %s %s" % (
                 wire.reason_name(msg.reason), msg.detail))
-
-    # ----- updates (docs/ota.md): node/ota.py, loaded only while an offer is worked on -----
-
-    async def _on_ota(self, msg, writer):
-        node = self.node
-        if node.ota is None:
-            if msg.type != wire.OTA_OFFER:
-                log.error("OTA chunk with no offer: ignored")
-                return
-            from node.ota import Ota
-
-            node.ota = Ota(node)
-        if msg.type == wire.OTA_OFFER:
-            busy = await node.ota.on_offer(msg, self, writer)
-        else:
-            busy = await node.ota.on_chunk(msg, self, writer)
-        if not busy:
-            self._drop_ota()
-
-    def _drop_ota(self):
-        from node import forget
-
-        self.node.ota = None
-        forget("ota")
-
-    def _ota_counter(self):
-        counter = self.guard.next_counter()
-        self._ota_sent[counter & 1] = counter
-        return counter
-
-    async def send_ota_result(self, writer, ref, state, done, reason=""):
-        """OTA_RESULT: where the update of release `ref` stands."""
-        await self._send(writer, wire.encode_ota_result(
-            self.key, self.node.boot, self._ota_counter(), ref, state, done,
-            cut(reason, _REASON_MAX)))
-
-    async def send_chunk_request(self, writer, ref, index, offset, length):
-        await self._send(writer, wire.encode_ota_chunk_request(
-            self.key, self.node.boot, self._ota_counter(), ref, index, offset, length))
 
     def _batch(self):
         """The next READINGS frame from the buffer, or None when nothing waits."""
@@ -398,10 +359,12 @@ class Link:
                 if self.hello_due:
                     await self._send(writer, self._hello())
                 if self.ota_report is not None:  # an update's outcome (confirmed, rolled back)
-                    report = self.ota_report
-                    await self.send_ota_result(writer, *report)
-                    self.ota_report = None
-                    node.ota_reported(report)
+                    from node import trial
+
+                    try:
+                        await trial.send_report(self, writer)
+                    finally:
+                        forget("trial")
                 now = node.clock.now()
                 deadline = None
                 if self._inflight:

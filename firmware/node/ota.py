@@ -15,8 +15,9 @@ import machine
 from micropython import const
 
 import wire
-from node import log
+from node import forget, log
 from node.app import APP_PATH, read_json, write_json
+from node.trial import send_request, send_result
 
 JOB_PATH = "/ota.json"
 _MAX_MISMATCHES = const(3)  # a file whose SHA-256 is wrong this often: the release is failed
@@ -61,13 +62,14 @@ def _make_parents(path):
             pass  # there already
 
 
-def _sha256_hex(path):
+def _sha256_hex(path, scratch):
+    # `scratch`: the link's frame buffer, free between two frames (the chunk in it is on flash
+    # by now): the emulated ESP32 heap had no 512-byte block to spare for a buffer of our own.
     digest = hashlib.sha256()
-    buf = bytearray(_READ)
-    view = memoryview(buf)
+    view = memoryview(scratch)[:_READ]
     with open(path, "rb") as f:
         while True:
-            n = f.readinto(buf)
+            n = f.readinto(view)
             if not n:
                 break
             digest.update(view[:n])
@@ -93,6 +95,41 @@ def check_offer(msg, free):
     if need > free:
         return "needs %d bytes of flash, %d free" % (need, free)
     return None
+
+
+# ----- what the link and the app call (this module is loaded for the call) -----
+
+
+async def on_frame(link, msg, writer):
+    """An OTA_OFFER or OTA_CHUNK, checked by the link (key, counter) but not yet against the
+    offer the node holds."""
+    node = link.node
+    if node.ota is None:
+        if msg.type != wire.OTA_OFFER:
+            log.error("OTA chunk with no offer: ignored")
+            return _drop(node)
+        node.ota = Ota(node)
+    if msg.type == wire.OTA_OFFER:
+        busy = await node.ota.on_offer(msg, link, writer)
+    else:
+        busy = await node.ota.on_chunk(msg, link, writer)
+    if not busy:
+        _drop(node)
+
+
+def _drop(node):
+    node.ota = None
+    forget("ota")  # their code leaves the heap
+    forget("trial")
+
+
+def refused(link, detail):
+    """ERROR UNSUPPORTED answered one of our OTA frames: stop, drop what was staged."""
+    log.info("update refused by the gateway: %s", detail)
+    node = link.node
+    if node.ota is not None:
+        node.ota.stop()
+    _drop(node)
 
 
 class Ota:
@@ -133,7 +170,7 @@ class Ota:
         ref = msg.ref
         final = self._final(ref)
         if final is not None:
-            await link.send_ota_result(writer, ref, *final)
+            await send_result(link, writer, ref, *final)
             return False
         app = read_json(APP_PATH)
         if app.get("trial"):
@@ -155,7 +192,7 @@ class Ota:
             self._save()
             log.info("release %s offered: %d files", msg.version, len(msg.files))
         self.want = None
-        await link.send_ota_result(writer, ref, wire.OTA_DOWNLOADING, self._have())
+        await send_result(link, writer, ref, wire.OTA_DOWNLOADING, self._have())
         return await self._next(link, writer)
 
     def _final(self, ref):
@@ -207,10 +244,10 @@ class Ota:
             if have < size:
                 length = min(size - have, wire.OTA_MAX_CHUNK)
                 self.want = (job["ref"], i, have, length)
-                await link.send_chunk_request(writer, job["ref"], i, have, length)
+                await send_request(link, writer, job["ref"], i, have, length)
                 return True
             await asyncio.sleep_ms(0)
-            if have == size and _sha256_hex(path) == digest:
+            if have == size and _sha256_hex(path, link._frame) == digest:
                 job["ok"].append(i)
                 self._save()
                 continue
@@ -228,14 +265,14 @@ class Ota:
         job = self.job
         ref = job["ref"]
         total = self._have()
-        await link.send_ota_result(writer, ref, wire.OTA_VERIFYING, total)
+        await send_result(link, writer, ref, wire.OTA_VERIFYING, total)
         for i, (path, size, digest) in enumerate(job["files"]):  # all again, as they are now
             await asyncio.sleep_ms(0)
-            if _size(self._target(i)) != size or _sha256_hex(self._target(i)) != digest:
+            if _size(self._target(i)) != size or _sha256_hex(self._target(i), link._frame) != digest:
                 job["ok"] = []
                 self._save()
                 return await self._fail(link, writer, "%s changed on flash" % path)
-        await link.send_ota_result(writer, ref, wire.OTA_INSTALLED, total)
+        await send_result(link, writer, ref, wire.OTA_INSTALLED, total)
         app = read_json(APP_PATH)
         write_json(APP_PATH, {
             "slot": job["slot"], "version": job["version"], "ref": ref, "kind": job["kind"],
@@ -245,7 +282,7 @@ class Ota:
         })
         os.remove(JOB_PATH)  # done with: app.json answers offers of this ref from now on
         log.info("release %s installed in /%s: rebooting", job["version"], job["slot"])
-        await link.send_ota_result(writer, ref, wire.OTA_REBOOTING, total)
+        await send_result(link, writer, ref, wire.OTA_REBOOTING, total)
         await asyncio.sleep_ms(100)  # the frame on its way
         self.node.shutdown()  # readings in RAM to /buf: nothing is lost across the switch
         machine.reset()
@@ -261,7 +298,7 @@ class Ota:
         job["files"] = []
         self.job = job
         self._save()
-        await link.send_ota_result(writer, job["ref"], wire.OTA_FAILED, 0, reason)
+        await send_result(link, writer, job["ref"], wire.OTA_FAILED, 0, reason)
         return False
 
     def _discard(self):
