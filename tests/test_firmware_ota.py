@@ -14,7 +14,8 @@ from kinhbac import wire
 from kinhbac.emulator import launcher
 from kinhbac.emulator.board import HARD_RESET, PWRON_RESET
 from kinhbac.emulator.receiver import Receiver
-from kinhbac.firmware import FIRMWARE_DIR, bundle_files, compile_mpy
+from kinhbac.broker import LocalBroker
+from kinhbac.firmware import FIRMWARE_DIR, bundle_files, compile_mpy, config_file
 from kinhbac.firmware import firmware_version
 
 OLD_VERSION = firmware_version()
@@ -112,6 +113,30 @@ class OtaGateway(Receiver):
         frame = Receiver._encode(kind, key, boot, counter, payload)
         frames, self.inject = self.inject, []
         return frame + b"".join(make(key, boot, counter) for make in frames)
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A private Mosquitto, as tests/test_gateway_ota.py runs it (the collector's too)."""
+    with LocalBroker(tmp_path / "broker", persistence=True) as b:
+        yield b
+
+
+@pytest.fixture
+def fleet(tmp_path, monkeypatch, broker):
+    from helpers.fleet import running_fleet
+    from test_gateway_ota import ADMIN
+
+    with running_fleet(tmp_path / "fleet", broker.port, monkeypatch, ADMIN) as server:
+        yield server
+
+
+@pytest.fixture
+def gateways():
+    started = []
+    yield started
+    for process in started:
+        process.stop()
 
 
 @pytest.fixture
@@ -466,3 +491,42 @@ def test_a_power_cut_in_the_first_trial_boot_is_a_trial_boot_and_it_confirms_aft
     app = board_json(node, "/app.json")
     assert app["slot"] == "a" and app["trial"] is False and app["boots"] == 0
     assert_nothing_lost(gateway, node)
+
+
+# ----- with the real fleet and gateway -----
+
+
+def test_the_fleet_and_gateway_update_an_emulated_node_which_confirms(
+        tmp_path, emulator, broker, collector, fleet, gateways):
+    from test_gateway_ota import FleetProxy, OtaSite, ref_of, start_gateway
+
+    site = OtaSite(fleet)
+    proxy = FleetProxy(fleet)
+    try:
+        gw = start_gateway(tmp_path, broker, proxy, site, gateways)
+        node = launcher.provision(emulator, gw.port, **FAST)
+        mac = ":".join(f"{b:02x}" for b in node.board.mac)
+        device = fleet.call("POST", "/api/devices", site.technician, 201,
+                            json={"mac": mac, "site_id": site.site_id})
+        node.key = wire.Key(bytes.fromhex(device["wire_id"]), device["key_id"],
+                            bytes.fromhex(device["secret"]))
+        node.secret = bytes.fromhex(device["secret"])
+        node.board.write_files(config_file(launcher.node_config(node, gw.port, emulator, **FAST)))
+        release = site.upload(NEW_VERSION, bundle_files())
+        site.rollout(release, [node.key])
+        node.board.power_on()
+        steps = ["offered", "downloading", "verifying", "installed", "rebooting", "confirmed"]
+
+        def states():
+            with collector.lock:
+                return [p["state"] for p in collector.ota_progress if p["device"] == node.device]
+
+        wait_until(lambda: "confirmed" in states(), timeout=240,
+                   what=f"the update confirmed (have {states()})")
+        assert list(dict.fromkeys(states())) == steps
+        node.board.power_cut(restore=False)
+        app = board_json(node, "/app.json")
+        assert app["version"] == NEW_VERSION and app["ref"] == ref_of(release)
+        assert app["trial"] is False
+    finally:
+        proxy.close()
