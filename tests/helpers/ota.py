@@ -76,20 +76,17 @@ def firmware_variant(workdir: Path, version: str,
     tree = workdir / f"firmware-{version}"
     shutil.rmtree(tree, ignore_errors=True)
     shutil.copytree(FIRMWARE_DIR, tree, ignore=shutil.ignore_patterns("__pycache__"))
-    edits = {"node/app.py": [(re.compile(r'^VERSION = "[^"]+"', re.MULTILINE),
-                              f'VERSION = "{version}"')]}
+    app = tree / "node" / "app.py"
+    source, found = re.subn(r'^VERSION = "[^"]+"', f'VERSION = "{version}"', app.read_text(),
+                            flags=re.MULTILINE)
+    if found != 1:
+        raise ValueError(f"{app}: no VERSION line to set; the firmware changed")
+    app.write_text(source)
     for path, (old, new) in (changes or {}).items():
         source = (tree / path).read_text()
         if source.count(old) != 1:
             raise ValueError(f"{path}: {old!r} is not there exactly once; the firmware changed")
         (tree / path).write_text(source.replace(old, new))
-    for path, subs in edits.items():
-        source = (tree / path).read_text()
-        for pattern, text in subs:
-            source, n = pattern.subn(text, source)
-            if n != 1:
-                raise ValueError(f"{path}: no VERSION line to set")
-        (tree / path).write_text(source)
     return bundle_files(tree)
 
 
