@@ -11,7 +11,7 @@ import pytest
 from test_firmware import FAST, assert_contiguous, seqs_of, wait_until
 
 from kinhbac import wire
-from kinhbac.emulator import launcher
+from kinhbac.emulator import launcher, otadata
 from kinhbac.emulator.board import HARD_RESET, PWRON_RESET
 from kinhbac.emulator.receiver import Receiver
 from kinhbac.broker import LocalBroker
@@ -530,3 +530,58 @@ def test_the_fleet_and_gateway_update_an_emulated_node_which_confirms(
         assert app["trial"] is False
     finally:
         proxy.close()
+
+
+# ----- image releases: the OTA partition -----
+
+
+def image_release(size=48 * 1024):
+    from kinhbac.emulator.esp32_image import app_image
+
+    return {"image.bin": app_image(NEW_VERSION, size=size, seed=7)}
+
+
+def test_an_image_is_written_to_the_update_partition_and_kept_once_confirmed(
+        emulator, gateway):
+    node = start(emulator, gateway)
+    files = image_release()
+    image = files["image.bin"]
+    gateway.offer(node, files, kind=wire.OTA_IMAGE)
+    gateway.drop_connections()
+    gateway.result(node, "confirmed", timeout=180)
+    assert list(dict.fromkeys(gateway.states(node))) == [
+        "downloading", "verifying", "installed", "rebooting", "confirmed"]
+    wait_until(lambda: gateway.devices[node.device].hello.fw_version == NEW_VERSION,
+               what="the new version in HELLO")
+    # Every request stayed within one 4 KiB block: the node writes chunks straight to flash.
+    assert all(off // 4096 == (off + n - 1) // 4096
+               for _, _, off, n in gateway.requests[node.device])
+    assert node.board.running_app.label == "ota_1"
+    assert node.board.app_valid_calls == [1]  # at the confirmation, in the trial boot
+    gateway.wait_for_count(gateway.count(node.device) + 50, node.device)
+    node.board.power_cut(restore=False)
+    ota_1 = node.board.flash.partition("ota_1")
+    assert node.board.flash.read(ota_1.offset, len(image)) == image
+    assert otadata.active_entry(node.board.flash).state == otadata.VALID
+    assert board_json(node, "/app.json")["trial"] is False
+    assert_nothing_lost(gateway, node)
+
+
+def test_an_image_that_never_confirms_is_rolled_back_by_the_bootloader_and_reported(
+        emulator, gateway):
+    node = start(emulator, gateway, ota_trial_s=10, interval_ms=100)
+    gateway.offer(node, image_release(), kind=wire.OTA_IMAGE)
+    gateway.drop_connections()
+    gateway.result(node, "rebooting", timeout=180)
+    gateway.accepting = False  # the new image never reaches its gateway
+    node.board.console.wait_for("not confirmed within 10 s", timeout=60)
+    gateway.accepting = True
+    _, _, _, reason = gateway.result(node, "rolled_back", timeout=60)
+    assert reason == "the bootloader rolled the image back: reset before it confirmed"
+    wait_until(lambda: gateway.devices[node.device].hello.fw_version == OLD_VERSION,
+               what="the old version in HELLO")
+    assert node.board.running_app.label == "ota_0"
+    assert node.board.app_valid_calls == []
+    gateway.wait_for_count(gateway.count(node.device) + 50, node.device)
+    node.board.power_cut(restore=False)
+    assert_nothing_lost(gateway, node)

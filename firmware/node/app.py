@@ -46,6 +46,12 @@ class Node:
         self.machine = machine
         # From an update (docs/ota.md): the release's version, its trial, a result to report.
         app = read_json(APP_PATH)
+        if app.get("trial") and app.get("kind") == _IMAGE:
+            from node import trial
+
+            if trial.image_rolled_back(app):
+                app = read_json(APP_PATH)
+            forget("trial")
         self.version = app.get("version") or VERSION
         self.app = app if app.get("trial") else None  # on trial until confirmed
         self.ota = None  # node/ota.py's Ota while an offer is worked on

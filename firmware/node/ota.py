@@ -9,6 +9,7 @@
 # replaced atomically and the board resets into the new app on trial. node/app.py confirms it;
 # main.py rolls it back.
 import asyncio
+import esp32
 import hashlib
 import os
 import machine
@@ -25,6 +26,8 @@ _READ = const(512)  # bytes read at a time to hash a file on flash
 _BLOCK = const(4096)  # a littlefs block: what a file takes at least
 _REC_SIZE = const(24)  # node/store.py's record: flash the reading buffer may still need
 _DIR = const(0x4000)
+_ERASE = const(6)  # Partition.ioctl: erase one 4 KiB block
+_SAVE_EVERY = const(16384)  # image bytes between two progress saves: what a power cut re-asks
 
 
 def _size(path):
@@ -76,8 +79,33 @@ def _sha256_hex(path, scratch):
     return digest.digest().hex()
 
 
+def _update_partition():
+    return esp32.Partition(esp32.Partition.RUNNING).get_next_update()
+
+
+def _partition_sha256_hex(part, size, scratch):
+    digest = hashlib.sha256()
+    view = memoryview(scratch)[:_READ]
+    at = 0
+    while at < size:
+        n = min(_READ, size - at)
+        part.readblocks(at // _BLOCK, view[:n], at % _BLOCK)
+        digest.update(view[:n])
+        at += n
+    return digest.digest().hex()
+
+
 def check_offer(msg, free):
     """Why the offer cannot be taken (text), or None; `free`: flash bytes it may use."""
+    if msg.kind == wire.OTA_IMAGE:
+        size = msg.files[0][1]
+        try:
+            room = _update_partition().info()[3]
+        except OSError:
+            return "this board has no OTA partition"
+        if size > room:
+            return "image of %d bytes, the update partition holds %d" % (size, room)
+        return None
     if msg.kind != wire.OTA_BUNDLE:
         return "kind %d is not supported by this node" % msg.kind
     need = 0
@@ -138,13 +166,24 @@ class Ota:
         self.job = read_json(JOB_PATH)  # the offer being worked on, as /ota.json keeps it
         self.want = None  # (ref, file index, offset, length) of the chunk asked for
         self.ignored = 0  # chunks that answered no request: never written
+        self.part = None  # an image's partition, once needed
 
     # ----- where things are -----
 
     def _target(self, index):
         return "/" + self.job["slot"] + self.job["files"][index][0]
 
+    def _image(self):
+        return self.job.get("kind") == wire.OTA_IMAGE
+
+    def _partition(self):
+        if self.part is None:
+            self.part = _update_partition()
+        return self.part
+
     def _have(self):
+        if self._image():
+            return self.job["done"]
         done = 0
         for i, (_, size, _) in enumerate(self.job["files"]):
             done += min(max(_size(self._target(i)), 0), size)
@@ -183,12 +222,14 @@ class Ota:
             job = self.job = {
                 "ref": ref, "kind": msg.kind, "version": msg.version,
                 "files": [[p, n, d.hex()] for p, n, d in msg.files],
-                "slot": "b" if active == "a" else "a", "bad": 0, "ok": [],
+                "slot": ("b" if active == "a" else "a") if msg.kind == wire.OTA_BUNDLE else "",
+                "bad": 0, "ok": [], "done": 0,
             }
             why = check_offer(msg, self._free())
             if why is not None:
                 return await self._fail(link, writer, why)
-            _remove_tree("/" + job["slot"])  # what an earlier release left there
+            if msg.kind == wire.OTA_BUNDLE:
+                _remove_tree("/" + job["slot"])  # what an earlier release left there
             self._save()
             log.info("release %s offered: %d files", msg.version, len(msg.files))
         self.want = None
@@ -222,6 +263,18 @@ class Ota:
                       msg.ref, msg.file_index, msg.offset, want, self.ignored)
             return True
         self.want = None
+        if self._image():
+            # Straight to flash, no 4 KiB block in RAM: a chunk never crosses a block (see
+            # _next), and a block is erased when its first chunk comes.
+            at = want[2]
+            part = self._partition()
+            if at % _BLOCK == 0:
+                part.ioctl(_ERASE, at // _BLOCK)
+            part.writeblocks(at // _BLOCK, data, at % _BLOCK)
+            done = self.job["done"] = at + n
+            if done % _SAVE_EVERY == 0 or done == self.job["files"][0][1]:
+                self._save()  # a power cut asks again from here
+            return await self._next(link, writer)
         path = self._target(want[1])
         if _size(path) != want[2]:  # the file changed under us: ask again from what it holds
             return await self._next(link, writer)
@@ -232,6 +285,8 @@ class Ota:
     async def _next(self, link, writer):
         """Ask for the next chunk, or check a finished file, or install when all are there."""
         job = self.job
+        if self._image():
+            return await self._next_image(link, writer)
         for i, (_, size, digest) in enumerate(job["files"]):
             if i in job["ok"]:
                 continue
@@ -261,6 +316,53 @@ class Ota:
             return await self._next(link, writer)
         return await self._install(link, writer)
 
+    async def _next_image(self, link, writer):
+        job = self.job
+        ref = job["ref"]
+        path, size, digest = job["files"][0]
+        done = job["done"]
+        if done < size:
+            length = min(size - done, wire.OTA_MAX_CHUNK, _BLOCK - done % _BLOCK)
+            self.want = (ref, 0, done, length)
+            await send_request(link, writer, ref, 0, done, length)
+            return True
+        await send_result(link, writer, ref, wire.OTA_VERIFYING, size)
+        part = self._partition()
+        if _partition_sha256_hex(part, size, link._frame) != digest:  # read back from flash
+            job["bad"] += 1
+            job["done"] = 0
+            self._save()
+            log.error("OTA image: SHA-256 mismatch (%d)", job["bad"])
+            if job["bad"] >= _MAX_MISMATCHES:
+                return await self._fail(link, writer, "image: SHA-256 mismatch %d times" % (
+                    job["bad"]))
+            return await self._next(link, writer)
+        await send_result(link, writer, ref, wire.OTA_INSTALLED, size)
+        part.set_boot()  # ESP-IDF checks the image; the bootloader boots it on trial
+        label = part.info()[4]
+        self._switch(size, label)
+        log.info("release %s installed in %s: rebooting", job["version"], label)
+        await self._reboot(link, writer, size)
+
+    def _switch(self, total, part=None):
+        # /app.json names the new release, on trial (main.py counts a bundle's trial boots;
+        # the bootloader an image's). An image runs its own frozen app: no folder.
+        job = self.job
+        app = read_json(APP_PATH)
+        write_json(APP_PATH, {
+            "slot": "" if part else job["slot"], "version": job["version"], "ref": job["ref"],
+            "kind": job["kind"], "size": total, "trial": True, "boots": 0, "part": part,
+            "prev": {"slot": app.get("slot") or "", "version": app.get("version"),
+                     "ref": app.get("ref"), "kind": app.get("kind")},
+        })
+        os.remove(JOB_PATH)  # done with: app.json answers offers of this ref from now on
+
+    async def _reboot(self, link, writer, total):
+        await send_result(link, writer, self.job["ref"], wire.OTA_REBOOTING, total)
+        await asyncio.sleep_ms(100)  # the frame on its way
+        self.node.shutdown()  # readings in RAM to /buf: nothing is lost across the switch
+        machine.reset()
+
     async def _install(self, link, writer):
         job = self.job
         ref = job["ref"]
@@ -273,19 +375,9 @@ class Ota:
                 self._save()
                 return await self._fail(link, writer, "%s changed on flash" % path)
         await send_result(link, writer, ref, wire.OTA_INSTALLED, total)
-        app = read_json(APP_PATH)
-        write_json(APP_PATH, {
-            "slot": job["slot"], "version": job["version"], "ref": ref, "kind": job["kind"],
-            "size": total, "trial": True, "boots": 0,
-            "prev": {"slot": app.get("slot") or "", "version": app.get("version"),
-                     "ref": app.get("ref"), "kind": app.get("kind")},
-        })
-        os.remove(JOB_PATH)  # done with: app.json answers offers of this ref from now on
+        self._switch(total)
         log.info("release %s installed in /%s: rebooting", job["version"], job["slot"])
-        await send_result(link, writer, ref, wire.OTA_REBOOTING, total)
-        await asyncio.sleep_ms(100)  # the frame on its way
-        self.node.shutdown()  # readings in RAM to /buf: nothing is lost across the switch
-        machine.reset()
+        await self._reboot(link, writer, total)
 
     # ----- giving up -----
 

@@ -65,3 +65,22 @@ def expire(node):
     node.state.last_error = "trial not confirmed within %d s: %s" % (limit, why)
     node.shutdown()
     machine.reset()
+
+
+def image_rolled_back(app):
+    """At the boot after an image update: True when the bootloader runs another partition
+    than the one the update set (it was reset before it confirmed, and ESP-IDF rolled it
+    back); /app.json then says so, for the node to report."""
+    import esp32
+
+    if esp32.Partition(esp32.Partition.RUNNING).info()[4] == app.get("part"):
+        return False
+    prev = app.get("prev") or {}
+    reason = "the bootloader rolled the image back: reset before it confirmed"
+    log.error("release %s: %s", app.get("version"), reason)
+    write_json(APP_PATH, {
+        "slot": prev.get("slot", ""), "version": prev.get("version"), "ref": prev.get("ref"),
+        "kind": prev.get("kind"), "prev": {"slot": ""},
+        "rolled_back": {"ref": app.get("ref"), "version": app.get("version"), "reason": reason},
+    })
+    return True
