@@ -4,6 +4,7 @@ offers releases, serves chunks, and, playing the attacker, forges, replays and t
 frames. Readings are checked by (boot, seq) across every update: nothing is lost."""
 
 import json
+import re
 import threading
 import time
 
@@ -13,6 +14,7 @@ from test_firmware import FAST, assert_contiguous, seqs_of, wait_until
 from kinhbac import wire
 from kinhbac.emulator import launcher, otadata
 from kinhbac.emulator.board import HARD_RESET, PWRON_RESET
+from kinhbac.emulator.interpreter import CODE_RATIO
 from kinhbac.emulator.receiver import Receiver
 from kinhbac.broker import LocalBroker
 from kinhbac.firmware import FIRMWARE_DIR, bundle_files, compile_mpy, config_file
@@ -166,6 +168,11 @@ def board_json(node, path):
     return None if data is None else json.loads(data)
 
 
+def heap_reports(text):
+    """The live heap after a collection, as the node reports it each second (log_level 3)."""
+    return [int(n) for n in re.findall(r"heap alloc=(\d+) free=", text)]
+
+
 def assert_nothing_lost(gateway, node):
     """Every boot's readings arrived from seq 1 on, in order. Those in flight when the board
     reset are sent again (their ACK never came), as after any reset: the gateway keeps one."""
@@ -180,12 +187,23 @@ def assert_nothing_lost(gateway, node):
 def test_a_bundle_is_downloaded_switched_to_and_confirmed_while_readings_flow(
         emulator, gateway):
     node = start(emulator, gateway)
+    time.sleep(3)  # heap reports (one a second, after a collection) of the idle node
     gateway.offer(node, bundle_files())
     gateway.drop_connections()  # the next session's HELLO gets the offer
     gateway.result(node, "downloading")
+    idle = heap_reports(node.board.console.text())
     during = gateway.count(node.device)
     gateway.result(node, "rebooting", timeout=180)
     assert gateway.count(node.device) > during  # readings went on during the download
+    download = heap_reports(node.board.console.text())[len(idle):]
+    grew = max(download) - max(idle)
+    print(f"\nlive heap on the unix port: idle {max(idle)} B, downloading {max(download)} B "
+          f"(+{grew} B)")
+    # docs/ota.md: under 16 KB above idle on an ESP32. What a download adds is code (ota.py,
+    # trial.py) and small objects (the offer's file list), which take 1.43x (code) and 2.0x
+    # (objects) here what they take there; no large buffer (a chunk lands in the frame
+    # buffer, hashing reads into it), so the code ratio, the smaller, bounds it.
+    assert grew < 16 * 1024 * CODE_RATIO
     _, _, size, _ = gateway.result(node, "confirmed", timeout=60)
     assert size == sum(len(d) for d in bundle_files().values())
     wait_until(lambda: gateway.devices[node.device].hello.fw_version == NEW_VERSION,
