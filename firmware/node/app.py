@@ -55,6 +55,7 @@ class Node:
         self.version = app.get("version") or VERSION
         self.app = app if app.get("trial") else None  # on trial until confirmed
         self.ota = None  # node/ota.py's Ota while an offer is worked on
+        self._clean = False  # the last sample round read every sensor (kept on trial only)
         back = app.get("rolled_back")
         self.seq = 0
         self.store = Store(
@@ -121,8 +122,10 @@ class Node:
         first = self.seq + 1
         writes = self.store.flash_writes
         sensors.sample(self._store_reading)
-        if self.app is not None and self.link.acked and sensors.errors_total() == failed:
-            self._confirm()  # the trial reached its gateway and read every sensor
+        if self.app is not None:  # on trial: it confirms once it reached its gateway
+            self._clean = sensors.errors_total() == failed  # ... and read every sensor
+            if self._clean and self.link.acked:
+                self._confirm()
         if log.LEVEL >= 3:
             log.debug("took seq %d..%d", first, self.seq)
             if self.store.flash_writes != writes:
@@ -322,6 +325,8 @@ class Node:
         except asyncio.TimeoutError:
             log.info("gateway not reached this cycle")
         feeding.cancel()
+        if self.app is not None and self._clean and self.link.acked:
+            self._confirm()  # a deep-sleep cycle samples before it reaches the gateway
         self.state.mark_good()
         if not self.resumed and (self.app is None or self.app.get("kind") != _IMAGE):
             mark_app_valid()  # the boot's first cycle went through

@@ -137,10 +137,17 @@ async def on_frame(link, msg, writer):
             log.error("OTA chunk with no offer: ignored")
             return _drop(node)
         node.ota = Ota(node)
-    if msg.type == wire.OTA_OFFER:
-        busy = await node.ota.on_offer(msg, link, writer)
-    else:
-        busy = await node.ota.on_chunk(msg, link, writer)
+    try:
+        if msg.type == wire.OTA_OFFER:
+            busy = await node.ota.on_offer(msg, link, writer)
+        else:
+            busy = await node.ota.on_chunk(msg, link, writer)
+    except OSError as e:
+        # The flash refused something: what is staged cannot be trusted to resume from. It
+        # goes, and the next offer starts the release again; the session's readings go on.
+        log.error("update stopped: %s: %s", type(e).__name__, e)
+        node.ota.stop()
+        busy = False
     if not busy:
         _drop(node)
 
