@@ -531,6 +531,51 @@ def test_chunk_requests_for_what_the_node_was_not_offered_are_refused_and_its_se
     node.close()
 
 
+def test_what_a_node_reports_after_its_rollout_paused_still_reaches_the_fleet(
+        tmp_path, broker, collector, site, proxy, gateways):
+    # The first node of a wave to roll back pauses the rollout, and the fleet lists nothing for
+    # it any more; the wave's other nodes roll back after that, and their reports must still
+    # reach the fleet, or the rollout would wait for them until their deadline.
+    first_key, second_key = site.register(2)
+    release = site.upload("0.2.0", bundle(2000))
+    rollout_id = site.rollout(release, [first_key, second_key])
+    gateway = start_gateway(tmp_path, broker, proxy, site, gateways)
+    wait_until(lambda: metric(gateway, CACHED) == 1, 10, "the release cached")
+    first, second = Node(first_key, gateway.port), Node(second_key, gateway.port)
+    offer = first.offer()
+    assert second.offer().ref == offer.ref
+    first.result(offer.ref, wire.OTA_ROLLED_BACK, 0, "import failed: RuntimeError: boom")
+    first.close()
+    second.close()
+    # One failure of two is past the 5 % threshold: paused, and offered no more.
+    wait_until(lambda: site.fleet.call("GET", f"/api/rollouts/{rollout_id}",
+                                       site.admin)["state"] == "paused", 10, "the pause")
+    wait_until(lambda: "OTA assignments: 0 devices" in gateway.log(), 5 * REFRESH_S,
+               "the assignments withdrawn")
+    late = second
+    assert late.offer() is None
+    late.result(offer.ref, wire.OTA_ROLLED_BACK, 0, "not confirmed in 3 trial boots")
+    late.close()
+    devices = {}
+
+    def recorded() -> bool:
+        page = site.fleet.call("GET", f"/api/rollouts/{rollout_id}/devices", site.admin)
+        devices.update({d["device_id"]: d for d in page["items"]})
+        return devices[late.device]["state"] == "rolled_back"
+
+    wait_until(recorded, 10, "the late report applied")
+    assert devices[late.device]["reason"] == "not confirmed in 3 trial boots"
+    # A ref the node was never offered is still not recorded.
+    late.hello()
+    late.result(0xDEADBEEF, wire.OTA_FAILED, 0, "made up")
+    late.close()
+    time.sleep(1)
+    assert [state for state, _, _ in progress(collector, late.device)] == [
+        "offered", "rolled_back"]
+    assert "reports failed for release ref deadbeef ('made up'), which this gateway neither " \
+        "offers it nor offered it last: not recorded" in gateway.log()
+
+
 def test_a_flood_of_chunk_requests_costs_bounded_work_and_other_nodes_readings_go_on(
         tmp_path, broker, collector, site, proxy, gateways):
     flooder_key, neighbour_key = site.register(2)

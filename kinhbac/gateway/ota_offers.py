@@ -132,6 +132,10 @@ class OtaOffers:
         self._refusal_reported: set[tuple[str, str, str]] = set()  # (device, rollout, sha)
         self._offered: set[tuple[str, str, str]] = set()  # (device, rollout, sha)
         self._final: dict[str, tuple[str, str]] = {}  # device -> (rollout, sha) it finished
+        # Each device's last assignment that ended (paused, cancelled, replaced): a node offered
+        # it goes on and reports what it did (it rolls back, say, after the rollout paused),
+        # and the fleet applies that to the rollout. One per device, in memory.
+        self._ended: dict[str, Assignment] = {}
         self._last_result: dict[str, tuple[tuple, float]] = {}  # device -> (result, monotonic)
         self._recorded: dict[str, list[float]] = {}  # device -> [minute's start, results in it]
         self._unanswered: dict[str, int] = {}  # device -> offers in a row without an answer
@@ -202,6 +206,9 @@ class OtaOffers:
         """New assignments: offers follow them from each node's next HELLO or READINGS on."""
         old = self.assignments
         self.assignments = assignments
+        for device, was in old.items():
+            if assignments.get(device) != was:
+                self._ended[device] = was
         if assignments != old:
             releases = sorted({f"{a.kind} {a.version}" for a in assignments.values()})
             ended = [d for d in old if d not in assignments or old[d] != assignments[d]]
@@ -382,13 +389,15 @@ class OtaOffers:
         ref, state = msg.ref, msg.state  # type: ignore[attr-defined]
         done, reason = msg.bytes_done, msg.reason  # type: ignore[attr-defined]
         a = self.assignments.get(device)
+        if a is None or a.ref != ref:
+            a = self._ended.get(device)  # a release it was offered before its rollout paused
         name = wire.OTA_STATE_NAMES.get(state)
         if a is None or a.ref != ref or name is None:
             now = time.monotonic()
             if now - self._result_logged >= RESULT_LOG_EVERY_S:
                 self._result_logged = now
                 log.warning("node %s reports %s for release ref %08x (%r), which this gateway "
-                            "does not offer it: not recorded", device,
+                            "neither offers it nor offered it last: not recorded", device,
                             name or f"state {state}", ref, reason)
             return
         self._unanswered.pop(device, None)
