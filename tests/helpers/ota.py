@@ -295,12 +295,12 @@ class OtaSite:
                                self.technician)["firmware_version"]
 
     def diagnosis(self, rollout_id: str, states: dict[str, str], everyone: bool = False) -> str:
-        """For a failure message: each unfinished device's (or every device's) last events and
-        console lines, and the gateway's update log lines."""
+        """For a failure message: the last events and console lines of each device that is not
+        confirmed (or of every device), and the gateway's update log lines."""
         lines = []
         by_id = {n.device: n for n in self.nodes}
         for device, state in sorted(states.items()):
-            if state in FINAL and not everyone:
+            if state == "confirmed" and not everyone:
                 continue
             events = self.events(rollout_id, device)[-3:]
             lines.append(f"{device} {state}: " + "; ".join(
