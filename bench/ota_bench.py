@@ -2,7 +2,7 @@
 gateway, in one wave, with every real part (the fleet with its ingest, Mosquitto, the gateway
 process, emulated ESP32 boards running the real firmware; tests/helpers/ota.py sets them up).
 
-    python -m bench.ota_bench                 # 10 boards (the baseline), then 100; writes RESULTS.md
+    python -m bench.ota_bench                 # 10 boards (baseline), then 100; writes RESULTS.md
     python -m bench.ota_bench --boards 10 30 --no-write
 
 For each size, measured in the same run:
@@ -54,7 +54,7 @@ HEAP_BOARDS = 3  # boards at log level 3 (a heap report a second); the rest log 
 # Readings every second, not every 50 ms as the tests take them: 100 boards on 2 cores share
 # the CPU with the gateway, the fleet and the broker, and the update is what is measured.
 SETTINGS = {"interval_ms": 1000}
-CONFIRM_TIMEOUT_S = 1200
+CONFIRM_TIMEOUT_S = 300  # past it, the run is written as it stands (states, last confirmation)
 HEAP_LINE = "heap alloc="
 
 
@@ -102,9 +102,19 @@ def run(workdir: Path, boards: int) -> dict:
             time.sleep(3)  # a few idle heap reports
             started = time.monotonic()
             rollout = site.start_rollout(release, [100])
-            site.wait_all(rollout["id"], "confirmed", CONFIRM_TIMEOUT_S)
+            try:
+                site.wait_all(rollout["id"], "confirmed", CONFIRM_TIMEOUT_S)
+                complete = True
+            except AssertionError as exc:  # some never confirmed: say which, keep the figures
+                print(f"ota bench: {boards} boards: {exc}"[:6000], file=sys.stderr)
+                complete = False
             took = time.monotonic() - started
-            states = summary(site.states(rollout["id"]))
+            rows = site.devices(rollout["id"]).values()
+            states = summary({device: row["state"] for device, row in enumerate(rows)})
+            begun = dt.datetime.fromisoformat(site.rollout(rollout["id"])["created_at"])
+            confirmed_at = [dt.datetime.fromisoformat(row["updated_at"]) for row in rows
+                            if row["state"] == "confirmed"]
+            last_confirmed = (max(confirmed_at) - begun).total_seconds() if confirmed_at else 0
             heaps = [f for n in watched if (f := heap_figures(n.board.console.text()))]
             try:
                 assert_nothing_lost(collector, nodes)
@@ -113,7 +123,11 @@ def run(workdir: Path, boards: int) -> dict:
                 lost = str(exc)
             return {
                 "boards": boards,
+                "complete": complete,
                 "seconds": took,
+                "last_confirmed_s": last_confirmed,
+                "failed_reasons": sorted({row["reason"] or "" for row in rows
+                                          if row["state"] == "failed"}),
                 "states": states,
                 "release_files": len(release["files"]),
                 "release_bytes": release["size"],
@@ -157,6 +171,10 @@ def section(results: list[dict], date: str) -> str:
         "|---:|---:|---|---|---|---|---|",
     ]
     for r in results:
+        confirmed = r["states"].get("confirmed", 0)
+        took = (f"{r['seconds']:.1f} s" if r["complete"]
+                else f"**not all confirmed** after {r['seconds']:.0f} s (the {confirmed} "
+                f"confirmed by {r['last_confirmed_s']:.1f} s)")
         if r["heap"]:
             above = max(peak - idle for peak, idle in r["heap"])
             peak = max(p for p, _ in r["heap"])
@@ -167,7 +185,7 @@ def section(results: list[dict], date: str) -> str:
         else:
             heap = "no download seen between two heap reports"
         lines.append(
-            f"| {r['boards']} | {r['seconds']:.1f} s | {r['states']} | {r['release_files']} "
+            f"| {r['boards']} | {took} | {r['states']} | {r['release_files']} "
             f"files, {r['release_bytes']:,} B | {r['file_requests']}, {r['requests']}, "
             f"{r['fetched_bytes']:,} B | {heap} | {r['lost']} |")
     lines += [
@@ -185,6 +203,19 @@ def section(results: list[dict], date: str) -> str:
         "the gateway's next assignment fetch (every second here) and its one download.",
         f"- Readings every {SETTINGS['interval_ms']} ms (the tests take them every 50 ms): the "
         "2 cores run the boards, the gateway, the fleet and the broker together.",
+    ]
+    if not all(r["complete"] for r in results):
+        lines.append(
+            "- Not all confirmed: the devices left in `rebooting` are named on stderr with their "
+            "last console lines. In the runs of 2026-12-06 they had installed the release and "
+            "said so, then their session ended (no ACK within `ack_timeout_ms` under the load, "
+            "or a MemoryError in its receive) in the moment between `rebooting` and the reset, "
+            "which then never came: each ran on in its first boot, the old version, with "
+            "/app.json naming the new one on trial with 0 boots.")
+    for r in results:
+        for reason in r["failed_reasons"]:
+            lines.append(f"- {r['boards']} boards, a device failed: {reason}")
+    lines += [
         END,
     ]
     return "\n".join(lines) + "\n"
@@ -212,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_write:
         replace_section(RESULTS, text, BEGIN, END)
     print(text)
-    return 0
+    return 0 if all(r["complete"] for r in results) else 1
 
 
 if __name__ == "__main__":
