@@ -25,6 +25,7 @@ from helpers.ota import (
     wait_flowing,
 )
 
+from kinhbac.emulator import esp32_image, otadata
 from kinhbac.firmware import firmware_version
 
 OLD = firmware_version()
@@ -72,6 +73,40 @@ def test_a_good_bundle_reaches_20_boards_in_waves_while_every_reading_arrives(
     assert_nothing_lost(collector, nodes)
     # A board's trial reset is a few seconds of no delivery; never the whole update's length.
     assert max(silences.values()) < 60, silences
+
+
+def slot_digest(board, label: str) -> str:
+    part = board.flash.partition(label)
+    return hashlib.sha256(board.flash.read(part.offset, part.size)).hexdigest()
+
+
+def test_a_full_image_boots_from_the_other_slot_is_confirmed_and_keeps_the_old_slot(
+        site, collector):
+    nodes = site.add_nodes(3)
+    old_slot = {n.device: slot_digest(n.board, "ota_0") for n in nodes}
+    image = esp32_image.app_image(NEW, size=48 * 1024, seed=13)
+    release = site.upload("image", NEW, {"image.bin": image})
+    rollout = site.start_rollout(release, [100])
+    site.start(nodes=[])
+    site.wait_cached()
+    for node in nodes:  # each offered at its first HELLO
+        node.board.power_on()
+    wait_flowing(collector, nodes, 10, 60, "readings from the 3 boards")
+    site.wait_all(rollout["id"], "confirmed", 300)
+
+    assert site.rollout(rollout["id"])["state"] == "completed"
+    for node in nodes:
+        board = node.board
+        assert board.running_app.label == "ota_1", node.device
+        assert otadata.boot_partition(board.flash).label == "ota_1", node.device
+        assert otadata.active_entry(board.flash).state == otadata.VALID, node.device
+        written = board.flash.read(board.flash.partition("ota_1").offset, len(image))
+        assert written == image, f"{node.device}: ota_1 does not hold the release's bytes"
+        assert slot_digest(board, "ota_0") == old_slot[node.device], \
+            f"{node.device}: the old slot changed"
+        assert esp32_image.app_version(written) == NEW
+    wait_flowing(collector, nodes, 10, 60, "readings after the update")
+    assert_nothing_lost(collector, nodes)
 
 
 # ----- faults -----
