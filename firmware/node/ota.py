@@ -365,10 +365,17 @@ class Ota:
         os.remove(JOB_PATH)  # done with: app.json answers offers of this ref from now on
 
     async def _reboot(self, link, writer, total):
-        await send_result(link, writer, self.job["ref"], wire.OTA_REBOOTING, total)
-        await asyncio.sleep_ms(100)  # the frame on its way
-        self.node.shutdown()  # readings in RAM to /buf: nothing is lost across the switch
-        machine.reset()
+        # /app.json already names the new release: the reset must come whatever happens to
+        # the session meanwhile (it ends, the task is cancelled, the heap runs short), or the
+        # node would go on running the old release while its pointer says it is on trial.
+        try:
+            await send_result(link, writer, self.job["ref"], wire.OTA_REBOOTING, total)
+            await asyncio.sleep_ms(100)  # the frame on its way
+        finally:
+            try:
+                self.node.shutdown()  # readings in RAM to /buf: nothing lost across the switch
+            finally:
+                machine.reset()
 
     async def _install(self, link, writer):
         job = self.job
