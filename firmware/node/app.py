@@ -151,7 +151,14 @@ class Node:
         interval = self.cfg["interval_ms"]
         next_at = time.ticks_ms()
         while True:
-            self.sample_once()
+            try:
+                self.sample_once()
+            except MemoryError:
+                # This round's readings are lost, not the sampler: a task that raised would
+                # stop every later round while the board went on as if sampling. Counted as
+                # one storage error: the readings of the round are not all kept.
+                gc.collect()
+                self.state.drops[wire.DROP_STORAGE_ERROR] += 1
             interval = self.cfg["interval_ms"]
             next_at = time.ticks_add(next_at, interval)
             wait = time.ticks_diff(next_at, time.ticks_ms())

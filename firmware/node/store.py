@@ -117,14 +117,18 @@ class Store:
         """Write RAM records [first, first+count) (no wrap) to the newest segment(s)."""
         done = 0
         while done < count:
-            if not self._segs or self._segs[-1][1] >= self.seg_readings:
-                self._segs.append(["%08d" % self._next_seg, 0, 0])
-                self._next_seg += 1
-            seg = self._segs[-1]
+            # A new segment is listed only once its file holds its records: listed before, a
+            # write that failed (no heap, no flash) left a segment with no file, and every
+            # later read of it ended the session with ENOENT.
+            new = not self._segs or self._segs[-1][1] >= self.seg_readings
+            seg = ["%08d" % self._next_seg, 0, 0] if new else self._segs[-1]
             k = min(count - done, self.seg_readings - seg[1])
             start = (first + done) * REC_SIZE
             with open(self._path(seg), "ab") as f:
                 f.write(self._mv[start:start + k * REC_SIZE])
+            if new:
+                self._segs.append(seg)
+                self._next_seg += 1
             seg[1] += k
             done += k
 
@@ -139,8 +143,10 @@ class Store:
             self._append_flash(self._head, first_part)
             if first_part < self._n:
                 self._append_flash(0, self._n - first_part)
-        except OSError:
-            return False  # full or failing flash: the readings stay in RAM for now
+        except (OSError, MemoryError):
+            # Full or failing flash, or a heap too short for the moment (an update's download
+            # takes most of it): the readings stay in RAM, and the next flush tries again.
+            return False
         self.flash_writes += 1
         last = ((self._head + self._n - 1) % self._cap) * REC_SIZE
         self.saved_boot, self.saved_seq = struct.unpack_from("<II", self._ram, last)
