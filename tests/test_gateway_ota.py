@@ -467,7 +467,13 @@ def test_a_node_that_never_answers_its_offers_is_offered_no_more_and_reported_fa
         "longer offered"
     assert silent.offer() is None and silent.readings(5)[-1].through_seq == silent.seq
     silent.close()
+    # A node that has answered once speaks OTA: sessions that end before its answer (a node
+    # short of heap while it downloads) never count against it.
+    for _ in range(5):
+        assert answering.offer() is not None
     answering.close()
+    assert [state for state, _, _ in progress(collector, answering.device)] == [
+        "offered", "downloading"]
 
 
 def test_chunk_requests_for_what_the_node_was_not_offered_are_refused_and_its_session_goes_on(

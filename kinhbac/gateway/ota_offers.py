@@ -139,6 +139,10 @@ class OtaOffers:
         self._last_result: dict[str, tuple[tuple, float]] = {}  # device -> (result, monotonic)
         self._recorded: dict[str, list[float]] = {}  # device -> [minute's start, results in it]
         self._unanswered: dict[str, int] = {}  # device -> offers in a row without an answer
+        # Devices that have answered an offer of their current assignment once: their firmware
+        # speaks OTA, so a session that ends before its answer (a node short of heap while it
+        # downloads) is not taken for a firmware without OTA.
+        self._answered: set[tuple[str, str, str]] = set()  # (device, rollout, sha)
         self._failing: dict[str, str] = {}  # what failed last, per fetch, for the log
         self._result_logged = -RESULT_LOG_EVERY_S
         registry = registry if registry is not None else CollectorRegistry()
@@ -220,6 +224,7 @@ class OtaOffers:
                 del table[device]
         current = {(a.device, a.rollout_id, a.manifest_sha256) for a in assignments.values()}
         self._offered &= current
+        self._answered &= current
         self._refusal_reported &= current
         shas = {a.manifest_sha256 for a in assignments.values()}
         for sha in [s for s in self._checked if s not in shas]:
@@ -330,14 +335,17 @@ class OtaOffers:
         release = self.cache.get(a.manifest_sha256)
         assert release is not None
         unanswered = self._unanswered.get(device, 0)
-        if unanswered >= MAX_UNANSWERED_OFFERS:
+        if (device, a.rollout_id, a.manifest_sha256) in self._answered:
+            unanswered = -1  # it has answered before: never counted
+        elif unanswered >= MAX_UNANSWERED_OFFERS:
             self._final[device] = (a.rollout_id, a.manifest_sha256)
             why = (f"the node left {unanswered} offers in a row unanswered (firmware without "
                    "OTA?): no longer offered")
             log.warning("node %s: release %s %s: %s", device, a.kind, a.version, why)
             self._progress(a, "failed", reason=why, boot=boot)
             return None
-        self._unanswered[device] = unanswered + 1
+        if unanswered >= 0:
+            self._unanswered[device] = unanswered + 1
         try:
             frame = wire.encode_ota_offer(key, boot, counter, release.ref, release.wire_kind,
                                           release.version, release.offer_files())
@@ -365,7 +373,7 @@ class OtaOffers:
             raise OtaRefusal(f"offset {offset} is at or past the end of file {index} "
                              f"({size} bytes)")
         length = min(msg.length, size - offset)  # type: ignore[attr-defined]
-        self._unanswered.pop(device, None)
+        self._answer_from(device)
         try:
             data = self.cache.read(release, index, offset, length)
         except OSError as exc:
@@ -400,7 +408,7 @@ class OtaOffers:
                             "neither offers it nor offered it last: not recorded", device,
                             name or f"state {state}", ref, reason)
             return
-        self._unanswered.pop(device, None)
+        self._answer_from(device)
         if state in FINAL_STATES:
             self._final[device] = (a.rollout_id, a.manifest_sha256)
         result = (a.rollout_id, ref, state, done, reason)
@@ -421,6 +429,13 @@ class OtaOffers:
         log.info("node %s: release %s %s %s (%d bytes)%s", device, a.kind, a.version, name,
                  done, f": {reason}" if reason else "")
         self._progress(a, name, bytes_so_far=done, reason=reason, boot=msg.boot)
+
+    def _answer_from(self, device: str) -> None:
+        """The node answered an offer (a result or a chunk request)."""
+        self._unanswered.pop(device, None)
+        a = self.assignments.get(device)
+        if a is not None:
+            self._answered.add((device, a.rollout_id, a.manifest_sha256))
 
     def _progress(self, a: Assignment, state: str, *, bytes_so_far: int = 0,
                   reason: str = "", boot: int | None = None) -> None:
