@@ -157,13 +157,15 @@ def test_the_docs_topic_table_is_the_modules_topics():
     assert rows == [
         contract.telemetry_topic(*args, "<device>"),
         contract.device_status_topic(*args, "<device>"),
+        contract.ota_progress_topic(*args, "<device>"),
         contract.gateway_status_topic(*args, "<gateway_id>"),
         contract.gateway_probe_topic(*args, "<gateway_id>"),
     ]
     filters = re.findall(r"^- `([^`]+)`:", _section(doc, "Subscribing"), re.M)
     assert filters == [contract.telemetry_filter(contract.DEFAULT_PREFIX),
                        contract.device_status_filter(contract.DEFAULT_PREFIX),
-                       contract.gateway_status_filter(contract.DEFAULT_PREFIX)]
+                       contract.gateway_status_filter(contract.DEFAULT_PREFIX),
+                       contract.ota_progress_filter(contract.DEFAULT_PREFIX)]
     assert "kinhbac/mqtt_contract.py" in _section(doc, "Topics") or \
         "kinhbac/mqtt_contract.py" in doc.split("\n## ")[0]
 
