@@ -24,15 +24,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from helpers.fleet import FleetServer, running_fleet, wait_until
 from helpers.gateway import GatewayProcess, read_downlink_frame
+from helpers.ota import ADMIN, REFRESH_S, SITE, enrol_site
 
 from kinhbac import wire
 from kinhbac.broker import LocalBroker
 from kinhbac.emulator import launcher
 
-ADMIN = ("admin@example.org", "admin password 1")
-TECHNICIAN = ("tech@example.org", "technician password 1")
-SITE = "testsite"
-REFRESH_S = 1.0
 CACHED = 'kinhbac_gateway_ota_releases_total{outcome="cached"}'
 REFUSED = 'kinhbac_gateway_ota_releases_total{outcome="refused"}'
 UNSUPPORTED = 'kinhbac_gateway_frames_refused_total{reason="unsupported"}'
@@ -46,15 +43,7 @@ class OtaSite:
 
     def __init__(self, fleet: FleetServer) -> None:
         self.fleet = fleet
-        self.admin = fleet.login(*ADMIN)
-        self.site_id = fleet.call("POST", "/api/sites", self.admin, 201, json={
-            "name": "Test site", "slug": SITE, "sensor_kit": launcher.SENSOR_KIT})["id"]
-        enrolled = fleet.call("POST", "/api/gateways", self.admin, 201,
-                              json={"name": "gw1", "site_id": self.site_id})
-        self.gateway_token = enrolled["token"]
-        fleet.call("POST", "/api/users", self.admin, 201, json={
-            "email": TECHNICIAN[0], "password": TECHNICIAN[1], "role": "technician"})
-        self.technician = fleet.login(*TECHNICIAN)
+        self.admin, self.site_id, self.gateway_token, self.technician = enrol_site(fleet)
         self._macs = 0
 
     def register(self, n: int) -> list[wire.Key]:

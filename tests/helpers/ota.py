@@ -165,6 +165,19 @@ def counting_fleet(workdir: Path, broker_port: int, monkeypatch) -> Iterator[Cou
 # ----- a site: its gateway and boards -----
 
 
+def enrol_site(fleet: FleetServer) -> tuple[str, str, str, str]:
+    """The test site set up as an admin and a technician would: the admin's token, the site's
+    id, its one gateway's token and the technician's token."""
+    admin = fleet.login(*ADMIN)
+    site_id = fleet.call("POST", "/api/sites", admin, 201, json={
+        "name": "Test site", "slug": SITE, "sensor_kit": launcher.SENSOR_KIT})["id"]
+    gateway_token = fleet.call("POST", "/api/gateways", admin, 201,
+                               json={"name": "gw1", "site_id": site_id})["token"]
+    fleet.call("POST", "/api/users", admin, 201, json={
+        "email": TECHNICIAN[0], "password": TECHNICIAN[1], "role": "technician"})
+    return admin, site_id, gateway_token, fleet.login(*TECHNICIAN)
+
+
 class OtaSite:
     """A site set up through the fleet's API (site, enrolled gateway, technician), its gateway
     process, and its boards registered by MAC and flashed with the identity the fleet issued."""
@@ -174,15 +187,7 @@ class OtaSite:
         self.workdir = workdir
         self.fleet = fleet
         self.emulator = emulator
-        self.admin = fleet.login(*ADMIN)
-        self.site_id = fleet.call("POST", "/api/sites", self.admin, 201, json={
-            "name": "Test site", "slug": SITE, "sensor_kit": launcher.SENSOR_KIT})["id"]
-        enrolled = fleet.call("POST", "/api/gateways", self.admin, 201,
-                              json={"name": "gw1", "site_id": self.site_id})
-        self.gateway_token = enrolled["token"]
-        fleet.call("POST", "/api/users", self.admin, 201, json={
-            "email": TECHNICIAN[0], "password": TECHNICIAN[1], "role": "technician"})
-        self.technician = fleet.login(*TECHNICIAN)
+        self.admin, self.site_id, self.gateway_token, self.technician = enrol_site(fleet)
         self.gateway = GatewayProcess(workdir / "gw", key_file=None, broker_port=broker_port,
                                       fleet_url=fleet.url, fleet_token=self.gateway_token,
                                       key_refresh_s=REFRESH_S, **gateway_settings)
