@@ -49,7 +49,7 @@ def firmware_files(firmware_dir: Path = FIRMWARE_DIR, compiled: bool = True) -> 
     files = {
         "/boot.py": (firmware_dir / "boot.py").read_bytes(),
         "/main.py": (firmware_dir / "main.py").read_bytes(),
-        "/lib/wire.py": Path(wire.__file__).read_bytes(),
+        "/lib/wire.py": node_wire_source().encode(),
     }
     for source in sorted((firmware_dir / "node").glob("*.py")):
         files[f"/lib/node/{source.name}"] = source.read_bytes()
@@ -61,6 +61,39 @@ def firmware_files(firmware_dir: Path = FIRMWARE_DIR, compiled: bool = True) -> 
             for path, data in files.items()
         }
     return files
+
+
+GATEWAY_ONLY_BEGIN = "# gateway only {"
+GATEWAY_ONLY_END = "# } gateway only"
+
+
+def node_wire_source(source: str | None = None) -> str:
+    """The wire codec as a node carries it (/lib/wire.py): kinhbac/wire.py without the parts
+    marked gateway only (the gateway's encoders, the uplink parsers, the uplink replay guard).
+
+    Every bytecode function a node imports stays in its heap: these parts took about 4.5 KB of
+    an ESP32's, which its downloads and CONFIG frames need. Marked lines become empty lines, so
+    a traceback from a board names the line of kinhbac/wire.py. Unbalanced markers are an
+    error, not a guess.
+    """
+    lines = (Path(wire.__file__).read_text() if source is None else source).split("\n")
+    out, skipping = [], False
+    for number, line in enumerate(lines, 1):
+        mark = line.strip()
+        if mark == GATEWAY_ONLY_BEGIN:
+            if skipping:
+                raise ValueError(f"wire.py line {number}: gateway-only block opened twice")
+            skipping = True
+        elif mark == GATEWAY_ONLY_END:
+            if not skipping:
+                raise ValueError(f"wire.py line {number}: gateway-only block closed, never opened")
+            skipping = False
+            out.append("")
+            continue
+        out.append("" if skipping else line)
+    if skipping:
+        raise ValueError("wire.py: a gateway-only block is never closed")
+    return "\n".join(out)
 
 
 # Files an update never replaces: main.py chooses which app runs (docs/ota.md), boot.py is empty.

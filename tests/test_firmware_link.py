@@ -14,6 +14,7 @@ from test_firmware import FAST, start_nodes
 from kinhbac import wire
 from kinhbac.emulator.board import PWRON_RESET
 from kinhbac.emulator.receiver import Receiver
+from kinhbac.firmware import node_wire_source
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -150,7 +151,7 @@ def run_link_script(tmp_path, script):
     lib = tmp_path / "lib"
     lib.mkdir()
     (lib / "network.py").write_text(FAKE_NETWORK)
-    shutil.copy(REPO / "kinhbac" / "wire.py", lib / "wire.py")
+    (lib / "wire.py").write_text(node_wire_source())  # as a board carries it
     shutil.copytree(REPO / "firmware" / "node", lib / "node")
     (tmp_path / "buf").mkdir()
     path = tmp_path / "script.py"
