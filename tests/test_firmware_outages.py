@@ -167,10 +167,6 @@ def test_deep_sleep_mode_with_the_access_point_down_for_ten_minutes_keeps_its_re
 # ----- a two-hour gateway outage (finding 9) -----
 
 
-@pytest.mark.skip(reason="regression of 2026-12-06, to fix first (issue 13 open): with the OTA "
-                  "changes of firmware/node/link.py the boot after the outage sends no readings "
-                  "within 30 s (fails every run; the link.py of fa851c9 passes); suspected: the "
-                  "heap margin the larger link module leaves")
 def test_readings_keep_their_unix_time_across_the_reboots_of_a_two_hour_gateway_outage(
         emulator, quick_wifi, receiver):
     started_ms = time.time() * 1000
