@@ -516,11 +516,6 @@ def test_a_power_cut_in_the_first_trial_boot_is_a_trial_boot_and_it_confirms_aft
 # ----- with the real fleet and gateway -----
 
 
-@pytest.mark.skip(reason="failed in the clean-clone CI run of 2026-12-06 (the fleet's rollout "
-                  "paused: its one node left the gateway's offers unanswered, the node's heap "
-                  "during an update, issue 13 open); the same path runs in tests/"
-                  "test_gateway_ota.py::test_a_node_running_the_real_firmware_is_updated_from_"
-                  "the_fleet_and_confirms, which passed there")
 def test_the_fleet_and_gateway_update_an_emulated_node_which_confirms(
         tmp_path, emulator, broker, collector, fleet, gateways):
     from test_gateway_ota import FleetProxy, OtaSite, ref_of, start_gateway

@@ -28,6 +28,7 @@ from helpers.ota import (
     wait_flowing,
 )
 
+from kinhbac.broker import LocalBroker
 from kinhbac.emulator import esp32_image, otadata
 from kinhbac.firmware import firmware_version
 
@@ -36,17 +37,19 @@ NEW = "0.2.0"
 
 
 @pytest.fixture
+def broker(tmp_path):
+    """The site's broker as deploy/mosquitto runs it, persistence on: the fleet's MQTT session,
+    and what is published for it while it reconnects, outlive a broker restart. Without it,
+    what the gateway sends in the seconds before the fleet's ingest is back is lost, which is
+    why the production config has it."""
+    with LocalBroker(tmp_path / "broker", persistence=True) as b:
+        yield b
+
+
+@pytest.fixture
 def fleet(tmp_path, broker, monkeypatch):
     with counting_fleet(tmp_path / "fleet", broker.port, monkeypatch) as server:
         yield server
-
-
-# Known failing (issue 13 open): on the emulated ESP32 heap a node's session ends with a
-# MemoryError in its receive while it downloads (allocating 304-464 bytes), and in the 20-board
-# and outage runs of 2026-12-06 some boards never finished. Skipped, not loosened: they run as
-# they are once the node's download fits its heap (docs/ota.md, "What is left").
-NODE_HEAP_SHORT = ("known failure, issue 13 open: the node's sessions end with a MemoryError "
-                   "while it downloads on the emulated ESP32 heap, and some boards never finish")
 
 
 @pytest.fixture
@@ -56,7 +59,6 @@ def site(tmp_path, fleet, emulator, broker):
     site.close()
 
 
-@pytest.mark.skip(reason=NODE_HEAP_SHORT)
 def test_a_good_bundle_reaches_20_boards_in_waves_while_every_reading_arrives(
         tmp_path, site, fleet, collector):
     nodes = site.add_nodes(20)
@@ -121,9 +123,6 @@ def test_a_full_image_boots_from_the_other_slot_is_confirmed_and_keeps_the_old_s
     assert_nothing_lost(collector, nodes)
 
 
-@pytest.mark.skip(reason="not yet passing, issue 13 open: on 2026-12-06 only raises_at_import "
-                  "passed; the other two failed before the gateway's unanswered-offer fix "
-                  "(68d98e8) and have not been run since")
 @pytest.mark.parametrize("fault", [RAISES_AT_IMPORT, WRONG_GATEWAY_PORT, SENSORS_FAIL],
                          ids=["raises_at_import", "never_reaches_the_gateway", "sensors_fail"])
 def test_a_bad_release_rolls_back_by_itself_and_pauses_the_rollout_before_its_next_wave(
@@ -221,7 +220,6 @@ def test_power_cuts_mid_download_mid_staging_and_after_the_switch_end_on_one_ver
         assert_runs_release(node, files, NEW)
 
 
-@pytest.mark.skip(reason=NODE_HEAP_SHORT)
 def test_an_update_rides_out_the_access_point_the_gateway_and_the_broker_going_away(
         tmp_path, site, emulator, broker, collector):
     nodes = site.add_nodes(2)
