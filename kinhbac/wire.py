@@ -391,9 +391,11 @@ def _frame(frame_type, key, boot, counter, payload):
     return bytes(buf)
 
 
-def encode_hello(key, boot, counter, fw_version, reset_cause, drops, sensors, failures=None):
+def encode_hello(key, boot, counter, fw_version, reset_cause, drops, sensors, failures=None,
+                 free_flash=None):
     """HELLO: firmware version, reset cause, drop counters (u32 list), sensors [(name, unit)],
-    and optionally failures: per sensor, (could not read, out of range) counts."""
+    and optionally failures: per sensor, (could not read, out of range) counts, then
+    free_flash: the flash bytes an update may use (u32; it needs the failures before it)."""
     _check_int(reset_cause, 255, "reset cause")
     if len(drops) > 255 or len(sensors) > 255:
         raise FrameError(BAD_PAYLOAD, "at most 255 drop counters and 255 sensors")
@@ -413,6 +415,12 @@ def encode_hello(key, boot, counter, fw_version, reset_cause, drops, sensors, fa
             _check_int(failed, MAX_U32, "failure count")
             _check_int(out, MAX_U32, "failure count")
             parts.append(struct.pack(_FAILURES_FMT, failed, out))
+    if free_flash is not None:
+        # Sections are told apart by position only: this one must follow the failure counts.
+        if failures is None:
+            raise FrameError(BAD_PAYLOAD, "free flash follows the failure counts: give both")
+        _check_int(free_flash, MAX_U32, "free flash")
+        parts.append(struct.pack(">I", free_flash))
     return _frame(HELLO, key, boot, counter, b"".join(parts))
 
 
@@ -788,7 +796,8 @@ class Message:
 # gateway only {
 class HelloMessage(Message):
     """HELLO: .fw_version, .reset_cause, .drops (list of int), .sensors (list of (name, unit)),
-    .failures (per sensor (could not read, out of range); None when the HELLO has none)."""
+    .failures (per sensor (could not read, out of range); None when the HELLO has none),
+    .free_flash (bytes an update may use; None when the HELLO does not say)."""
 
 
 class ReadingsMessage(Message):
@@ -887,6 +896,9 @@ def _parse_hello(m, r):
         if n != len(m.sensors):
             raise ValueError("failure counts for %d sensors, table of %d" % (n, len(m.sensors)))
         m.failures = [r.unpack(_FAILURES_FMT, 8) for _ in range(n)]
+    m.free_flash = None  # a node before the section, or one that cannot say (safe mode)
+    if r.off < r.end:
+        m.free_flash = r.unpack(">I", 4)[0]  # a cut section ends early: BAD_PAYLOAD
 
 
 def _parse_readings(m, r):

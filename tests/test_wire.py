@@ -128,6 +128,48 @@ def test_hello_failure_counts_are_one_pair_per_sensor_within_u32():
         assert refused.value.reason == wire.BAD_PAYLOAD
 
 
+def test_hello_carries_the_nodes_free_flash_after_its_failure_counts():
+    sensors = [("temperature", "C"), ("level", "m")]
+    failures = [(0, 0), (1, 0)]
+    frame = wire.encode_hello(KEY, 9, 1, "0.2.0", wire.RESET_SOFT, [0] * 7, sensors, failures,
+                              413_696)
+    m = wire.decode(frame, lookup, wire.ReplayGuard())
+    assert (m.sensors, m.failures, m.free_flash) == (sensors, failures, 413_696)
+    without = wire.encode_hello(KEY, 9, 2, "0.2.0", wire.RESET_SOFT, [0] * 7, sensors, failures)
+    assert len(frame) - len(without) == 4
+    assert frame[wire.HEADER_SIZE:-wire.MAC_SIZE].endswith(struct.pack(">I", 413_696))
+
+
+@pytest.mark.parametrize("failures", [None, [(0, 0), (1, 0)]], ids=["oldest", "with counts"])
+def test_a_hello_from_firmware_before_the_free_flash_section_still_decodes_with_none(failures):
+    sensors = [("temperature", "C"), ("level", "m")]
+    older = wire.encode_hello(KEY, 9, 1, "0.1.0", wire.RESET_POWER_ON, [0] * 7, sensors, failures)
+    m = wire.decode(older, lookup, wire.ReplayGuard())
+    assert (m.failures, m.free_flash) == (failures, None)
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 5, 8])
+def test_a_hello_whose_free_flash_section_is_not_four_bytes_is_refused_as_bad_payload(cut):
+    # What a gateway must not take as a figure: a section cut short, or with bytes after it.
+    frame = wire.encode_hello(KEY, 9, 1, "0.2.0", 0, [], [("level", "m")], [(0, 0)], 2**32 - 1)
+    payload = frame[wire.HEADER_SIZE:-wire.MAC_SIZE]
+    counts_end = len(payload) - 4
+    malformed = payload[:counts_end + cut] if cut < 4 else payload + b"\xff" * (cut - 4)
+    with pytest.raises(wire.FrameError) as refused:
+        wire.decode(resigned_hello(malformed), lookup, wire.ReplayGuard())
+    assert refused.value.name == "BAD_PAYLOAD"
+    assert refused.value.header[0] == wire.HELLO
+
+
+@pytest.mark.parametrize("free_flash, failures", [(-1, [(0, 0)]), (2**32, [(0, 0)]),
+                                                  (True, [(0, 0)]), (4096, None)],
+                         ids=["negative", "past u32", "a bool", "without failure counts"])
+def test_hello_free_flash_is_a_u32_that_follows_the_failure_counts(free_flash, failures):
+    with pytest.raises(wire.FrameError) as refused:
+        wire.encode_hello(KEY, 9, 1, "0.2.0", 0, [], [("level", "m")], failures, free_flash)
+    assert refused.value.reason == wire.BAD_PAYLOAD
+
+
 def test_ack_without_readings_or_time_decodes_to_none_fields():
     frame = wire.encode_ack(KEY, 3, wire.downlink_counter(1, 0))
     m = wire.decode(frame, lookup, node_guard(), downlink=True)
@@ -667,6 +709,12 @@ def test_hello_layout_is_the_documented_one():
     mac = hmac.new(SECRET, head + payload, hashlib.sha256).digest()[:16]
     assert wire.encode_hello(KEY, 8, 9, "0.1.0", 3, [7, 0], [("level", "m")],
                              [(4, 9)]) == head + payload + mac
+    # And the free flash section after the failure counts: one u32.
+    payload += struct.pack(">I", 262_144)
+    head = struct.pack(">BBH8sHII", 1, 0x01, 22 + len(payload) + 16, DEVICE, 1, 8, 10)
+    mac = hmac.new(SECRET, head + payload, hashlib.sha256).digest()[:16]
+    assert wire.encode_hello(KEY, 8, 10, "0.1.0", 3, [7, 0], [("level", "m")],
+                             [(4, 9)], 262_144) == head + payload + mac
 
 
 # ---- The common subset -----------------------------------------------------------------------

@@ -34,7 +34,7 @@ def encode(case, key):
         sensors = [tuple(s) for s in f["sensors"]]
         return wire.encode_hello(
             key, boot, counter, f["fw_version"], f["reset_cause"], f["drops"], sensors,
-            f.get("failures"),
+            f.get("failures"), f.get("free_flash"),
         )
     if t == "READINGS":
         readings = [tuple(r) for r in f["readings"]]

@@ -41,7 +41,7 @@ def encode(case, key):
         sensors = [tuple(s) for s in f["sensors"]]
         return wire.encode_hello(
             key, h["boot"], h["counter"], f["fw_version"], f["reset_cause"], f["drops"], sensors,
-            f.get("failures"),
+            f.get("failures"), f.get("free_flash"),
         )
     if t == "READINGS":
         # The node's path: ReadingsWriter into a pre-sized buffer.
@@ -91,13 +91,17 @@ def encode(case, key):
 def decoded_fields(case, m):
     t = case["type"]
     if t == "HELLO":
-        return {
+        got = {
             "fw_version": m.fw_version,
             "reset_cause": m.reset_cause,
             "drops": list(m.drops),
             "sensors": [list(s) for s in m.sensors],
             "failures": None if m.failures is None else [list(p) for p in m.failures],
         }
+        # The cases from before the free flash section do not name it (they decode with None).
+        if "free_flash" in case["fields"]:
+            got["free_flash"] = m.free_flash
+        return got
     if t == "READINGS":
         return {
             "readings_boot": m.readings_boot,

@@ -95,6 +95,31 @@ CASES = [
                    "sensors": [], "failures": []},
     },
     {
+        # The free flash section (after the failure counts): what an update may use, as the
+        # node works it out (littlefs's free blocks less the reading buffer's promise and two
+        # blocks), here an emulated board's 413,696 bytes.
+        "name": "hello_free_flash",
+        "type": "HELLO",
+        "key": KEY,
+        "header": {"boot": 6, "counter": 1},
+        "fields": {
+            "fw_version": "0.2.0",
+            "reset_cause": wire.RESET_SOFT,
+            "drops": [0, 0, 0, 0, 0, 0, 0],
+            "sensors": [["temperature", "C"], ["level", "m"]],
+            "failures": [[0, 0], [1, 0]],
+            "free_flash": 413696,
+        },
+    },
+    {
+        "name": "hello_free_flash_of_no_sensors_at_the_u32_limit",
+        "type": "HELLO",
+        "key": OTHER_KEY,
+        "header": {"boot": 1, "counter": 1},
+        "fields": {"fw_version": "0.2.0", "reset_cause": wire.RESET_POWER_ON, "drops": [],
+                   "sensors": [], "failures": [], "free_flash": 4294967295},
+    },
+    {
         "name": "readings_synced",
         "type": "READINGS",
         "key": KEY,
@@ -489,20 +514,42 @@ REFUSALS = [
         "cut": "one byte after the section",
         "refused": "BAD_PAYLOAD",
     },
+    # The free flash section is four bytes exactly: built from hello_free_flash's payload.
+    {
+        "name": "hello_free_flash_cut_short_refused",
+        "type": "HELLO",
+        "key": KEY,
+        "header": {"boot": 6, "counter": 2},
+        "cut": "the section's last byte missing",
+        "refused": "BAD_PAYLOAD",
+    },
+    {
+        "name": "hello_free_flash_and_a_trailing_byte_refused",
+        "type": "HELLO",
+        "key": KEY,
+        "header": {"boot": 6, "counter": 3},
+        "cut": "one byte after the section",
+        "refused": "BAD_PAYLOAD",
+    },
 ]
 
 
 def _malformed_payloads():
-    """The payloads of the failure-count refusals, from hello_sensor_failures' (3 sensors)."""
+    """The payloads of the HELLO section refusals: the failure counts' from
+    hello_sensor_failures' (3 sensors), the free flash's from hello_free_flash's."""
     case = next(c for c in CASES if c["name"] == "hello_sensor_failures")
     payload = encode_case(case)[wire.HEADER_SIZE:-wire.MAC_SIZE]
     section = payload[-25:]  # count, then three (u32, u32) pairs
     assert section[0] == 3
     table = payload[:-25]
+    case = next(c for c in CASES if c["name"] == "hello_free_flash")
+    with_free_flash = encode_case(case)[wire.HEADER_SIZE:-wire.MAC_SIZE]
     return {
         "hello_failures_of_another_table_refused": table + bytes([2]) + section[1:17],
         "hello_failures_cut_short_refused": payload[:-1],
         "hello_failures_and_a_trailing_byte_refused": payload + b"\x00",
+        "hello_free_flash_cut_short_refused": with_free_flash[:-1],
+        "hello_free_flash_and_a_trailing_byte_refused": with_free_flash + b"\x00",
     }
 
 
@@ -516,7 +563,8 @@ def encode_case(case):
     f = case["fields"]
     if t == "HELLO":
         sensors = [tuple(s) for s in f["sensors"]]
-        args = (f["fw_version"], f["reset_cause"], f["drops"], sensors, f.get("failures"))
+        args = (f["fw_version"], f["reset_cause"], f["drops"], sensors, f.get("failures"),
+                f.get("free_flash"))
         return wire.encode_hello(key, h["boot"], h["counter"], *args)
     if t == "READINGS":
         readings = [tuple(r) for r in f["readings"]]
