@@ -119,7 +119,7 @@ BASE = {
     ({"sensors": [{"name": f"n{i:02d}" + "x" * 58, "unit": "u" * 60, "kind": "bme280",
                    "field": "humidity"} for i in range(11)]},
      False, "sensors: names, units and failure counts take 1441 bytes, more than a HELLO "
-            "frame holds (1293)"),
+            "frame holds (1289)"),
 ])
 def test_config_is_checked_whole_and_refused_naming_the_field(board, settings, unsupported,
                                                               message):

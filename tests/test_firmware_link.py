@@ -1,7 +1,7 @@
 """The node's link to its gateway (firmware/node/link.py): reconnecting after any failure, and
 a send loop that waits without making garbage. The first two run node/link.py under the
-MicroPython unix port with a stand-in node; the last runs the whole firmware on an emulated
-board against a gateway that answers HELLO too late."""
+MicroPython unix port with a stand-in node; the emulated-board tests run the whole firmware
+against a gateway that answers HELLO too late, and read the free flash its HELLO reports."""
 
 import asyncio
 import shutil
@@ -12,9 +12,10 @@ from helpers.micropython import run_micropython
 from test_firmware import FAST, start_nodes
 
 from kinhbac import wire
+from kinhbac.device.partitions import ESP32_GENERIC_OTA, filesystem
 from kinhbac.emulator.board import PWRON_RESET
 from kinhbac.emulator.receiver import Receiver
-from kinhbac.firmware import node_wire_source
+from kinhbac.firmware import firmware_files, node_wire_source
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -220,6 +221,26 @@ def test_hello_answered_late_the_node_retries_and_its_readings_arrive(emulator):
     assert f"no answer to HELLO within {FAST['ack_timeout_ms']} ms" in text
     assert node.board.boots == [PWRON_RESET]  # not the no-network reboot: a reconnect
     assert took < 15
+
+
+def test_the_nodes_hello_reports_the_flash_an_update_may_use(emulator):
+    # What the fleet checks a bundle's rollout against (docs/ota.md, "Rollouts"): the
+    # filesystem's free blocks, less the whole reading buffer's promise and two blocks.
+    with Receiver({}) as receiver:
+        (node,) = start_nodes(emulator, receiver)
+        receiver.wait_for_count(1, node.device)
+        hello = receiver.devices[node.device].hello
+    assert hello is not None
+    block = 4096
+    fs_bytes = filesystem(ESP32_GENERIC_OTA).size  # the emulated boards' 960 KiB
+    promised = 16384 * 24  # flash_readings (the default) x node/store.py's record
+    # At most: the root directory's metadata pair taken, nothing else. At least: every file of
+    # the firmware its blocks and one more, and 16 blocks of directories and state files.
+    most = fs_bytes - promised - 2 * block - 2 * block
+    files = sum(len(data) // block + 2 for data in firmware_files().values())
+    least = most - (files + 16) * block
+    print(f"\nfree flash in the HELLO: {hello.free_flash} bytes ({least}..{most})")
+    assert least <= hello.free_flash <= most
 
 
 STORE_SHORT_OF_HEAP = """

@@ -226,6 +226,7 @@ class Link:
             drops,
             sensors,
             node.sensors.failures(),
+            node.store.free_flash(),
         )
 
     async def _read_frame(self, reader):

@@ -24,7 +24,6 @@ JOB_PATH = "/ota.json"
 _MAX_MISMATCHES = const(3)  # a file whose SHA-256 is wrong this often: the release is failed
 _READ = const(512)  # bytes read at a time to hash a file on flash
 _BLOCK = const(4096)  # a littlefs block: what a file takes at least
-_REC_SIZE = const(24)  # node/store.py's record: flash the reading buffer may still need
 _DIR = const(0x4000)
 _ERASE = const(6)  # Partition.ioctl: erase one 4 KiB block
 _SAVE_EVERY = const(16384)  # image bytes between two progress saves: what a power cut re-asks
@@ -196,16 +195,6 @@ class Ota:
             done += min(max(_size(self._target(i)), 0), size)
         return done
 
-    def _free(self):
-        # What littlefs has free, less what the reading buffer may still take of it.
-        st = os.statvfs("/")
-        free = st[0] * st[3]
-        buffered = 0
-        for entry in os.ilistdir("/buf"):
-            buffered += _size("/buf/" + entry[0])
-        promised = self.node.cfg["flash_readings"] * _REC_SIZE - buffered
-        return free - max(promised, 0) - 2 * _BLOCK  # and room for the state files
-
     def _save(self):
         write_json(JOB_PATH, self.job)
 
@@ -232,7 +221,9 @@ class Ota:
                 "slot": ("b" if active == "a" else "a") if msg.kind == wire.OTA_BUNDLE else "",
                 "bad": 0, "ok": [], "done": 0,
             }
-            why = check_offer(msg, self._free())
+            # The figure this node's HELLO reports, so that what the fleet let through is
+            # what the node takes; a filesystem that cannot say has nothing to spare.
+            why = check_offer(msg, self.node.store.free_flash() or 0)
             if why is not None:
                 return await self._fail(link, writer, why)
             if msg.kind == wire.OTA_BUNDLE:

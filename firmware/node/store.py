@@ -23,6 +23,9 @@ F_PRE_SYNC = const(1)  # taken before the boot's first clock sync
 # pointer). 256 records (6 KiB) took two blocks, a third of the second one empty: the default
 # buffer of 16,384 readings took 134 blocks of the vfs partition, now 105 (measured).
 SEGMENT_READINGS = const(170)
+_BLOCK = const(4096)  # a littlefs block
+_STATE_BLOCKS = const(2)  # kept free for the state files' atomic rewrites (a new file, renamed)
+_MAX_U32 = 0xFFFFFFFF  # HELLO's field; a host filesystem (tests under the unix port) has more
 
 
 def _after(boot, seq, ref_boot, ref_seq):
@@ -108,6 +111,21 @@ class Store:
         if self._n:
             return struct.unpack_from("<I", self._ram, self._head * REC_SIZE)[0]
         return default
+
+    def free_flash(self):
+        """Flash bytes an update's files may use, as HELLO reports it and node/ota.py checks an
+        offer with it: littlefs's free blocks, less what this buffer may still take (its
+        capacity less the records it holds) and the state files' blocks; None if the
+        filesystem cannot say."""
+        try:
+            st = os.statvfs("/")
+        except OSError:
+            return None
+        held = 0
+        for seg in self._segs:
+            held += seg[1]
+        promised = max(self.flash_readings - held, 0) * REC_SIZE
+        return min(max(st[0] * st[3] - promised - _STATE_BLOCKS * _BLOCK, 0), _MAX_U32)
 
     def pending(self):
         """Readings not yet acknowledged by the gateway."""

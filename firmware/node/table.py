@@ -18,8 +18,9 @@ _PULLS = ("up", "down", "none")
 _EDGES = ("falling", "rising")
 _TEXT_MAX = const(64)  # bytes of a name or unit: a HELLO of many sensors still fits a frame
 # HELLO payload bytes left for the sensor table and its failure counts: the frame's 1362 less
-# the reset cause, a firmware version of up to 32 bytes, 8 drop counters and the counts' count.
-_HELLO_TABLE_MAX = const(1293)
+# the reset cause, a firmware version of up to 32 bytes, 8 drop counters, the counts' count and
+# the free flash (u32).
+_HELLO_TABLE_MAX = const(1289)
 _HELLO_PER_SENSOR = const(10)  # a sensor's two str8 lengths and its two u32 failure counts
 
 
