@@ -222,6 +222,8 @@ class DeviceStatusMessage(_Payload):
     sensors: list[SensorEntry] = Field(default_factory=list, max_length=256)
     # By sensor name; absent from a node that does not count its failures per sensor.
     sensor_failures: dict[_text(64), SensorFailures] | None = Field(default=None, max_length=256)
+    # Flash bytes an update may use (HELLO's u32); null from a node that did not say.
+    free_flash_bytes: int | None = Field(default=None, ge=0, le=wire.MAX_U32, strict=True)
     safe_mode: str | None = None  # only while the node is in safe mode: the reason it gave
 
 
@@ -342,10 +344,11 @@ def sensor_failure_counts(sensors: list[tuple[str, str]],
 
 def device_status(*, device: str, site: str, gateway: str, last_seen_ms: int, firmware: str,
                   boot: int, reset_cause: str, drops: list[int], sensors: list[tuple[str, str]],
-                  failures: list[list[int]] | None = None) -> dict[str, Any]:
-    """A device status from a node's HELLO (its counters and per-sensor failure counts as the
-    wire has them), as a dict the gateway keeps and updates (`last_seen_ms`, `safe_mode`)
-    between publishes; device_status_payload() writes it."""
+                  failures: list[list[int]] | None = None,
+                  free_flash_bytes: int | None = None) -> dict[str, Any]:
+    """A device status from a node's HELLO (its counters, per-sensor failure counts and free
+    flash as the wire has them), as a dict the gateway keeps and updates (`last_seen_ms`,
+    `safe_mode`) between publishes; device_status_payload() writes it."""
     status: dict[str, Any] = {
         "device": device,
         "site": site,
@@ -356,6 +359,9 @@ def device_status(*, device: str, site: str, gateway: str, last_seen_ms: int, fi
         "reset_cause": reset_cause,
         "drops": drop_counters(drops),
         "sensors": [{"name": n, "unit": u} for n, u in sensors],
+        # Always there, null when the node did not say: a consumer tells "not reported" from
+        # a field it has never heard of.
+        "free_flash_bytes": free_flash_bytes,
     }
     if failures is not None:  # a node that counts its failures per sensor
         status["sensor_failures"] = sensor_failure_counts(sensors, failures)

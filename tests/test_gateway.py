@@ -150,6 +150,25 @@ def test_the_device_status_gives_each_sensors_failure_counts_by_name_when_the_he
     assert "sensor_failures" not in collector.retained[topic]
 
 
+def test_the_device_status_carries_the_free_flash_the_hello_reported_and_null_without_it(
+        lone_device, collector):
+    gateway, key = lone_device
+    topic = f"kinhbac/testsite/{key.device_id.hex()}/status"
+    sensors = [("level", "m")]
+    hello = wire.encode_hello(key, 1, 1, "0.2.0", wire.RESET_SOFT, [0] * 7, sensors, [(0, 0)],
+                              413_696)
+    exchange(gateway.port, [hello], [key], 1, 1)
+    collector.wait_for(lambda: collector.retained.get(topic, {}).get("boot") == 1,
+                       what="the device's status")
+    assert collector.retained[topic]["free_flash_bytes"] == 413_696
+    # Firmware before the section (or safe mode): null, not the last figure, nor left out.
+    older = wire.encode_hello(key, 2, 1, "0.1.0", wire.RESET_SOFT, [0] * 7, sensors, [(0, 0)])
+    exchange(gateway.port, [older], [key], 2, 1)
+    collector.wait_for(lambda: collector.retained[topic].get("boot") == 2,
+                       what="the older node's status")
+    assert collector.retained[topic]["free_flash_bytes"] is None
+
+
 def test_a_nodes_error_frames_are_logged_as_a_refusal_or_as_its_own_report(lone_device):
     gateway, key = lone_device
     device = key.device_id.hex()

@@ -127,6 +127,34 @@ def test_a_device_status_names_the_hello_counters_as_the_wire_does():
         .sensor_failures is None
 
 
+def test_a_device_status_carries_the_nodes_free_flash_or_null_when_it_did_not_say():
+    hello = {"device": "6b62a1b2c3d4e5f6", "site": "site-a", "gateway": "pi-01",
+             "last_seen_ms": 1, "firmware": "0.2.0", "boot": 2, "reset_cause": "SOFT",
+             "drops": [0] * 7, "sensors": [("level", "m")], "failures": [[0, 0]]}
+    status = contract.device_status(**hello, free_flash_bytes=2**32 - 1)
+    payload = contract.device_status_payload(status)
+    assert b'"free_flash_bytes": 4294967295' in payload
+    assert contract.parse_device_status(payload).free_flash_bytes == 2**32 - 1
+    older = contract.device_status_payload(contract.device_status(**hello))
+    assert b'"free_flash_bytes": null' in older  # said, not left out: "the node did not say"
+    assert contract.parse_device_status(older).free_flash_bytes is None
+    # A status from a gateway before the field parses too, with None.
+    del status["free_flash_bytes"]
+    assert contract.parse_device_status(contract.device_status_payload(status)) \
+        .free_flash_bytes is None
+
+
+@pytest.mark.parametrize("figure", [-1, 2**32, "4096", 4096.5, True])
+def test_a_device_status_with_a_free_flash_no_node_can_send_is_refused(figure):
+    # The wire's u32 and nothing else: the fleet's rollout check must not meet a bad figure.
+    status = contract.device_status(
+        device="6b62a1b2c3d4e5f6", site="site-a", gateway="pi-01", last_seen_ms=1,
+        firmware="0.2.0", boot=2, reset_cause="SOFT", drops=[], sensors=[],
+        free_flash_bytes=figure)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        contract.parse_device_status(contract.device_status_payload(status))
+
+
 def test_the_gateway_status_and_its_last_will_are_these_bytes():
     assert contract.gateway_status_payload(state="online", gateway="pi-01", since_ms=5,
                                            dropped={}) == \
@@ -209,7 +237,8 @@ def test_the_docs_device_status_examples_are_what_the_module_builds():
             sensors=[(s["name"], s["unit"]) for s in doc["sensors"]],
             failures=None if "sensor_failures" not in doc else [
                 [doc["sensor_failures"][s["name"]][n] for n in contract.FAILURE_NAMES]
-                for s in doc["sensors"]])
+                for s in doc["sensors"]],
+            free_flash_bytes=doc["free_flash_bytes"])
         assert contract.device_status_payload(status).decode() == block.strip()
 
 

@@ -140,6 +140,7 @@ class Gateway:
             drops=hello["drops"],
             sensors=info.sensors,
             failures=hello.get("failures"),  # None from a node that does not count by sensor
+            free_flash_bytes=hello.get("free_flash"),  # None from a node that does not say
         ))
 
     def stop(self) -> None:

@@ -327,6 +327,8 @@ class Listener:
             "sensors": [list(s) for s in msg.sensors],
             # Per sensor, in table order; None from a node that sends no failure counts.
             "failures": None if msg.failures is None else [list(f) for f in msg.failures],
+            # Flash bytes an update may use; None from a node that did not say.
+            "free_flash": msg.free_flash,
             "seen_ms": int(time.time() * 1000),
         }
         info = self.devices[device] = DeviceInfo(hello)
