@@ -122,6 +122,8 @@ def run(workdir: Path, boards: int) -> dict:
                             if row["state"] == "confirmed"]
             last_confirmed = (max(confirmed_at) - begun).total_seconds() if confirmed_at else 0
             heaps = [f for n in watched if (f := heap_figures(n.board.console.text()))]
+            # A session the heap ended (the node recovers: the session and download resume).
+            memory_errors = sum(n.board.console.text().count("MemoryError") for n in nodes)
             try:
                 assert_nothing_lost(collector, nodes)
                 lost = "none"
@@ -141,6 +143,7 @@ def run(workdir: Path, boards: int) -> dict:
                 "requests": len(fleet.fetches.requests),
                 "fetched_bytes": fleet.fetches.body_bytes,
                 "heap": heaps,
+                "memory_errors": memory_errors,
                 "lost": lost,
                 "readings": collector.count(),
             }
@@ -174,8 +177,8 @@ def section(results: list[dict], date: str) -> str:
         "| Gateway's fetches at the fleet (file requests, all requests, body bytes) "
         "| Node heap above idle during a download: ESP32 estimate (unix port: peak / idle / "
         "above idle; max of the watched boards) "
-        "| Readings lost |",
-        "|---:|---:|---|---|---|---|---|",
+        "| MemoryErrors on the boards' consoles | Readings lost |",
+        "|---:|---:|---|---|---|---|---|---|",
     ]
     for r in results:
         confirmed = r["states"].get("confirmed", 0)
@@ -195,7 +198,7 @@ def section(results: list[dict], date: str) -> str:
         lines.append(
             f"| {r['boards']} | {took} | {r['states']} | {r['release_files']} "
             f"files, {r['release_bytes']:,} B | {r['file_requests']}, {r['requests']}, "
-            f"{r['fetched_bytes']:,} B | {heap} | {r['lost']} |")
+            f"{r['fetched_bytes']:,} B | {heap} | {r['memory_errors']} | {r['lost']} |")
     lines += [
         "",
         "## Notes",
