@@ -119,7 +119,15 @@ class Batch:
     def add_status(self, row: dict[str, Any]) -> None:
         held = self.statuses.get(row["wire_id"])
         if held is None or held["last_seen_at"] <= row["last_seen_at"]:
+            if held is not None and row.get("free_flash_bytes") is None:
+                # The device record keeps the last figure reported: a later status without
+                # one (a node in safe mode) in the same batch must not lose it.
+                row = {**row, "free_flash_bytes": held.get("free_flash_bytes"),
+                       "free_flash_at": held.get("free_flash_at")}
             self.statuses[row["wire_id"]] = row
+        elif held.get("free_flash_bytes") is None and row.get("free_flash_bytes") is not None:
+            held["free_flash_bytes"] = row["free_flash_bytes"]  # an older status's figure
+            held["free_flash_at"] = row["free_flash_at"]
 
     def add_gateway(self, row: dict[str, Any]) -> None:
         key = (row["site"], row["gateway"])
@@ -204,6 +212,11 @@ _UPDATE_DEVICE = (
         boot_counter=sa.func.coalesce(sa.bindparam("b_boot", type_=sa.BigInteger()),
                                       _DEVICE.c.boot_counter),
         last_seen_at=sa.bindparam("b_seen", type_=UTCDateTime()),
+        # The last figure reported stays until another comes (a status without one keeps it).
+        free_flash_bytes=sa.func.coalesce(sa.bindparam("b_free", type_=sa.BigInteger()),
+                                          _DEVICE.c.free_flash_bytes),
+        free_flash_at=sa.func.coalesce(sa.bindparam("b_free_at", type_=UTCDateTime()),
+                                       _DEVICE.c.free_flash_at),
     )
 )
 # Everything older, by (boot, seq), than the device's newest `keep` readings. Row values with
@@ -329,16 +342,18 @@ def _write_statuses(connection: Connection, rows: list[dict[str, Any]]) -> None:
         return
     table = DeviceStatus.__table__
     insert = _insert(connection, table)
+    columns = set(table.columns.keys())
     connection.execute(insert.on_conflict_do_update(
         index_elements=["wire_id"],
         set_={column.name: insert.excluded[column.name]
               for column in table.columns if column.name != "wire_id"},
         where=table.c.last_seen_at <= insert.excluded.last_seen_at,
-    ), rows)
+    ), [{name: value for name, value in row.items() if name in columns} for row in rows])
     # Registered devices: their registry row too (no match for an unknown one).
     connection.execute(_UPDATE_DEVICE, [
         {"b_wire_id": row["wire_id"], "b_seen": row["last_seen_at"],
-         "b_firmware": row["firmware"], "b_boot": row["boot"]}
+         "b_firmware": row["firmware"], "b_boot": row["boot"],
+         "b_free": row["free_flash_bytes"], "b_free_at": row["free_flash_at"]}
         for row in rows
     ])
 
@@ -370,7 +385,8 @@ def _records(rows: list[dict[str, Any]]) -> str:
 _PG_STATUS_RECORD = """json_to_recordset(CAST(:rows AS json)) AS heard (
     wire_id text, site text, gateway text, last_seen_at timestamptz, offline_at timestamptz,
     firmware text, boot bigint, reset_cause text, drops json, sensors json,
-    sensor_failures json, received_at timestamptz)"""
+    sensor_failures json, received_at timestamptz, free_flash_bytes bigint,
+    free_flash_at timestamptz)"""
 _PG_UPSERT_STATUSES = sa.text(f"""
 INSERT INTO device_status AS held (wire_id, site, gateway, last_seen_at, offline_at, firmware,
                                    boot, reset_cause, drops, sensors, sensor_failures,
@@ -389,7 +405,9 @@ _PG_UPDATE_DEVICES = sa.text(f"""
 UPDATE device SET
     firmware_version = COALESCE(heard.firmware, device.firmware_version),
     boot_counter = COALESCE(heard.boot, device.boot_counter),
-    last_seen_at = heard.last_seen_at
+    last_seen_at = heard.last_seen_at,
+    free_flash_bytes = COALESCE(heard.free_flash_bytes, device.free_flash_bytes),
+    free_flash_at = COALESCE(heard.free_flash_at, device.free_flash_at)
 FROM {_PG_STATUS_RECORD}
 WHERE device.wire_id = heard.wire_id
   AND (device.last_seen_at IS NULL OR device.last_seen_at <= heard.last_seen_at)
@@ -601,6 +619,9 @@ class IngestWorker:
                         name: counts.model_dump()
                         for name, counts in status.sensor_failures.items()},
                     "received_at": received,
+                    # The device's record, not the status table: kept until another figure.
+                    "free_flash_bytes": status.free_flash_bytes,
+                    "free_flash_at": None if status.free_flash_bytes is None else seen,
                 })
             case "gateway_status":
                 gateway_status = parse_gateway_status(payload)

@@ -643,6 +643,10 @@ class Device(DeviceBase, table=True):
     state: DeviceState = Field(default=DeviceState.registered, sa_type=_enum(DeviceState),
                                index=True)
     last_seen_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # The last free flash it reported (a status without one keeps it): a bundle's rollout is
+    # checked against it (kinhbac/fleet/rollouts.py, too_full).
+    free_flash_bytes: int | None = Field(default=None, sa_type=sa.BigInteger)
+    free_flash_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     # The nonce of its claim (claim path only): with the site's claim key it derives the secret.
     claim_nonce: str | None = Field(default=None, max_length=32)
     # Which of its site's claim keys signed that claim: the approval derives the secret with it.
@@ -691,6 +695,11 @@ class DevicePublic(DeviceBase):
     key_id: int
     state: DeviceState
     last_seen_at: datetime | None
+    free_flash_bytes: int | None = Field(
+        default=None, description="flash bytes it last reported free for an update's files "
+        "(its HELLO, through its gateway's status); null until it reports one")
+    free_flash_at: datetime | None = Field(
+        default=None, description="when it reported free_flash_bytes (its gateway heard it)")
     claim_key_fingerprint: str | None = Field(
         default=None, description="set up by a claim: which of its site's claim keys signed it "
         "(after a leak, those under the leaked key are re-provisioned)")

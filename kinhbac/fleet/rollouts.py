@@ -19,6 +19,7 @@ wave k-1; a wave is judged by its own devices only.
 
 import asyncio
 import hashlib
+import json
 import logging
 import math
 import random
@@ -176,6 +177,30 @@ def _reported_version(device: Device) -> Version | None:
         return None  # a firmware string that is no version: it gets the update
 
 
+def too_full(release: Release, devices: Iterable[Device],
+             running_it: set[uuid.UUID]) -> str | None:
+    """Why a bundle cannot go to these devices for want of flash, or None.
+
+    A device is short when the free flash it last reported (its HELLO, kept on its record) is
+    less than the manifest's `min_free_bytes`, the figure each node checks an offer against
+    itself. Not checked: images (they go to an OTA partition, sized at upload), devices that
+    already run the release (nothing is downloaded), and devices that never reported a figure
+    (firmware before it: each refuses an offer too large for it, naming both sizes)."""
+    if release.kind != ReleaseKind.bundle:
+        return None
+    needed = json.loads(release.manifest).get("min_free_bytes") or 0
+    short = sorted((d for d in devices if d.id not in running_it
+                    and d.free_flash_bytes is not None and d.free_flash_bytes < needed),
+                   key=lambda d: d.wire_id)
+    if not short:
+        return None
+    named = [f"{d.wire_id} ({d.free_flash_bytes:,} bytes free)" for d in short]
+    return (f"{len(short)} of the target's devices reported less free flash than bundle "
+            f"{release.version} needs ({needed:,} bytes, its manifest's min_free_bytes): "
+            f"{_named(named)}; free flash on them, or leave them out by targeting the others "
+            "(a device list or a tag without them)")
+
+
 def _busy(session: Session, device_ids: list[uuid.UUID]) -> tuple[Rollout, int] | None:
     """A live rollout holding some of these devices, and how many of them."""
     rows = session.exec(
@@ -210,6 +235,9 @@ def create_rollout(session: Session, actor: Actor, data: RolloutCreate,
         raise Invalid("allow_downgrade", f"release {release.version} is older than what "
                       f"{len(newer)} of the target's devices run: {_named(newer)}; set "
                       "allow_downgrade to send it anyway")
+    short = too_full(release, devices, running_it)
+    if short is not None:
+        raise Invalid("target", short)
     # Two admins starting rollouts of the same devices at once: the second waits here for the
     # first to commit (PostgreSQL), then finds them busy.
     session.exec(select(Device.id).where(col(Device.id).in_([d.id for d in devices]))

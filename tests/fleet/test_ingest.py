@@ -89,7 +89,7 @@ class SiteGateway:
 
     def status(self, device: str, *, last_seen_ms: int | None = None, firmware: str = "0.1.0",
                boot: int = 8, buffer_full: int = 12,
-               sensor_failures: dict[str, Any] | None = None) -> None:
+               sensor_failures: dict[str, Any] | None = None, **later: Any) -> None:
         payload = {
             "device": device, "site": self.site, "gateway": self.name,
             "last_seen_ms": now_ms() if last_seen_ms is None else last_seen_ms,
@@ -99,6 +99,7 @@ class SiteGateway:
         }
         if sensor_failures is not None:  # a node that counts its failures per sensor
             payload["sensor_failures"] = sensor_failures
+        payload.update(later)  # fields a later gateway adds (free_flash_bytes)
         self.publish(f"{self.site}/{device}/status", json.dumps(payload), retain=True)
 
     def gateway_status(self, state: str, **fields: Any) -> None:
@@ -252,6 +253,61 @@ def test_device_detail_shows_each_sensors_failure_counts_from_its_last_status(
     fleet.settled()
     assert fleet.worker.stats.malformed == 1
     assert api_device(fleet, viewer, device.id)["status"]["sensor_failures"] is None
+
+
+def test_device_keeps_the_last_free_flash_it_reported_and_when_until_another_comes(
+        fleet, session, box, viewer):
+    site = make_site(session, box, slug=f"s-{uuid.uuid4().hex[:6]}")
+    device = make_device(session, box, site)
+    fleet.gateway.site = site.slug
+    assert api_device(fleet, viewer, device.id)["free_flash_bytes"] is None
+    heard = now_ms() - 5000
+    fleet.gateway.status(device.wire_id, last_seen_ms=heard, free_flash_bytes=413_696)
+    fleet.settled()
+    shown = api_device(fleet, viewer, device.id)
+    assert shown["free_flash_bytes"] == 413_696
+    assert datetime.fromisoformat(shown["free_flash_at"]) == \
+        datetime.fromtimestamp(heard / 1000, UTC)
+
+    # A later status without a figure (a node in safe mode, an older gateway): kept, with its
+    # time; a later figure replaces it; an older one, heard late, does not.
+    fleet.gateway.status(device.wire_id, last_seen_ms=heard + 1000, free_flash_bytes=None)
+    fleet.gateway.status(device.wire_id, last_seen_ms=heard + 2000)
+    fleet.settled()
+    shown = api_device(fleet, viewer, device.id)
+    assert (shown["free_flash_bytes"], shown["status"]["boot"]) == (413_696, 8)
+    assert datetime.fromisoformat(shown["free_flash_at"]) == \
+        datetime.fromtimestamp(heard / 1000, UTC)
+    fleet.gateway.status(device.wire_id, last_seen_ms=heard + 3000, free_flash_bytes=0)
+    fleet.gateway.status(device.wire_id, last_seen_ms=heard - 1000, free_flash_bytes=999_999)
+    fleet.settled()
+    assert api_device(fleet, viewer, device.id)["free_flash_bytes"] == 0
+
+    # A figure no node can send is refused with the whole status; the kept one stays.
+    for figure in (-1, 2**32, "4096"):
+        fleet.gateway.status(device.wire_id, last_seen_ms=heard + 4000, free_flash_bytes=figure)
+    fleet.settled()
+    assert fleet.worker.stats.malformed == 3
+    assert api_device(fleet, viewer, device.id)["free_flash_bytes"] == 0
+
+
+def test_a_batch_keeps_a_free_flash_figure_that_a_later_status_without_one_follows():
+    at = datetime(2026, 12, 6, tzinfo=UTC)
+    batch = Batch(window=3)
+    batch.add_status({"wire_id": "d1", "last_seen_at": at, "free_flash_bytes": 8192,
+                      "free_flash_at": at})
+    batch.add_status({"wire_id": "d1", "last_seen_at": at + timedelta(seconds=1),
+                      "free_flash_bytes": None, "free_flash_at": None, "firmware": "safe"})
+    assert (batch.statuses["d1"]["firmware"], batch.statuses["d1"]["free_flash_bytes"],
+            batch.statuses["d1"]["free_flash_at"]) == ("safe", 8192, at)
+    # The same two the other way round (a write that failed, merged back under newer ones).
+    batch = Batch(window=3)
+    batch.add_status({"wire_id": "d1", "last_seen_at": at + timedelta(seconds=1),
+                      "free_flash_bytes": None, "free_flash_at": None, "firmware": "safe"})
+    batch.add_status({"wire_id": "d1", "last_seen_at": at, "free_flash_bytes": 8192,
+                      "free_flash_at": at})
+    assert (batch.statuses["d1"]["firmware"], batch.statuses["d1"]["free_flash_bytes"]) == \
+        ("safe", 8192)
 
 
 def test_device_goes_offline_after_the_configured_silence(app, broker, publisher, session, box,

@@ -2,6 +2,7 @@
 rollout may target, and what each gateway is told to offer (its own site's devices only)."""
 
 import hashlib
+import json
 import threading
 import uuid
 from datetime import timedelta
@@ -133,6 +134,63 @@ def test_a_rollout_is_refused_by_name_when_it_cannot_be_sent(client, session, bo
     assert client.get("/api/rollouts", headers=admin).json()["total"] == 0
     assert session.exec(select(AuditEntry).where(AuditEntry.action == "rollout.create")).all() \
         == []
+
+
+def reported_free_flash(session, device, free: int) -> None:
+    """The device's last status said `free` bytes of flash free (what the ingest keeps)."""
+    record = session.get(Device, device.id)
+    record.free_flash_bytes, record.free_flash_at = free, utcnow()
+    session.add(record)
+    session.commit()
+
+
+def test_a_bundle_larger_than_the_free_flash_devices_reported_is_refused_naming_them(
+        client, session, box, app, admin):
+    site = make_site(session, box)
+    short = sorted((make_device(session, box, site) for _ in range(6)), key=lambda d: d.wire_id)
+    exact, silent = make_device(session, box, site), make_device(session, box, site)
+    # 10,000 bytes take three 4 KiB littlefs blocks, the 4-byte file one: 16,384 bytes.
+    release = make_release(session, app, version="0.2.0",
+                           files={"/lib/node/app.mpy": bytes(10_000), "/lib/wire.mpy": b"wire"})
+    assert json.loads(release.manifest)["min_free_bytes"] == 16_384
+    for device in short:
+        reported_free_flash(session, device, 12_288)
+    reported_free_flash(session, exact, 16_384)  # just enough; `silent` never said
+
+    answer = start(client, admin, release.id, {"site": site.slug})
+
+    named = ", ".join(f"{d.wire_id} (12,288 bytes free)" for d in short[:5])
+    assert refusal(answer) == (
+        "target", "6 of the target's devices reported less free flash than bundle 0.2.0 needs "
+        f"(16,384 bytes, its manifest's min_free_bytes): {named} and 1 more; free flash on "
+        "them, or leave them out by targeting the others (a device list or a tag without them)")
+    assert client.get("/api/rollouts", headers=admin).json()["total"] == 0
+    assert session.exec(select(AuditEntry).where(AuditEntry.action == "rollout.create")).all() \
+        == []
+    # What the message says to do: the others go, the one that never reported among them
+    # (its node refuses an offer too large for it by itself).
+    others = start(client, admin, release.id, {"devices": [exact.wire_id, silent.wire_id]})
+    assert others.status_code == 201, others.text
+    assert others.json()["total"] == 2
+
+
+def test_the_free_flash_check_leaves_out_images_and_devices_already_running_the_bundle(
+        client, session, box, app, admin):
+    site = make_site(session, box)
+    full, running = make_device(session, box, site), make_device(session, box, site)
+    for device in (full, running):
+        reported_free_flash(session, device, 0)
+    reported(session, running, "0.3.0")
+    bundle = make_release(session, app, version="0.3.0")
+    image = make_release(session, app, kind="image", version="1.0.0",
+                         files={"micropython.bin": bytes([0xE9]) + bytes(4095)})
+
+    # An image goes to an OTA partition, which its upload was checked against.
+    assert start(client, admin, image.id, {"devices": [full.wire_id]}).status_code == 201
+    # A device that runs the release already downloads nothing: confirmed, not refused.
+    answer = start(client, admin, bundle.id, {"devices": [running.wire_id]})
+    assert answer.status_code == 201, answer.text
+    assert answer.json()["counts"] == {"confirmed": 1}
 
 
 def test_a_device_running_the_release_is_confirmed_and_a_downgrade_needs_saying_so(
