@@ -238,9 +238,10 @@ class Refusals:
     boot: int = 0
     ota: int = 0
     example: str = ""  # one of them, for the log
+    steps_failed: int = 0  # update steps not applied: the rules raised (logged with its trace)
 
     def __bool__(self) -> bool:
-        return bool(self.site or self.boot or self.ota)
+        return bool(self.site or self.boot or self.ota or self.steps_failed)
 
 
 def refuse_foreign(connection: Connection, batch: Batch) -> Refusals:
@@ -305,13 +306,31 @@ def write_batch(engine: Engine, batch: Batch) -> Refusals:
         if batch.readings:
             _write_readings(connection, batch)
         if batch.progress:
-            # The ORM's records and rules, in this same transaction.
-            with Session(bind=connection) as session:
-                problems = rollouts.apply_progress(session, batch.progress_rows())
-            refused.ota += len(problems)
-            if problems:
-                refused.example = problems[0]
+            _apply_progress(connection, batch, refused)
     return refused
+
+
+def _apply_progress(connection: Connection, batch: Batch, refused: Refusals) -> None:
+    """The batch's update steps through the ORM's records and rules, in this same transaction
+    but inside a savepoint: a step the rules fail on (a bug, data the checks let through) costs
+    the batch's update steps, logged, and not the readings and statuses that came with them."""
+    steps = batch.progress_rows()
+    try:
+        with connection.begin_nested(), Session(bind=connection) as session:
+            problems = rollouts.apply_progress(session, steps)
+            # Inside a savepoint the session keeps one of its own (SQLAlchemy's
+            # conservative_savepoint), released here; the transaction commits in write_batch.
+            session.commit()
+    except (sa.exc.OperationalError, sa.exc.InterfaceError):
+        raise  # the database is away, or a deadlock: the whole batch is retried
+    except Exception:
+        log.exception("ingest: %d update steps could not be applied and are dropped; the "
+                      "batch's readings and statuses are written", len(steps))
+        refused.steps_failed += len(steps)
+        return
+    refused.ota += len(problems)
+    if problems:
+        refused.example = problems[0]
 
 
 def _write_gateways(connection: Connection, rows: list[dict[str, Any]]) -> None:
@@ -464,6 +483,7 @@ class IngestStats:
     refused_site: int = 0  # status or reading rows under another site than the device's
     refused_boot: int = 0  # status or reading rows with a boot far past the device's last
     refused_ota: int = 0  # update steps: another site's device, an unknown rollout or release
+    steps_failed: int = 0  # update steps dropped because the rules raised on them (a bug)
 
 
 class IngestWorker:
@@ -665,6 +685,7 @@ class IngestWorker:
         self.stats.refused_site += refused.site
         self.stats.refused_boot += refused.boot
         self.stats.refused_ota += refused.ota
+        self.stats.steps_failed += refused.steps_failed
         self._refused_unlogged += refused.site + refused.boot + refused.ota
         now = time.monotonic()
         if now - self._refused_logged_at < REFUSED_LOG_EVERY_S:

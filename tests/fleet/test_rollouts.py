@@ -33,6 +33,8 @@ from .test_ingest import (  # noqa: F401 (fixtures)
     now_ms,
     publisher,
     running_fleet,
+    stored_keys,
+    wait_until,
 )
 from .utils import bearer, make_device, make_gateway, make_release, make_site, make_user
 
@@ -262,6 +264,33 @@ def test_progress_a_site_may_not_report_is_refused(fleet, session, box, app, adm
     report(fleet, slug, victim, release.id, rollout_id, "offered")
     fleet.settled()
     assert shown(fleet, admin, rollout_id)["counts"] == {"offered": 1}
+
+
+def test_an_update_step_the_rules_fail_on_costs_the_steps_not_the_readings_that_came_with_it(
+        app, broker, publisher, session, box, monkeypatch):
+    here = Site(session, box, 1)
+    release = make_release(session, app, version="0.2.0")
+    rollout_id = start(session, release, here.devices, waves=[100])
+    wire_id = here.devices[0].wire_id
+
+    def broken(session, steps):
+        raise RuntimeError("a bug in the rules")
+
+    monkeypatch.setattr(rollouts, "apply_progress", broken)
+    # No write on its own: the step and the readings go in one batch, written at shutdown.
+    settings = ingest_settings(app, broker, ingest_batch_interval_s=30)
+    with running_fleet(settings, publisher) as fleet:
+        fleet.gateway.site = here.site.slug
+        report(fleet, here.site.slug, wire_id, release.id, rollout_id, "offered")
+        fleet.gateway.telemetry(wire_id, 1, range(1, 4))
+        wait_until(lambda: fleet.worker.stats.received == 2, "both messages to arrive")
+        stats = fleet.worker.stats
+    # Before: the exception dropped the whole batch, the readings with the step.
+    assert (stats.dropped, stats.write_failures, stats.steps_failed) == (0, 0, 1)
+    assert stored_keys(session, wire_id) == [(1, 3), (1, 2), (1, 1)]
+    session.expire_all()
+    assert session.exec(select(RolloutEvent).where(RolloutEvent.rollout_id == rollout_id)).all() \
+        == []
 
 
 def test_the_app_times_out_silent_devices_by_itself(app, session, box):
