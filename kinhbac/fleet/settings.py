@@ -104,6 +104,11 @@ class Settings(TomlFileSettings):
         "the reverse proxy's body limit for /api/releases too",
     )
 
+    metrics_token: SecretStr | None = Field(
+        None, description="the bearer token Prometheus sends for /metrics (32+ random "
+        "characters); without it /metrics is not served (404)",
+    )
+
     # MQTT ingest (kinhbac/fleet/ingest.py): device and gateway statuses, recent readings.
     ingest_enabled: bool = Field(
         False, description="run the MQTT ingest inside `kinhbac fleet serve`"
@@ -182,6 +187,20 @@ class Settings(TomlFileSettings):
                 f"KINHBAC_SECRET_KEY {problem}: set it to {MIN_SECRET_KEY}+ random characters "
                 "(python -c 'import secrets; print(secrets.token_urlsafe(32))'), "
                 "or KINHBAC_ENV=development for a trial"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _real_metrics_token_outside_development(self) -> "Settings":
+        # /metrics is reachable through the reverse proxy from anywhere: its token is all
+        # that keeps the fleet's figures (devices per state, traffic) from the internet.
+        if self.metrics_token is None:
+            return self
+        problem = secret_key_problem(self.metrics_token.get_secret_value())
+        if problem and self.env != "development":
+            raise ValueError(
+                f"KINHBAC_METRICS_TOKEN {problem}: set it to {MIN_SECRET_KEY}+ random "
+                "characters, or leave it unset to serve no /metrics"
             )
         return self
 

@@ -11,7 +11,8 @@ GOOD_KEY = "Zq3-vN9rT1xY7bW2kL5mP8sD4fH6jG0a"
 
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch):
-    for name in ("KINHBAC_ENV", "KINHBAC_SECRET_KEY", "KINHBAC_DATABASE_URL", "KINHBAC_DATA_DIR"):
+    for name in ("KINHBAC_ENV", "KINHBAC_SECRET_KEY", "KINHBAC_DATABASE_URL", "KINHBAC_DATA_DIR",
+                 "KINHBAC_METRICS_TOKEN"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -96,3 +97,25 @@ def test_missing_or_broken_config_file_is_named(tmp_path):
     broken.write_text("secret_key = \n")
     with pytest.raises(SettingsError, match=f"{broken} is not valid TOML"):
         load_settings(Path(broken))
+
+
+@pytest.mark.parametrize(("token", "why"), [("short", "is too short (5 characters"),
+                                            ("changeme" * 5, "is a placeholder")])
+def test_a_weak_metrics_token_is_refused_outside_development(monkeypatch, token, why):
+    # /metrics is reachable from the internet through the proxy: the token is its only lock.
+    monkeypatch.setenv("KINHBAC_SECRET_KEY", GOOD_KEY)
+    monkeypatch.setenv("KINHBAC_METRICS_TOKEN", token)
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert str(refused.value).startswith(f"KINHBAC_METRICS_TOKEN {why}")
+    monkeypatch.setenv("KINHBAC_ENV", "development")
+    assert load_settings().metrics_token.get_secret_value() == token
+
+
+def test_metrics_token_is_unset_by_default_and_kept_secret(monkeypatch):
+    monkeypatch.setenv("KINHBAC_SECRET_KEY", GOOD_KEY)
+    assert load_settings().metrics_token is None
+    monkeypatch.setenv("KINHBAC_METRICS_TOKEN", GOOD_KEY[::-1])
+    settings = load_settings()
+    assert settings.metrics_token.get_secret_value() == GOOD_KEY[::-1]
+    assert GOOD_KEY[::-1] not in repr(settings)
