@@ -22,6 +22,7 @@ from kinhbac.fleet.db import make_engine, upgrade, wait_for_database
 from kinhbac.fleet.errors import FleetError, Invalid
 from kinhbac.fleet.http_hygiene import HttpHygiene
 from kinhbac.fleet.login_limits import LoginLimiter
+from kinhbac.fleet.metrics import FleetMetrics, RequestMetrics, RouteTemplates
 from kinhbac.fleet.rate_limits import ClaimLimiter
 from kinhbac.fleet.routes import (
     audit,
@@ -30,6 +31,7 @@ from kinhbac.fleet.routes import (
     gateway_api,
     gateways,
     health,
+    metrics,
     readings,
     releases,
     sites,
@@ -43,7 +45,7 @@ from kinhbac.fleet.signing import KEY_FILE, ReleaseSigner
 log = logging.getLogger(__name__)
 
 ROUTERS = (auth, users, tokens, sites, gateways, devices, readings, releases, rollout_routes,
-           gateway_api, audit, health)
+           gateway_api, audit, health, metrics)
 RELEASES_FOLDER = "releases"  # in the data folder: the release files (kinhbac/fleet/artifacts.py)
 
 
@@ -87,6 +89,9 @@ def create_app(settings: Settings | None = None, *, prepare: bool = True) -> Fas
     )
     app.state.settings = settings
     app.state.engine = engine
+    app.state.ingest = None  # the worker, while the lifespan runs one (kinhbac/fleet/ingest.py)
+    app.state.metrics = FleetMetrics(engine, lambda: app.state.ingest,
+                                     with_ingest=settings.ingest_enabled)
     app.state.secret_box = SecretBox(settings.secret_key)
     # Both make their files on first use, so an app that never takes a release writes nothing.
     app.state.artifacts = ArtifactStore(settings.data_folder / RELEASES_FOLDER)
@@ -106,10 +111,13 @@ def create_app(settings: Settings | None = None, *, prepare: bool = True) -> Fas
     app.add_exception_handler(FleetError, _refused)
     app.add_exception_handler(DataError, _unstorable)
     app.middleware("http")(_refuse_nul_in_query)
-    # Outermost: its headers go on every answer, errors too. A release upload has its own
+    # Its headers go on every answer, errors too. A release upload has its own
     # body limit: it is streamed to disk, not held.
     app.add_middleware(HttpHygiene, body_limits={
         releases.PATH: settings.release_max_upload_bytes})
+    # Outside that: it counts HttpHygiene's 413s too.
+    app.add_middleware(RequestMetrics, metrics=app.state.metrics,
+                       templates=RouteTemplates(app.routes))
     return app
 
 

@@ -115,6 +115,8 @@ class Batch:
     # once (a redelivery merges into it), at most rollouts.MAX_STEPS_PER_DEVICE.
     progress: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
     messages: int = 0  # accepted messages merged in
+    # The newest reading's own time (ts), for the ingest's lag (kinhbac/fleet/metrics.py).
+    newest_reading_at: datetime | None = None
 
     def add_status(self, row: dict[str, Any]) -> None:
         held = self.statuses.get(row["wire_id"])
@@ -142,8 +144,13 @@ class Batch:
 
     def add_readings(self, wire_id: str, rows: list[dict[str, Any]]) -> None:
         held = self.readings.setdefault(wire_id, {})
+        newest = self.newest_reading_at
         for row in rows:
             held.setdefault((row["boot"], row["seq"]), row)
+            ts = row.get("ts")
+            if ts is not None and (newest is None or ts > newest):
+                newest = ts
+        self.newest_reading_at = newest
         if len(held) > 2 * self.window:  # trimming at 2N keeps the cost per reading constant
             self._trim(wire_id)
 
@@ -774,7 +781,8 @@ async def running(app: "FastAPI") -> AsyncIterator[IngestWorker | None]:
     if not settings.ingest_enabled:
         yield None
         return
-    worker = IngestWorker(settings, app.state.engine)
+    worker = IngestWorker(settings, app.state.engine,
+                          on_commit=app.state.metrics.ingest_committed)
     app.state.ingest = worker
     task = asyncio.create_task(worker.run(), name="fleet-ingest")
     try:
