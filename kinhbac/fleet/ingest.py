@@ -144,15 +144,15 @@ class Batch:
 
     def add_readings(self, wire_id: str, rows: list[dict[str, Any]]) -> None:
         held = self.readings.setdefault(wire_id, {})
-        newest = self.newest_reading_at
         for row in rows:
             held.setdefault((row["boot"], row["seq"]), row)
-            ts = row.get("ts")
-            if ts is not None and (newest is None or ts > newest):
-                newest = ts
-        self.newest_reading_at = newest
         if len(held) > 2 * self.window:  # trimming at 2N keeps the cost per reading constant
             self._trim(wire_id)
+
+    def add_reading_time(self, at: datetime) -> None:
+        """A reading's time, for newest_reading_at."""
+        if self.newest_reading_at is None or at > self.newest_reading_at:
+            self.newest_reading_at = at
 
     def add_progress(self, row: dict[str, Any]) -> bool:
         """Add an update step; False if its device has too many waiting already."""
@@ -185,6 +185,8 @@ class Batch:
             self.add_readings(wire_id, list(rows.values()))
         for row in other.progress_rows():
             self.add_progress(row)
+        if other.newest_reading_at is not None:
+            self.add_reading_time(other.newest_reading_at)
         self.messages += other.messages
 
     def reading_rows(self) -> list[dict[str, Any]]:
@@ -631,6 +633,12 @@ class IngestWorker:
                      "pre_sync": r.pre_sync}
                     for r in telemetry.readings
                 ])
+                # For the lag: a reading stamped after it arrived comes from a clock ahead of
+                # ours and would hide the lag of every batch its node is in, so it is left out.
+                stamps = [r.ts for r in telemetry.readings
+                          if r.ts is not None and _from_ms(r.ts) <= received]
+                if stamps:
+                    self._pending.add_reading_time(_from_ms(max(stamps)))
             case "device_status":
                 status = parse_device_status(payload)
                 _same(device, status.device)

@@ -83,7 +83,8 @@ class FleetMetrics:
         # in the broker's queue for the fleet's session, the failure that matters (mosquitto
         # drops past max_queued_messages). The newest, not the oldest: a gateway replaying
         # hours of its queue after an outage must not read as the fleet's lag while live
-        # readings come in the same transaction. A node clock ahead counts as no lag.
+        # readings come in the same transaction. Readings stamped after they arrived (a clock
+        # ahead of ours) are left out when the batch is made (ingest.py).
         self.ingest_batch_seconds.observe(seconds)
         self.ingest_last_commit.set(time.time())
         if batch.newest_reading_at is not None:

@@ -4,6 +4,7 @@ rollouts by state, the ingest's counters after messages through the real broker,
 metrics token. The text is read with prometheus_client's own parser.
 """
 
+import json
 import os
 import random
 import string
@@ -24,7 +25,7 @@ from sqlmodel import select
 from kinhbac.fleet import rollouts
 from kinhbac.fleet.app import create_app
 from kinhbac.fleet.audit import CLI
-from kinhbac.fleet.ingest import Batch
+from kinhbac.fleet.ingest import Batch, IngestWorker
 from kinhbac.fleet.metrics import METHODS, UNMATCHED, FleetMetrics
 from kinhbac.fleet.models import (
     Device,
@@ -35,10 +36,12 @@ from kinhbac.fleet.models import (
     RolloutState,
     RolloutTarget,
 )
+from kinhbac.fleet.settings import Settings
 
 from .test_ingest import (  # noqa: F401 (fixtures)
     broker,
     ingest_settings,
+    now_ms,
     publisher,
     random_wire_id,
     running_fleet,
@@ -240,6 +243,7 @@ def test_ingest_is_counted_after_messages_through_the_broker(app, broker, publis
     with running_fleet(settings, publisher) as fleet:
         gateway = fleet.gateway
         gateway.site = site.slug
+        gateway.ts_base = now_ms() - 30_000  # readings 25-29 s old (ts_base + seq seconds)
         gateway.telemetry(device.wire_id, 3, range(1, 4))  # 3 readings
         gateway.telemetry(random_wire_id(), 1, range(1, 3))  # 2 readings, unknown but seen
         gateway.status(device.wire_id)
@@ -265,10 +269,10 @@ def test_ingest_is_counted_after_messages_through_the_broker(app, broker, publis
     assert samples[("kinhbac_fleet_ingest_rows_refused_total", (("reason", "boot"),))] == 0
     assert total("batches") >= 1
     assert samples[("kinhbac_fleet_ingest_subscribed", ())] == 1
-    # The readings were stamped moments ago (the publisher's clock, this host's).
+    # Each transaction's newest reading was 25 s old when it came, or a little older.
     lag_count = samples[("kinhbac_fleet_ingest_lag_seconds_count", ())]
     assert lag_count >= 1
-    assert samples[("kinhbac_fleet_ingest_lag_seconds_sum", ())] / lag_count < 30
+    assert 25 <= samples[("kinhbac_fleet_ingest_lag_seconds_sum", ())] / lag_count < 60
     assert samples[("kinhbac_fleet_ingest_last_commit_timestamp_seconds", ())] > 0
 
 
@@ -276,25 +280,38 @@ def test_an_instance_without_the_ingest_has_no_ingest_series(scraped):
     assert not [name for name, _ in scrape(scraped) if "ingest" in name]
 
 
-def test_lag_is_the_newest_readings_age_so_a_replayed_backlog_does_not_count():
-    metrics = FleetMetrics(sa.create_engine("sqlite://"), lambda: None, with_ingest=True)
-    batch = Batch(window=10)
+def telemetry(device: str, *stamps: datetime | None) -> str:
+    """A telemetry message as a gateway publishes it (docs/mqtt.md), one reading a stamp."""
+    readings = [{"seq": seq, "sensor": "temperature", "value": 21.5, "unit": "C",
+                 "ts": None if at is None else int(at.timestamp() * 1000),
+                 **({"boot_ms": 1000} if at is None else {}), "pre_sync": at is None}
+                for seq, at in enumerate(stamps, 1)]
+    return json.dumps({"device": device, "site": "s1", "gateway": "pi-01", "boot": 1, "seq": 1,
+                       "replayed": False, "readings": readings})
+
+
+def test_lag_is_the_newest_readings_age_and_neither_a_replay_nor_a_clock_ahead_hides_it():
+    engine = sa.create_engine("sqlite://")
+    metrics = FleetMetrics(engine, lambda: None, with_ingest=True)
+    worker = IngestWorker(Settings(env="development"), engine)
     now = datetime.now(UTC)
-    batch.add_readings("d1", [{"boot": 1, "seq": 1, "ts": now - timedelta(hours=3)}])  # replay
-    batch.add_readings("d2", [{"boot": 1, "seq": 1, "ts": now - timedelta(seconds=2)},
-                              {"boot": 1, "seq": 2, "ts": None}])  # live; one before time sync
-    metrics.ingest_committed(batch, 0.01)
-    ahead = Batch(window=10)  # a node clock ahead of the fleet's: no lag, never negative
-    ahead.add_readings("d3", [{"boot": 1, "seq": 1, "ts": now + timedelta(minutes=5)}])
-    metrics.ingest_committed(ahead, 0.01)
-    statuses_only = Batch(window=10)  # nothing to age
+    worker.accept("kinhbac/s1/00000000000000d1/telemetry",  # a gateway's replay after an outage
+                  telemetry("00000000000000d1", now - timedelta(hours=3)), received=now)
+    worker.accept("kinhbac/s1/00000000000000d2/telemetry",  # live, with one before time sync
+                  telemetry("00000000000000d2", now - timedelta(seconds=20), None), received=now)
+    worker.accept("kinhbac/s1/00000000000000d3/telemetry",  # a node clock an hour ahead
+                  telemetry("00000000000000d3", now + timedelta(hours=1)), received=now)
+    assert not worker.stats.malformed
+    metrics.ingest_committed(worker._pending, 0.01)
+    statuses_only = Batch(window=10)  # nothing to age: no observation
     statuses_only.add_status({"wire_id": "d4", "last_seen_at": now})
     metrics.ingest_committed(statuses_only, 0.01)
+    merged = Batch(window=10)  # a failed write merged back keeps its newest reading's time
+    merged.extend(worker._pending)
+    assert merged.newest_reading_at == worker._pending.newest_reading_at
 
-    lag = metrics.ingest_lag.collect()[0].samples
-    count = next(s.value for s in lag if s.name.endswith("_count"))
-    total = next(s.value for s in lag if s.name.endswith("_sum"))
-    assert count == 2
-    assert 2 <= total < 10
-    batches = metrics.ingest_batch_seconds.collect()[0].samples
-    assert next(s.value for s in batches if s.name.endswith("_count")) == 3
+    lag = {s.name: s.value for s in metrics.ingest_lag.collect()[0].samples}
+    assert lag["kinhbac_fleet_ingest_lag_seconds_count"] == 1
+    assert 20 <= lag["kinhbac_fleet_ingest_lag_seconds_sum"] < 60
+    batches = {s.name: s.value for s in metrics.ingest_batch_seconds.collect()[0].samples}
+    assert batches["kinhbac_fleet_ingest_batch_seconds_count"] == 2
