@@ -5,7 +5,6 @@ metrics token. The text is read with prometheus_client's own parser.
 """
 
 import json
-import os
 import random
 import string
 import uuid
@@ -156,19 +155,16 @@ def test_a_request_refused_for_its_size_counts_under_its_route(scraped):
 # ---- access
 
 
-def test_metrics_are_refused_without_the_token_or_with_a_wrong_one(scraped):
+def test_metrics_are_refused_without_the_token_or_with_a_wrong_one(scraped, session):
+    _, admins = make_user(session, Role.admin)  # a user's token, even an admin's, is not it
     for headers in ({}, bearer("metrics-" + "x" * 40), bearer(TOKEN[:-1]), bearer(TOKEN + "t"),
                     {"Authorization": f"Basic {TOKEN}"}, {"Authorization": TOKEN},
-                    bearer(make_token_like_a_users())):
+                    bearer(admins)):
         response = scraped.get("/metrics", headers=headers)
         assert response.status_code == 401, headers
         assert response.headers["www-authenticate"] == "Bearer"
         assert "kinhbac_fleet" not in response.text
     assert scraped.get("/metrics", headers=SCRAPER).status_code == 200
-
-
-def make_token_like_a_users() -> str:
-    return "kbt_" + os.urandom(24).hex()
 
 
 def test_without_a_metrics_token_there_is_no_metrics_route(client):
