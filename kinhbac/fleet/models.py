@@ -198,6 +198,8 @@ class User(_LimitedToSites, UserBase, table=True):
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
     password_hash: str = Field(max_length=255)
+    # The console's language (kinhbac/fleet/console/i18n.py); None: the browser's, vi first.
+    locale: str | None = Field(default=None, max_length=8)
     created_at: datetime = _created()
     updated_at: datetime = _created()
 
@@ -249,6 +251,18 @@ class ApiToken(_LimitedToSites, ApiTokenBase, table=True):
     expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
     site_rows: list[ApiTokenSite] = _site_rows("ApiTokenSite")
+
+
+class ConsoleSession(SQLModel, table=True):
+    """A console login (kinhbac/fleet/console/sessions.py): its login token is the cookie, so
+    whatever ends the token (logout, expiry, a new password, deletion) ends the session too."""
+
+    __tablename__ = "console_session"
+
+    token_id: uuid.UUID = Field(foreign_key="api_token.id", primary_key=True,
+                                ondelete="CASCADE")
+    csrf_token: str = Field(max_length=64, description="every form of the session carries it")
+    created_at: datetime = _created()
 
 
 class ApiTokenPublic(ApiTokenBase):

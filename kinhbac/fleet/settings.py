@@ -7,6 +7,7 @@ A bad value stops the service with one line that names the setting.
 
 from pathlib import Path
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     Field,
@@ -103,6 +104,14 @@ class Settings(TomlFileSettings):
         description="the largest release upload (the whole multipart body); above 2 MiB, raise "
         "the reverse proxy's body limit for /api/releases too",
     )
+    console_secure_cookie: bool = Field(
+        False, description="mark the console's cookies Secure even when the request reaching "
+        "the service is plain HTTP (they are whenever the request is HTTPS, as behind a proxy "
+        "that sends X-Forwarded-Proto)"
+    )
+    console_timezone: str = Field(
+        "Asia/Ho_Chi_Minh", description="the time zone the console shows times in (IANA name)"
+    )
 
     metrics_token: SecretStr | None = Field(
         None, description="the bearer token Prometheus sends for /metrics (32+ random "
@@ -163,6 +172,16 @@ class Settings(TomlFileSettings):
         if not url.startswith(("sqlite:", "postgresql+")):
             raise ValueError("use a sqlite:/// or postgresql:// URL")
         return url
+
+    @field_validator("console_timezone")
+    @classmethod
+    def _known_zone(cls, name: str) -> str:
+        try:
+            ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{name!r} is not a time zone this machine knows (e.g. "
+                             "Asia/Ho_Chi_Minh)") from None
+        return name
 
     @field_validator("mqtt_topic_prefix", "mqtt_share_group")
     @classmethod

@@ -26,7 +26,8 @@ from .utils import SECRET_KEY
 
 TABLES = {"fleet_user", "api_token", "site", "gateway", "device", "device_tag", "audit_entry",
           "device_status", "gateway_status", "recent_reading", "user_site", "api_token_site",
-          "release", "release_file", "rollout", "rollout_device", "rollout_event"}
+          "release", "release_file", "rollout", "rollout_device", "rollout_event",
+          "console_session"}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
