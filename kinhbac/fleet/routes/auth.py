@@ -27,31 +27,41 @@ async def login(
 ) -> LoginResult:
     """A bearer token for the user's e-mail (as `username`) and password. Anyone may call it,
     within the limits on failed logins (docs/fleet.md, "Logging in")."""
+    try:
+        return await attempt_login(request, form.username, form.password,
+                                   timedelta(hours=settings.login_token_hours))
+    except TooManyAttempts as exc:
+        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail=str(exc),
+                            headers={"Retry-After": str(exc.retry_after)}) from None
+    except accounts.LoginFailed:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, detail="wrong e-mail or password",
+            headers={"WWW-Authenticate": "Bearer"},
+        ) from None
+
+
+async def attempt_login(request: Request, email: str, password: str,
+                        ttl: timedelta) -> LoginResult:
+    """A login token for `email` and `password`, within the limits on failed logins (the API's
+    login and the console's both come here); TooManyAttempts past them, LoginFailed (counted
+    and audited) for a wrong e-mail or password."""
     # Async, with no session of its own until it holds a hash slot: a login waiting for one
     # holds no worker thread and no pooled connection, so a login flood leaves other routes
     # (the gateways' key refresh, health) their threads and connections.
     limiter: LoginLimiter = request.app.state.login_limiter
     engine: Engine = request.app.state.engine
     address = request.client.host if request.client else "unknown"
-    account = form.username.strip().lower()
-    ttl = timedelta(hours=settings.login_token_hours)
+    account = email.strip().lower()
+    limiter.check(address, account)
     try:
-        limiter.check(address, account)
         async with limiter.hashing():
             # Again: failures counted while this login waited for its slot count against it.
             limiter.check(address, account)
-            result = await run_in_threadpool(_check_password, engine, form.username,
-                                             form.password, ttl)
-    except TooManyAttempts as exc:
-        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail=str(exc),
-                            headers={"Retry-After": str(exc.retry_after)}) from None
+            result = await run_in_threadpool(_check_password, engine, email, password, ttl)
     except accounts.LoginFailed:
         limiter.failed(address, account)
         await run_in_threadpool(_record_failure, engine, account, address)
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED, detail="wrong e-mail or password",
-            headers={"WWW-Authenticate": "Bearer"},
-        ) from None
+        raise
     limiter.succeeded(account)
     return result
 
