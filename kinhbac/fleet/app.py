@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kinhbac.fleet import ingest, rollouts
 from kinhbac.fleet.artifacts import ArtifactStore
+from kinhbac.fleet.console import pages as console
 from kinhbac.fleet.crypto import SecretBox
 from kinhbac.fleet.db import make_engine, upgrade, wait_for_database
 from kinhbac.fleet.errors import FleetError, Invalid
@@ -108,6 +109,8 @@ def create_app(settings: Settings | None = None, *, prepare: bool = True) -> Fas
     )
     for module in ROUTERS:
         app.include_router(module.router)
+    app.include_router(console.router)
+    app.mount(console.STATIC_PATH, console.static_files(), name="console-static")
     app.add_exception_handler(FleetError, _refused)
     app.add_exception_handler(DataError, _unstorable)
     app.middleware("http")(_refuse_nul_in_query)

@@ -1,0 +1,128 @@
+"""What the overview shows: each site's devices by state and its gateways' uplinks, cut to the
+caller's sites exactly as the API cuts its lists (kinhbac/fleet/deps.py, visible_only).
+
+A device counts in one state only, the first that holds:
+- pending: it introduced itself with its site's claim key and waits for an admin;
+- updating: an active device in a running or paused rollout, offered and not yet finished;
+- online: an active device whose gateway heard it within KINHBAC_INGEST_OFFLINE_AFTER_S;
+- offline: every other active device, also one never heard.
+Devices registered without credentials, revoked or rejected are in none of them.
+"""
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlmodel import Session, select
+
+from kinhbac.fleet.deps import Principal, visible_only
+from kinhbac.fleet.models import (
+    Device,
+    DeviceState,
+    DeviceStatus,
+    Gateway,
+    GatewayStatus,
+    Rollout,
+    RolloutDevice,
+    RolloutDeviceState,
+    RolloutState,
+    Site,
+    utcnow,
+)
+
+STATES = ("online", "offline", "pending", "updating")
+# A device between an offer and a final state: what "updating" means on the overview.
+UPDATING = (RolloutDeviceState.offered, RolloutDeviceState.downloading,
+            RolloutDeviceState.verifying, RolloutDeviceState.installed,
+            RolloutDeviceState.rebooting)
+LIVE_ROLLOUTS = (RolloutState.running, RolloutState.paused)
+
+
+@dataclass
+class GatewayRow:
+    name: str
+    uplink: str  # online, offline, or unknown (never reported)
+    last_status_at: datetime | None  # when the fleet last took its status message
+    online_since: datetime | None  # when its current (or last) broker session began
+    dropped: int  # policy drops it reported, all reasons together
+    # Not in the gateway's status message yet (docs/console.md): None, shown as not reported.
+    queue_depth: int | None = None
+    oldest_queued_age: timedelta | None = None
+
+
+@dataclass
+class SiteRow:
+    id: uuid.UUID
+    name: str
+    slug: str
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
+    gateways: list[GatewayRow] = field(default_factory=list)
+
+    @property
+    def attention(self) -> list[str]:
+        """Why the site needs someone's attention, most urgent first; [] when it does not."""
+        reasons = []
+        if not self.gateways or any(g.uplink != "online" for g in self.gateways):
+            reasons.append("gateway")
+        if self.counts["offline"]:
+            reasons.append("offline")
+        if self.counts["pending"]:
+            reasons.append("pending")
+        return reasons
+
+
+def _device_states(now: datetime) -> sa.Select:
+    updating = sa.exists().where(
+        RolloutDevice.device_id == Device.id,
+        RolloutDevice.state.in_(UPDATING),
+        Rollout.id == RolloutDevice.rollout_id,
+        Rollout.state.in_(LIVE_ROLLOUTS),
+    )
+    state = sa.case(
+        (Device.state == DeviceState.pending, sa.literal("pending")),
+        (updating, sa.literal("updating")),
+        (DeviceStatus.offline_at > now, sa.literal("online")),
+        else_=sa.literal("offline"),
+    )
+    return (
+        select(Device.site_id.label("site_id"), state.label("state"))
+        .select_from(Device)
+        .join(DeviceStatus, DeviceStatus.wire_id == Device.wire_id, isouter=True)
+        .where(Device.state.in_((DeviceState.pending, DeviceState.active)),
+               Device.site_id.is_not(None))
+    )
+
+
+def sites(session: Session, caller: Principal) -> list[SiteRow]:
+    """The caller's sites with their counts and gateways, those needing attention first."""
+    now = utcnow()
+    rows = {site.id: SiteRow(id=site.id, name=site.name, slug=site.slug)
+            for site in session.exec(visible_only(select(Site), caller, Site)).all()}
+    if not rows:
+        return []
+    inner = visible_only(_device_states(now), caller, Device).subquery()
+    counted = session.exec(
+        select(inner.c.site_id, inner.c.state, sa.func.count())
+        .group_by(inner.c.site_id, inner.c.state)
+    ).all()
+    for site_id, state, count in counted:
+        if site_id in rows:
+            rows[site_id].counts[state] = count
+    by_slug = {row.slug: row for row in rows.values()}
+    statuses = {(s.site, s.gateway): s for s in session.exec(
+        select(GatewayStatus).where(GatewayStatus.site.in_(list(by_slug)))).all()}
+    gateways = session.exec(
+        visible_only(select(Gateway, Site.slug).join(Site, Site.id == Gateway.site_id),
+                     caller, Gateway).order_by(Gateway.name)).all()
+    for gateway, slug in gateways:
+        status = statuses.get((slug, gateway.name))
+        rows[gateway.site_id].gateways.append(GatewayRow(
+            name=gateway.name,
+            uplink=status.state if status else "unknown",
+            last_status_at=status.received_at if status else None,
+            online_since=status.since_at if status else None,
+            dropped=sum((status.dropped or {}).values()) if status else 0,
+        ))
+    return sorted(rows.values(), key=lambda r: (
+        not r.attention, -r.counts["offline"], -r.counts["pending"], r.name.casefold()))

@@ -1,0 +1,211 @@
+"""The console's pages and forms, under /console: log in and out, the language switch, the
+overview.
+
+Every route here goes through ConsoleRoute, which turns "not logged in" into a redirect to the
+login page and a refused CSRF check or role into a 403 page; and through the router's CSRF
+dependency, which checks every unsafe request before its route runs, so a new form cannot
+forget it. What a user may see is decided as the API decides it: the same Principal, the same
+roles (`require`), the same site limits (kinhbac/fleet/deps.py).
+"""
+
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Form, Request, Response
+from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.routing import APIRoute
+from fastapi.staticfiles import StaticFiles
+from sqlmodel import Session
+
+from kinhbac.fleet import accounts, audit
+from kinhbac.fleet.console import csrf, i18n, overview, sessions
+from kinhbac.fleet.console.sessions import ConsoleUser
+from kinhbac.fleet.deps import SessionDep, SettingsDep, get_session
+from kinhbac.fleet.login_limits import TooManyAttempts
+from kinhbac.fleet.models import Role
+from kinhbac.fleet.routes.auth import attempt_login
+from kinhbac.fleet.settings import Settings
+
+PREFIX = "/console"
+STATIC_PATH = PREFIX + "/static"
+HOME = PREFIX + "/"
+LOGIN = PREFIX + "/login"
+# The pages load only the console's own stylesheet; nothing from elsewhere, no scripts yet.
+PAGE_HEADERS = {
+    "content-security-policy": "default-src 'none'; style-src 'self'; img-src 'self'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    # Not the API's no-referrer: under it a browser posts forms with `Origin: null` (csrf.py).
+    "referrer-policy": "same-origin",
+}
+
+
+class LoginRequired(Exception):
+    """No console session, or one that ended."""
+
+
+class NotAllowed(Exception):
+    """A logged-in user whose role the page or action does not allow."""
+
+
+def static_files() -> StaticFiles:
+    return StaticFiles(directory=i18n.HERE / "static")
+
+
+def render(request: Request, template: str, locale: str, *, status_code: int = 200,
+           **context: Any) -> HTMLResponse:
+    settings: Settings = request.app.state.settings
+    env = i18n.environment(locale, settings.console_timezone)
+    page = env.get_template(template).render(request=request, static=STATIC_PATH, **context)
+    return HTMLResponse(page, status_code=status_code, headers=PAGE_HEADERS)
+
+
+def _locale(request: Request, user: ConsoleUser | None) -> str:
+    return i18n.pick(user.user.locale if user else request.query_params.get("lang"),
+                     request.headers.get("accept-language"))
+
+
+def _session_user(request: Request, session: Session) -> ConsoleUser | None:
+    """The request's console user, looked up once per request."""
+    if not hasattr(request.state, "console_user"):
+        request.state.console_user = sessions.resolve(session,
+                                                      request.cookies.get(sessions.COOKIE))
+    return request.state.console_user
+
+
+class ConsoleRoute(APIRoute):
+    """Answers the console's refusals as pages: a redirect to log in, or a 403 page."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handler = super().get_route_handler()
+
+        async def guarded(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except LoginRequired:
+                return RedirectResponse(LOGIN, status_code=303)
+            except csrf.CsrfRefused as exc:
+                user = getattr(request.state, "console_user", None)
+                return render(request, "refused.html", _locale(request, user), status_code=403,
+                              user=user, reason=exc.reason)
+            except NotAllowed:
+                user = getattr(request.state, "console_user", None)
+                return render(request, "refused.html", _locale(request, user), status_code=403,
+                              user=user, reason="role")
+
+        return guarded
+
+
+async def _protect(request: Request, session: Annotated[Session, Depends(get_session)]) -> None:
+    """Every unsafe request: its origin, and its form's token (the session's, or before login
+    the login cookie's)."""
+    if request.method not in csrf.UNSAFE:
+        return
+    csrf.check_origin(request)
+    form = await request.form()  # kept by Starlette: the route's Form fields read it again
+    given = form.get(csrf.FIELD)
+    if request.url.path == LOGIN:
+        expected = request.cookies.get(csrf.LOGIN_COOKIE)
+    else:
+        user = _session_user(request, session)
+        if user is None:
+            raise LoginRequired
+        expected = user.csrf_token
+    csrf.check_token(expected, given if isinstance(given, str) else None)
+
+
+router = APIRouter(prefix=PREFIX, route_class=ConsoleRoute, include_in_schema=False,
+                   dependencies=[Depends(_protect)])
+
+
+def current_user(request: Request, session: SessionDep) -> ConsoleUser:
+    user = _session_user(request, session)
+    if user is None:
+        raise LoginRequired
+    return user
+
+
+def require(*roles: Role) -> Callable[[ConsoleUser], ConsoleUser]:
+    """A page's or action's roles, as deps.require gives the API's routes theirs."""
+    allowed = frozenset(roles)
+
+    def check(user: Annotated[ConsoleUser, Depends(current_user)]) -> ConsoleUser:
+        if user.user.role not in allowed:
+            raise NotAllowed
+        return user
+
+    return check
+
+
+AnyUser = Annotated[ConsoleUser, Depends(require(Role.admin, Role.technician, Role.viewer))]
+
+
+@router.get("/")
+def overview_page(request: Request, session: SessionDep, user: AnyUser) -> HTMLResponse:
+    rows = overview.sites(session, user.principal)
+    return render(request, "overview.html", _locale(request, user), user=user, sites=rows,
+                  totals={state: sum(r.counts[state] for r in rows)
+                          for state in overview.STATES})
+
+
+@router.get("/login")
+def login_page(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
+    if _session_user(request, session) is not None:
+        return RedirectResponse(HOME, status_code=303)
+    return _login_form(request, settings)
+
+
+def _login_form(request: Request, settings: Settings, *, error: str | None = None,
+                status_code: int = 200, email: str = "",
+                headers: dict[str, str] | None = None) -> Response:
+    token = csrf.login_token(request)
+    response = render(request, "login.html", _locale(request, None), status_code=status_code,
+                      user=None, csrf_token=token, error=error, email=email)
+    response.headers.update(headers or {})
+    csrf.set_login_cookie(response, request, settings, token)
+    return response
+
+
+@router.post("/login")
+async def log_in(request: Request, settings: SettingsDep,
+                 username: Annotated[str, Form(max_length=320)],
+                 password: Annotated[str, Form(max_length=256)]) -> Response:
+    """The API's login (same password check, limits and audit), then a console session."""
+    try:
+        login = await attempt_login(request, username, password,
+                                    timedelta(hours=settings.login_token_hours))
+    except TooManyAttempts as exc:
+        return _login_form(request, settings, error="too_many", status_code=429, email=username,
+                           headers={"Retry-After": str(exc.retry_after)})
+    except accounts.LoginFailed:
+        # One message for an unknown e-mail, a wrong password and a deactivated user.
+        return _login_form(request, settings, error="wrong", status_code=401, email=username)
+    with Session(request.app.state.engine) as session:
+        sessions.start(session, login)
+    response = RedirectResponse(HOME, status_code=303)
+    sessions.set_cookie(response, request, settings, login.access_token, login.expires_at)
+    response.delete_cookie(csrf.LOGIN_COOKIE, path=sessions.COOKIE_PATH)
+    return response
+
+
+@router.post("/logout")
+def log_out(request: Request, session: SessionDep, settings: SettingsDep,
+            user: AnyUser) -> Response:
+    sessions.end(session, user)
+    response = RedirectResponse(LOGIN, status_code=303)
+    sessions.clear_cookie(response, request, settings)
+    return response
+
+
+@router.post("/locale")
+def switch_language(request: Request, session: SessionDep, user: AnyUser,
+                    locale: Annotated[str, Form(max_length=8)]) -> Response:
+    """The user's language, kept on the user: it follows them to any browser."""
+    if locale in i18n.LOCALES and locale != user.user.locale:
+        row = session.merge(user.user)
+        audit.record(session, user.principal.actor, "user.locale", "user", row.id,
+                     before={"locale": row.locale}, after={"locale": locale})
+        row.locale = locale
+        session.add(row)
+        session.commit()
+    return RedirectResponse(HOME, status_code=303)
