@@ -124,5 +124,7 @@ def sites(session: Session, caller: Principal) -> list[SiteRow]:
             online_since=status.since_at if status else None,
             dropped=sum((status.dropped or {}).values()) if status else 0,
         ))
+    # A site whose gateway is down leads: nothing of it reaches the city while it is.
     return sorted(rows.values(), key=lambda r: (
-        not r.attention, -r.counts["offline"], -r.counts["pending"], r.name.casefold()))
+        not r.attention, "gateway" not in r.attention, -r.counts["offline"],
+        -r.counts["pending"], r.name.casefold()))

@@ -1,0 +1,71 @@
+"""The overview: each site's devices by state, its gateways' uplinks, sites needing attention
+first, and nothing of a site beyond the caller's."""
+
+import re
+
+from kinhbac.fleet.models import Role
+
+from ..utils import make_site, make_user
+from .conftest import log_in
+from .world import gateway_reported, make_city
+
+
+def _counts(page: str, site_name: str) -> list[int]:
+    """The four counts (online, offline, pending, updating) in the site's device table."""
+    section = page[page.index(f">{site_name}</h2>"):]
+    row = re.search(r"<tbody><tr>(.*?)</tr></tbody>", section, re.S).group(1)
+    return [int(n) for n in re.findall(r"<td>([\d.,]+)</td>", row)]
+
+
+def test_devices_are_counted_by_state_per_site(browser, session, box, app):
+    city = make_city(session, box, app)
+    admin, _ = make_user(session, Role.admin)
+    log_in(browser, admin.email)
+    page = browser.get("/console/", headers={"Accept-Language": "en"}).text
+    assert _counts(page, city.home.name) == [2, 1, 1, 1]
+    assert _counts(page, city.away.name) == [1, 0, 0, 0]
+    assert "gw-ward7" in page and "gw-badinh" in page
+
+
+def test_sites_needing_attention_come_first(browser, session, box, app):
+    city = make_city(session, box, app)
+    admin, _ = make_user(session, Role.admin)
+    log_in(browser, admin.email)
+    page = browser.get("/console/").text
+    # Ward 7 has an offline device and a pending claim: before Ba Dinh, despite the alphabet.
+    assert page.index(city.home.name) < page.index(city.away.name)
+    assert "Cần chú ý:" in page[page.index(city.home.name):page.index(city.away.name)]
+    # Ba Dinh's gateway loses its uplink: Ba Dinh needs attention too, and leads with it.
+    gateway_reported(session, city.away, "gw-badinh", "offline")
+    session.commit()
+    page = browser.get("/console/").text
+    assert page.index(city.away.name) < page.index(city.home.name)
+    assert "Mất kết nối" in page
+
+
+def test_a_technician_of_one_site_sees_nothing_of_another(browser, session, box, app):
+    """From the attacker's side: every name, slug and figure of the other site stays away."""
+    city = make_city(session, box, app)
+    technician, _ = make_user(session, Role.technician, sites=[city.home])
+    log_in(browser, technician.email)
+    page = browser.get("/console/", headers={"Accept-Language": "en"}).text
+    assert city.home.name in page and "gw-ward7" in page
+    for secret in (city.away.name, city.away.slug, "gw-badinh", "12,345", "12.345",
+                   str(city.away.id)):
+        assert secret not in page, secret
+    assert _counts(page, city.home.name) == [2, 1, 1, 1]
+    totals = re.search(r'<dl class="totals">(.*?)</dl>', page, re.S).group(1)
+    assert re.findall(r"<dd>(\d+)</dd>", totals) == ["2", "1", "1", "1"]  # not the away site's
+    # The user's own reach is shown: its role and its site by name.
+    assert "Technician" in page and f"Sites: {city.home.name}" in page
+
+
+def test_a_viewer_limited_to_a_site_without_devices_sees_an_empty_overview(browser, session,
+                                                                            box, app):
+    city = make_city(session, box, app)
+    empty = make_site(session, box, slug="empty", name="Empty lot")
+    viewer, _ = make_user(session, Role.viewer, sites=[empty])
+    log_in(browser, viewer.email)
+    page = browser.get("/console/", headers={"Accept-Language": "en"}).text
+    assert "Empty lot" in page and "No gateway is enrolled at this site." in page
+    assert city.home.name not in page and city.away.name not in page
