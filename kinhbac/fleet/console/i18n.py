@@ -106,7 +106,9 @@ def environment(locale: str, zone_name: str) -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.install_gettext_translations(translations(locale), newstyle=True)  # type: ignore[attr-defined]
+    # Added by the i18n extension, so not in Environment's declared attributes.
+    env.install_gettext_translations(  # type: ignore[attr-defined]
+        translations(locale), newstyle=True)
     formats = Formats(locale, ZoneInfo(zone_name))
     filters: dict[str, Callable[..., str]] = {
         "number": formats.number, "when": formats.when, "age": formats.age}
