@@ -114,8 +114,14 @@ async def _protect(request: Request, session: Annotated[Session, Depends(get_ses
     csrf.check_token(expected, given if isinstance(given, str) else None)
 
 
-router = APIRouter(prefix=PREFIX, route_class=ConsoleRoute, include_in_schema=False,
-                   dependencies=[Depends(_protect)])
+def console_router(prefix: str = "") -> APIRouter:
+    """A router for console pages under /console{prefix}: its routes answer refusals as pages
+    and its unsafe requests are checked for CSRF, without a route having to ask."""
+    return APIRouter(prefix=PREFIX + prefix, route_class=ConsoleRoute, include_in_schema=False,
+                     dependencies=[Depends(_protect)])
+
+
+router = console_router()
 
 
 def current_user(request: Request, session: SessionDep) -> ConsoleUser:

@@ -132,5 +132,5 @@ def test_an_api_token_in_the_cookie_is_not_a_console_session(browser, session):
 def test_without_a_session_the_overview_sends_to_the_login_page(browser):
     answer = browser.get("/console/", follow_redirects=False)
     assert answer.status_code == 303 and answer.headers["location"] == "/console/login"
-    assert ORIGIN  # the login page itself is open to anyone
+    # The login page itself is open to anyone.
     assert browser.get("/console/login").status_code == 200
