@@ -69,3 +69,12 @@ def test_a_viewer_limited_to_a_site_without_devices_sees_an_empty_overview(brows
     page = browser.get("/console/", headers={"Accept-Language": "en"}).text
     assert "Empty lot" in page and "No gateway is enrolled at this site." in page
     assert city.home.name not in page and city.away.name not in page
+
+
+def test_names_are_shown_as_text_never_as_markup(browser, session, box):
+    make_site(session, box, slug="odd", name='<script>alert("x")</script> & Co')
+    admin, _ = make_user(session, Role.admin, email="<b>admin</b>@example.org")
+    log_in(browser, admin.email)
+    page = browser.get("/console/").text
+    assert "<script>alert" not in page and "<b>admin" not in page
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt; &amp; Co" in page

@@ -6,8 +6,10 @@ from http.cookies import SimpleCookie
 from fastapi.testclient import TestClient
 from sqlmodel import select
 
+from kinhbac.fleet import accounts
+from kinhbac.fleet.audit import CLI
 from kinhbac.fleet.console import csrf, sessions
-from kinhbac.fleet.models import ApiToken, AuditEntry, ConsoleSession, Role
+from kinhbac.fleet.models import ApiToken, AuditEntry, ConsoleSession, Role, UserUpdate
 
 from ..utils import make_user
 from .conftest import ORIGIN, form_token, log_in, post_form
@@ -134,3 +136,13 @@ def test_without_a_session_the_overview_sends_to_the_login_page(browser):
     assert answer.status_code == 303 and answer.headers["location"] == "/console/login"
     # The login page itself is open to anyone.
     assert browser.get("/console/login").status_code == 200
+
+
+def test_a_new_password_ends_the_console_session(browser, session):
+    """A stolen cookie dies with the old password, as the API's tokens do."""
+    user, _ = make_user(session, Role.viewer)
+    log_in(browser, user.email)
+    assert browser.get("/console/", follow_redirects=False).status_code == 200
+    accounts.update_user(session, CLI, user.id, UserUpdate(password="another long password"))
+    assert browser.get("/console/", follow_redirects=False).status_code == 303
+    assert session.exec(select(ConsoleSession)).all() == []
