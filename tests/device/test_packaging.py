@@ -18,7 +18,10 @@ def test_every_package_under_kinhbac_is_listed_for_the_wheel():
     # added under kinhbac/ and not listed there would be missing from every installed copy.
     declared = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     found = set(find_namespace_packages(where=str(REPO), include=["kinhbac*"]))
-    found = {name for name in found if "__pycache__" not in name}
+    # Folders of package data (the console's templates, catalogues) hold no Python: not
+    # packages, shipped by package-data instead (checked with the wheel below).
+    found = {name for name in found if "__pycache__" not in name
+             and any((REPO / name.replace(".", "/")).glob("*.py"))}
     firmware = {"kinhbac._firmware"} | {
         "kinhbac._firmware." + name
         for name in find_namespace_packages(where=str(REPO / "firmware"))
@@ -36,6 +39,12 @@ def test_an_installed_wheel_carries_the_firmware_and_finds_it(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for source in FIRMWARE_DIR.rglob("*.py"):
         assert f"kinhbac/_firmware/{source.relative_to(FIRMWARE_DIR)}" in names, source
+    # The fleet console's templates, stylesheet and catalogues are package data, not modules.
+    console = REPO / "kinhbac" / "fleet" / "console"
+    for folder, pattern in (("templates", "*.html"), ("static", "*"),
+                            ("locale", "*/LC_MESSAGES/*.po")):
+        for source in (console / folder).glob(pattern):
+            assert f"{source.relative_to(REPO)}" in names, source
 
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
