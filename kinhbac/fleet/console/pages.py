@@ -174,9 +174,10 @@ def _login_form(request: Request, settings: Settings, *, error: str | None = Non
 
 @router.post("/login")
 async def log_in(request: Request, settings: SettingsDep,
-                 username: Annotated[str, Form(max_length=320)],
-                 password: Annotated[str, Form(max_length=256)]) -> Response:
-    """The API's login (same password check, limits and audit), then a console session."""
+                 username: Annotated[str, Form()] = "",
+                 password: Annotated[str, Form()] = "") -> Response:
+    """The API's login (same password check, limits and audit), then a console session. A
+    field left out is a failed login like any other, answered with the form, not a 422."""
     try:
         login = await attempt_login(request, username, password,
                                     timedelta(hours=settings.login_token_hours))
@@ -205,7 +206,7 @@ def log_out(request: Request, session: SessionDep, settings: SettingsDep,
 
 @router.post("/locale")
 def switch_language(request: Request, session: SessionDep, user: AnyUser,
-                    locale: Annotated[str, Form(max_length=8)]) -> Response:
+                    locale: Annotated[str, Form()] = "") -> Response:
     """The user's language, kept on the user: it follows them to any browser."""
     if locale in i18n.LOCALES and locale != user.user.locale:
         row = session.merge(user.user)

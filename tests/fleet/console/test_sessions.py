@@ -146,3 +146,9 @@ def test_a_new_password_ends_the_console_session(browser, session):
     accounts.update_user(session, CLI, user.id, UserUpdate(password="another long password"))
     assert browser.get("/console/", follow_redirects=False).status_code == 303
     assert session.exec(select(ConsoleSession)).all() == []
+
+
+def test_a_login_form_with_a_field_left_out_is_a_failed_login_page(browser):
+    token = form_token(browser.get("/console/login"))
+    answer = post_form(browser, "/console/login", {"csrf_token": token})
+    assert answer.status_code == 401 and "Sai email hoặc mật khẩu." in answer.text
