@@ -16,14 +16,16 @@ from fastapi import APIRouter, Depends, Form, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy import Engine
 from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
 
 from kinhbac.fleet import accounts, audit
 from kinhbac.fleet.console import csrf, i18n, overview, sessions
 from kinhbac.fleet.console.sessions import ConsoleUser
 from kinhbac.fleet.deps import SessionDep, SettingsDep, get_session
 from kinhbac.fleet.login_limits import TooManyAttempts
-from kinhbac.fleet.models import Role
+from kinhbac.fleet.models import LoginResult, Role
 from kinhbac.fleet.routes.auth import attempt_login
 from kinhbac.fleet.settings import Settings
 
@@ -56,7 +58,7 @@ def render(request: Request, template: str, locale: str, *, status_code: int = 2
            **context: Any) -> HTMLResponse:
     settings: Settings = request.app.state.settings
     env = i18n.environment(locale, settings.console_timezone)
-    page = env.get_template(template).render(request=request, static=STATIC_PATH, **context)
+    page = env.get_template(template).render(static=STATIC_PATH, **context)
     return HTMLResponse(page, status_code=status_code, headers=PAGE_HEADERS)
 
 
@@ -107,7 +109,8 @@ async def _protect(request: Request, session: Annotated[Session, Depends(get_ses
     if request.url.path == LOGIN:
         expected = request.cookies.get(csrf.LOGIN_COOKIE)
     else:
-        user = _session_user(request, session)
+        # A database query: on a worker thread, never on the event loop.
+        user = await run_in_threadpool(_session_user, request, session)
         if user is None:
             raise LoginRequired
         expected = user.csrf_token
@@ -187,12 +190,16 @@ async def log_in(request: Request, settings: SettingsDep,
     except accounts.LoginFailed:
         # One message for an unknown e-mail, a wrong password and a deactivated user.
         return _login_form(request, settings, error="wrong", status_code=401, email=username)
-    with Session(request.app.state.engine) as session:
-        sessions.start(session, login)
+    await run_in_threadpool(_start_session, request.app.state.engine, login)
     response = RedirectResponse(HOME, status_code=303)
     sessions.set_cookie(response, request, settings, login.access_token, login.expires_at)
     response.delete_cookie(csrf.LOGIN_COOKIE, path=sessions.COOKIE_PATH)
     return response
+
+
+def _start_session(engine: Engine, login: LoginResult) -> None:
+    with Session(engine) as session:
+        sessions.start(session, login)
 
 
 @router.post("/logout")
