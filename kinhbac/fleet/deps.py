@@ -127,13 +127,22 @@ def get_principal(
         ).first()
         if found is not None:
             api_token, user = found
-            if api_token.expires_at is not None and api_token.expires_at <= utcnow():
-                raise _unauthorized("token expired: log in again")
-            if not user.is_active:
-                raise _unauthorized("this user is deactivated")
+            refused = token_refusal(api_token, user)
+            if refused is not None:
+                raise _unauthorized(refused)
             return Principal(user=user, token_id=api_token.id,
                              site_ids=reachable_sites(user, api_token))
     raise _unauthorized("unknown or revoked token")
+
+
+def token_refusal(api_token: ApiToken, user: User) -> str | None:
+    """Why a user's login token no longer admits anyone (expired, user deactivated), or None.
+    The API and the console's sessions (whose session is such a token) both ask this."""
+    if api_token.expires_at is not None and api_token.expires_at <= utcnow():
+        return "token expired: log in again"
+    if not user.is_active:
+        return "this user is deactivated"
+    return None
 
 
 def reachable_sites(user: User, token: ApiToken) -> frozenset[uuid.UUID] | None:

@@ -14,8 +14,8 @@ from fastapi import Request, Response
 from sqlmodel import Session, select
 
 from kinhbac.fleet import accounts
-from kinhbac.fleet.deps import Principal, reachable_sites
-from kinhbac.fleet.models import ApiToken, ConsoleSession, LoginResult, Site, User, utcnow
+from kinhbac.fleet.deps import Principal, reachable_sites, token_refusal
+from kinhbac.fleet.models import ApiToken, ConsoleSession, LoginResult, Site, User
 from kinhbac.fleet.security import USER_TOKEN_PREFIX, hash_token
 from kinhbac.fleet.settings import Settings
 
@@ -61,7 +61,7 @@ def resolve(session: Session, cookie: str | None) -> ConsoleUser | None:
     if found is None:
         return None
     token, user, console = found
-    if (token.expires_at is not None and token.expires_at <= utcnow()) or not user.is_active:
+    if token_refusal(token, user) is not None:
         return None
     principal = Principal(user=user, token_id=token.id, site_ids=reachable_sites(user, token))
     sites = []
