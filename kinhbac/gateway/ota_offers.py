@@ -334,17 +334,15 @@ class OtaOffers:
         a = self.assignments[device]
         release = self.cache.get(a.manifest_sha256)
         assert release is not None
-        unanswered = self._unanswered.get(device, 0)
-        if (device, a.rollout_id, a.manifest_sha256) in self._answered:
-            unanswered = -1  # it has answered before: never counted
-        elif unanswered >= MAX_UNANSWERED_OFFERS:
-            self._final[device] = (a.rollout_id, a.manifest_sha256)
-            why = (f"the node left {unanswered} offers in a row unanswered (firmware without "
-                   "OTA?): no longer offered")
-            log.warning("node %s: release %s %s: %s", device, a.kind, a.version, why)
-            self._progress(a, "failed", reason=why, boot=boot)
-            return None
-        if unanswered >= 0:
+        if (device, a.rollout_id, a.manifest_sha256) not in self._answered:  # else never counted
+            unanswered = self._unanswered.get(device, 0)
+            if unanswered >= MAX_UNANSWERED_OFFERS:
+                self._final[device] = (a.rollout_id, a.manifest_sha256)
+                why = (f"the node left {unanswered} offers in a row unanswered (firmware "
+                       "without OTA?): no longer offered")
+                log.warning("node %s: release %s %s: %s", device, a.kind, a.version, why)
+                self._progress(a, "failed", reason=why, boot=boot)
+                return None
             self._unanswered[device] = unanswered + 1
         try:
             frame = wire.encode_ota_offer(key, boot, counter, release.ref, release.wire_kind,
