@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from kinhbac import wire
 
@@ -25,6 +25,9 @@ INT64 = 2**63 - 1  # the fleet database's BIGINT
 MAX_TS_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last instant a datetime holds
 MAX_READINGS_PER_MESSAGE = 10_000  # the gateway sends at most mqtt.readings_per_message (200)
 MAX_SITE_LENGTH = 63  # a site is a DNS label's length at most (the fleet's sites table)
+# Readings a gateway's status may say it holds: a trillion is 7 TB of readings at the wire's 7
+# bytes each, far past any disk a gateway has (its cap's default is 16 GiB at most).
+MAX_QUEUE_DEPTH = 10**12
 
 # The last level of each topic, and the level that tells a gateway's topics from a device's.
 TELEMETRY = "telemetry"
@@ -232,6 +235,22 @@ class GatewayStatusMessage(_Payload):
     gateway: Name
     since_ms: Millis | None = None  # absent from the last will
     dropped: Counters | None = None
+    # Readings in the gateway's on-disk queue not yet acknowledged by the broker, and when the
+    # oldest of them was queued (null while none is). Both absent from the last will and from a
+    # gateway before them: "not reported", not an empty queue.
+    queue_depth: int | None = Field(default=None, ge=0, le=MAX_QUEUE_DEPTH, strict=True)
+    oldest_queued_ms: int | None = Field(default=None, ge=0, le=MAX_TS_MS, strict=True)
+
+    @model_validator(mode="after")
+    def _queue_figures_agree(self) -> "GatewayStatusMessage":
+        # A consumer shows an age from oldest_queued_ms: one that contradicts the depth (a
+        # forged or broken status) must not reach it.
+        if self.oldest_queued_ms is not None and not self.queue_depth:
+            raise ValueError("oldest_queued_ms given without queued readings (queue_depth "
+                             f"{self.queue_depth})")
+        if self.queue_depth and self.oldest_queued_ms is None:
+            raise ValueError(f"queue_depth {self.queue_depth} without oldest_queued_ms")
+        return self
 
 
 # A device's update steps as the fleet's rollouts record them (docs/ota.md): `offered` is the
@@ -375,12 +394,19 @@ def device_status_payload(status: dict[str, Any]) -> bytes:
 
 def gateway_status_payload(*, state: Literal["online", "offline"], gateway: str,
                            since_ms: int | None = None,
-                           dropped: dict[str, int] | None = None) -> bytes:
-    """A gateway status; without `since_ms` and `dropped`, the last will."""
+                           dropped: dict[str, int] | None = None,
+                           queue_depth: int | None = None,
+                           oldest_queued_ms: int | None = None) -> bytes:
+    """A gateway status; without `since_ms` and `dropped`, the last will. With `queue_depth`,
+    its queue too: `oldest_queued_ms` is then written (null while the queue is empty)."""
     doc: dict[str, Any] = {"state": state, "gateway": gateway}
     if since_ms is not None or dropped is not None:
         doc["since_ms"] = since_ms
         doc["dropped"] = dropped if dropped is not None else {}
+        if queue_depth is not None:
+            doc["queue_depth"] = queue_depth
+            # An empty queue has no oldest reading, whatever a stale figure says.
+            doc["oldest_queued_ms"] = oldest_queued_ms if queue_depth else None
     return json.dumps(doc).encode()
 
 

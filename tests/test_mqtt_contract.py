@@ -165,6 +165,54 @@ def test_the_gateway_status_and_its_last_will_are_these_bytes():
         contract.parse_gateway_status(b'{"state": "away", "gateway": "pi-01"}')
 
 
+
+def test_the_gateway_status_carries_its_queue_depth_and_when_the_oldest_queued_reading_came():
+    busy = contract.gateway_status_payload(state="online", gateway="pi-01", since_ms=5,
+                                           dropped={}, queue_depth=1200,
+                                           oldest_queued_ms=1795917262089)
+    assert busy == (b'{"state": "online", "gateway": "pi-01", "since_ms": 5, "dropped": {}, '
+                    b'"queue_depth": 1200, "oldest_queued_ms": 1795917262089}')
+    parsed = contract.parse_gateway_status(busy)
+    assert (parsed.queue_depth, parsed.oldest_queued_ms) == (1200, 1795917262089)
+    # Empty: the oldest is said to be none (null), even when the caller's figure is stale.
+    empty = contract.gateway_status_payload(state="online", gateway="pi-01", since_ms=5,
+                                            dropped={}, queue_depth=0, oldest_queued_ms=7)
+    assert empty.endswith(b'"queue_depth": 0, "oldest_queued_ms": null}')
+    parsed = contract.parse_gateway_status(empty)
+    assert (parsed.queue_depth, parsed.oldest_queued_ms) == (0, None)
+
+
+def test_a_gateway_status_from_a_gateway_before_the_queue_figures_parses_as_not_reported():
+    for old in (b'{"state": "online", "gateway": "pi-01", "since_ms": 5, "dropped": {}}',
+                b'{"state": "offline", "gateway": "pi-01"}'):
+        parsed = contract.parse_gateway_status(old)
+        assert parsed.queue_depth is None and parsed.oldest_queued_ms is None
+
+
+@pytest.mark.parametrize(("figures", "complaint"), [
+    ({"queue_depth": -1, "oldest_queued_ms": 5}, "greater than or equal to 0"),
+    ({"queue_depth": contract.MAX_QUEUE_DEPTH + 1, "oldest_queued_ms": 5}, "less than or equal"),
+    ({"queue_depth": 2**63, "oldest_queued_ms": 5}, "less than or equal"),
+    ({"queue_depth": "12", "oldest_queued_ms": 5}, "valid integer"),
+    ({"queue_depth": 12.5, "oldest_queued_ms": 5}, "valid integer"),
+    ({"queue_depth": True, "oldest_queued_ms": 5}, "valid integer"),
+    ({"queue_depth": 3, "oldest_queued_ms": -1}, "greater than or equal to 0"),
+    ({"queue_depth": 3, "oldest_queued_ms": contract.MAX_TS_MS + 1}, "less than or equal"),
+    ({"queue_depth": 3, "oldest_queued_ms": "yesterday"}, "valid integer"),
+    ({"queue_depth": 0, "oldest_queued_ms": 5}, "without queued readings"),
+    ({"oldest_queued_ms": 5}, "without queued readings"),
+    ({"queue_depth": 3, "oldest_queued_ms": None}, "without oldest_queued_ms"),
+    ({"queue_depth": 3}, "without oldest_queued_ms"),
+])
+def test_a_gateway_status_with_queue_figures_no_gateway_sends_is_refused_saying_why(
+        figures, complaint):
+    # A forged status must not put a negative, absurd or contradictory backlog on the console.
+    doc = {"state": "online", "gateway": "pi-01", "since_ms": 5, "dropped": {}} | figures
+    with pytest.raises(ValidationError) as refused:
+        contract.parse_gateway_status(json.dumps(doc))
+    assert complaint in str(refused.value)
+
+
 # ---- docs/mqtt.md, checked against the module
 
 
@@ -249,7 +297,9 @@ def test_the_docs_gateway_status_examples_are_what_the_module_builds():
     for line in lines:
         parsed = contract.parse_gateway_status(line)
         built = contract.gateway_status_payload(state=parsed.state, gateway=parsed.gateway,
-                                                since_ms=parsed.since_ms, dropped=parsed.dropped)
+                                                since_ms=parsed.since_ms, dropped=parsed.dropped,
+                                                queue_depth=parsed.queue_depth,
+                                                oldest_queued_ms=parsed.oldest_queued_ms)
         assert built.decode() == line
 
 
