@@ -355,3 +355,42 @@ def test_window_notes_of_a_failed_commit_are_saved_with_the_next(tmp_path, disk)
         return (await queue.devices())["6b620000000000ff"]["windows"]
 
     assert run(tmp_path, body) == {0xFFFF: (7, 3)}
+
+
+def test_the_backlog_stays_exact_when_a_published_frame_is_deleted_twice(tmp_path):
+    # The gateway's status reports the depth kept in memory (maintain() no longer counts every
+    # frame), so a delete that finds its frame gone already (acknowledged in an earlier session
+    # and sent again, or dropped by the cap meanwhile) must take nothing off it.
+    async def body(queue):
+        assert queue.backlog() == (0, None)
+        await queue.put(batch(1))
+        first_stored = queue.backlog()[1]
+        await asyncio.sleep(0.01)  # the second frame is stored a little later
+        await queue.put(batch(21, after=(1, 20)))
+        first, second = await queue.fetch(0, 10)
+        assert queue.backlog() == (40, first.received_ms) and first_stored == first.received_ms
+        queue.forget([(first.id, first.count)])
+        queue.forget([(first.id, first.count)])
+        stats = await queue.maintain()
+        assert stats.depth == 20
+        assert queue.backlog() == (20, second.received_ms)
+        assert second.received_ms > first.received_ms
+        queue.forget([(second.id, second.count)])
+        await queue.maintain()
+        assert queue.backlog() == (0, None)
+
+    run(tmp_path, body)
+
+
+def test_a_reopened_queue_counts_what_it_holds(tmp_path):
+    async def fill(queue):
+        await queue.put(batch(1))
+        await queue.put(batch(1, device="6b62000000000002"))
+        return (await queue.fetch(0, 1))[0].received_ms
+
+    oldest = run(tmp_path, fill)
+
+    async def reopened(queue):
+        return queue.backlog()
+
+    assert run(tmp_path, reopened) == (40, oldest)

@@ -371,6 +371,15 @@ class Queue:
         """Delete outbox messages the broker has acknowledged, with the next commit."""
         self._requests.put(("forget_outbox", list(ids), None))
 
+    def backlog(self) -> tuple[int, int | None]:
+        """Readings waiting for the broker, and when the oldest of them was stored (Unix ms;
+        None when none waits): from the figures kept in memory, so asking costs nothing."""
+        depth, oldest = self.stats.depth, self.stats.oldest_received_ms
+        if not depth:
+            return 0, None
+        # Stored while the figures were being refreshed: it came just now.
+        return depth, oldest if oldest is not None else int(time.time() * 1000)
+
     async def maintain(self) -> Stats:
         """Apply the age limit, retry what a failed commit left, refresh the statistics."""
         return await self._ask("maintain")
@@ -493,7 +502,7 @@ class Queue:
             self._sensor_refs[sensors] = ref
         for name, value in db.execute("SELECT name, value FROM counters"):
             self.stats.dropped[name] = value
-        self._refresh_stats()
+        self._refresh_stats(count=True)
         self._place_ballast()
 
     def _place_ballast(self) -> None:
@@ -708,8 +717,11 @@ class Queue:
 
     def _write_delete(self, db: apsw.Connection, ids: list[tuple[int, int]],
                       now_ms: int) -> None:
-        db.executemany("DELETE FROM frames WHERE id = ?", [(i,) for i, _ in ids])
-        self.stats.depth = max(0, self.stats.depth - sum(n for _, n in ids))
+        # The readings the rows held, as deleted: a frame the disk cap dropped after the
+        # uplink read it is gone already and must not be taken off the depth twice.
+        gone = db.executemany("DELETE FROM frames WHERE id = ? RETURNING count",
+                              [(i,) for i, _ in ids])
+        self.stats.depth = max(0, self.stats.depth - sum(n for (n,) in gone))
 
     def _write_outbox(self, db: apsw.Connection, payload: Any, now_ms: int) -> None:
         device, kind, message = payload
@@ -801,13 +813,21 @@ class Queue:
         kept = {ref for (ref,) in db.execute("SELECT ref FROM sensor_tables")}
         self._sensor_refs = {t: r for t, r in self._sensor_refs.items() if r in kept}
 
-    def _refresh_stats(self) -> None:
+    def _refresh_stats(self, *, count: bool = False) -> None:
+        """The oldest queued frame's time and the outbox's size; the depth too with `count`
+        (at open), which reads every frame: the queue can hold millions, and this runs every
+        second (the gauges, the gateway's status), so otherwise the depth is the one kept as
+        frames are stored, published and dropped."""
         assert self._db is not None
-        depth, oldest = self._db.execute(
-            "SELECT COALESCE(SUM(count), 0), MIN(received_ms) FROM frames"
-        ).fetchone()
-        self.stats.depth = depth
-        self.stats.oldest_received_ms = oldest
+        if count:
+            self.stats.depth = _one(self._db, "SELECT COALESCE(SUM(count), 0) FROM frames")
+        # Frame ids grow in the order frames were stored, so the first by id (one step down
+        # the primary key, not a scan) is the one that has waited longest.
+        first = self._db.execute(
+            "SELECT received_ms FROM frames ORDER BY id LIMIT 1").fetchone()
+        self.stats.oldest_received_ms = None if first is None else first[0]
+        if first is None:
+            self.stats.depth = 0
         self.stats.outbox_depth = _one(self._db, "SELECT COUNT(*) FROM outbox")
 
     # ----- the disk cap -----
@@ -865,6 +885,7 @@ class Queue:
             self._storage_fault(_fault_kind(exc), f"dropping for {reason}: {exc}")
             return
         self.stats.dropped[reason] = total
+        self.stats.depth = max(0, self.stats.depth - deleted)
         self._log_drop(reason, deleted, ranges)
         if self.on_drop is not None:
             self.on_drop(reason, deleted)
