@@ -273,6 +273,55 @@ def test_broker_stopped_for_ten_seconds_loses_nothing(site, collector, broker):
     assert any(m["replayed"] for m in collector.telemetry)
 
 
+def test_the_gateway_status_reports_the_readings_queued_while_the_broker_was_down_until_drained(
+        tmp_path, broker, collector):
+    device = bytes.fromhex("6b62000000000043")
+    secret = os.urandom(32)
+    key = wire.Key(device, 1, secret)
+    key_file = tmp_path / "keys.json"
+    key_file.write_text(json.dumps({"devices": [
+        {"device_id": device.hex(), "key_id": 1, "secret": secret.hex()}]}))
+    gateway = GatewayProcess(tmp_path / "gw", key_file=key_file, broker_port=broker.port,
+                             mqtt={"status_every_s": 5})
+    try:
+        gateway.start()
+        collector.wait_for(lambda: any(s.get("queue_depth") == 0 and s["state"] == "online"
+                                       for s in collector.gateway_statuses),
+                           what="the first status: an empty queue")
+        assert collector.gateway_statuses[-1]["oldest_queued_ms"] is None
+        broker.stop()
+        collector.wait_for(lambda: gateway.metrics()["kinhbac_gateway_uplink_connected"] == 0,
+                           what="the gateway noticing the broker gone")
+        before_ms = int(time.time() * 1000)
+        frames = [wire.encode_readings(key, 1, n, 1, 1 + 150 * (n - 1), 1_800_000_000_000,
+                                       False, [(0, 10 * i, 20.0 + i) for i in range(150)])
+                  for n in (1, 2, 3)]
+        answers = exchange(gateway.port, frames, [key], 1, 3)
+        assert [a.through_seq for a in answers] == [150, 300, 450]  # durable: acknowledged
+        after_ms = int(time.time() * 1000)
+        heard = len(collector.gateway_statuses)
+        broker.start()
+        # The new session's first status tells the backlog as it stands before it drains.
+        collector.wait_for(lambda: any(s.get("queue_depth") for s in
+                                       collector.gateway_statuses[heard:]),
+                           what="a status with the queued readings")
+        backlog = next(s for s in collector.gateway_statuses[heard:] if s.get("queue_depth"))
+        assert backlog["state"] == "online"
+        assert backlog["queue_depth"] == 450
+        assert before_ms <= backlog["oldest_queued_ms"] <= after_ms
+        collector.wait_for(lambda: collector.count(device.hex()) == 450,
+                           what="the 450 readings delivered")
+        # Drained: the next periodic status (every 5 s here) says so, with no oldest reading.
+        drained = len(collector.gateway_statuses)
+        collector.wait_for(lambda: any(s.get("queue_depth") == 0 for s in
+                                       collector.gateway_statuses[drained:]),
+                           timeout=15, what="a status of the drained queue")
+        assert collector.gateway_statuses[-1]["oldest_queued_ms"] is None
+        assert gateway.metrics()["kinhbac_gateway_queue_depth"] == 0
+    finally:
+        gateway.stop()
+
+
 def test_gateway_power_cut_loses_nothing_acked(site, collector):
     nodes = site.add_nodes(3)
     site.gateway.start()

@@ -53,6 +53,11 @@ class MqttSettings(BaseModel):
         False, description="allow a broker that is not on this machine without tls: the "
         "broker password and every reading cross the network in clear"
     )
+    status_every_s: float = Field(
+        30.0, ge=5, le=3600, description="while connected, the gateway's retained status "
+        "(online, its drops, its queue's depth and oldest reading) is published again this "
+        "often, so that the fleet sees a backlog grow or drain"
+    )
     backoff_min_s: float = Field(0.5, gt=0, description="first reconnect delay")
     backoff_max_s: float = Field(
         5.0, gt=0, le=300, description="reconnect delays double up to this, each jittered down "

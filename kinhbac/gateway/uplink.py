@@ -13,6 +13,11 @@ figures docs/mqtt.md states ("Broker loss and recovery"). Reconnects follow a ca
 exponential backoff; a lost broker is logged once, and while it stays away a reminder once a
 minute, not a line per attempt.
 
+The gateway's own retained status (online, its policy drops, its queue's depth and oldest
+reading) goes out as each session begins, as the drops change, and every `mqtt.status_every_s`
+while connected; while the broker is away nothing can be published, and the fleet shows when
+the last status came.
+
 Beside the readings, the queue's outbox (OTA progress, docs/ota.md) goes to
 `<prefix>/<site>/<device>/ota`, QoS 1, one message at a time in the order kept, each deleted
 after its PUBACK; a new session sends again what was not acknowledged.
@@ -115,6 +120,7 @@ class Uplink:
         self._client: aiomqtt.Client | None = None
         self._stopping = asyncio.Event()
         self._dropped_reported: dict[str, int] = {}
+        self._gateway_status_at = 0.0  # time.monotonic() of the last online status published
         self._readings_json = ReadingsEncoder()
         # The current outage (or the start-up without a broker yet), for the log.
         self._offline_since = time.monotonic()
@@ -324,6 +330,7 @@ class Uplink:
         self._dropped_reported = dict(self.queue.stats.dropped)
         await client.publish(self.gateway_status_topic, self._gateway_status("online"),
                              qos=1, retain=True)
+        self._gateway_status_at = time.monotonic()
         self.state = "connected"
         self.connected.set()
         self.metrics.uplink_up.set(1)
@@ -340,9 +347,11 @@ class Uplink:
                                          timeout=2)
 
     def _gateway_status(self, state: Literal["online", "offline"]) -> bytes:
+        depth, oldest_ms = self.queue.backlog()
         return contract.gateway_status_payload(state=state, gateway=self.settings.gateway_id,
                                                since_ms=self.connected_since_ms,
-                                               dropped=self.queue.stats.dropped)
+                                               dropped=self.queue.stats.dropped,
+                                               queue_depth=depth, oldest_queued_ms=oldest_ms)
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         """Publish until stop(); a lost connection ends it at once, whatever is in flight."""
@@ -484,11 +493,14 @@ class Uplink:
 
     async def _publish_statuses(self, client: aiomqtt.Client) -> None:
         dropped = dict(self.queue.stats.dropped)
-        if dropped != self._dropped_reported:
-            # Drops are reported upstream as they happen, not only at the next reconnect.
+        # Drops are reported upstream as they happen, not only at the next reconnect; the
+        # queue's figures every status_every_s, so that a backlog is seen growing or draining.
+        if dropped != self._dropped_reported or \
+                time.monotonic() - self._gateway_status_at >= self.mqtt.status_every_s:
             await client.publish(self.gateway_status_topic, self._gateway_status("online"),
                                  qos=1, retain=True)
             self._dropped_reported = dropped
+            self._gateway_status_at = time.monotonic()
         while self._status_due:
             device = self._status_due.pop()
             await client.publish(self.device_status_topic(device),

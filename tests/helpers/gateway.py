@@ -185,6 +185,7 @@ class Collector:
         self.telemetry: list[dict] = []
         self.retained: dict[str, Any] = {}
         self.ota_progress: list[dict] = []  # OTA progress, in the order it arrived
+        self.gateway_statuses: list[dict] = []  # every gateway status, in the order it arrived
         self.outside_contract: list[tuple[str, str]] = []  # (topic, the parser's reason)
         self.lock = threading.Lock()
         self.client.reconnect_delay_set(0.1, 1)
@@ -206,6 +207,9 @@ class Collector:
                 self.ota_progress.append(payload)
             else:
                 self.retained[msg.topic] = payload
+                if f"/{mqtt_contract.GATEWAY}/" in msg.topic and \
+                        msg.topic.endswith("/" + mqtt_contract.STATUS):
+                    self.gateway_statuses.append(payload)
 
     def _check_contract(self, topic: str, payload: bytes) -> None:
         if not payload or topic.endswith("/" + mqtt_contract.PROBE):
