@@ -351,10 +351,13 @@ def _write_gateways(connection: Connection, rows: list[dict[str, Any]]) -> None:
         connection.execute(insert.on_conflict_do_update(
             index_elements=["site", "gateway"],
             set_={name: insert.excluded[name]
-                  for name in ("state", "since_at", "dropped", "received_at")},
+                  for name in ("state", "since_at", "dropped", "received_at", "queue_depth",
+                               "oldest_queued_at")},
             where=sa.or_(table.c.since_at.is_(None), table.c.since_at <= insert.excluded.since_at),
         ), full)
-    if wills:  # only the state changes: the session and its drop counts stay as they were
+    # Only the state changes: the session, its drop counts and its queue's last figures stay
+    # as they were (the readings are still waiting on the gateway's disk, most likely).
+    if wills:
         insert = _insert(connection, table)
         connection.execute(insert.on_conflict_do_update(
             index_elements=["site", "gateway"],
@@ -666,6 +669,10 @@ class IngestWorker:
                     "site": site, "gateway": gateway, "state": gateway_status.state,
                     "since_at": None if since is None else _from_ms(since),
                     "dropped": gateway_status.dropped or {}, "received_at": received,
+                    # Null from a gateway that does not report them: "not reported".
+                    "queue_depth": gateway_status.queue_depth,
+                    "oldest_queued_at": None if gateway_status.oldest_queued_ms is None
+                    else _from_ms(gateway_status.oldest_queued_ms),
                 })
             case "ota_progress":
                 step = parse_ota_progress(payload)

@@ -767,6 +767,14 @@ class GatewayStatus(SQLModel, table=True):
     )
     dropped: dict[str, int] = Field(default_factory=dict, sa_type=sa.JSON)
     received_at: datetime = Field(sa_type=UTCDateTime)
+    queue_depth: int | None = Field(
+        default=None, sa_type=sa.BigInteger, description="readings its queue held, not yet "
+        "acknowledged by the broker; null: not reported (a gateway before the figure)"
+    )
+    oldest_queued_at: datetime | None = Field(
+        default=None, sa_type=UTCDateTime, description="when the oldest of them was queued; "
+        "null while none was (or not reported)"
+    )
 
 
 class ReadingBase(SQLModel):

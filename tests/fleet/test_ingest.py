@@ -400,6 +400,60 @@ def test_gateway_status_keeps_state_and_drops_through_the_last_will(fleet, sessi
     assert (row.state, row.dropped) == ("online", {})
 
 
+def test_gateway_status_stores_the_queue_figures_it_reports_and_keeps_them_through_the_will(
+        fleet, session):
+    since = now_ms() - 60_000
+    oldest = since + 1234
+    fleet.gateway.gateway_status("online", since_ms=since, dropped={}, queue_depth=1200,
+                                 oldest_queued_ms=oldest)
+    fleet.settled()
+    session.expire_all()
+    row = session.get(GatewayStatus, ("site-a", "pi-01"))
+    assert row.queue_depth == 1200
+    assert row.oldest_queued_at == datetime.fromtimestamp(oldest / 1000, UTC)
+
+    # The last will says nothing of the queue: the last figures stay (still on its disk).
+    fleet.gateway.gateway_status("offline")
+    fleet.settled()
+    session.expire_all()
+    row = session.get(GatewayStatus, ("site-a", "pi-01"))
+    assert (row.state, row.queue_depth) == ("offline", 1200)
+
+    # Drained: depth 0 and no oldest reading.
+    fleet.gateway.gateway_status("online", since_ms=since + 5000, dropped={}, queue_depth=0,
+                                 oldest_queued_ms=None)
+    fleet.settled()
+    session.expire_all()
+    row = session.get(GatewayStatus, ("site-a", "pi-01"))
+    assert (row.state, row.queue_depth, row.oldest_queued_at) == ("online", 0, None)
+
+    # A gateway before the figures (a downgrade): not reported, not an empty queue.
+    fleet.gateway.gateway_status("online", since_ms=since + 10_000, dropped={})
+    fleet.settled()
+    session.expire_all()
+    row = session.get(GatewayStatus, ("site-a", "pi-01"))
+    assert (row.queue_depth, row.oldest_queued_at) == (None, None)
+
+
+@pytest.mark.parametrize("figures", [
+    {"queue_depth": -5, "oldest_queued_ms": 1},
+    {"queue_depth": 10**15, "oldest_queued_ms": 1},
+    {"queue_depth": 5, "oldest_queued_ms": 10**17},
+    {"queue_depth": 0, "oldest_queued_ms": 1},
+])
+def test_a_forged_gateway_status_with_impossible_queue_figures_is_refused_whole(
+        fleet, session, figures):
+    since = now_ms() - 60_000
+    fleet.gateway.gateway_status("online", since_ms=since, dropped={}, queue_depth=7,
+                                 oldest_queued_ms=since)
+    fleet.gateway.gateway_status("online", since_ms=since + 1, dropped={}, **figures)
+    fleet.settled()
+    assert fleet.worker.stats.malformed == 1
+    session.expire_all()
+    row = session.get(GatewayStatus, ("site-a", "pi-01"))
+    assert (row.queue_depth, row.since_at) == (7, datetime.fromtimestamp(since / 1000, UTC))
+
+
 # ---- recent readings
 
 
