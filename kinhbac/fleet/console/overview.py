@@ -7,6 +7,10 @@ A device counts in one state only, the first that holds:
 - online: an active device whose gateway heard it within KINHBAC_INGEST_OFFLINE_AFTER_S;
 - offline: every other active device, also one never heard.
 Devices registered without credentials, revoked or rejected are in none of them.
+
+A gateway's queue (how many readings wait for the broker, and since when) is as its last status
+said (every 30 s while it is connected); the age of its oldest reading counts on from there, so
+a gateway cut off with a backlog is seen ageing.
 """
 
 import uuid
@@ -37,6 +41,10 @@ UPDATING = (RolloutDeviceState.offered, RolloutDeviceState.downloading,
             RolloutDeviceState.verifying, RolloutDeviceState.installed,
             RolloutDeviceState.rebooting)
 LIVE_ROLLOUTS = (RolloutState.running, RolloutState.paused)
+# A reading queued longer than this on a gateway puts its site among those needing attention:
+# a connected gateway drains a backlog within seconds (docs/mqtt.md), so ten minutes means the
+# uplink has been down that long, or cannot keep up.
+QUEUE_ATTENTION_AGE = timedelta(minutes=10)
 
 
 @dataclass
@@ -46,9 +54,16 @@ class GatewayRow:
     last_status_at: datetime | None  # when the fleet last took its status message
     online_since: datetime | None  # when its current (or last) broker session began
     dropped: int  # policy drops it reported, all reasons together
-    # Not in the gateway's status message yet (docs/console.md): None, shown as not reported.
+    # None: the gateway never reported them (a gateway before the figures), not reported.
     queue_depth: int | None = None
+    # How long its oldest queued reading has waited; None with a depth of 0 (nothing waits).
     oldest_queued_age: timedelta | None = None
+
+    @property
+    def queue_stale(self) -> bool:
+        """A reading has waited in its queue past QUEUE_ATTENTION_AGE."""
+        return self.oldest_queued_age is not None and \
+            self.oldest_queued_age >= QUEUE_ATTENTION_AGE
 
 
 @dataclass
@@ -65,6 +80,8 @@ class SiteRow:
         reasons = []
         if not self.gateways or any(g.uplink != "online" for g in self.gateways):
             reasons.append("gateway")
+        if any(g.queue_stale for g in self.gateways):
+            reasons.append("queue")
         if self.counts["offline"]:
             reasons.append("offline")
         if self.counts["pending"]:
@@ -123,8 +140,13 @@ def sites(session: Session, caller: Principal) -> list[SiteRow]:
             last_status_at=status.received_at if status else None,
             online_since=status.since_at if status else None,
             dropped=sum((status.dropped or {}).values()) if status else 0,
+            queue_depth=status.queue_depth if status else None,
+            # A gateway's clock ahead of ours must not show a negative age.
+            oldest_queued_age=None if status is None or status.oldest_queued_at is None
+            else max(timedelta(0), now - status.oldest_queued_at),
         ))
-    # A site whose gateway is down leads: nothing of it reaches the city while it is.
+    # A site whose gateway is down leads: nothing of it reaches the city while it is; then one
+    # whose readings are held up on a gateway.
     return sorted(rows.values(), key=lambda r: (
-        not r.attention, "gateway" not in r.attention, -r.counts["offline"],
-        -r.counts["pending"], r.name.casefold()))
+        not r.attention, "gateway" not in r.attention, "queue" not in r.attention,
+        -r.counts["offline"], -r.counts["pending"], r.name.casefold()))

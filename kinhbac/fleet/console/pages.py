@@ -153,6 +153,7 @@ AnyUser = Annotated[ConsoleUser, Depends(require(Role.admin, Role.technician, Ro
 def overview_page(request: Request, session: SessionDep, user: AnyUser) -> HTMLResponse:
     rows = overview.sites(session, user.principal)
     return render(request, "overview.html", _locale(request, user), user=user, sites=rows,
+                  queue_attention_minutes=int(overview.QUEUE_ATTENTION_AGE.total_seconds() // 60),
                   totals={state: sum(r.counts[state] for r in rows)
                           for state in overview.STATES})
 

@@ -35,11 +35,15 @@ def heard(session: Session, wire_id: str, site: Site, *, ago_s: float = 5) -> No
 
 
 def gateway_reported(session: Session, site: Site, name: str, state: str,
-                     dropped: dict[str, int] | None = None) -> None:
-    """The gateway's last status, as the ingest keeps it (replacing the one before)."""
+                     dropped: dict[str, int] | None = None, *, queue_depth: int | None = None,
+                     oldest_queued_ago: timedelta | None = None) -> None:
+    """The gateway's last status, as the ingest keeps it (replacing the one before); without
+    queue figures, as a gateway before them sends it."""
     now = utcnow()
-    session.merge(GatewayStatus(site=site.slug, gateway=name, state=state, received_at=now,
-                                since_at=now - timedelta(hours=2), dropped=dropped or {}))
+    session.merge(GatewayStatus(
+        site=site.slug, gateway=name, state=state, received_at=now,
+        since_at=now - timedelta(hours=2), dropped=dropped or {}, queue_depth=queue_depth,
+        oldest_queued_at=None if oldest_queued_ago is None else now - oldest_queued_ago))
 
 
 def make_city(session: Session, box: SecretBox, app: FastAPI) -> City:
