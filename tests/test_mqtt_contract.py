@@ -293,7 +293,7 @@ def test_the_docs_device_status_examples_are_what_the_module_builds():
 def test_the_docs_gateway_status_examples_are_what_the_module_builds():
     blocks = _json_blocks(_section(MQTT_MD.read_text(), "Gateway status"))
     lines = [line for block in blocks for line in block.strip().splitlines()]
-    assert len(lines) == 4
+    assert len(lines) == 8
     for line in lines:
         parsed = contract.parse_gateway_status(line)
         built = contract.gateway_status_payload(state=parsed.state, gateway=parsed.gateway,
