@@ -589,6 +589,21 @@ def test_plaintext_to_another_machine_is_refused_unless_allowed_by_name(tmp_path
     assert load_settings(config).site == "s"
 
 
+def test_a_gateway_status_more_often_than_every_5_s_is_refused_naming_the_setting(tmp_path):
+    # A retained status a second from each of a city's gateways would be the broker's and the
+    # fleet's load for nothing: the queue changes little between two statuses.
+    from kinhbac.gateway.config import ConfigError, load_settings
+
+    config = tmp_path / "gw.toml"
+    config.write_text('site = "s"\nkey_file = "/k.json"\n[mqtt]\nstatus_every_s = 1\n')
+    with pytest.raises(ConfigError, match=r"mqtt\.status_every_s.*greater than or equal to 5"):
+        load_settings(config)
+    config.write_text('site = "s"\nkey_file = "/k.json"\n[mqtt]\nstatus_every_s = 5\n')
+    assert load_settings(config).mqtt.status_every_s == 5
+    config.write_text('site = "s"\nkey_file = "/k.json"\n')
+    assert load_settings(config).mqtt.status_every_s == 30
+
+
 def test_a_key_file_nested_past_the_parsers_depth_is_a_configuration_error(tmp_path):
     """A key file mangled (or planted) into deep nesting used to raise RecursionError, which
     ended the gateway as a crash, restarted, and crashed again."""
