@@ -14,6 +14,7 @@ import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from pydantic import BaseModel, Field, ValidationError
@@ -199,7 +200,28 @@ def list_devices(
 ) -> Page[DevicePublic]:
     """A page of `visible` (a select of Device, already narrowed to the caller's sites),
     filtered; oldest first."""
-    query = visible
+    query = filter_devices(visible, site_id=site_id, tag=tag, state=state,
+                           firmware_version=firmware_version, mac=mac, from_claim=from_claim)
+    return page(session, query, DevicePublic, order_by=(Device.created_at, Device.id),
+                limit=limit, offset=offset)
+
+
+# Any select over Device: the API selects devices, the console devices with their site and state.
+S = TypeVar("S", bound=sa.Select[Any])
+
+
+def filter_devices(
+    query: S,
+    *,
+    site_id: uuid.UUID | None = None,
+    tag: str | None = None,
+    state: DeviceState | None = None,
+    firmware_version: str | None = None,
+    mac: str | None = None,
+    from_claim: bool | None = None,
+) -> S:
+    """`query` (any select over Device) narrowed by the registry's filters; the API's list and
+    the console's both ask this, so a filter means the same in each."""
     if site_id is not None:
         query = query.where(Device.site_id == site_id)
     if tag is not None:
@@ -213,8 +235,7 @@ def list_devices(
     if from_claim is not None:
         query = query.where(Device.claim_nonce.is_not(None) if from_claim
                             else Device.claim_nonce.is_(None))
-    return page(session, query, DevicePublic, order_by=(Device.created_at, Device.id),
-                limit=limit, offset=offset)
+    return query
 
 
 def gateway_keys(session: Session, box: SecretBox, gateway: Gateway) -> GatewayKeys:

@@ -89,21 +89,30 @@ class SiteRow:
         return reasons
 
 
-def _device_states(now: datetime) -> sa.Select:
+def device_state(now: datetime) -> sa.Case[str]:
+    """The state a device is shown in, as one SQL expression: the overview's four (module
+    docstring) for pending and active devices, else the registry's own (registered, revoked,
+    rejected). The query must outer-join DeviceStatus by wire id. The device list asks this
+    too (devices.py), so a device is "offline" on both pages alike."""
     updating = sa.exists().where(
         RolloutDevice.device_id == Device.id,
         RolloutDevice.state.in_(UPDATING),
         Rollout.id == RolloutDevice.rollout_id,
         Rollout.state.in_(LIVE_ROLLOUTS),
     )
-    state = sa.case(
+    return sa.case(
+        (Device.state.not_in((DeviceState.pending, DeviceState.active)),
+         sa.cast(Device.state, sa.String)),
         (Device.state == DeviceState.pending, sa.literal("pending")),
         (updating, sa.literal("updating")),
         (DeviceStatus.offline_at > now, sa.literal("online")),
         else_=sa.literal("offline"),
     )
+
+
+def _device_states(now: datetime) -> sa.Select:
     return (
-        select(Device.site_id.label("site_id"), state.label("state"))
+        select(Device.site_id.label("site_id"), device_state(now).label("state"))
         .select_from(Device)
         .join(DeviceStatus, DeviceStatus.wire_id == Device.wire_id, isouter=True)
         .where(Device.state.in_((DeviceState.pending, DeviceState.active)),
