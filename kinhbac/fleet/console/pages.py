@@ -1,5 +1,5 @@
 """The console's pages and forms, under /console: log in and out, the language switch, the
-overview.
+overview, the device list and a device's page.
 
 Every route here goes through ConsoleRoute, which turns "not logged in" into a redirect to the
 login page and a refused CSRF check or role into a 403 page; and through the router's CSRF
@@ -21,11 +21,12 @@ from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from kinhbac.fleet import accounts, audit
-from kinhbac.fleet.console import csrf, i18n, overview, sessions
+from kinhbac.fleet.console import csrf, devices, i18n, overview, sessions
 from kinhbac.fleet.console.sessions import ConsoleUser
 from kinhbac.fleet.deps import SessionDep, SettingsDep, get_session
+from kinhbac.fleet.errors import NotFound
 from kinhbac.fleet.login_limits import TooManyAttempts
-from kinhbac.fleet.models import LoginResult, Role
+from kinhbac.fleet.models import LoginResult, Role, utcnow
 from kinhbac.fleet.routes.auth import attempt_login
 from kinhbac.fleet.settings import Settings
 
@@ -156,6 +157,32 @@ def overview_page(request: Request, session: SessionDep, user: AnyUser) -> HTMLR
                   queue_attention_minutes=int(overview.QUEUE_ATTENTION_AGE.total_seconds() // 60),
                   totals={state: sum(r.counts[state] for r in rows)
                           for state in overview.STATES})
+
+
+@router.get("/devices")
+def devices_page(request: Request, session: SessionDep, user: AnyUser) -> HTMLResponse:
+    """The caller's devices, searched and filtered by the query string (a link to share). A
+    bad filter gets the page with the form and what is wrong (400), not an error document."""
+    filters = devices.parse_filters(request.query_params)
+    listing = devices.list_devices(session, user.principal, filters)
+    return render(request, "devices.html", _locale(request, user),
+                  status_code=400 if filters.errors else 200, user=user, filters=filters,
+                  listing=listing, states=devices.LIST_STATES, now=utcnow(),
+                  search_max=devices.SEARCH_MAX, text_max=devices.TEXT_MAX)
+
+
+@router.get("/devices/{device_id}")
+def device_page(device_id: str, request: Request, session: SessionDep, settings: SettingsDep,
+                user: AnyUser) -> HTMLResponse:
+    """One device; another site's answers exactly as a device that does not exist (404)."""
+    locale = _locale(request, user)
+    try:
+        detail = devices.device_detail(session, user.principal, device_id,
+                                       settings.ingest_readings_per_device)
+    except NotFound:
+        return render(request, "missing.html", locale, status_code=404, user=user)
+    return render(request, "device.html", locale, user=user, detail=detail, now=utcnow(),
+                  chart_width=devices.CHART_WIDTH, chart_height=devices.CHART_HEIGHT)
 
 
 @router.get("/login")
