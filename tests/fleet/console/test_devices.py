@@ -163,11 +163,20 @@ def test_a_technician_of_one_site_finds_nothing_of_another_by_list_filter_search
         browser, session, box, app):
     city = make_city(session, box, app)
     away = session.exec(select(Device).where(Device.site_id == city.away.id)).one()
+    away.set_tags(["badinh-only"])
+    away.firmware_version = "9.8.7-badinh"
+    session.add(away)
+    session.commit()
     logged_in(browser, session, Role.technician, sites=[city.home])
     page = browser.get("/console/devices", headers=EN)
     assert len(listed(page.text)) == 5 and away.wire_id not in page.text
-    for secret in (city.away.name, city.away.slug, away.mac, str(away.id)):
+    # Not even as a suggestion in the filter form.
+    for secret in (city.away.name, city.away.slug, away.mac, str(away.id), "badinh-only",
+                   "9.8.7-badinh"):
         assert secret not in page.text, secret
+    for query in ("tag=badinh-only", "firmware=9.8.7-badinh"):
+        page = browser.get("/console/devices?" + query, headers=EN)
+        assert page.status_code == 200 and listed(page.text) == [], query
     # Another site's slug reads exactly as a slug that does not exist.
     guessed = browser.get(f"/console/devices?site={city.away.slug}", headers=EN)
     unknown = browser.get("/console/devices?site=no-such-site", headers=EN)
