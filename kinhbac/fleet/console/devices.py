@@ -47,6 +47,8 @@ OPTIONS_MAX = 200  # firmware versions and tags offered as suggestions in the fi
 _HEX = re.compile(r"^[0-9a-f]+$")
 _CURSOR = re.compile(r"^[0-9a-f]{16}$")  # a wire id: the list's sort key
 _SEPARATORS = re.compile(r"[\s:.-]")
+# The list's query parameters, in the order its links write them.
+PARAMETERS = ("q", "site", "tag", "state", "firmware", "silent", "after")
 RECENT_EVENTS = 10  # OTA steps shown on a device's page
 # The chart's drawing area, in SVG user units (CSS scales it); the inset keeps the line's
 # stroke inside the box at the extremes.
@@ -71,21 +73,20 @@ class Filters:
 
     def url(self, **changes: str) -> str:
         """The list's URL with these filters (and `changes`): a link to share or to page on."""
-        values = {name: getattr(self, name) for name in
-                  ("q", "site", "tag", "state", "firmware", "silent", "after")} | changes
+        values = {name: getattr(self, name) for name in PARAMETERS} | changes
         query = urlencode({name: value for name, value in values.items() if value})
         return "/console/devices" + ("?" + query if query else "")
 
     @property
     def active(self) -> bool:
-        return any((self.q, self.site, self.tag, self.state, self.firmware, self.silent))
+        """Whether anything narrows the list (the page it starts at does not)."""
+        return any(getattr(self, name) for name in PARAMETERS if name != "after")
 
 
 def parse_filters(params: Mapping[str, str]) -> Filters:
     """The filters of a query string, each problem named; never raises, so a bad link gets
     the page with a message instead of an error."""
-    given = {name: params.get(name, "").strip() for name in
-             ("q", "site", "tag", "state", "firmware", "silent", "after")}
+    given = {name: params.get(name, "").strip() for name in PARAMETERS}
     errors = []
     if len(given["q"]) > SEARCH_MAX:
         errors.append("q_too_long")
