@@ -17,6 +17,21 @@ def emulator(tmp_path):
         yield emu
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that ran emulated boards shows what each board printed last: what a host
+    tool saw can be partial (it discards input between sessions), the board's console is not."""
+    outcome = yield
+    report = outcome.get_result()
+    emulator = getattr(item, "funcargs", {}).get("emulator")
+    if report.failed and isinstance(emulator, Emulator):
+        for board in emulator.boards:
+            lost = f" ({board.lost_serial_bytes} bytes lost: no one read)" \
+                if board.lost_serial_bytes else ""
+            report.sections.append((f"board {board.name}'s console, last 3000 characters{lost}",
+                                    board.console.text()[-3000:]))
+
+
 @pytest.fixture
 def board(emulator):
     """One emulated board, powered off, with a blank flash."""

@@ -12,7 +12,14 @@ from typing import Self
 
 from kinhbac.device.errors import BoardError
 from kinhbac.firmware import CONFIG_PATH
-from kinhbac.transport.raw_repl import CTRL_C, CTRL_D, RawRepl, RemoteError, TransportError
+from kinhbac.transport.raw_repl import (
+    CTRL_B,
+    CTRL_C,
+    CTRL_D,
+    RawRepl,
+    RemoteError,
+    TransportError,
+)
 from kinhbac.transport.serial_link import DEFAULT_BAUD, open_serial
 
 # The node waits `console_window_ms` (3 s by default) before it arms its watchdog; interrupting
@@ -24,6 +31,10 @@ PROMPT_TIMEOUT_S = 20.0
 # two never land on one boot's hand-over from the app to the REPL (which would end it).
 INTERRUPT_EVERY_S = 0.25
 QUIET_S = 0.3  # after the prompt, this long without a reset banner: the board has settled
+# A board sitting in the raw REPL answers Ctrl-C with nothing. The Ctrl-B that leaves it is sent
+# first, but a board that was resetting can lose that one byte, so it goes again whenever the
+# board has said nothing for this long (at the friendly REPL it only prints the banner again).
+SILENT_S = 2.0
 RESTARTED = (b"rst:", b"soft reboot")  # what a board prints when it starts again
 FRIENDLY_PROMPT = b">>> "
 # Code run on the board: the SHA-256 of one file, read in small pieces for a small heap.
@@ -88,8 +99,9 @@ class BoardSession:
     def _interrupt_to_prompt(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         self.link.reset_input_buffer()
-        self.link.write(b"\r\x02")  # leave a raw REPL left open by an earlier session
+        self.link.write(b"\r" + CTRL_B)  # leave a raw REPL left open by an earlier session
         output = bytearray()
+        heard_at = time.monotonic()
         while True:
             if time.monotonic() > deadline:
                 tail = bytes(self._seen[-400:]).decode(errors="replace").strip()
@@ -99,10 +111,15 @@ class BoardSession:
                     "this the right port, and is no serial monitor holding it? "
                     + (f"It printed: {tail[-300:]!r}" if tail else "It printed nothing.")
                 )
+            if time.monotonic() - heard_at > SILENT_S:
+                self.link.write(b"\r" + CTRL_B)
+                heard_at = time.monotonic()
             self.link.write(b"\r" + CTRL_C)
             sent = time.monotonic()
             while time.monotonic() - sent < INTERRUPT_EVERY_S:
-                output += self._read_available()
+                if data := self._read_available():
+                    output += data
+                    heard_at = time.monotonic()
             if FRIENDLY_PROMPT in output[-64:]:
                 settled = bytearray()
                 quiet_until = time.monotonic() + QUIET_S

@@ -331,6 +331,27 @@ def test_a_board_that_never_shows_the_prompt_is_reported_with_what_to_check(emul
     assert "--image" in message and "printed nothing" in message
 
 
+def test_a_board_left_in_the_raw_repl_is_brought_back_though_the_first_ctrl_b_is_lost(emulator):
+    board = wired_board(emulator)
+    board.console.wait_for(">>> ", timeout=15)
+    with BoardSession(board.tty_path) as earlier:  # a session that ended without leaving it
+        earlier.stop_app(timeout=15)
+    with BoardSession(board.tty_path) as session:
+        send = session.link.write
+        lost = []
+
+        def lossy_write(data: bytes) -> int | None:
+            if not lost and b"\x02" in data:  # the cable loses the first Ctrl-B
+                lost.append(data)
+                data = data.replace(b"\x02", b"")
+            return send(data)
+
+        session.link.write = lossy_write
+        session.stop_app(timeout=10)  # a board in the raw REPL answers Ctrl-C with nothing
+        assert lost, "the session never sent a Ctrl-B"
+        assert len(session.mac()) == 17
+
+
 def test_a_board_no_gateway_hears_exits_3_saying_what_is_missing(emulator, site, sites_dir):
     board = wired_board(emulator)  # the site's gateway is not running
     done = run_cli(site, "flash", "--port", board.tty_path, "--site", SITE, "--wait", "3",
