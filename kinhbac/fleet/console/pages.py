@@ -1,5 +1,6 @@
 """The console's pages and forms, under /console: log in and out, the language switch, the
-overview, the device list and a device's page.
+overview, the device list and a device's page, the pending devices with their approval and
+rejection, and the audit log.
 
 Every route here goes through ConsoleRoute, which turns "not logged in" into a redirect to the
 login page and a refused CSRF check or role into a 403 page; and through the router's CSRF
@@ -8,6 +9,7 @@ forget it. What a user may see is decided as the API decides it: the same Princi
 roles (`require`), the same site limits (kinhbac/fleet/deps.py).
 """
 
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Annotated, Any
@@ -21,12 +23,13 @@ from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from kinhbac.fleet import accounts, audit
-from kinhbac.fleet.console import csrf, devices, i18n, overview, sessions
+from kinhbac.fleet import provisioning
+from kinhbac.fleet.console import csrf, devices, i18n, overview, pending, sessions
 from kinhbac.fleet.console.sessions import ConsoleUser
-from kinhbac.fleet.deps import SessionDep, SettingsDep, get_session
-from kinhbac.fleet.errors import NotFound
+from kinhbac.fleet.deps import SecretBoxDep, SessionDep, SettingsDep, get_session, visible_or_404
+from kinhbac.fleet.errors import Conflict, NotFound
 from kinhbac.fleet.login_limits import TooManyAttempts
-from kinhbac.fleet.models import LoginResult, Role, utcnow
+from kinhbac.fleet.models import Device, DeviceState, LoginResult, Role, utcnow
 from kinhbac.fleet.routes.auth import attempt_login
 from kinhbac.fleet.settings import Settings
 
@@ -148,6 +151,9 @@ def require(*roles: Role) -> Callable[[ConsoleUser], ConsoleUser]:
 
 
 AnyUser = Annotated[ConsoleUser, Depends(require(Role.admin, Role.technician, Role.viewer))]
+# The roles of the API's routes these pages act as (kinhbac/fleet/routes/devices.py approve and
+# reject, routes/audit.py): the console allows no one the API would refuse.
+AdminUser = Annotated[ConsoleUser, Depends(require(Role.admin))]
 
 
 @router.get("/")
@@ -251,3 +257,99 @@ def switch_language(request: Request, session: SessionDep, user: AnyUser,
         session.add(row)
         session.commit()
     return RedirectResponse(HOME, status_code=303)
+
+
+PENDING = PREFIX + "/pending"
+
+
+@router.get("/pending")
+def pending_page(request: Request, session: SessionDep, user: AnyUser) -> HTMLResponse:
+    """The caller's pending devices; the buttons only for the roles that may use them."""
+    return _pending_page(request, session, user)
+
+
+def _pending_page(request: Request, session: Session, user: ConsoleUser, *,
+                  status_code: int = 200, problem: str | None = None,
+                  problem_state: str | None = None,
+                  problem_detail: str | None = None) -> HTMLResponse:
+    listing = pending.list_pending(session, user.principal, request.query_params)
+    done = request.query_params.get("done")
+    done_device = None
+    if done in pending.DONE and problem is None:
+        done_device = _visible_device(session, user, request.query_params.get("device", ""))
+    else:
+        done = None  # an unknown code is no message: nothing from the URL reaches the page
+    if listing.error and problem is None:
+        status_code = 400
+    return render(request, "pending.html", _locale(request, user), status_code=status_code,
+                  user=user, listing=listing, done=done, done_device=done_device,
+                  problem=problem, problem_state=problem_state, problem_detail=problem_detail,
+                  may_act=user.user.role == Role.admin)
+
+
+def _visible_device(session: Session, user: ConsoleUser, device_id: str) -> Device | None:
+    """The device of `device_id` if the caller may see it (as the API's routes find it, so
+    another site's is "not found"); None otherwise, whatever `device_id` holds."""
+    try:
+        wanted = uuid.UUID(device_id)
+    except ValueError:
+        return None
+    try:
+        return visible_or_404(session, user.principal, Device, wanted, "device")
+    except NotFound:
+        return None
+
+
+def _act(request: Request, session: Session, user: ConsoleUser, device_id: str,
+         action: Callable[[uuid.UUID], Device], done: str) -> Response:
+    """Run the API's own approve or reject on a device the caller may see; back to the list
+    with what happened, or the list with why nothing did (409)."""
+    device = _visible_device(session, user, device_id)
+    if device is None:
+        return render(request, "missing.html", _locale(request, user), status_code=404,
+                      user=user)
+    try:
+        action(device.id)
+    except Conflict as exc:
+        session.rollback()
+        session.refresh(device)
+        if device.state != DeviceState.pending:
+            # Approved or rejected meanwhile, or a replayed form: said in words, not as an error.
+            return _pending_page(request, session, user, status_code=409,
+                                 problem="not_pending", problem_state=device.state.value,
+                                 problem_detail=device.wire_id)
+        return _pending_page(request, session, user, status_code=409, problem="refused",
+                             problem_detail=str(exc))
+    return RedirectResponse(f"{PENDING}?done={done}&device={device.id}", status_code=303)
+
+
+@router.post("/pending/{device_id}/approve")
+def approve_pending(device_id: str, request: Request, session: SessionDep, box: SecretBoxDep,
+                    user: AdminUser) -> Response:
+    """POST /api/devices/{id}/approve, from the console: the same function, the same audit."""
+    return _act(request, session, user, device_id,
+                lambda wanted: provisioning.approve_claim(session, box, user.principal.actor,
+                                                          wanted), "approved")
+
+
+@router.get("/pending/{device_id}/reject")
+def confirm_reject(device_id: str, request: Request, session: SessionDep,
+                   user: AdminUser) -> HTMLResponse:
+    """The confirmation a rejection asks for: a page with one form, no script needed."""
+    locale = _locale(request, user)
+    device = _visible_device(session, user, device_id)
+    if device is None:
+        return render(request, "missing.html", locale, status_code=404, user=user)
+    if device.state != DeviceState.pending:
+        return _pending_page(request, session, user, status_code=409, problem="not_pending",
+                             problem_state=device.state.value, problem_detail=device.wire_id)
+    return render(request, "reject.html", locale, user=user, device=device)
+
+
+@router.post("/pending/{device_id}/reject")
+def reject_pending(device_id: str, request: Request, session: SessionDep,
+                   user: AdminUser) -> Response:
+    """POST /api/devices/{id}/reject, from the console: the same function, the same audit."""
+    return _act(request, session, user, device_id,
+                lambda wanted: provisioning.reject_claim(session, user.principal.actor, wanted),
+                "rejected")

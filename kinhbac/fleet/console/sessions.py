@@ -14,6 +14,7 @@ from fastapi import Request, Response
 from sqlmodel import Session, select
 
 from kinhbac.fleet import accounts
+from kinhbac.fleet.console import pending
 from kinhbac.fleet.deps import Principal, reachable_sites, token_refusal
 from kinhbac.fleet.models import ApiToken, ConsoleSession, LoginResult, Site, User
 from kinhbac.fleet.security import USER_TOKEN_PREFIX, hash_token
@@ -36,6 +37,7 @@ class ConsoleUser:
     csrf_token: str
     expires_at: datetime | None
     sites: list[Site]  # the sites the user is limited to, by name; [] for city-wide
+    pending: int = 0  # devices awaiting approval at the user's sites: the navigation shows it
 
 
 def start(session: Session, login: LoginResult) -> str:
@@ -68,8 +70,10 @@ def resolve(session: Session, cookie: str | None) -> ConsoleUser | None:
     if principal.site_ids is not None:
         sites = list(session.exec(select(Site).where(Site.id.in_(principal.site_ids))
                                   .order_by(Site.name)).all())
+    # One count per page: cheap beside the page's own queries (device.state is indexed).
     return ConsoleUser(principal=principal, user=user, csrf_token=console.csrf_token,
-                       expires_at=token.expires_at, sites=sites)
+                       expires_at=token.expires_at, sites=sites,
+                       pending=pending.count(session, principal))
 
 
 def end(session: Session, user: ConsoleUser) -> None:
