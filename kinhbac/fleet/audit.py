@@ -10,12 +10,16 @@ from datetime import timedelta
 from typing import Any
 
 from sqlmodel import Session, SQLModel, select
+from sqlmodel.sql.expression import SelectOfScalar
 
 from kinhbac.fleet.models import AuditEntry, utcnow
 
 # A gateway reads its site's keys every minute: one entry an hour per gateway says that it
 # does (and from when) without a row per refresh.
 GATEWAY_KEY_READS_LOGGED_EVERY = timedelta(hours=1)
+
+# How the log is read: newest first, and in one order when two entries share a moment.
+ORDER = (AuditEntry.at.desc(), AuditEntry.id)
 
 # Keys never written to the log, whatever model they come from.
 SECRET_FIELDS = frozenset({
@@ -89,3 +93,17 @@ def record_secret_read(session: Session, actor: Actor, action: str, entity: str,
             return
     record(session, actor, action, entity, entity_id)
     session.commit()
+
+
+def filter_entries(query: SelectOfScalar[AuditEntry], *, entity: str | None = None,
+                   entity_id: str | None = None,
+                   action: str | None = None) -> SelectOfScalar[AuditEntry]:
+    """`query` narrowed by the log's filters; the API's list and the console's both ask this,
+    so a filter means the same in each."""
+    if entity is not None:
+        query = query.where(AuditEntry.entity == entity)
+    if entity_id is not None:
+        query = query.where(AuditEntry.entity_id == entity_id)
+    if action is not None:
+        query = query.where(AuditEntry.action == action)
+    return query

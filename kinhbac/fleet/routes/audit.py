@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from sqlmodel import select
 
+from kinhbac.fleet import audit
 from kinhbac.fleet.deps import Admin, Limit, Offset, SessionDep
 from kinhbac.fleet.models import AuditEntry, AuditEntryPublic, Page
 from kinhbac.fleet.store import page
@@ -28,12 +29,7 @@ def list_audit_entries(
     offset: Offset = 0,
 ) -> Page:
     """Changes, newest first."""
-    query = select(AuditEntry)
-    if entity is not None:
-        query = query.where(AuditEntry.entity == entity)
-    if entity_id is not None:
-        query = query.where(AuditEntry.entity_id == entity_id)
-    if action is not None:
-        query = query.where(AuditEntry.action == action)
-    return page(session, query, AuditEntryPublic,
-                order_by=(AuditEntry.at.desc(), AuditEntry.id), limit=limit, offset=offset)
+    query = audit.filter_entries(select(AuditEntry), entity=entity, entity_id=entity_id,
+                                 action=action)
+    return page(session, query, AuditEntryPublic, order_by=audit.ORDER, limit=limit,
+                offset=offset)
