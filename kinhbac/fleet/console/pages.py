@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Depends, Form, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
@@ -24,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kinhbac.fleet import accounts, audit
 from kinhbac.fleet import provisioning
-from kinhbac.fleet.console import csrf, devices, i18n, overview, pending, sessions
+from kinhbac.fleet.console import audit_log, csrf, devices, i18n, overview, pending, sessions
 from kinhbac.fleet.console.sessions import ConsoleUser
 from kinhbac.fleet.deps import SecretBoxDep, SessionDep, SettingsDep, get_session, visible_or_404
 from kinhbac.fleet.errors import Conflict, NotFound
@@ -353,3 +354,16 @@ def reject_pending(device_id: str, request: Request, session: SessionDep,
     return _act(request, session, user, device_id,
                 lambda wanted: provisioning.reject_claim(session, user.principal.actor, wanted),
                 "rejected")
+
+
+@router.get("/audit")
+def audit_page(request: Request, session: SessionDep, settings: SettingsDep,
+               user: AdminUser) -> HTMLResponse:
+    """The audit log, for admins as GET /api/audit is; dates are days where the console's
+    users are (KINHBAC_CONSOLE_TIMEZONE). A bad filter gets the page and what is wrong (400)."""
+    filters = audit_log.parse_filters(request.query_params)
+    listing = audit_log.list_entries(session, filters, ZoneInfo(settings.console_timezone))
+    return render(request, "audit.html", _locale(request, user),
+                  status_code=400 if filters.errors else 200, user=user, filters=filters,
+                  listing=listing, actor_max=audit_log.ACTOR_MAX,
+                  action_max=audit_log.ACTION_MAX)
