@@ -61,9 +61,10 @@ class PendingList:
     error: str | None = None  # "after": a damaged page link
 
 
-def cursor(row: PendingRow, created_at: datetime) -> str:
-    stamp = int(created_at.timestamp() * 1_000_000)
-    return f"{stamp}_{row.id.hex}"
+def cursor_after(device: Device) -> str:
+    """The link to the page that follows `device`, the last one shown."""
+    stamp = int(device.created_at.timestamp() * 1_000_000)
+    return f"{stamp}_{device.id.hex}"
 
 
 def _parse_cursor(text: str) -> tuple[datetime, uuid.UUID] | None:
@@ -118,8 +119,7 @@ def list_pending(session: Session, caller: Principal, params: Mapping[str, str])
             last_claimed_at=recorded[0].at if recorded else device.created_at,
             gateway=first[-1].gateway if first else None, claims=recorded))
     if len(found) > PAGE_SIZE:
-        device = page[-1][0]
-        listing.next_after = cursor(listing.rows[-1], device.created_at)
+        listing.next_after = cursor_after(page[-1][0])
     return listing
 
 

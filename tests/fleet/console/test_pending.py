@@ -82,6 +82,8 @@ def test_the_list_shows_each_claim_with_its_nonces_gateway_and_times(browser, se
     assert "refused, another nonce, site or claim key:" in page.text
     assert "Devices waiting for approval: 1" in page.text
     assert "Pending (1)" in page.text  # the navigation's count
+    vietnamese = browser.get("/console/pending").text
+    assert "<title>Thiết bị chờ phê duyệt ·" in vietnamese and "Chờ duyệt (1)" in vietnamese
 
 
 def test_an_admin_approves_with_the_apis_function_and_its_audit_entry(browser, session, ward):
