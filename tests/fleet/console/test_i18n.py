@@ -18,7 +18,7 @@ from kinhbac.fleet.console import i18n
 from kinhbac.fleet.models import AuditEntry, Role
 
 from ..utils import make_user
-from .conftest import form_token, log_in, post_form
+from .conftest import ORIGIN, form_token, log_in, post_form
 from .world import make_city
 
 TEMPLATES = sorted(i18n.TEMPLATE_DIR.glob("*.html"))
@@ -161,3 +161,15 @@ def test_an_unknown_language_changes_nothing(browser, session):
     token = form_token(browser.get("/console/"))
     post_form(browser, "/console/locale", {"locale": "fr", "csrf_token": token})
     assert "Tổng quan" in browser.get("/console/").text
+
+
+def test_a_failed_login_answers_in_the_language_of_the_form(browser, session):
+    """The English form, sent by a browser that asks for Vietnamese, comes back in English."""
+    user, _ = make_user(session, Role.viewer)
+    vietnamese = {"Accept-Language": "vi"}
+    page = browser.get("/console/login?lang=en", headers=vietnamese)
+    assert 'action="/console/login?lang=en"' in page.text
+    answer = browser.post("/console/login?lang=en", headers={"Origin": ORIGIN, **vietnamese},
+                          data={"username": user.email, "password": "not it",
+                                "csrf_token": form_token(page)}, follow_redirects=False)
+    assert answer.status_code == 401 and "Wrong e-mail or password." in answer.text
