@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -83,6 +83,7 @@ class World:
     technician: str  # of home only
     charted_id: str  # a device of home with readings of two sensors
     charted_wire_id: str
+    away_device_id: str  # the one device of away
 
 
 def _seed(session: Session, app: FastAPI) -> World:
@@ -95,6 +96,7 @@ def _seed(session: Session, app: FastAPI) -> World:
                               sites=[city.home])
     charted = session.exec(select(Device).where(Device.site_id == city.home.id)
                            .order_by(Device.wire_id)).first()
+    away_device = session.exec(select(Device).where(Device.site_id == city.away.id)).one()
     now = utcnow()
     for first_seq, sensor, unit, values in ((0, "temperature", "C", [21.5, 23.0, 22.0, 24.5]),
                                             (100, "level", "m", [1.0, 1.25, 1.5])):
@@ -106,7 +108,8 @@ def _seed(session: Session, app: FastAPI) -> World:
     return World(url="", home=SiteSeen(city.home.name, city.home.slug),
                  away=SiteSeen(city.away.name, city.away.slug), admin=admin.email,
                  speaker=speaker.email, viewer=viewer.email, technician=technician.email,
-                 charted_id=str(charted.id), charted_wire_id=charted.wire_id)
+                 charted_id=str(charted.id), charted_wire_id=charted.wire_id,
+                 away_device_id=str(away_device.id))
 
 
 @pytest.fixture(scope="session")
@@ -211,6 +214,25 @@ def _described(violations: list[dict]) -> str:
         for v in violations)
 
 
+def leave_page(driver, action: Callable[[], None], what: str) -> None:
+    """Do `action` (send a form, follow a link) and wait until the next page has loaded. The old
+    page is marked in its window, which a new document does not inherit; asking an element of
+    the old page whether it went stale races Chromium's navigation instead."""
+    from selenium.common.exceptions import WebDriverException
+
+    driver.execute_script("window.kinhbacOldPage = true")
+    action()
+
+    def arrived() -> bool:
+        try:
+            return driver.execute_script(
+                "return !window.kinhbacOldPage && document.readyState === 'complete'")
+        except WebDriverException:  # asked in the middle of the navigation: ask again
+            return False
+
+    wait_until(arrived, 10, what)
+
+
 class Pages:
     """What a test does in the browser, with every page it reaches checked and photographed."""
 
@@ -240,15 +262,15 @@ class Pages:
                              + _described(failing))
 
     def log_in(self, email: str, *, lang: str = "en", password: str = PASSWORD) -> None:
-        """Through the login form, in `lang` (the login page's own language links)."""
+        """Through the login form, in `lang` (the login page's own language links); waits
+        for the page the form leads to (the overview, or the form again)."""
         from selenium.webdriver.common.by import By
 
         self.open(f"/console/login?lang={lang}", f"login-{lang}")
         self.driver.find_element(By.ID, "username").send_keys(email)
         self.driver.find_element(By.ID, "password").send_keys(password)
-        self.driver.find_element(By.CSS_SELECTOR, "form.login button[type=submit]").click()
-        wait_until(lambda: not self.driver.current_url.split("?")[0].endswith("/login"), 10,
-                   f"{email} logged in")
+        button = self.driver.find_element(By.CSS_SELECTOR, "form.login button[type=submit]")
+        leave_page(self.driver, button.click, f"the page after {email} logged in")
 
 
 @pytest.fixture

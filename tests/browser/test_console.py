@@ -6,9 +6,8 @@ import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
-from helpers.fleet import wait_until
 
-from .conftest import Pages
+from .conftest import Pages, leave_page
 
 
 def _heading(pages: Pages) -> str:
@@ -23,18 +22,8 @@ def _listed(pages: Pages) -> list[str]:
 
 def _submit(pages: Pages, selector: str) -> None:
     """Click a form's button and wait for the page it leads to."""
-    old = pages.driver.find_element(By.TAG_NAME, "html")
-    pages.driver.find_element(By.CSS_SELECTOR, selector).click()
-    wait_until(lambda: not _attached(old), 10, f"the page after {selector}")
-
-
-def _attached(element) -> bool:
-    from selenium.common.exceptions import StaleElementReferenceException
-    try:
-        element.tag_name
-    except StaleElementReferenceException:
-        return False
-    return True
+    button = pages.driver.find_element(By.CSS_SELECTOR, selector)
+    leave_page(pages.driver, button.click, f"the page after {selector}")
 
 
 def test_logging_in_in_vietnamese_then_switching_to_english_and_logging_out(pages, world):
@@ -84,8 +73,9 @@ def test_the_devices_list_filters_by_site_and_state_and_leads_to_a_device_chart(
     assert "state=offline" in pages.driver.current_url
 
     pages.open(f"/console/devices?site={world.home.slug}", "devices-home")
-    pages.driver.find_element(By.LINK_TEXT, world.charted_wire_id).click()
-    wait_until(lambda: world.charted_id in pages.driver.current_url, 10, "the device page")
+    link = pages.driver.find_element(By.LINK_TEXT, world.charted_wire_id)
+    leave_page(pages.driver, link.click, "the device page")
+    assert pages.driver.current_url == f"{world.url}/console/devices/{world.charted_id}"
     pages.check("device")
     charts = pages.driver.find_elements(By.CSS_SELECTOR, "figure svg[role=img]")
     assert len(charts) == 2  # level and temperature
@@ -123,6 +113,20 @@ def test_a_technician_of_one_site_sees_nothing_of_the_other(pages, world):
     assert away not in pages.driver.page_source
     pages.open(f"/console/devices?site={world.away.slug}", "devices-other-site")
     assert _listed(pages) == []
+    # Its device's own address gets the page any unknown address gets.
+    pages.open(f"/console/devices/{world.away_device_id}", "device-other-site")
+    assert _heading(pages) == "Không tìm thấy"  # "Not found": the technician's browser's language
+    assert world.away_device_id not in pages.driver.find_element(By.TAG_NAME, "main").text
+
+
+def test_a_wrong_password_gets_the_form_again_with_the_reason_announced(pages, world):
+    pages.log_in(world.viewer, lang="en", password="not the password")
+    assert pages.driver.current_url.split("?")[0] == world.url + "/console/login"
+    alert = pages.driver.find_element(By.CSS_SELECTOR, "[role=alert]")
+    assert alert.text == "Wrong e-mail or password."
+    pages.check("login-wrong-password")
+    # The e-mail is kept, so only the password needs typing again.
+    assert pages.driver.find_element(By.ID, "username").get_attribute("value") == world.viewer
 
 
 def test_the_page_check_fails_on_an_unlabelled_field_and_on_faint_text(pages, world):
