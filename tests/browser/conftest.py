@@ -8,6 +8,7 @@ KINHBAC_REQUIRE_BROWSER=1 (CI) turns that into a failure, as KINHBAC_REQUIRE_POS
 PostgreSQL.
 """
 
+import base64
 import os
 import re
 import shutil
@@ -30,7 +31,7 @@ from helpers.fleet import wait_until
 from helpers.gateway import free_port
 from kinhbac.fleet.app import create_app
 from kinhbac.fleet.db import upgrade
-from kinhbac.fleet.models import Device, RecentReading, Role, utcnow
+from kinhbac.fleet.models import Device, DeviceStatus, RecentReading, Role, utcnow
 from kinhbac.fleet.settings import Settings
 
 HERE = Path(__file__).resolve().parent
@@ -94,7 +95,10 @@ def _seed(session: Session, app: FastAPI) -> World:
     viewer, _ = make_user(session, Role.viewer, email="viewer@example.org")
     technician, _ = make_user(session, Role.technician, email="tech@example.org",
                               sites=[city.home])
-    charted = session.exec(select(Device).where(Device.site_id == city.home.id)
+    # One the gateway has heard from (online or updating): a device page with a status on it.
+    charted = session.exec(select(Device).join(DeviceStatus,
+                                               DeviceStatus.wire_id == Device.wire_id)
+                           .where(Device.site_id == city.home.id)
                            .order_by(Device.wire_id)).first()
     away_device = session.exec(select(Device).where(Device.site_id == city.away.id)).one()
     now = utcnow()
@@ -214,6 +218,16 @@ def _described(violations: list[dict]) -> str:
         for v in violations)
 
 
+def full_page_png(driver) -> bytes:
+    """The whole page, not only the window (headless Chromium keeps a window no taller than
+    its screen), through the DevTools protocol chromedriver speaks anyway."""
+    size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
+        "format": "png", "captureBeyondViewport": True,
+        "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}})
+    return base64.b64decode(shot["data"])
+
+
 def leave_page(driver, action: Callable[[], None], what: str) -> None:
     """Do `action` (send a form, follow a link) and wait until the next page has loaded. The old
     page is marked in its window, which a new document does not inherit; asking an element of
@@ -251,7 +265,7 @@ class Pages:
         self.visited.append(name)
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         shot = SCREENSHOTS / f"{self.test_name}-{len(self.visited):02d}-{name}.png"
-        assert self.driver.save_screenshot(str(shot)), f"no screenshot of {name} at {shot}"
+        shot.write_bytes(full_page_png(self.driver))
         url = self.driver.current_url
         assert self.driver.title.strip(), f"{name} ({url}) has no <title>"
         unlabelled = self.driver.execute_script(_UNLABELLED)
