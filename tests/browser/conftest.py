@@ -22,6 +22,11 @@ import psycopg
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common import selenium_manager
+from selenium.webdriver.common.by import By
 from sqlmodel import Session, select
 
 from fleet.backends import POSTGRES_DSN, empty_database
@@ -42,12 +47,12 @@ CHROMIUM = os.environ.get("KINHBAC_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("KINHBAC_CHROMEDRIVER", "/usr/bin/chromedriver")
 AXE = HERE / "node_modules" / "axe-core" / "axe.min.js"
 NPM_HINT = "cd tests/browser && npm ci"
-# Git-ignored; CI keeps the folder as the run's artefacts (docs/console.md, "Browser tests").
+# Git-ignored: files to look at after a run (docs/console.md, "Browser tests").
 ARTIFACTS = Path(os.environ.get("KINHBAC_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 SCREENSHOTS = ARTIFACTS / "screenshots"
 WINDOW = (1280, 900)  # a laptop's screen: the header's forms sit on one line
-# axe-core's impacts that fail a page; "minor" and "moderate" are reported by axe but are
-# judgement calls (e.g. a landmark order) that the issue leaves out.
+# axe-core's impacts that fail a page, as the issue asks; "minor" and "moderate" ones are
+# mostly best practices (a landmark's order, say) rather than a barrier to someone.
 FAILING_IMPACTS = {"serious", "critical"}
 
 
@@ -159,10 +164,6 @@ def driver(monkeypatch: pytest.MonkeyPatch):
     if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
         _missing(f"Chromium or its driver is missing ({CHROMIUM}, {CHROMEDRIVER}): "
                  f"run `{APT_HINT}`")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common import selenium_manager
-
     # Selenium Manager would download a browser or a driver: it must never be asked. With both
     # paths given Selenium skips it; SE_OFFLINE forbids it downloading anything should it run,
     # and the guard makes a future Selenium that asks it anyway fail here, loudly.
@@ -174,7 +175,7 @@ def driver(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(selenium_manager.SeleniumManager, "binary_paths", refuse)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox",  # CI runs as root: no user namespace
+    for argument in ("--headless=new", "--no-sandbox",  # its sandbox refuses root, as CI runs
                      "--disable-dev-shm-usage",  # a container's /dev/shm is small
                      f"--window-size={WINDOW[0]},{WINDOW[1]}"):
         options.add_argument(argument)
@@ -232,8 +233,6 @@ def leave_page(driver, action: Callable[[], None], what: str) -> None:
     """Do `action` (send a form, follow a link) and wait until the next page has loaded. The old
     page is marked in its window, which a new document does not inherit; asking an element of
     the old page whether it went stale races Chromium's navigation instead."""
-    from selenium.common.exceptions import WebDriverException
-
     driver.execute_script("window.kinhbacOldPage = true")
     action()
 
@@ -278,8 +277,6 @@ class Pages:
     def log_in(self, email: str, *, lang: str = "en", password: str = PASSWORD) -> None:
         """Through the login form, in `lang` (the login page's own language links); waits
         for the page the form leads to (the overview, or the form again)."""
-        from selenium.webdriver.common.by import By
-
         self.open(f"/console/login?lang={lang}", f"login-{lang}")
         self.driver.find_element(By.ID, "username").send_keys(email)
         self.driver.find_element(By.ID, "password").send_keys(password)
