@@ -21,6 +21,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import uvicorn
+from argon2 import PasswordHasher
 from fastapi import FastAPI
 from selenium import webdriver
 from selenium.common.exceptions import WebDriverException
@@ -34,6 +35,7 @@ from fleet.console.world import make_city
 from fleet.utils import PASSWORD, SECRET_KEY, make_user
 from helpers.fleet import wait_until
 from helpers.gateway import free_port
+from kinhbac.fleet import security
 from kinhbac.fleet.app import create_app
 from kinhbac.fleet.db import upgrade
 from kinhbac.fleet.models import Device, DeviceStatus, RecentReading, Role, utcnow
@@ -119,6 +121,18 @@ def _seed(session: Session, app: FastAPI) -> World:
                  speaker=speaker.email, viewer=viewer.email, technician=technician.email,
                  charted_id=str(charted.id), charted_wire_id=charted.wire_id,
                  away_device_id=str(away_device.id))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quick_argon2() -> Iterator[None]:
+    """Argon2id at its cheapest, as in tests/fleet: fleet.utils caches the one password hash
+    every user gets, so a costly one made here would slow every login of tests/fleet after."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(security, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
+    security._dummy_hash.cache_clear()
+    yield
+    mp.undo()
+    security._dummy_hash.cache_clear()
 
 
 @pytest.fixture(scope="session")
