@@ -72,6 +72,11 @@ def test_the_devices_list_filters_by_site_and_state_and_leads_to_a_device_chart(
     assert f"site={world.home.slug}" in pages.driver.current_url
     assert "state=offline" in pages.driver.current_url
 
+    # A filter that cannot be used: the page again, with what is wrong announced.
+    pages.open("/console/devices?state=asleep", "devices-bad-filter")
+    alert = pages.driver.find_element(By.CSS_SELECTOR, "[role=alert]")
+    assert "Unknown state" in alert.text and _listed(pages) == []
+
     pages.open(f"/console/devices?site={world.home.slug}", "devices-home")
     link = pages.driver.find_element(By.LINK_TEXT, world.charted_wire_id)
     leave_page(pages.driver, link.click, "the device page")
