@@ -48,7 +48,10 @@ _FILESYSTEM = partitions.filesystem(LAYOUT)
 assert _FILESYSTEM is not None
 FILESYSTEM_BYTES = _FILESYSTEM.size  # 0xF0000: 960 KiB
 LITTLEFS_BLOCK = 4096  # MicroPython's littlefs block on the ESP32: a file takes whole blocks
-MAX_VERSION = 64  # characters; a device's firmware_version holds as many
+# Characters (PEP 440 versions are ASCII): a node's HELLO reserves room for a firmware version
+# of 32 bytes beside its sensor table (firmware/node/table.py, _HELLO_TABLE_MAX), so a longer
+# one could leave a node with a full sensor table unable to introduce itself after the update.
+MAX_VERSION = 32
 
 # ESP-IDF's app image header starts with this byte (esp_image_header_t.magic); the bootloader
 # refuses to boot anything else, so an image without it could only roll back.

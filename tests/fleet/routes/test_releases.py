@@ -280,11 +280,17 @@ def test_the_same_version_twice_is_refused_as_versions_compare(client, session, 
     assert sorted(item["kind"] for item in found["items"]) == ["bundle", "image"]
 
 
-@pytest.mark.parametrize("version", ["", "latest", "1.0-beta-final", "1" * 65, "1.0 ; rm"])
+@pytest.mark.parametrize("version", ["", "latest", "1.0-beta-final", "1" * 33, "1.0 ; rm"])
 def test_a_version_that_is_not_a_version_is_refused(client, session, admin, version):
     answer = upload(client, admin, version=version)
     assert answer.status_code == 422 and refusal(answer)[0] == "version", answer.text
     assert releases_stored(session) == 0
+
+
+def test_the_longest_version_a_node_can_announce_is_taken(client, session, admin):
+    longest = "1." + "2" * 30  # 32 characters: the HELLO's room for it (firmware/node/table.py)
+    assert upload(client, admin, version=longest).status_code == 201
+    assert releases_stored(session) == 1
 
 
 def test_an_upload_that_is_not_a_release_is_refused_and_leaves_nothing(client, session, app,
