@@ -210,16 +210,25 @@ def _busy(session: Session, device_ids: list[uuid.UUID]) -> tuple[Rollout, int] 
     return (rows[0][0], rows[0][1]) if rows else None
 
 
-def create_rollout(session: Session, actor: Actor, data: RolloutCreate,
-                   now: datetime | None = None) -> RolloutDetail:
-    """Check and record a rollout, audited, and start its first wave."""
-    now = now or utcnow()
+@dataclass(frozen=True)
+class _Checked:
+    """A rollout request that passed every check but the busy one, with what it resolved to."""
+
+    release: Release
+    kind: RolloutTargetKind
+    value: Any
+    devices: list[Device]  # the target's, unordered
+    running_it: set[uuid.UUID]  # those that already run the release
+
+
+def _check(session: Session, data: RolloutCreate) -> _Checked:
+    """The checks a rollout must pass before anything is locked or written: the release, the
+    target, a downgrade, the free flash. Invalid naming the field otherwise."""
     release = session.get(Release, data.release_id)
     if release is None:
         raise Invalid("release_id", f"no release {data.release_id}")
     kind, value = data.target.kind_and_value()
-    rollout_id = uuid.uuid4()
-    devices = shuffled(_target_devices(session, kind, value), rollout_id)
+    devices = _target_devices(session, kind, value)
 
     target = Version(release.version)
     running_it: set[uuid.UUID] = set()
@@ -238,15 +247,42 @@ def create_rollout(session: Session, actor: Actor, data: RolloutCreate,
     short = too_full(release, devices, running_it)
     if short is not None:
         raise Invalid("target", short)
-    # Two admins starting rollouts of the same devices at once: the second waits here for the
-    # first to commit (PostgreSQL), then finds them busy.
-    session.exec(select(Device.id).where(col(Device.id).in_([d.id for d in devices]))
-                 .order_by(Device.id).with_for_update()).all()
+    return _Checked(release, kind, value, devices, running_it)
+
+
+def _refuse_busy(session: Session, devices: list[Device]) -> None:
     busy = _busy(session, [d.id for d in devices])
     if busy is not None:
         other, count = busy
         raise Conflict(f"{count} of the target's devices are in rollout {other.id} "
                        f"({other.state.value}) already: cancel it or let it complete first")
+
+
+def preview(session: Session, data: RolloutCreate) -> list[int]:
+    """How many devices each wave of this rollout would hold, refused as create_rollout would
+    refuse it (the same checks), without writing or locking anything (the console's preview).
+    The sizes are create_rollout's: the same target and wave_ends; only which devices fall in
+    which wave depends on the new rollout's id."""
+    checked = _check(session, data)
+    _refuse_busy(session, checked.devices)
+    ends = wave_ends(data.waves, len(checked.devices))
+    return [end - start for start, end in zip([0, *ends], ends, strict=False)]
+
+
+def create_rollout(session: Session, actor: Actor, data: RolloutCreate,
+                   now: datetime | None = None) -> RolloutDetail:
+    """Check and record a rollout, audited, and start its first wave."""
+    now = now or utcnow()
+    checked = _check(session, data)
+    release, kind, value, running_it = (checked.release, checked.kind, checked.value,
+                                        checked.running_it)
+    rollout_id = uuid.uuid4()
+    devices = shuffled(checked.devices, rollout_id)
+    # Two admins starting rollouts of the same devices at once: the second waits here for the
+    # first to commit (PostgreSQL), then finds them busy.
+    session.exec(select(Device.id).where(col(Device.id).in_([d.id for d in devices]))
+                 .order_by(Device.id).with_for_update()).all()
+    _refuse_busy(session, devices)
 
     rollout = Rollout(
         id=rollout_id, release_id=release.id, target_kind=kind, target_value=value,
