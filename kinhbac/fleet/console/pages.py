@@ -1,6 +1,6 @@
 """The console's pages and forms, under /console: log in and out, the language switch, the
 overview, the device list and a device's page, the pending devices with their approval and
-rejection, and the audit log.
+rejection, the audit log, and the rollouts (list, live view, pause/resume/cancel, start one).
 
 Every route here goes through ConsoleRoute, which turns "not logged in" into a redirect to the
 login page and a refused CSRF check or role into a 403 page; and through the router's CSRF
@@ -25,10 +25,20 @@ from starlette.concurrency import run_in_threadpool
 
 from kinhbac.fleet import accounts, audit
 from kinhbac.fleet import provisioning
-from kinhbac.fleet.console import audit_log, csrf, devices, i18n, overview, pending, sessions
+from kinhbac.fleet import rollouts as rollout_rules
+from kinhbac.fleet.console import (
+    audit_log,
+    csrf,
+    devices,
+    i18n,
+    overview,
+    pending,
+    rollouts,
+    sessions,
+)
 from kinhbac.fleet.console.sessions import ConsoleUser
 from kinhbac.fleet.deps import SecretBoxDep, SessionDep, SettingsDep, get_session, visible_or_404
-from kinhbac.fleet.errors import Conflict, NotFound
+from kinhbac.fleet.errors import Conflict, Invalid, NotFound
 from kinhbac.fleet.login_limits import TooManyAttempts
 from kinhbac.fleet.models import Device, DeviceState, LoginResult, Role, utcnow
 from kinhbac.fleet.routes.auth import attempt_login
@@ -38,9 +48,11 @@ PREFIX = "/console"
 STATIC_PATH = PREFIX + "/static"
 HOME = PREFIX + "/"
 LOGIN = PREFIX + "/login"
-# The pages load only the console's own stylesheet; nothing from elsewhere, no scripts yet.
+# The pages load only the console's own stylesheet and scripts (the rollout view's poller);
+# nothing from elsewhere, no inline script; the script fetches only the console's own pages.
 PAGE_HEADERS = {
     "content-security-policy": "default-src 'none'; style-src 'self'; img-src 'self'; "
+    "script-src 'self'; connect-src 'self'; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
     # Not the API's no-referrer: under it a browser posts forms with `Origin: null` (csrf.py).
     "referrer-policy": "same-origin",
@@ -55,6 +67,14 @@ class NotAllowed(Exception):
     """A logged-in user whose role the page or action does not allow."""
 
 
+def reads_rollouts(user: ConsoleUser | None) -> bool:
+    """Who may read rollouts: as routes/rollouts.py's city_wide_reader, admins and viewers not
+    limited to sites. A rollout's devices and events span sites, so the API shows none of them
+    to a technician or a caller limited to sites, and neither does the console."""
+    return user is not None and user.user.role in (Role.admin, Role.viewer) \
+        and user.principal.site_ids is None
+
+
 def static_files() -> StaticFiles:
     return StaticFiles(directory=i18n.HERE / "static")
 
@@ -63,7 +83,8 @@ def render(request: Request, template: str, locale: str, *, status_code: int = 2
            **context: Any) -> HTMLResponse:
     settings: Settings = request.app.state.settings
     env = i18n.environment(locale, settings.console_timezone)
-    page = env.get_template(template).render(static=STATIC_PATH, **context)
+    page = env.get_template(template).render(
+        static=STATIC_PATH, reads_rollouts=reads_rollouts(context.get("user")), **context)
     return HTMLResponse(page, status_code=status_code, headers=PAGE_HEADERS)
 
 
@@ -367,3 +388,149 @@ def audit_page(request: Request, session: SessionDep, settings: SettingsDep,
                   status_code=400 if filters.errors else 200, user=user, filters=filters,
                   listing=listing, actor_max=audit_log.ACTOR_MAX,
                   action_max=audit_log.ACTION_MAX)
+
+
+# ---- rollouts
+
+
+def rollout_reader(user: AnyUser) -> ConsoleUser:
+    """Admins and viewers not limited to sites, or the 403 page (reads_rollouts)."""
+    if not reads_rollouts(user):
+        raise NotAllowed
+    return user
+
+
+RolloutReader = Annotated[ConsoleUser, Depends(rollout_reader)]
+ROLLOUTS = PREFIX + "/rollouts"
+
+
+@router.get("/rollouts")
+def rollouts_page(request: Request, session: SessionDep, user: RolloutReader) -> HTMLResponse:
+    """Rollouts, running first; a damaged page link gets the page and what is wrong (400)."""
+    listing = rollouts.list_rollouts(session, request.query_params)
+    return render(request, "rollouts.html", _locale(request, user),
+                  status_code=400 if listing.error else 200, user=user, listing=listing,
+                  may_act=user.user.role == Role.admin)
+
+
+def _missing_rollout(request: Request, user: ConsoleUser) -> HTMLResponse:
+    return render(request, "missing.html", _locale(request, user), status_code=404, user=user,
+                  what="rollout")
+
+
+def _live_view(session: Session, rollout_id: str) -> rollouts.LiveView | None:
+    """The rollout's view, or None for an id that names no rollout (or is no id)."""
+    wanted = rollouts.parse_id(rollout_id)
+    if wanted is None:
+        return None
+    try:
+        return rollouts.live_view(session, wanted)
+    except NotFound:
+        return None
+
+
+def _rollout_page(request: Request, session: Session, user: ConsoleUser, rollout_id: str, *,
+                  template: str = "rollout.html", status_code: int = 200,
+                  **context: Any) -> HTMLResponse:
+    view = _live_view(session, rollout_id)
+    if view is None:
+        return _missing_rollout(request, user)
+    if context.get("action") and not view.may(context["action"]):
+        # Changed meanwhile, or a stale page: the rollout as it is, and why not (409).
+        template, status_code, context = "rollout.html", 409, {"refused": context["action"]}
+    return render(request, template, _locale(request, user), status_code=status_code, user=user,
+                  view=view, may_act=user.user.role == Role.admin,
+                  poll_s=rollouts.POLL_S, **context)
+
+
+@router.get("/rollouts/new")
+def new_rollout_page(request: Request, session: SessionDep, user: AdminUser) -> HTMLResponse:
+    """The form that starts a rollout, for admins as POST /api/rollouts is."""
+    return _new_rollout_form(request, session, user, rollouts.NewRollout())
+
+
+def _new_rollout_form(request: Request, session: Session, user: ConsoleUser,
+                      new: rollouts.NewRollout, *, status_code: int = 200,
+                      sizes: list[int] | None = None) -> HTMLResponse:
+    releases, sites = rollouts.form_choices(session)
+    return render(request, "rollout_new.html", _locale(request, user), status_code=status_code,
+                  user=user, new=new, releases=releases, sites=sites, sizes=sizes,
+                  max_field=rollouts.MAX_FIELD)
+
+
+async def _form_fields(request: Request) -> dict[str, Any]:
+    """The request's form as a dict (read once by _protect already; Starlette keeps it)."""
+    return dict(await request.form())
+
+
+@router.post("/rollouts/new")
+def create_rollout(request: Request, session: SessionDep, user: AdminUser,
+                   form: Annotated[dict[str, Any], Depends(_form_fields)]) -> Response:
+    """Preview (the wave sizes, nothing written) or Create, with the API's own functions: the
+    same checks, refusals and audit entry (`rollout.create`) as POST /api/rollouts."""
+    new = rollouts.parse_form(form)
+    if new.request is None:
+        return _new_rollout_form(request, session, user, new, status_code=422)
+    try:
+        if form.get("do") == "create":
+            created = rollout_rules.create_rollout(session, user.principal.actor, new.request)
+            return RedirectResponse(f"{ROLLOUTS}/{created.id}?done=created", status_code=303)
+        sizes = rollout_rules.preview(session, new.request)
+    except (Invalid, Conflict) as exc:
+        session.rollback()
+        new.errors.append((getattr(exc, "field", "target"), str(exc)))
+        return _new_rollout_form(request, session, user, new, status_code=exc.status)
+    return _new_rollout_form(request, session, user, new, sizes=sizes)
+
+
+@router.get("/rollouts/{rollout_id}")
+def rollout_page(rollout_id: str, request: Request, session: SessionDep,
+                 user: RolloutReader) -> HTMLResponse:
+    """One rollout, live: its script asks /live every few seconds; without it, the page's
+    refresh link does the same."""
+    done = request.query_params.get("done")
+    return _rollout_page(request, session, user, rollout_id,
+                         done=done if done in (*rollouts.ACTIONS, "created") else None)
+
+
+@router.get("/rollouts/{rollout_id}/live")
+def rollout_live(rollout_id: str, request: Request, session: SessionDep,
+                 user: RolloutReader) -> HTMLResponse:
+    """The live part of a rollout's page alone (HTML, the same template and checks), for its
+    script to swap in."""
+    return _rollout_page(request, session, user, rollout_id, template="rollout_live.html")
+
+
+@router.get("/rollouts/{rollout_id}/{action}")
+def confirm_rollout_action(rollout_id: str, action: str, request: Request,
+                           session: SessionDep, user: AdminUser) -> HTMLResponse:
+    """The confirmation each of pause, resume and cancel asks for: a page with one form."""
+    if action not in rollouts.ACTIONS:
+        return _missing_rollout(request, user)
+    return _rollout_page(request, session, user, rollout_id, template="rollout_confirm.html",
+                         action=action)
+
+
+_RULES = {"pause": rollout_rules.pause, "resume": rollout_rules.resume,
+          "cancel": rollout_rules.cancel}
+
+
+@router.post("/rollouts/{rollout_id}/{action}")
+def rollout_action(rollout_id: str, action: str, request: Request, session: SessionDep,
+                   user: AdminUser) -> Response:
+    """POST /api/rollouts/{id}/pause, resume or cancel, from the console: the same function, so
+    the same checks and audit entry. A state that forbids it: the page says why (409)."""
+    wanted = rollouts.parse_id(rollout_id)
+    if action not in rollouts.ACTIONS or wanted is None:
+        return _missing_rollout(request, user)
+    try:
+        _RULES[action](session, user.principal.actor, wanted)
+    except NotFound:
+        session.rollback()
+        return _missing_rollout(request, user)
+    except Conflict:
+        # The state forbids it (the API's 409): the page says so in the user's language.
+        session.rollback()
+        return _rollout_page(request, session, user, rollout_id, status_code=409,
+                             refused=action)
+    return RedirectResponse(f"{ROLLOUTS}/{wanted}?done={action}", status_code=303)
