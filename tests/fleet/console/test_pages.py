@@ -37,6 +37,7 @@ def test_every_form_field_has_a_label(browser, session):
     pages = [browser.get("/console/login").text]
     log_in(browser, user.email)
     pages.append(browser.get("/console/").text)
+    pages.append(browser.get("/console/rollouts/new").text)
     for page in pages:
         labelled = set(re.findall(r'<label for="([^"]+)"', page))
         for field in re.findall(r"<(?:input|select|textarea)\b[^>]*>", page):
