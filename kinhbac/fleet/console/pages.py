@@ -410,7 +410,7 @@ def rollouts_page(request: Request, session: SessionDep, user: RolloutReader) ->
     listing = rollouts.list_rollouts(session, request.query_params)
     return render(request, "rollouts.html", _locale(request, user),
                   status_code=400 if listing.error else 200, user=user, listing=listing,
-                  may_act=user.user.role == Role.admin)
+                  failures=rollouts.failures, may_act=user.user.role == Role.admin)
 
 
 def _missing_rollout(request: Request, user: ConsoleUser) -> HTMLResponse:

@@ -117,9 +117,6 @@ class LiveView:
     def may(self, action: str) -> bool:
         return self.detail.state in ALLOWED_FROM[action]
 
-    def failed(self, counts: Mapping[str, int]) -> int:
-        return sum(counts.get(s.value, 0) for s in rollouts.FAILURES)
-
     def finished(self, wave: RolloutWave) -> bool:
         """Started, and none of its devices is left in a state that is not final."""
         return wave.started_at is not None and not any(
@@ -134,6 +131,11 @@ class LiveView:
         return self.detail.failure_threshold * wave.size // 100 + 1
 
 
+def failures(detail: RolloutDetail) -> int:
+    """Its devices that failed, rolled back or timed out: the rules' FAILURES."""
+    return sum(detail.counts.get(s.value, 0) for s in rollouts.FAILURES)
+
+
 def parse_id(text: str) -> uuid.UUID | None:
     try:
         return uuid.UUID(text)
@@ -144,14 +146,12 @@ def parse_id(text: str) -> uuid.UUID | None:
 def live_view(session: Session, rollout_id: uuid.UUID) -> LiveView:
     """The rollout's detail (the API's) and its failed devices; NotFound as the API's."""
     detail = rollouts.detail(session, rollouts.get_rollout(session, rollout_id))
-    failures: list[RolloutDevicePublic] = []
+    failed: list[RolloutDevicePublic] = []
     for state in rollouts.FAILURES:
-        failures += rollouts.list_devices(session, rollout_id, state=state, wave=None,
-                                          limit=FAILURES_SHOWN, offset=0).items
-    failures.sort(key=lambda d: (d.updated_at, d.device_id), reverse=True)
-    return LiveView(detail=detail, failures=failures,
-                    failures_total=sum(detail.counts.get(s.value, 0)
-                                       for s in rollouts.FAILURES))
+        failed += rollouts.list_devices(session, rollout_id, state=state, wave=None,
+                                        limit=FAILURES_SHOWN, offset=0).items
+    failed.sort(key=lambda d: (d.updated_at, d.device_id), reverse=True)
+    return LiveView(detail=detail, failures=failed, failures_total=failures(detail))
 
 
 # ---- the form that starts one
