@@ -113,6 +113,7 @@ def test_the_list_shows_running_then_paused_then_the_rest_in_keyset_pages(
     assert "Running" in page.text and "Paused" in page.text and "Cancelled" in page.text
     assert "0 of 1" in page.text and "Rollouts: 4" in page.text
     assert "/console/rollouts/new" not in page.text  # a viewer cannot start one
+    assert '<li><a href="/console/rollouts">Rollouts</a></li>' in page.text  # navigation
     # One a page: every rollout once, in the same order, by following "Next page".
     monkeypatch.setattr(console_rollouts, "PAGE_SIZE", 1)
     seen, url = [], "/console/rollouts"
