@@ -93,6 +93,12 @@ def _image_too_large(size: int, *, finished: bool) -> str:
     return f"the image is larger than the OTA slot: {slots}, and it went on past that"
 
 
+def image_fit_problem(size: int) -> str | None:
+    """Why an image of `size` bytes cannot go to the boards' OTA slot, or None: the upload's
+    check, and the console's explanation of a release's fit."""
+    return _image_too_large(size, finished=True) if size > SLOT_BYTES else None
+
+
 def parse_version(text: str | None) -> tuple[str, str]:
     """The version as packaging normalises it (what the manifest says) and its canonical key
     (1.0 and 1.0.0 are one version); Invalid naming `version` otherwise."""
@@ -126,8 +132,9 @@ def _check_image(upload: Upload) -> None:
     [image] = upload.files
     if image.size == 0:
         raise Invalid(FILE_FIELD, "the image is empty")
-    if image.size > SLOT_BYTES:
-        raise Invalid(FILE_FIELD, _image_too_large(image.size, finished=True))
+    problem = image_fit_problem(image.size)
+    if problem:
+        raise Invalid(FILE_FIELD, problem)
     image.incoming.finish()
     with open(image.incoming.path, "rb") as file:
         first = file.read(1)

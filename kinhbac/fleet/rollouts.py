@@ -177,6 +177,19 @@ def _reported_version(device: Device) -> Version | None:
         return None  # a firmware string that is no version: it gets the update
 
 
+def short_of_flash(release: Release, devices: Iterable[Device],
+                   running_it: set[uuid.UUID]) -> tuple[int, list[Device]]:
+    """A bundle's `min_free_bytes` and the devices, by wire id, that reported less free flash
+    (too_full's rule, which the console's release page shows); (0, []) for an image."""
+    if release.kind != ReleaseKind.bundle:
+        return 0, []
+    needed = json.loads(release.manifest).get("min_free_bytes") or 0
+    short = sorted((d for d in devices if d.id not in running_it
+                    and d.free_flash_bytes is not None and d.free_flash_bytes < needed),
+                   key=lambda d: d.wire_id)
+    return needed, short
+
+
 def too_full(release: Release, devices: Iterable[Device],
              running_it: set[uuid.UUID]) -> str | None:
     """Why a bundle cannot go to these devices for want of flash, or None.
@@ -186,12 +199,7 @@ def too_full(release: Release, devices: Iterable[Device],
     itself. Not checked: images (they go to an OTA partition, sized at upload), devices that
     already run the release (nothing is downloaded), and devices that never reported a figure
     (firmware before it: each refuses an offer too large for it, naming both sizes)."""
-    if release.kind != ReleaseKind.bundle:
-        return None
-    needed = json.loads(release.manifest).get("min_free_bytes") or 0
-    short = sorted((d for d in devices if d.id not in running_it
-                    and d.free_flash_bytes is not None and d.free_flash_bytes < needed),
-                   key=lambda d: d.wire_id)
+    needed, short = short_of_flash(release, devices, running_it)
     if not short:
         return None
     named = [f"{d.wire_id} ({d.free_flash_bytes:,} bytes free)" for d in short]

@@ -67,7 +67,8 @@ def cursor_after(device: Device) -> str:
     return f"{stamp}_{device.id.hex}"
 
 
-def _parse_cursor(text: str) -> tuple[datetime, uuid.UUID] | None:
+def parse_cursor(text: str) -> tuple[datetime, uuid.UUID] | None:
+    """A page link's cursor (cursor_after's), or None if it is damaged."""
     found = _CURSOR.match(text)
     if found is None:
         return None
@@ -93,7 +94,7 @@ def list_pending(session: Session, caller: Principal, params: Mapping[str, str])
     listing = PendingList(rows=[], total=0, next_after=None, after=after)
     position = None
     if after:
-        position = _parse_cursor(after)
+        position = parse_cursor(after)
         if position is None:
             listing.error = "after"
             return listing
