@@ -115,9 +115,11 @@ def create_app(settings: Settings | None = None, *, prepare: bool = True) -> Fas
     app.add_exception_handler(DataError, _unstorable)
     app.middleware("http")(_refuse_nul_in_query)
     # Its headers go on every answer, errors too. A release upload has its own
-    # body limit: it is streamed to disk, not held.
+    # body limit, through the API or the console: it is streamed to disk, not held.
     app.add_middleware(HttpHygiene, body_limits={
-        releases.PATH: settings.release_max_upload_bytes})
+        releases.PATH: settings.release_max_upload_bytes,
+        console.RELEASE_UPLOAD: settings.release_max_upload_bytes},
+        pages=frozenset({console.RELEASE_UPLOAD}))
     # Outside that: it counts HttpHygiene's 413s too.
     app.add_middleware(RequestMetrics, metrics=app.state.metrics,
                        templates=RouteTemplates(app.routes))

@@ -1,6 +1,7 @@
 """The console's pages and forms, under /console: log in and out, the language switch, the
 overview, the device list and a device's page, the pending devices with their approval and
-rejection, the audit log, and the rollouts (list, live view, pause/resume/cancel, start one).
+rejection, the audit log, the releases with their upload, and the rollouts (list, live view,
+pause/resume/cancel, start one).
 
 Every route here goes through ConsoleRoute, which turns "not logged in" into a redirect to the
 login page and a refused CSRF check or role into a 403 page; and through the router's CSRF
@@ -23,7 +24,8 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
-from kinhbac.fleet import accounts, audit
+from kinhbac import release_manifest
+from kinhbac.fleet import accounts, audit, releases, uploads
 from kinhbac.fleet import provisioning
 from kinhbac.fleet import rollouts as rollout_rules
 from kinhbac.fleet.console import (
@@ -36,9 +38,18 @@ from kinhbac.fleet.console import (
     rollouts,
     sessions,
 )
+from kinhbac.fleet.console import releases as release_pages
 from kinhbac.fleet.console.sessions import ConsoleUser
-from kinhbac.fleet.deps import SecretBoxDep, SessionDep, SettingsDep, get_session, visible_or_404
-from kinhbac.fleet.errors import Conflict, Invalid, NotFound
+from kinhbac.fleet.deps import (
+    ArtifactsDep,
+    ReleaseSignerDep,
+    SecretBoxDep,
+    SessionDep,
+    SettingsDep,
+    get_session,
+    visible_or_404,
+)
+from kinhbac.fleet.errors import Conflict, FleetError, Invalid, NotFound
 from kinhbac.fleet.login_limits import TooManyAttempts
 from kinhbac.fleet.models import Device, DeviceState, LoginResult, Role, utcnow
 from kinhbac.fleet.routes.auth import attempt_login
@@ -48,8 +59,14 @@ PREFIX = "/console"
 STATIC_PATH = PREFIX + "/static"
 HOME = PREFIX + "/"
 LOGIN = PREFIX + "/login"
-# The pages load only the console's own stylesheet and scripts (the rollout view's poller);
-# nothing from elsewhere, no inline script; the script fetches only the console's own pages.
+RELEASE_UPLOAD = PREFIX + "/releases/new"
+# Forms whose route streams the body to disk itself (uploads.receive): parsing them in _protect
+# would buffer the files, so their token is checked by the route, from the stream, before the
+# first byte of a file is stored (_received_upload).
+STREAMED_FORMS = frozenset({RELEASE_UPLOAD})
+# The pages load only the console's own stylesheet and scripts (the rollout view's poller, the
+# upload's progress); nothing from elsewhere, no inline script; the scripts send and fetch only
+# to the console itself.
 PAGE_HEADERS = {
     "content-security-policy": "default-src 'none'; style-src 'self'; img-src 'self'; "
     "script-src 'self'; connect-src 'self'; "
@@ -130,6 +147,8 @@ async def _protect(request: Request, session: Annotated[Session, Depends(get_ses
     if request.method not in csrf.UNSAFE:
         return
     csrf.check_origin(request)
+    if request.url.path in STREAMED_FORMS:
+        return  # its token: checked by its route, from the stream (above)
     form = await request.form()  # kept by Starlette: the route's Form fields read it again
     given = form.get(csrf.FIELD)
     if request.url.path == LOGIN:
@@ -534,3 +553,108 @@ def rollout_action(rollout_id: str, action: str, request: Request, session: Sess
         return _rollout_page(request, session, user, rollout_id, status_code=409,
                              refused=action)
     return RedirectResponse(f"{ROLLOUTS}/{wanted}?done={action}", status_code=303)
+
+
+# ---- releases
+
+
+RELEASES = PREFIX + "/releases"
+
+
+@router.get("/releases")
+def releases_page(request: Request, session: SessionDep, user: AdminUser) -> HTMLResponse:
+    """The releases, newest first, for admins as GET /api/releases is."""
+    listing = release_pages.list_releases(session, request.query_params)
+    return render(request, "releases.html", _locale(request, user),
+                  status_code=400 if listing.error else 200, user=user, listing=listing)
+
+
+def _upload_form(request: Request, user: ConsoleUser, *, status_code: int = 200,
+                 reason: str | None = None, fields: dict[str, str] | None = None,
+                 too_large: bool = False) -> HTMLResponse:
+    """The upload form; after a refusal, with the fleet's reason and what was typed."""
+    settings: Settings = request.app.state.settings
+    return render(request, "release_new.html", _locale(request, user), status_code=status_code,
+                  user=user, reason=reason, reason_code=release_pages.FIXED_REASONS.get(
+                      reason or ""), fields=fields or {}, too_large=too_large,
+                  max_upload=settings.release_max_upload_bytes,
+                  max_files=release_manifest.MAX_FILES, version_max=releases.MAX_VERSION,
+                  folder_max=release_pages.BOARD_FOLDER_MAX)
+
+
+@router.get("/releases/new")
+def new_release_page(request: Request, user: AdminUser) -> HTMLResponse:
+    return _upload_form(request, user, fields={"kind": "bundle", "folder": "/lib/node"})
+
+
+UPLOAD_FIELDS = releases.FIELDS | {csrf.FIELD, "folder"}
+
+
+async def _received_upload(request: Request, user: AdminUser, settings: SettingsDep,
+                           store: ArtifactsDep) -> uploads.Upload | uploads.UploadRefused:
+    """The form's fields and files, streamed to disk as the API's upload route receives them
+    (same limits, same per-file checks), once the caller's role is known. Its CSRF token must
+    come before the files, as the form puts it: no byte of a file is stored without it."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > settings.release_max_upload_bytes:
+        # HttpHygiene leaves this to us (a page, not its JSON); the body is not read.
+        return uploads.UploadRefused(413, "body", "too large")
+
+    def check(fields: dict[str, str], name: str, size: int) -> None:
+        given = fields.get(csrf.FIELD)
+        csrf.check_token(user.csrf_token, given)
+        releases.check_part(fields, name, size)
+
+    await run_in_threadpool(store.purge_stale_incoming)
+    try:
+        upload = await uploads.receive(request, store, fields=UPLOAD_FIELDS,
+                                       file_field=releases.FILE_FIELD,
+                                       max_files=release_manifest.MAX_FILES, check_file=check)
+    except uploads.UploadRefused as exc:
+        return exc
+    try:
+        csrf.check_token(user.csrf_token, upload.fields.get(csrf.FIELD))  # a form with no file
+    except csrf.CsrfRefused:
+        upload.discard()
+        raise
+    return upload
+
+
+@router.post("/releases/new")
+def upload_release(request: Request, session: SessionDep, store: ArtifactsDep,
+                   signer: ReleaseSignerDep, user: AdminUser,
+                   received: Annotated[uploads.Upload | uploads.UploadRefused,
+                                       Depends(_received_upload)]) -> Response:
+    """POST /api/releases, from the console: the same receipt, the same create_release, the
+    same audit. A refusal gets the form again with the fleet's reason and the API's status."""
+    if isinstance(received, uploads.UploadRefused):
+        return _upload_form(request, user, status_code=received.status,
+                            reason=None if received.status == 413 else str(received),
+                            too_large=received.status == 413)
+    typed = {k: v for k, v in received.fields.items() if k != csrf.FIELD}
+    try:
+        if received.fields.get("kind") == "bundle":
+            release_pages.board_paths(received.files, received.fields.get("folder", ""))
+        created = releases.create_release(session, store, signer, user.principal.actor,
+                                          received)
+    except FleetError as exc:
+        session.rollback()
+        return _upload_form(request, user, status_code=exc.status, reason=str(exc),
+                            fields=typed)
+    finally:
+        received.discard()  # whatever was not kept
+    return RedirectResponse(f"{RELEASES}/{created.id}", status_code=303)
+
+
+@router.get("/releases/{release_id}")
+def release_page(release_id: str, request: Request, session: SessionDep,
+                 user: AdminUser) -> HTMLResponse:
+    """One release: its signed manifest, its files, and which of the caller's boards it fits."""
+    locale = _locale(request, user)
+    try:
+        view = release_pages.release_view(session, user.principal, release_id)
+    except NotFound:
+        return render(request, "missing.html", locale, status_code=404, user=user,
+                      what="release")
+    return render(request, "release.html", locale, user=user, view=view,
+                  named_short=release_pages.NAMED_SHORT)
