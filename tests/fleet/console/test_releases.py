@@ -13,7 +13,15 @@ from sqlmodel import func, select
 
 from kinhbac import release_manifest
 from kinhbac.fleet import releases
-from kinhbac.fleet.models import AuditEntry, Device, Release, ReleaseFile, Role
+from kinhbac.fleet.models import (
+    AuditEntry,
+    Device,
+    Release,
+    ReleaseFile,
+    Role,
+    Rollout,
+    RolloutTargetKind,
+)
 
 from ..utils import bearer, make_device, make_release, make_site, make_user
 from .conftest import ORIGIN, form_token, log_in
@@ -60,6 +68,7 @@ def incoming(app) -> list:
 
 def test_an_admin_uploads_a_bundle_and_lands_on_its_signed_release(browser, session, app):
     token = as_user(browser, session, Role.admin)
+    assert '<a href="/console/releases">Releases</a>' in browser.get("/console/", headers=EN).text
     form = browser.get("/console/releases/new", headers=EN)
     assert form.status_code == 200 and "<title>Upload a release ·" in form.text
     assert 'enctype="multipart/form-data"' in form.text
@@ -358,3 +367,22 @@ def test_a_huge_upload_is_cut_off_at_the_fleets_limit_not_received_whole(browser
     assert status == 413
     assert limit < pulled <= limit + CHUNK + 1024
     assert stored(session) == 0 and incoming(app) == []
+
+
+def test_the_list_counts_the_rollouts_of_each_release(browser, session, app):
+    used, unused = make_release(session, app, version="0.1.0"), make_release(session, app,
+                                                                             version="0.2.0")
+    for _ in range(2):
+        session.add(Rollout(release_id=used.id, target_kind=RolloutTargetKind.site,
+                            target_value="ward7", waves=[100], wave_started_at=[None],
+                            success_threshold=95, failure_threshold=5, device_deadline_s=86400,
+                            created_by="cli"))
+    session.commit()
+    as_user(browser, session, Role.admin)
+    page = browser.get("/console/releases", headers=EN).text
+    rows = re.findall(r'<tr>\s*<th scope="row"><a href="/console/releases/([0-9a-f-]{36})">'
+                      r'.*?<td>([^<]*)</td>\s*</tr>', page, re.S)
+    assert rows == [(str(unused.id), "0"), (str(used.id), "2")]
+    assert "App bundle" in page and "cli" in page
+    detail = browser.get(f"/console/releases/{used.id}", headers=EN).text
+    assert "<dt>Rollouts</dt><dd>2</dd>" in detail
