@@ -369,6 +369,9 @@ class LocalBroker:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            # Out of the terminal's process group, as the emulated boards are: a Ctrl-C meant
+            # for the demo must not take the broker away before the gateways have drained.
+            start_new_session=True,
         )
         self._proc = proc
         _live_processes.add(proc)
