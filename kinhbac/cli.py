@@ -17,13 +17,30 @@ app.add_typer(gateway_app, name="gateway")
 
 @app.command()
 def demo(
-    boards: int = typer.Option(5, min=1, max=50, help="How many emulated boards to start."),
-    workdir: Path = typer.Option(Path("run/demo"), help="Where the boards' flash images live."),
+    boards: int = typer.Option(5, min=2, max=50,
+                               help="How many emulated boards to start, shared by two sites."),
+    workdir: Path = typer.Option(
+        Path("run/demo"), help="Where the broker, the fleet's database, the gateways' queues and "
+        "the boards' flash images live (emptied first)."),
+    fleet_port: int = typer.Option(
+        None, help="The fleet's port on 127.0.0.1 (0: any free one); default 8080, or any free "
+        "port when 8080 is taken."),
+    database_url: str = typer.Option(
+        None, help="The fleet's database instead of SQLite in the work folder: an empty one of "
+        "its own, e.g. postgresql://fleet@127.0.0.1/kinhbac_demo (the demo's sites go in it)."),
 ) -> None:
-    """Start emulated boards running the real firmware and show what they send."""
-    from kinhbac.demo import run_demo
+    """The whole system: the fleet with its console, two sites each with a gateway and emulated
+    boards running the real firmware; prints an admin login; Ctrl-C stops everything."""
+    from kinhbac.broker import BrokerError
+    from kinhbac.demo import DemoError, run_demo
+    from kinhbac.emulator.interpreter import MicroPythonNotFound
 
-    run_demo(boards=boards, workdir=workdir)
+    try:
+        run_demo(boards=boards, workdir=workdir, fleet_port=fleet_port,
+                 database_url=database_url)
+    except (DemoError, BrokerError, MicroPythonNotFound) as exc:
+        typer.echo(f"The demo could not start: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 @emulator_app.command("run")
