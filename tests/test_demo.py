@@ -5,6 +5,7 @@ running."""
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -175,6 +176,10 @@ def _assert_ran_in(workdir: Path, boards: int) -> None:
     """The boards' flash images are in `workdir`, and nothing is left running there."""
     for i in range(boards):
         assert (workdir / "boards" / f"board-{i}" / "flash.bin").exists()
+    _assert_nothing_left_in(workdir)
+
+
+def _assert_nothing_left_in(workdir: Path) -> None:
     time.sleep(0.5)
     assert _processes_under(str(workdir)) == []
 
@@ -196,3 +201,28 @@ def test_demo_with_a_relative_workdir_from_another_folder_runs_there(tmp_path):
     elsewhere.mkdir()
     _demo_until_ctrl_c(["--boards", "2", "--workdir", "site/demo"], cwd=elsewhere, boards=2)
     _assert_ran_in(elsewhere / "site" / "demo", boards=2)
+
+
+def test_a_demo_that_cannot_start_says_what_to_do_in_one_line_and_leaves_nothing_running(
+        tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = [
+            (["--fleet-port", str(port)], {}, f"port 127.0.0.1:{port} for the fleet is taken"
+             " (Address already in use): pass another --fleet-port, or 0 for any free port"),
+            ([], {"KINHBAC_MICROPYTHON": str(tmp_path / "missing")},
+             f"KINHBAC_MICROPYTHON={tmp_path / 'missing'} is not an executable file"),
+        ]
+        for i, (args, env, why) in enumerate(cases):
+            workdir = tmp_path / f"demo-{i}"
+            done = subprocess.run(
+                [str(_installed_script()), "demo", "--workdir", str(workdir), *args],
+                capture_output=True, text=True, timeout=120,
+                env=dict(os.environ, COLUMNS="200", **env),
+            )
+            assert done.returncode == 2, done
+            assert done.stderr == f"The demo could not start: {why}\n", done.stderr
+            assert "Traceback" not in done.stdout, done.stdout
+            _assert_nothing_left_in(workdir)
