@@ -2,10 +2,10 @@
 
 A private MQTT broker (Mosquitto when it is installed, else the embedded amqtt; the demo says
 which); the fleet service with its console and MQTT ingest, on SQLite in the work folder; an
-admin with a random password, printed with the console's URL; two sites, each enrolled in the
-fleet through its API with a gateway that fetches its device keys from the fleet and emulated
-ESP32 boards, registered in the fleet, running the real firmware with sensors whose values
-drift. Ctrl-C (or SIGTERM) stops everything; nothing is left running.
+admin with a random password, printed with the console's URL; two sites, each enrolled through
+the fleet's API by that admin, with a gateway that fetches its device keys from the fleet, and
+emulated ESP32 boards that a technician registered there, running the real firmware with
+sensors whose values drift. Ctrl-C (or SIGTERM) stops everything; nothing is left running.
 """
 
 import shutil
@@ -69,14 +69,15 @@ def run_demo(boards: int, workdir: Path, *, fleet_port: int | None = None,
                              "--database-url postgresql://... to use one)"))
             email, password = fleet.create_admin()
             fleet.start()
-            fleet.login(email, password)
+            admin = fleet.login(email, password)
+            technician = fleet.technician(admin)
             console.print(f"Fleet: API and console on {fleet.url}"
                           + (f" ({DEFAULT_PORT} is taken)" if fleet.moved else "")
                           + ", its ingest reading the broker")
             for (slug, name), count in zip(SITES, split_boards(boards), strict=True):
                 site = DemoSite(SitePlan(slug, name), fleet, emulator, workdir / slug,
                                 (broker.host, broker.port))
-                site.enrol(count)
+                site.enrol(count, admin, technician)
                 sites.append(site)
             running.callback(lambda: [site.stop() for site in reversed(sites)])
             for site in sites:

@@ -15,7 +15,9 @@ from kinhbac.demo.errors import DemoError
 HOST = "127.0.0.1"
 DEFAULT_PORT = 8080  # the console at a URL worth remembering, when nothing else holds it
 START_TIMEOUT_S = 60.0  # migrations on SQLite and the app's imports, on a loaded laptop
-ADMIN_EMAIL = "admin@example.org"  # a reserved domain: the demo's admin gets no real mail
+# A reserved domain: the demo's users get no real mail.
+ADMIN_EMAIL = "admin@example.org"
+TECHNICIAN_EMAIL = "ky-thuat@example.org"
 
 
 def _bind(port: int) -> socket.socket:
@@ -71,7 +73,6 @@ class DemoFleet:
         self.http = httpx.Client(base_url=self.url, timeout=30)
         self.server: Any = None
         self.thread: threading.Thread | None = None
-        self.token = ""
 
     def create_admin(self) -> tuple[str, str]:
         """What `kinhbac fleet create-admin` does (it migrates the new database first), with a
@@ -102,15 +103,22 @@ class DemoFleet:
                 raise DemoError("the fleet service did not start; its log is above")
             time.sleep(0.05)
 
-    def login(self, email: str, password: str) -> None:
-        """Log in as an admin would, through the API; later calls carry the token."""
+    def login(self, email: str, password: str) -> str:
+        """Log in through the API, as a user's tool would; returns the token."""
         answer = self.http.post("/api/auth/login",
                                 data={"username": email, "password": password})
-        self._check(answer, "log in")
-        self.token = answer.json()["access_token"]
+        self._check(answer, f"log in {email}")
+        return str(answer.json()["access_token"])
 
-    def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        answer = self.http.request(method, path, headers={"Authorization": f"Bearer {self.token}"},
+    def technician(self, admin_token: str) -> str:
+        """A technician made by the admin, as a city's admin would; returns its token."""
+        password = secrets.token_urlsafe(12)
+        self.call("POST", "/api/users", admin_token, json={
+            "email": TECHNICIAN_EMAIL, "password": password, "role": "technician"})
+        return self.login(TECHNICIAN_EMAIL, password)
+
+    def call(self, method: str, path: str, token: str, **kwargs: Any) -> Any:
+        answer = self.http.request(method, path, headers={"Authorization": f"Bearer {token}"},
                                    **kwargs)
         self._check(answer, f"{method} {path}")
         return answer.json()

@@ -80,19 +80,19 @@ class DemoSite:
         self.runner: GatewayThread | None = None
         self.gateway: Gateway | None = None
 
-    def enrol(self, boards: int) -> None:
-        """The site and its gateway in the fleet (as an admin), then its boards (as a
-        technician: each registered by its MAC, the identity the fleet issued kept for
+    def enrol(self, boards: int, admin: str, technician: str) -> None:
+        """The site and its gateway in the fleet (with the admin's token), then its boards (with
+        the technician's: each registered by its MAC, the identity the fleet issued kept for
         flashing)."""
-        self.site_id = self.fleet.call("POST", "/api/sites", json={
+        self.site_id = self.fleet.call("POST", "/api/sites", admin, json={
             "name": self.plan.name, "slug": self.plan.slug,
             "sensor_kit": launcher.SENSOR_KIT})["id"]
         self.gateway_name = f"{self.plan.slug}-gw"
-        self.gateway_token = self.fleet.call("POST", "/api/gateways", json={
+        self.gateway_token = self.fleet.call("POST", "/api/gateways", admin, json={
             "name": self.gateway_name, "site_id": self.site_id})["token"]
         for _ in range(boards):
             board = self.emulator.add_board()
-            device = self.fleet.call("POST", "/api/devices", json={
+            device = self.fleet.call("POST", "/api/devices", technician, json={
                 "mac": board.mac.hex(":"), "site_id": self.site_id})
             secret = bytes.fromhex(device["secret"])
             key = wire.Key(bytes.fromhex(device["wire_id"]), device["key_id"], secret)
