@@ -79,7 +79,8 @@ def run_demo(boards: int, workdir: Path, *, fleet_port: int | None = None,
                                 (broker.host, broker.port))
                 site.enrol(count, admin, technician)
                 sites.append(site)
-            running.callback(lambda: [site.stop() for site in reversed(sites)])
+            for site in sites:  # stopped in the reverse order, as an ExitStack does
+                running.callback(site.stop)
             for site in sites:
                 site.start()
                 assert site.gateway is not None
