@@ -4,10 +4,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from fastapi import FastAPI
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from kinhbac.fleet.crypto import SecretBox
 from kinhbac.fleet.models import (
+    Device,
     DeviceStatus,
     GatewayStatus,
     Rollout,
@@ -28,10 +29,16 @@ class City:
 
 
 def heard(session: Session, wire_id: str, site: Site, *, ago_s: float = 5) -> None:
+    """A gateway's status for the device, kept as the ingest keeps it: on the status row and
+    as the registry's last-seen time (a device page shows both)."""
     now = utcnow()
+    seen = now - timedelta(seconds=ago_s)
     session.add(DeviceStatus(wire_id=wire_id, site=site.slug, gateway="gw", received_at=now,
-                             last_seen_at=now - timedelta(seconds=ago_s),
-                             offline_at=now + timedelta(seconds=180 - ago_s)))
+                             last_seen_at=seen, offline_at=now + timedelta(seconds=180 - ago_s)))
+    device = session.exec(select(Device).where(Device.wire_id == wire_id)).one()
+    if device.last_seen_at is None or device.last_seen_at <= seen:
+        device.last_seen_at = seen
+        session.add(device)
 
 
 def gateway_reported(session: Session, site: Site, name: str, state: str,
