@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, select
 
 from kinhbac.fleet import audit
+from kinhbac.fleet.console.paging import parse_time_cursor, time_cursor
 from kinhbac.fleet.models import AuditEntry, Device, Gateway, Site
 
 PAGE_SIZE = 50  # as the other lists
@@ -29,7 +30,6 @@ ACTION_MAX = 64  # the action column's length
 SITE_MAX = 64  # longer than any slug: an unknown site, whatever it holds
 OPTIONS_MAX = 200  # actions offered as suggestions in the filter form
 DETAIL_MAX = 200  # characters of one value shown: a CONFIG or a snapshot list can be long
-_CURSOR = re.compile(r"^(\d{1,20})_([0-9a-f]{32})$")
 PARAMETERS = ("actor", "action", "site", "from", "to", "after")
 
 
@@ -83,20 +83,9 @@ def parse_filters(params: Mapping[str, str]) -> Filters:
         filters.errors.append("to")
     if first and last and first > last:
         filters.errors.append("range")
-    if filters.after and _cursor(filters.after) is None:
+    if filters.after and parse_time_cursor(filters.after) is None:
         filters.errors.append("after")
     return filters
-
-
-def _cursor(text: str) -> tuple[datetime, uuid.UUID] | None:
-    found = _CURSOR.match(text)
-    if found is None:
-        return None
-    try:
-        at = datetime.fromtimestamp(int(found.group(1)) / 1_000_000, UTC)
-    except (OverflowError, OSError, ValueError):
-        return None
-    return at, uuid.UUID(found.group(2))
 
 
 @dataclass
@@ -152,7 +141,7 @@ def list_entries(session: Session, filters: Filters, zone: ZoneInfo) -> AuditLis
     if last is not None:
         query = query.where(AuditEntry.at < _midnight(last + timedelta(days=1), zone))
     listing.total = session.exec(select(sa.func.count()).select_from(query.subquery())).one()
-    position = _cursor(filters.after) if filters.after else None
+    position = parse_time_cursor(filters.after) if filters.after else None
     if position is not None:
         at, last_id = position
         query = query.where(sa.or_(AuditEntry.at < at,
@@ -167,8 +156,7 @@ def list_entries(session: Session, filters: Filters, zone: ZoneInfo) -> AuditLis
         site=places.get((e.entity, e.entity_id)), changes=changes(e.before, e.after))
         for e in entries]
     if len(found) > PAGE_SIZE:
-        stamp = int(entries[-1].at.timestamp() * 1_000_000)
-        listing.next_after = f"{stamp}_{entries[-1].id.hex}"
+        listing.next_after = time_cursor(entries[-1].at, entries[-1].id)
     return listing
 
 

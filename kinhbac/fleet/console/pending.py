@@ -9,22 +9,21 @@ one. The approval and the rejection themselves are provisioning.approve_claim an
 reject_claim, the functions the API's routes call (pages.py).
 """
 
-import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 import sqlalchemy as sa
 from sqlmodel import Session, select
 
+from kinhbac.fleet.console.paging import parse_time_cursor, time_cursor
 from kinhbac.fleet.deps import Principal, visible_only
 from kinhbac.fleet.models import AuditEntry, Device, DeviceState, Gateway, Site
 
 PAGE_SIZE = 50  # as the device list: a screen or two on a control-room wall
 CLAIM_ACTIONS = ("device.claim", "device.claim_conflict")
 # A page link's cursor: the last row's created_at (microseconds since the epoch) and its id.
-_CURSOR = re.compile(r"^(\d{1,20})_([0-9a-f]{32})$")
 # What an action's redirect may say (?done=...): codes, never text from the URL.
 DONE = ("approved", "rejected")
 
@@ -61,24 +60,6 @@ class PendingList:
     error: str | None = None  # "after": a damaged page link
 
 
-def cursor_after(device: Device) -> str:
-    """The link to the page that follows `device`, the last one shown."""
-    stamp = int(device.created_at.timestamp() * 1_000_000)
-    return f"{stamp}_{device.id.hex}"
-
-
-def parse_cursor(text: str) -> tuple[datetime, uuid.UUID] | None:
-    """A page link's cursor (cursor_after's), or None if it is damaged."""
-    found = _CURSOR.match(text)
-    if found is None:
-        return None
-    try:
-        at = datetime.fromtimestamp(int(found.group(1)) / 1_000_000, UTC)
-    except (OverflowError, OSError, ValueError):
-        return None
-    return at, uuid.UUID(found.group(2))
-
-
 def count(session: Session, caller: Principal) -> int:
     """The caller's pending devices: the navigation's number."""
     query = select(sa.func.count()).select_from(Device).where(
@@ -94,7 +75,7 @@ def list_pending(session: Session, caller: Principal, params: Mapping[str, str])
     listing = PendingList(rows=[], total=0, next_after=None, after=after)
     position = None
     if after:
-        position = parse_cursor(after)
+        position = parse_time_cursor(after)
         if position is None:
             listing.error = "after"
             return listing
@@ -120,7 +101,8 @@ def list_pending(session: Session, caller: Principal, params: Mapping[str, str])
             last_claimed_at=recorded[0].at if recorded else device.created_at,
             gateway=first[-1].gateway if first else None, claims=recorded))
     if len(found) > PAGE_SIZE:
-        listing.next_after = cursor_after(page[-1][0])
+        last = page[-1][0]
+        listing.next_after = time_cursor(last.created_at, last.id)
     return listing
 
 

@@ -17,7 +17,7 @@ from sqlmodel import Session, select
 
 from kinhbac import release_manifest
 from kinhbac.fleet import releases, rollouts
-from kinhbac.fleet.console.pending import parse_cursor
+from kinhbac.fleet.console.paging import parse_time_cursor, time_cursor
 from kinhbac.fleet.deps import Principal, visible_only
 from kinhbac.fleet.errors import NotFound
 from kinhbac.fleet.models import Device, DeviceState, Release, ReleaseKind, Rollout
@@ -58,10 +58,6 @@ class ReleaseList:
     error: str | None = None  # "after": a damaged page link
 
 
-def _cursor(release: Release) -> str:
-    return f"{int(release.created_at.timestamp() * 1_000_000)}_{release.id.hex}"
-
-
 def list_releases(session: Session, params: Mapping[str, str]) -> ReleaseList:
     """One page of releases, newest first (then by id), in keyset pages as the device list's:
     a release uploaded meanwhile neither repeats nor hides another."""
@@ -69,7 +65,7 @@ def list_releases(session: Session, params: Mapping[str, str]) -> ReleaseList:
     listing = ReleaseList(rows=[], total=0, next_after=None, after=after)
     query = select(Release)
     if after:
-        position = parse_cursor(after)
+        position = parse_time_cursor(after)
         if position is None:
             listing.error = "after"
             return listing
@@ -88,7 +84,7 @@ def list_releases(session: Session, params: Mapping[str, str]) -> ReleaseList:
                                created_at=r.created_at, uploaded_by=r.uploaded_by,
                                rollouts=used.get(r.id, 0)) for r in page]
     if len(found) > PAGE_SIZE:
-        listing.next_after = _cursor(page[-1])
+        listing.next_after = time_cursor(page[-1].created_at, page[-1].id)
     return listing
 
 

@@ -11,7 +11,6 @@ import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -19,6 +18,7 @@ from pydantic import ValidationError
 from sqlmodel import Session, col, select
 
 from kinhbac.fleet import rollouts
+from kinhbac.fleet.console.paging import parse_time_cursor, time_cursor
 from kinhbac.fleet.models import (
     Release,
     Rollout,
@@ -42,8 +42,8 @@ ACTIONS = ("pause", "resume", "cancel")
 # The states each action needs, as rollouts.pause/resume/cancel check them.
 ALLOWED_FROM = {"pause": (RolloutState.running,), "resume": (RolloutState.paused,),
                 "cancel": (RolloutState.running, RolloutState.paused)}
-# A page link's cursor: the last row's rank, created_at (microseconds since the epoch), id.
-_CURSOR = re.compile(r"^([0-2])_(\d{1,20})_([0-9a-f]{32})$")
+# A page link's cursor: the last row's rank (one digit), then its paging.time_cursor.
+_RANKS = tuple(str(rank) for rank in range(FINISHED_RANK + 1))
 _WIRE_IDS = re.compile(r"[\s,;]+")
 MAX_FIELD = 10_000  # a pasted device list of MAX_TARGET_DEVICES ids fits; more is a mistake
 
@@ -62,9 +62,7 @@ class RolloutList:
 
 
 def _cursor(rollout: Rollout) -> str:
-    stamp = int(rollout.created_at.replace(tzinfo=rollout.created_at.tzinfo or UTC)
-                .timestamp() * 1_000_000)
-    return f"{_rank(rollout.state)}_{stamp}_{rollout.id.hex}"
+    return f"{_rank(rollout.state)}_{time_cursor(rollout.created_at, rollout.id)}"
 
 
 def list_rollouts(session: Session, params: Mapping[str, str]) -> RolloutList:
@@ -77,16 +75,12 @@ def list_rollouts(session: Session, params: Mapping[str, str]) -> RolloutList:
                    value=sa.cast(Rollout.state, sa.String), else_=FINISHED_RANK)
     query = select(Rollout.id)
     if after:
-        found = _CURSOR.match(after)
-        if found is None:
+        rank_text, _, rest = after.partition("_")
+        position = parse_time_cursor(rest) if rank_text in _RANKS else None
+        if position is None:
             listing.error = "after"
             return listing
-        try:
-            at = datetime.fromtimestamp(int(found.group(2)) / 1_000_000, UTC)
-        except (OverflowError, OSError, ValueError):
-            listing.error = "after"
-            return listing
-        last_rank, last_id = int(found.group(1)), uuid.UUID(found.group(3))
+        last_rank, (at, last_id) = int(rank_text), position
         query = query.where(sa.or_(rank > last_rank, sa.and_(rank == last_rank, sa.or_(
             Rollout.created_at < at, sa.and_(Rollout.created_at == at, Rollout.id < last_id)))))
     listing.total = session.exec(select(sa.func.count()).select_from(Rollout)).one()
