@@ -391,7 +391,7 @@ def approve_claim(session: Session, box: SecretBox, actor: Actor,
     from the claim key it was made under (both ends compute it; it never crosses the
     network). A claim under a key its site no longer takes cannot be approved: the board holds
     only that key, so it must be set up again."""
-    device = get_or_404(session, Device, device_id, "device")
+    device = get_or_404(session, Device, device_id, "device", lock=True)
     if device.state != DeviceState.pending or device.claim_nonce is None:
         raise Conflict(f"device {device.mac} is {device.state.value}: only a pending claim "
                        "can be approved")
@@ -418,7 +418,7 @@ def approve_claim(session: Session, box: SecretBox, actor: Actor,
 
 def reject_claim(session: Session, actor: Actor, device_id: uuid.UUID) -> Device:
     """Keep a pending device out: its claims are answered `rejected` from now on."""
-    device = get_or_404(session, Device, device_id, "device")
+    device = get_or_404(session, Device, device_id, "device", lock=True)
     if device.state != DeviceState.pending:
         raise Conflict(f"device {device.mac} is {device.state.value}: only a pending claim "
                        "can be rejected")

@@ -22,8 +22,14 @@ def commit(session: Session, conflict: str) -> None:
         raise Conflict(conflict) from exc
 
 
-def get_or_404(session: Session, model: type[M], id: uuid.UUID, what: str) -> M:
-    record = session.get(model, id)
+def get_or_404(session: Session, model: type[M], id: uuid.UUID, what: str, *,
+               lock: bool = False) -> M:
+    """`lock`: the row is read afresh and locked until the transaction ends (PostgreSQL;
+    SQLite locks the whole database on the first write), for a change that depends on the
+    state it reads: two admins deciding the same thing at once then decide one after the
+    other, and the second sees the first's outcome."""
+    record = (session.get(model, id, with_for_update=True, populate_existing=True) if lock
+              else session.get(model, id))
     if record is None:
         raise NotFound(f"no {what} {id}")
     return record

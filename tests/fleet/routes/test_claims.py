@@ -3,16 +3,20 @@ holds only its site's claim key; an admin approves (the device gets the identity
 derives) or rejects it (it is kept out); staff set settings that gateways deliver."""
 
 import os
+import threading
 
 import pytest
-from sqlmodel import select
+from sqlmodel import Session, col, select
 
 from kinhbac import wire
-from kinhbac.fleet import sites
+from kinhbac.fleet import provisioning, sites
+from kinhbac.fleet.audit import CLI
+from kinhbac.fleet.errors import Conflict
 from kinhbac.fleet.models import AuditEntry, Device, Role
 from kinhbac.fleet.rate_limits import ClaimLimiter
 
-from ..utils import a_claim, bearer, make_device, make_gateway, make_site, make_user
+from ..utils import (a_claim, bearer, make_device, make_gateway, make_pending_device, make_site,
+                     make_user)
 
 
 @pytest.fixture
@@ -266,3 +270,47 @@ def test_settings_a_node_cannot_take_are_refused_and_nothing_is_stored(
     assert response.status_code == 422, response.text
     assert problem in response.text
     assert listing(client, gateway)["configs"] == []
+
+
+@pytest.mark.parametrize("decisions", [("approve", "approve"), ("approve", "reject")])
+def test_two_admins_deciding_one_claim_at_once_make_one_decision(session, box, app, backend,
+                                                                 decisions):
+    """Two admins at two consoles click at the same moment: one decision is made and audited,
+    the other is told the device is no longer pending. Without the row lock both read
+    'pending' and both wrote: two approvals gave the device two key ids, one of them never
+    delivered to the board."""
+    if backend != "postgresql":
+        pytest.skip("SQLite has one writer at a time; the row lock is PostgreSQL's")
+    gateway, _ = make_gateway(session, make_site(session, box))
+    device_id = make_pending_device(session, gateway)
+    barrier = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def admin_decides(decision: str) -> None:
+        with Session(app.state.engine) as own:
+            barrier.wait()
+            try:
+                if decision == "approve":
+                    provisioning.approve_claim(own, app.state.secret_box, CLI, device_id)
+                else:
+                    provisioning.reject_claim(own, CLI, device_id)
+                outcomes.append(decision)
+            except Conflict:
+                outcomes.append("refused")
+
+    threads = [threading.Thread(target=admin_decides, args=(d,)) for d in decisions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert len(outcomes) == 2 and outcomes.count("refused") == 1, outcomes
+    [made] = [o for o in outcomes if o != "refused"]
+    session.expire_all()
+    device = session.get(Device, device_id)
+    assert device.state.value == ("active" if made == "approve" else "rejected")
+    assert device.key_id == (1 if made == "approve" else 0)
+    entries = session.exec(select(AuditEntry).where(
+        AuditEntry.entity_id == str(device_id),
+        col(AuditEntry.action).in_(["device.approve", "device.reject"]))).all()
+    assert [e.action for e in entries] == [f"device.{made}"]
