@@ -89,7 +89,11 @@ def register_device(
     """A new device with wire id "kb"+MAC, key id 1 and a fresh secret (returned this once)."""
     existing = session.exec(select(Device).where(Device.mac == data.mac)).first()
     if existing is not None:
-        raise Conflict(f"a device with MAC {data.mac} is already registered (id {existing.id})")
+        # No id in the answer: a technician limited to one site may be told the MAC is taken
+        # (it must be unique), but not the id of a device at a site it cannot see.
+        raise Conflict(f"a device with MAC {data.mac} is already registered: find it with "
+                       f"GET /api/devices?mac={data.mac} (or `kinhbac device show {data.mac}`) "
+                       "if it is at one of your sites, or ask an admin")
     _check_site(session, data.site_id)
     secret = os.urandom(SECRET_BYTES)
     device_id = uuid.uuid4()

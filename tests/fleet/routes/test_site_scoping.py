@@ -320,3 +320,17 @@ def test_a_site_someone_is_limited_to_cannot_be_deleted_under_them(session, town
         session.flush()
     session.rollback()
     assert session.get(User, town.technician.id).site_ids == [town.home.id]
+
+
+def test_registering_another_sites_mac_says_it_is_taken_without_naming_that_device(
+        client, session, town):
+    """The MAC must be unique, so the refusal says it is taken; but the device at the other
+    site stays unseen: neither its id, nor its site, nor its wire id is in the answer."""
+    response = client.post("/api/devices", headers=town.limited, json={
+        "mac": town.away_device.mac, "site_id": str(town.home.id)})
+    assert response.status_code == 409
+    detail = response.json()["detail"]
+    assert f"a device with MAC {town.away_device.mac} is already registered" in detail
+    for secret in (str(town.away_device.id), str(town.away.id), town.away.slug,
+                   town.away_device.wire_id):
+        assert secret not in response.text
