@@ -571,12 +571,15 @@ def releases_page(request: Request, session: SessionDep, user: AdminUser) -> HTM
 
 def _upload_form(request: Request, user: ConsoleUser, *, status_code: int = 200,
                  reason: str | None = None, fields: dict[str, str] | None = None,
-                 too_large: bool = False) -> HTMLResponse:
-    """The upload form; after a refusal, with the fleet's reason and what was typed."""
+                 too_large: bool = False,
+                 refused_path: release_pages.FolderPathRefused | None = None) -> HTMLResponse:
+    """The upload form; after a refusal, with the fleet's reason and what was typed (a chosen
+    folder's file that no board could take: named in the user's language)."""
     settings: Settings = request.app.state.settings
     return render(request, "release_new.html", _locale(request, user), status_code=status_code,
                   user=user, reason=reason, reason_code=release_pages.FIXED_REASONS.get(
                       reason or ""), fields=fields or {}, too_large=too_large,
+                  refused_path=refused_path,
                   max_upload=settings.release_max_upload_bytes,
                   max_files=release_manifest.MAX_FILES, version_max=releases.MAX_VERSION,
                   folder_max=release_pages.BOARD_FOLDER_MAX)
@@ -587,7 +590,7 @@ def new_release_page(request: Request, user: AdminUser) -> HTMLResponse:
     return _upload_form(request, user, fields={"kind": "bundle", "folder": "/lib/node"})
 
 
-UPLOAD_FIELDS = releases.FIELDS | {csrf.FIELD, "folder"}
+UPLOAD_FIELDS = releases.FIELDS | {csrf.FIELD, "folder", release_pages.PATHS_FIELD}
 
 
 async def _received_upload(request: Request, user: AdminUser, settings: SettingsDep,
@@ -634,13 +637,14 @@ def upload_release(request: Request, session: SessionDep, store: ArtifactsDep,
     typed = {k: v for k, v in received.fields.items() if k != csrf.FIELD}
     try:
         if received.fields.get("kind") == "bundle":
-            release_pages.board_paths(received.files, received.fields.get("folder", ""))
+            release_pages.board_paths(received.files, received.fields)
         created = releases.create_release(session, store, signer, user.principal.actor,
                                           received)
     except FleetError as exc:
         session.rollback()
         return _upload_form(request, user, status_code=exc.status, reason=str(exc),
-                            fields=typed)
+                            fields=typed, refused_path=exc if isinstance(
+                                exc, release_pages.FolderPathRefused) else None)
     finally:
         received.discard()  # whatever was not kept
     return RedirectResponse(f"{RELEASES}/{created.id}", status_code=303)

@@ -19,13 +19,17 @@ from kinhbac import release_manifest
 from kinhbac.fleet import releases, rollouts
 from kinhbac.fleet.console.paging import parse_time_cursor, time_cursor
 from kinhbac.fleet.deps import Principal, visible_only
-from kinhbac.fleet.errors import NotFound
+from kinhbac.fleet.errors import Invalid, NotFound
 from kinhbac.fleet.models import Device, DeviceState, Release, ReleaseKind, Rollout
 from kinhbac.fleet.uploads import ReceivedFile
 
 PAGE_SIZE = 50  # as the other lists
 NAMED_SHORT = 5  # devices named on the page for want of flash; the rest are counted
 BOARD_FOLDER_MAX = 255  # a board path's length (release_manifest's limit)
+# The script sends a chosen folder's files by their paths inside it, and says so in this field;
+# a plain form post has no such field.
+PATHS_FIELD = "paths"
+RELATIVE_PATHS = "relative"
 
 # The API's reasons that are fixed sentences, by a code the form page says in the user's
 # language; any other reason names values and is shown as the fleet gave it.
@@ -36,6 +40,18 @@ FIXED_REASONS = {
     "give the release's kind: bundle or image": "no_kind",
     "give the release's version, e.g. 0.2.0": "no_version",
 }
+
+
+class FolderPathRefused(Invalid):
+    """A file of the chosen folder that no board could take, named as it was sent, with the
+    board-path rule it breaks in that rule's own words (None: an absolute path, which no path
+    inside a folder is)."""
+
+    def __init__(self, path: str, problem: str | None) -> None:
+        super().__init__(releases.FILE_FIELD, f"{path!r} in the chosen folder: "
+                         f"{problem or 'an absolute path, not one inside the folder'}")
+        self.path = path
+        self.problem = problem
 
 
 @dataclass
@@ -154,10 +170,37 @@ def release_view(session: Session, caller: Principal, release_id: str) -> Releas
     return view
 
 
-def board_paths(upload_files: list[ReceivedFile], folder: str) -> None:
-    """Name a bundle's files by board path: a browser sends a file's base name only, so the
-    form's board folder goes before it (a name already absolute, as curl can send, stays)."""
+def board_paths(upload_files: list[ReceivedFile], fields: Mapping[str, str]) -> None:
+    """Name a bundle's files by board path, as the form sent them. Without `paths`, a browser
+    sends a file's base name only, so the form's board folder goes before it (a name already
+    absolute, as curl can send, stays). With paths=relative (the script, for a chosen folder),
+    each name is the file's path inside that folder, which is the board's root: see
+    folder_paths."""
+    given = fields.get(PATHS_FIELD, "")
+    if given == RELATIVE_PATHS:
+        folder_paths(upload_files)
+        return
+    if given:
+        raise Invalid(PATHS_FIELD, f"{PATHS_FIELD} is {RELATIVE_PATHS!r} or not given, not "
+                      f"{given!r}")
+    folder = fields.get("folder", "")
     folder = "/" + folder.strip().strip("/") if folder.strip().strip("/") else ""
     for received in upload_files:
         if not received.name.startswith("/"):
             received.name = f"{folder}/{received.name}"
+
+
+def folder_paths(upload_files: list[ReceivedFile]) -> None:
+    """Put each file at /<its path inside the chosen folder>. The names are the sender's to
+    choose, so each is refused by name (FolderPathRefused) unless it is a path inside the folder
+    that the manifest's own rule (release_manifest.board_path_problem, which create_release
+    applies again) accepts under /: no absolute path, no '..', backslash or empty part."""
+    for received in upload_files:
+        sent = received.name
+        if sent.startswith("/"):
+            raise FolderPathRefused(sent, None)
+        problem = release_manifest.board_path_problem("/" + sent)
+        if problem:
+            raise FolderPathRefused(sent, problem)
+    for received in upload_files:
+        received.name = "/" + received.name
