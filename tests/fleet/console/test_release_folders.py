@@ -187,3 +187,13 @@ def test_only_an_admin_may_upload_a_folder(browser, session, app, role):
     assert answer.headers["content-type"].startswith("text/html")
     assert stored(session) == 0 and incoming(app) == [] and audited(session) == 0
 
+
+def test_the_form_offers_a_labelled_folder_picker_for_the_script_only(browser, session):
+    as_user(browser, session, Role.admin)
+    form = browser.get("/console/releases/new", headers={"Accept-Language": "en"}).text
+    # Hidden until the script shows it: only the script sends a folder's paths, and the plain
+    # form (one board folder) works without it.
+    assert '<p id="folder-picker" hidden>' in form
+    assert '<input id="tree" type="file" webkitdirectory>' in form
+    assert '<label for="tree">' in form
+    assert '<input id="file" name="file" type="file" multiple required>' in form
