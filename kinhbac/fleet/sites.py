@@ -183,6 +183,15 @@ def site_profile(box: SecretBox, site: Site) -> SiteProfile:
         "claim_key_fingerprint": fingerprint(key.encode())})
 
 
+def read_profile(session: Session, box: SecretBox, actor: Actor, site: Site) -> SiteProfile:
+    """The site's profile, secrets opened, for `actor`, with the read in the audit log
+    (`site.profile_read`): after a laptop is lost, the log says which sites' secrets it could
+    hold. The API's profile route and the console's Reveal both read it here."""
+    profile = site_profile(box, site)
+    audit.record_secret_read(session, actor, "site.profile_read", "site", site.id)
+    return profile
+
+
 def enrol_gateway(session: Session, actor: Actor, data: GatewayCreate) -> GatewayEnrolled:
     """A gateway at a site, with its token (shown once, stored hashed)."""
     site = session.get(Site, data.site_id)
