@@ -120,27 +120,35 @@ def _device_states(now: datetime) -> sa.Select:
     )
 
 
-def sites(session: Session, caller: Principal) -> list[SiteRow]:
-    """The caller's sites with their counts and gateways, those needing attention first."""
+def sites(session: Session, caller: Principal, *,
+          site_id: uuid.UUID | None = None) -> list[SiteRow]:
+    """The caller's sites with their counts and gateways, those needing attention first; with
+    `site_id`, only that site (if the caller sees it): the Sites pages read theirs here."""
     now = utcnow()
+    site_query = visible_only(select(Site), caller, Site)
+    device_query = visible_only(_device_states(now), caller, Device)
+    gateway_query = visible_only(
+        select(Gateway, Site.slug).join(Site, Site.id == Gateway.site_id), caller, Gateway)
+    if site_id is not None:
+        site_query = site_query.where(Site.id == site_id)
+        device_query = device_query.where(Device.site_id == site_id)
+        gateway_query = gateway_query.where(Gateway.site_id == site_id)
     rows = {site.id: SiteRow(id=site.id, name=site.name, slug=site.slug)
-            for site in session.exec(visible_only(select(Site), caller, Site)).all()}
+            for site in session.exec(site_query).all()}
     if not rows:
         return []
-    inner = visible_only(_device_states(now), caller, Device).subquery()
+    inner = device_query.subquery()
     counted = session.exec(
         select(inner.c.site_id, inner.c.state, sa.func.count())
         .group_by(inner.c.site_id, inner.c.state)
     ).all()
-    for site_id, state, count in counted:
-        if site_id in rows:
-            rows[site_id].counts[state] = count
+    for counted_site, state, count in counted:
+        if counted_site in rows:
+            rows[counted_site].counts[state] = count
     by_slug = {row.slug: row for row in rows.values()}
     statuses = {(s.site, s.gateway): s for s in session.exec(
         select(GatewayStatus).where(GatewayStatus.site.in_(list(by_slug)))).all()}
-    gateways = session.exec(
-        visible_only(select(Gateway, Site.slug).join(Site, Site.id == Gateway.site_id),
-                     caller, Gateway).order_by(Gateway.name)).all()
+    gateways = session.exec(gateway_query.order_by(Gateway.name)).all()
     for gateway, slug in gateways:
         status = statuses.get((slug, gateway.name))
         rows[gateway.site_id].gateways.append(GatewayRow(
