@@ -1,6 +1,7 @@
 """The console's pages and forms, under /console: log in and out, the language switch, the
 overview, the device list and a device's page, the pending devices with their approval and
-rejection, the audit log, the releases with their upload, and the rollouts (list, live view,
+rejection, the audit log, the sites (a site's gateways, the Reveal of its secrets and the
+rotation of its claim key), the releases with their upload, and the rollouts (list, live view,
 pause/resume/cancel, start one).
 
 Every route here goes through ConsoleRoute, which turns "not logged in" into a redirect to the
@@ -27,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from kinhbac import release_manifest
 from kinhbac.fleet import accounts, audit, releases, uploads
 from kinhbac.fleet import provisioning
+from kinhbac.fleet import sites as fleet_sites
 from kinhbac.fleet import rollouts as rollout_rules
 from kinhbac.fleet.console import (
     audit_log,
@@ -39,6 +41,7 @@ from kinhbac.fleet.console import (
     sessions,
 )
 from kinhbac.fleet.console import releases as release_pages
+from kinhbac.fleet.console import sites as site_pages
 from kinhbac.fleet.console.sessions import ConsoleUser
 from kinhbac.fleet.deps import (
     ArtifactsDep,
@@ -51,7 +54,7 @@ from kinhbac.fleet.deps import (
 )
 from kinhbac.fleet.errors import Conflict, FleetError, Invalid, NotFound
 from kinhbac.fleet.login_limits import TooManyAttempts
-from kinhbac.fleet.models import Device, DeviceState, LoginResult, Role, utcnow
+from kinhbac.fleet.models import Device, DeviceState, LoginResult, Role, Site, utcnow
 from kinhbac.fleet.routes.auth import attempt_login
 from kinhbac.fleet.settings import Settings
 
@@ -195,6 +198,9 @@ AnyUser = Annotated[ConsoleUser, Depends(require(Role.admin, Role.technician, Ro
 # The roles of the API's routes these pages act as (kinhbac/fleet/routes/devices.py approve and
 # reject, routes/audit.py): the console allows no one the API would refuse.
 AdminUser = Annotated[ConsoleUser, Depends(require(Role.admin))]
+# routes/sites.py's profile (deps.Staff): who may reveal a site's secrets.
+STAFF_ROLES = (Role.admin, Role.technician)
+StaffUser = Annotated[ConsoleUser, Depends(require(*STAFF_ROLES))]
 
 
 @router.get("/")
@@ -407,6 +413,109 @@ def audit_page(request: Request, session: SessionDep, settings: SettingsDep,
                   status_code=400 if filters.errors else 200, user=user, filters=filters,
                   listing=listing, actor_max=audit_log.ACTOR_MAX,
                   action_max=audit_log.ACTION_MAX)
+
+
+# ---- sites
+
+SITES = PREFIX + "/sites"
+# The reveal's answer holds the site's secrets: kept by no cache, not even the browser's own
+# history (HttpHygiene says no-store too; this page does not lean on it).
+SECRET_HEADERS = {"cache-control": "no-store", "pragma": "no-cache"}
+OVERLAP_TYPED_MAX = 32  # of a refused overlap, shown back in the form: no number is longer
+
+
+@router.get("/sites")
+def sites_page(request: Request, session: SessionDep, user: AnyUser) -> HTMLResponse:
+    """The caller's sites, as GET /api/sites lists them, with their gateways and devices."""
+    return render(request, "sites.html", _locale(request, user), user=user,
+                  sites=site_pages.list_sites(session, user.principal))
+
+
+def _missing_site(request: Request, user: ConsoleUser) -> HTMLResponse:
+    return render(request, "missing.html", _locale(request, user), status_code=404, user=user,
+                  what="site")
+
+
+def _site_page(request: Request, session: Session, user: ConsoleUser, site: Site, *,
+               status_code: int = 200, **context: Any) -> HTMLResponse:
+    return render(request, "site.html", _locale(request, user), status_code=status_code,
+                  user=user, view=site_pages.site_view(session, user.principal, site),
+                  may_reveal=user.user.role in STAFF_ROLES,
+                  may_rotate=user.user.role == Role.admin, **context)
+
+
+@router.get("/sites/{site_id}")
+def site_page(site_id: str, request: Request, session: SessionDep,
+              user: AnyUser) -> HTMLResponse:
+    """One site, without its secrets; another site's answers as one that does not exist."""
+    try:
+        site = site_pages.visible_site(session, user.principal, site_id)
+    except NotFound:
+        return _missing_site(request, user)
+    done = request.query_params.get("done")
+    return _site_page(request, session, user, site, done=done if done == "rotated" else None)
+
+
+@router.post("/sites/{site_id}/reveal")
+def reveal_site_secrets(site_id: str, request: Request, session: SessionDep, box: SecretBoxDep,
+                        user: StaffUser) -> HTMLResponse:
+    """GET /api/sites/{id}/profile, from the console: the same roles, the same audit entry
+    (`site.profile_read`). The secrets are in this answer only: a POST's page, never a URL,
+    and not stored by any cache."""
+    try:
+        site = site_pages.visible_site(session, user.principal, site_id)
+    except NotFound:
+        return _missing_site(request, user)
+    profile = fleet_sites.read_profile(session, box, user.principal.actor, site)
+    response = _site_page(request, session, user, site, profile=profile)
+    response.headers.update(SECRET_HEADERS)
+    return response
+
+
+@router.get("/sites/{site_id}/rotate")
+def confirm_rotation(site_id: str, request: Request, session: SessionDep, settings: SettingsDep,
+                     user: AdminUser) -> HTMLResponse:
+    """The confirmation a claim-key rotation asks for, with its overlap (the fleet's default)."""
+    try:
+        site = site_pages.visible_site(session, user.principal, site_id)
+    except NotFound:
+        return _missing_site(request, user)
+    return _rotation_form(request, user, site, settings,
+                          overlap=f"{settings.claim_key_overlap_hours:g}")
+
+
+def _rotation_form(request: Request, user: ConsoleUser, site: Site, settings: Settings, *,
+                   overlap: str, status_code: int = 200,
+                   problem: str | None = None) -> HTMLResponse:
+    return render(request, "site_rotate.html", _locale(request, user), status_code=status_code,
+                  user=user, site=site, overlap=overlap[:OVERLAP_TYPED_MAX], problem=problem,
+                  overlap_max=site_pages.OVERLAP_MAX_HOURS,
+                  default_overlap=settings.claim_key_overlap_hours)
+
+
+@router.post("/sites/{site_id}/rotate")
+def rotate_claim_key(site_id: str, request: Request, session: SessionDep, box: SecretBoxDep,
+                     settings: SettingsDep, user: AdminUser,
+                     overlap_hours: Annotated[str, Form()] = "") -> Response:
+    """POST /api/sites/{id}/claim-key/rotate, from the console: the same function, default and
+    audit entry (`site.rotate_claim_key`). An overlap the API would refuse, or a rotation made
+    meanwhile, gets the form again with what is wrong, and nothing changes."""
+    try:
+        site = site_pages.visible_site(session, user.principal, site_id)
+    except NotFound:
+        return _missing_site(request, user)
+    rotation = site_pages.parse_rotation(overlap_hours)
+    if rotation is None:
+        return _rotation_form(request, user, site, settings, overlap=overlap_hours,
+                              status_code=422, problem="overlap")
+    try:
+        fleet_sites.rotate_claim_key(session, box, user.principal.actor, site.id, rotation,
+                                     default_overlap_hours=settings.claim_key_overlap_hours)
+    except Conflict:
+        session.rollback()
+        return _rotation_form(request, user, site, settings, overlap=overlap_hours,
+                              status_code=409, problem="meanwhile")
+    return RedirectResponse(f"{SITES}/{site.id}?done=rotated", status_code=303)
 
 
 # ---- rollouts
