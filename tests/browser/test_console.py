@@ -93,10 +93,27 @@ def test_the_devices_list_filters_by_site_and_state_and_leads_to_a_device_chart(
         assert lines[0].rect["width"] > 0
 
 
+def test_an_admin_opens_a_site_from_the_sites_list_and_reveals_its_secrets(pages, world):
+    pages.log_in(world.admin, lang="en")
+    link = pages.driver.find_element(By.CSS_SELECTOR, "nav a[href='/console/sites']")
+    leave_page(pages.driver, link.click, "the sites list")
+    pages.check("sites")
+    leave_page(pages.driver, pages.driver.find_element(By.LINK_TEXT, world.home.name).click,
+               "the site's page")
+    pages.check("site")
+    assert _heading(pages) == f"Site {world.home.name}"
+    assert not pages.driver.find_elements(By.CSS_SELECTOR, ".secrets")
+    _submit(pages, "form[action$='/reveal'] button")
+    pages.check("site-revealed")
+    revealed = pages.driver.find_element(By.CSS_SELECTOR, ".secrets").text
+    assert "Claim key" in revealed and "WiFi password" in revealed
+
+
 def test_a_viewer_sees_no_staff_controls(pages, world):
     pages.log_in(world.viewer, lang="en")
     for path, name in (("/console/", "overview"), ("/console/devices", "devices"),
-                       (f"/console/devices/{world.charted_id}", "device")):
+                       (f"/console/devices/{world.charted_id}", "device"),
+                       ("/console/sites", "sites")):
         pages.open(path, name)
         actions = {form.get_attribute("action").removeprefix(world.url) for form in
                    pages.driver.find_elements(By.CSS_SELECTOR, "form[method=post]")}
