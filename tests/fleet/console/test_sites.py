@@ -350,3 +350,18 @@ def test_stored_html_is_shown_as_text(browser, session, box):
         assert "<b>ssid</b>" not in page
     page = browser.get(f"/console/sites/{site.id}?done=<b>pwned</b>", headers=EN).text
     assert "pwned" not in page and "was rotated" not in page
+
+
+def test_without_a_session_the_pages_and_forms_lead_to_the_login_and_reveal_nothing(
+        browser, session, box, city):
+    wifi, claim_key = secrets_of(session, box, city.home)
+    entries_before = audit_count(session)
+    for answer in (browser.get("/console/sites", follow_redirects=False),
+                   browser.get(f"/console/sites/{city.home.id}", follow_redirects=False),
+                   post_form(browser, f"/console/sites/{city.home.id}/reveal", {}),
+                   post_form(browser, f"/console/sites/{city.home.id}/rotate",
+                             {"overlap_hours": "0"})):
+        assert answer.status_code == 303 and answer.headers["location"] == "/console/login"
+        assert wifi not in answer.text and claim_key not in answer.text
+    assert secrets_of(session, box, city.home) == (wifi, claim_key)
+    assert audit_count(session) == entries_before
