@@ -1,5 +1,6 @@
 """What the Devices pages show: the device list (search, filters, keyset pages) and one device
-(its identity, last status, OTA steps, CONFIG and a chart of its recent readings).
+(its identity, last status, OTA steps, CONFIG and a chart of its recent readings; the CONFIG
+form is device_config.py).
 
 Both are cut to the caller's sites exactly as the API cuts them (kinhbac/fleet/deps.py): the
 list through visible_only, a device through visible_or_404, so a device of another site is

@@ -1,8 +1,8 @@
 """The console's pages and forms, under /console: log in and out, the language switch, the
-overview, the device list and a device's page, the pending devices with their approval and
-rejection, the audit log, the sites (a site's gateways, the Reveal of its secrets and the
-rotation of its claim key), the releases with their upload, and the rollouts (list, live view,
-pause/resume/cancel, start one).
+overview, the device list and a device's page (with its CONFIG form), the pending devices with
+their approval and rejection, the audit log, the sites (a site's gateways, the Reveal of its
+secrets and the rotation of its claim key), the releases with their upload, and the rollouts
+(list, live view, pause/resume/cancel, start one).
 
 Every route here goes through ConsoleRoute, which turns "not logged in" into a redirect to the
 login page and a refused CSRF check or role into a 403 page; and through the router's CSRF
@@ -33,6 +33,7 @@ from kinhbac.fleet import rollouts as rollout_rules
 from kinhbac.fleet.console import (
     audit_log,
     csrf,
+    device_config,
     devices,
     i18n,
     overview,
@@ -198,9 +199,15 @@ AnyUser = Annotated[ConsoleUser, Depends(require(Role.admin, Role.technician, Ro
 # The roles of the API's routes these pages act as (kinhbac/fleet/routes/devices.py approve and
 # reject, routes/audit.py): the console allows no one the API would refuse.
 AdminUser = Annotated[ConsoleUser, Depends(require(Role.admin))]
-# routes/sites.py's profile (deps.Staff): who may reveal a site's secrets.
+# The API's Staff (deps.Staff): who may reveal a site's secrets (routes/sites.py's profile)
+# and change a device's CONFIG (routes/devices.py).
 STAFF_ROLES = (Role.admin, Role.technician)
 StaffUser = Annotated[ConsoleUser, Depends(require(*STAFF_ROLES))]
+
+
+async def _form_fields(request: Request) -> dict[str, Any]:
+    """The request's form as a dict (read once by _protect already; Starlette keeps it)."""
+    return dict(await request.form())
 
 
 @router.get("/")
@@ -224,18 +231,63 @@ def devices_page(request: Request, session: SessionDep, user: AnyUser) -> HTMLRe
                   search_max=devices.SEARCH_MAX, text_max=devices.TEXT_MAX)
 
 
+DEVICE_DONE = frozenset({"config"})  # the messages a device page shows after an action
+
+
 @router.get("/devices/{device_id}")
-def device_page(device_id: str, request: Request, session: SessionDep, settings: SettingsDep,
+def device_page(device_id: str, request: Request, session: SessionDep,
                 user: AnyUser) -> HTMLResponse:
     """One device; another site's answers exactly as a device that does not exist (404)."""
+    done = request.query_params.get("done")
+    return _device_page(request, session, user, device_id,
+                        done=done if done in DEVICE_DONE else None)
+
+
+def _device_page(request: Request, session: Session, user: ConsoleUser, device_id: str, *,
+                 status_code: int = 200, config_form: device_config.ConfigForm | None = None,
+                 done: str | None = None) -> HTMLResponse:
+    settings: Settings = request.app.state.settings
     locale = _locale(request, user)
     try:
         detail = devices.device_detail(session, user.principal, device_id,
                                        settings.ingest_readings_per_device)
     except NotFound:
         return render(request, "missing.html", locale, status_code=404, user=user)
-    return render(request, "device.html", locale, user=user, detail=detail, now=utcnow(),
-                  chart_width=devices.CHART_WIDTH, chart_height=devices.CHART_HEIGHT)
+    may_edit = user.user.role in STAFF_ROLES
+    if may_edit and config_form is None:
+        config_form = device_config.current(detail.device.node_config)
+    return render(request, "device.html", locale, status_code=status_code, user=user,
+                  detail=detail, now=utcnow(), chart_width=devices.CHART_WIDTH,
+                  chart_height=devices.CHART_HEIGHT,
+                  config_form=config_form if may_edit else None, done=done,
+                  number_settings=device_config.NUMBER_SETTINGS,
+                  sensors_field=device_config.SENSORS, sensors_max=device_config.SENSORS_MAX)
+
+
+@router.post("/devices/{device_id}/config")
+def edit_device_config(device_id: str, request: Request, session: SessionDep, user: StaffUser,
+                       form: Annotated[dict[str, Any], Depends(_form_fields)]) -> Response:
+    """PUT /api/devices/{id}/config, from the device page: the same site check (another site's
+    device is not found), the same model and set_node_config, so the same refusals and audit
+    entry. A refusal: the page again with what was typed and the field's problem (422)."""
+    device = _visible_device(session, user, device_id)
+    if device is None:
+        return render(request, "missing.html", _locale(request, user), status_code=404,
+                      user=user)
+    edited = device_config.parse_form(form)
+    if edited.update is None:
+        return _device_page(request, session, user, device_id, status_code=422,
+                            config_form=edited)
+    try:
+        provisioning.set_node_config(session, user.principal.actor, device.id, edited.update)
+    except Conflict:
+        # Changed by someone else in the same instant: the page as it is now, and try again.
+        session.rollback()
+        edited.errors.append(("", "conflict", ""))
+        return _device_page(request, session, user, device_id, status_code=409,
+                            config_form=edited)
+    return RedirectResponse(f"{PREFIX}/devices/{device.id}?done=config#config",
+                            status_code=303)
 
 
 @router.get("/login")
@@ -584,11 +636,6 @@ def _new_rollout_form(request: Request, session: Session, user: ConsoleUser,
     return render(request, "rollout_new.html", _locale(request, user), status_code=status_code,
                   user=user, new=new, releases=releases, sites=sites, sizes=sizes,
                   max_field=rollouts.MAX_FIELD)
-
-
-async def _form_fields(request: Request) -> dict[str, Any]:
-    """The request's form as a dict (read once by _protect already; Starlette keeps it)."""
-    return dict(await request.form())
 
 
 @router.post("/rollouts/new")
