@@ -23,6 +23,8 @@ from kinhbac.fleet.models import NODE_SETTINGS, NodeConfigUpdate
 
 SENSORS = "sensors"
 # A number longer than this is a paste gone wrong: the node's largest is 86,400,000 (8 digits).
+# With SENSORS_MAX, the one refusal of the form's own (the API has no such limit): text this
+# long is not shown back whole, nor sent on.
 NUMBER_MAX = 20
 # The sensor table, indented as the form shows it: a full table (1,300 bytes as compact JSON)
 # takes about three times that.

@@ -118,6 +118,9 @@ def test_an_admins_edit_is_the_apis_change_with_the_same_audit_entry(
             "connection.") in back.text
     assert "Settings stored for the node: its gateway sends them" in back.text
     assert "<td>5,000 ms</td>" in back.text and "<td>3</td>" in back.text
+    # Only the console's own codes make a message: nothing from the address reaches the page.
+    forged = browser.get(f"/console/devices/{by_console.id}?done=saved", headers=EN)
+    assert forged.status_code == 200 and 'class="done"' not in forged.text
     # The API reads what the console stored, and its own change writes the same entry.
     assert browser.get(f"/api/devices/{by_console.id}", headers=bearer(api_token)).json()[
         "node_config"] == expected
@@ -217,6 +220,10 @@ def test_refused_values_come_back_with_the_input_kept_and_each_field_named(
     assert ("hệ thống từ chối bảng cảm biến: sensor 0 (t): an adc entry needs a pin"
             in answer.text)
     assert stored(session, device.id).node_config is None and audit_count(session) == entries
+    # A paste gone wrong: the console's own limit (no node takes a number that long).
+    answer = edit(browser, device.id, token, interval_ms="1" * 21)
+    assert answer.status_code == 422
+    assert "Chu kỳ đo (<code>interval_ms</code>): dài hơn 20 ký tự." in answer.text
     # What only the settings together break (a CONFIG frame's size): said of them all.
     answer = post_form(browser, f"/console/devices/{device.id}/config",
                        config_form(sensors=json.dumps(big_kit(13))) | LARGE_NUMBERS | {
