@@ -133,6 +133,9 @@ async def _refuse_nul_in_query(request: Request, call_next):  # type: ignore[no-
     """A NUL in a query parameter is refused up front, the same on every database."""
     for name, value in request.query_params.multi_items():
         if "\x00" in name or "\x00" in value:
+            if request.url.path == console.PREFIX or request.url.path.startswith(
+                    console.PREFIX + "/"):
+                return console.refuse_nul_address(request)
             return JSONResponse(status_code=422, content={"detail": [
                 {"loc": ["query", name.replace("\x00", "")], "msg": NUL_MESSAGE,
                  "type": "value_error"}]})

@@ -122,6 +122,13 @@ def _session_user(request: Request, session: Session) -> ConsoleUser | None:
     return request.state.console_user
 
 
+def refuse_nul_address(request: Request) -> HTMLResponse:
+    """A console address with a NUL in its query (the app refuses those before any route): a
+    page in the browser's language, as the console's other refusals, not the API's JSON."""
+    return render(request, "refused.html", _locale(request, None), status_code=422, user=None,
+                  reason="nul")
+
+
 class ConsoleRoute(APIRoute):
     """Answers the console's refusals as pages: a redirect to log in, or a 403 page."""
 

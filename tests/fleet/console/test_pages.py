@@ -45,3 +45,23 @@ def test_every_form_field_has_a_label(browser, session):
                 continue
             found = re.search(r'id="([^"]+)"', field)
             assert found and found.group(1) in labelled, field
+
+
+def test_a_nul_in_a_console_address_gets_a_page_in_the_browsers_language_not_json(browser,
+                                                                                session):
+    """The app refuses a NUL in any query before a route runs (every database alike); on the
+    console that refusal is a page a person can read, with the API's JSON kept for the API."""
+    user, _ = make_user(session, Role.viewer)
+    log_in(browser, user.email)
+    for path in ("/console/devices?q=ab%00cd", "/console/audit?actor%00=x", "/console?x=%00"):
+        page = browser.get(path, headers={"Accept-Language": "vi"}, follow_redirects=False)
+        assert page.status_code == 422, path
+        assert page.headers["content-type"].startswith("text/html"), path
+        assert page.headers["content-security-policy"].startswith("default-src 'none'")
+        assert "ký tự NUL (mã 0)" in page.text and "<title>" in page.text
+    english = browser.get("/console/devices?q=%00", headers={"Accept-Language": "en"})
+    assert "The address holds a NUL character (code 0)" in english.text
+    api = browser.get("/api/devices?mac=%00")
+    assert api.status_code == 422 and api.headers["content-type"] == "application/json"
+    # A path that only starts like the console's is the API's app, answered as JSON.
+    assert browser.get("/consoles?x=%00").headers["content-type"] == "application/json"
