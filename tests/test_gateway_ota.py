@@ -395,6 +395,39 @@ def test_a_node_in_a_long_session_is_offered_once_after_a_readings_ack(
     assert node.offer().ref == offer.ref  # the next session's HELLO: offered again
 
 
+def test_a_node_in_a_long_session_paused_mid_download_is_offered_again_on_resume(
+        tmp_path, broker, collector, site, proxy, gateways):
+    # Paused mid-download, the node's chunk requests are refused and it stops. Resumed, the
+    # release is due again on the same connection: offered after a READINGS ACK, or a node
+    # that stays connected would go on only at its next session (past its deadline, maybe).
+    (key,) = site.register(1)
+    files = bundle(2000)
+    release = site.upload("0.2.0", files)
+    rollout_id = site.rollout(release, [key])
+    gateway = start_gateway(tmp_path, broker, proxy, site, gateways)
+    wait_until(lambda: metric(gateway, CACHED) == 1, 10, "the release cached")
+    node = Node(key, gateway.port)
+    offer = node.offer()
+    assert offer is not None
+    assert node.request(offer.ref, 0, 0).type == wire.OTA_CHUNK
+
+    site.fleet.call("POST", f"/api/rollouts/{rollout_id}/pause", site.admin)
+    wait_until(lambda: "OTA assignments: 0 devices" in gateway.log(), 5 * REFRESH_S,
+               "the assignment withdrawn")
+    assert node.request(offer.ref, 0, 1024).type == wire.ERROR_DOWN  # stopped
+    assert [a.type for a in node.readings()] == [wire.ACK]  # nothing offered while paused
+
+    site.fleet.call("POST", f"/api/rollouts/{rollout_id}/resume", site.admin)
+    wait_until(lambda: gateway.log().count("OTA assignments: 1 devices") >= 2, 5 * REFRESH_S,
+               "the assignment back")
+    [ack] = node.readings()  # the offer follows this ACK
+    again, ack = node.readings()
+    assert (again.type, again.ref, ack.type) == (wire.OTA_OFFER, offer.ref, wire.ACK)
+    assert node.download(again) == files
+    assert [a.type for a in node.readings()] == [wire.ACK]  # once, as before the pause
+    node.close()
+
+
 def test_an_image_release_is_offered_as_its_one_file_and_served_whole(
         tmp_path, broker, collector, site, proxy, gateways):
     (key,) = site.register(1)

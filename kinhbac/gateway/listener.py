@@ -356,11 +356,17 @@ class Listener:
                counter: int) -> bytes | None:
         """An OTA_OFFER due to the node, once per connection and release: after its HELLO's
         ACK, or, for a release that became due during a long session, after the ACK of its
-        next READINGS (a node that stays connected would otherwise never be offered it)."""
+        next READINGS (a node that stays connected would otherwise never be offered it).
+        A release withdrawn meanwhile (its rollout paused) is forgotten for the connection: the
+        node's chunk requests were refused and it stopped, so when it is due again (resumed)
+        it is offered again, or the node would wait for its next session to go on."""
         if self.ota is None:
             return None
         ref = self.ota.due(device)
-        if ref is None or conn.offered.get(device) == ref:
+        if ref is None:
+            conn.offered.pop(device, None)
+            return None
+        if conn.offered.get(device) == ref:
             return None
         offer = self.ota.offer(device, key, boot, counter)
         if offer is not None:
