@@ -73,6 +73,13 @@ def _postgres_answers() -> bool:
     return True
 
 
+def fleet_backend() -> str:
+    """PostgreSQL, production's database, where it answers (or CI requires it); else SQLite.
+    tests/fleet/console runs the pages on both."""
+    return ("postgresql" if os.environ.get("KINHBAC_REQUIRE_POSTGRES") == "1"
+            or _postgres_answers() else "sqlite")
+
+
 @dataclass(frozen=True)
 class SiteSeen:
     name: str
@@ -138,12 +145,9 @@ def _quick_argon2() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     """The fleet service on uvicorn (a thread: the same app and HTTP stack as in production),
-    seeded once; the tests only read it. PostgreSQL, production's database, where it answers
-    (or CI requires it); else SQLite. tests/fleet/console runs the pages on both."""
-    backend = ("postgresql" if os.environ.get("KINHBAC_REQUIRE_POSTGRES") == "1"
-               or _postgres_answers() else "sqlite")
+    seeded once; the tests only read it. On fleet_backend()'s database."""
     folder = tmp_path_factory.mktemp("browser-fleet")
-    with empty_database(backend, folder) as url:
+    with empty_database(fleet_backend(), folder) as url:
         settings = Settings(env="production", secret_key=SECRET_KEY, database_url=url,
                             data_dir=folder / "data")
         app = create_app(settings, prepare=False)

@@ -34,9 +34,12 @@ def wait_until(condition, timeout: float, what: str) -> float:
 class FleetServer:
     """The fleet service; its database in `workdir` is kept across stop() and start()."""
 
-    def __init__(self, workdir: Path, broker_port: int | None) -> None:
-        """`broker_port`: the broker its ingest reads; None: no ingest."""
+    def __init__(self, workdir: Path, broker_port: int | None,
+                 database_url: str | None = None) -> None:
+        """`broker_port`: the broker its ingest reads; None: no ingest. `database_url`: an
+        empty database of its own; None: SQLite in `workdir`."""
         workdir.mkdir(parents=True, exist_ok=True)
+        database_url = database_url or f"sqlite:///{workdir / 'fleet.sqlite3'}"
         self.config = workdir / "fleet.toml"
         ingest = (
             f'ingest_enabled = true\nmqtt_port = {broker_port}\n'
@@ -44,7 +47,7 @@ class FleetServer:
         ) if broker_port is not None else ""
         self.config.write_text(
             f'env = "production"\nsecret_key = "{secrets.token_urlsafe(32)}"\n'
-            f'database_url = "sqlite:///{workdir / "fleet.sqlite3"}"\n' + ingest
+            f'database_url = "{database_url}"\n' + ingest
         )
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -127,8 +127,9 @@ class CountingFleet(FleetServer):
     """The fleet service, its rules run every ROLLOUT_TICK_S, what gateways fetch of releases
     counted at the fleet itself (no proxy in the way)."""
 
-    def __init__(self, workdir: Path, broker_port: int | None) -> None:
-        super().__init__(workdir, broker_port)
+    def __init__(self, workdir: Path, broker_port: int | None,
+                 database_url: str | None = None) -> None:
+        super().__init__(workdir, broker_port, database_url)
         self.fetches = ReleaseFetches()
         self.workdir = workdir
         self.data_dir = workdir / "data"  # the default: beside fleet.toml
@@ -149,11 +150,13 @@ class CountingFleet(FleetServer):
 
 
 @contextmanager
-def counting_fleet(workdir: Path, broker_port: int, monkeypatch) -> Iterator[CountingFleet]:
-    """A started CountingFleet with one admin; Argon2id at its cheapest as in tests/fleet."""
+def counting_fleet(workdir: Path, broker_port: int, monkeypatch,
+                   database_url: str | None = None) -> Iterator[CountingFleet]:
+    """A started CountingFleet with one admin; Argon2id at its cheapest as in tests/fleet.
+    `database_url`: an empty database (None: SQLite in `workdir`)."""
     monkeypatch.setattr(security, "_hasher",
                         PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
-    server = CountingFleet(workdir, broker_port)
+    server = CountingFleet(workdir, broker_port, database_url)
     server.create_admin(*ADMIN)
     server.start()
     try:
