@@ -278,10 +278,10 @@ def test_a_release_uploaded_through_the_releases_page_with_its_progress_shown(
     _fill_upload(console, "image", IMAGE_VERSION, empty_file)
     driver.execute_script(f"{SAME_DOCUMENT} = true")
     driver.find_element(By.CSS_SELECTOR, "#upload-form button[type=submit]").click()
-    wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "main [role=alert]"), 15,
+    wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "main div.error[role=alert]"), 15,
                "the refusal shown")
     assert driver.execute_script(f"return {SAME_DOCUMENT} === true"), "the page was replaced"
-    assert driver.find_element(By.CSS_SELECTOR, "main [role=alert]").text == \
+    assert driver.find_element(By.CSS_SELECTOR, "main div.error[role=alert]").text == \
         "The image is empty."
     assert driver.find_element(By.ID, "kind-image").is_selected()  # what was typed is kept
     assert driver.find_element(By.ID, "version").get_attribute("value") == IMAGE_VERSION
