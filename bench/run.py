@@ -8,11 +8,14 @@
     login         bench/RESULTS.md       fleet RSS and health p99 under 60 clients' bad logins
     ota           bench/RESULTS.md       a release to 100 boards behind one gateway: time,
                                          fetches at the fleet, node heap while downloading
+    console       bench/RESULTS.md       the console's pages over 1,000,000 devices at 500
+                                         sites in PostgreSQL: p50/p95, the database's size
 """
 
 import sys
 
 from bench import (
+    console_bench,
     firmware_heap,
     fleet_ingest_bench,
     gateway_bench,
@@ -31,6 +34,7 @@ def main() -> int:
     status = queue_bench.main([]) or status
     status = login_bench.main([]) or status
     status = ota_bench.main([]) or status
+    status = console_bench.main([]) or status
     return status
 
 
