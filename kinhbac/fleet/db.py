@@ -35,7 +35,11 @@ def make_engine(url: str) -> Engine:
         engine = sa.create_engine(url, connect_args={"check_same_thread": False})
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return sa.create_engine(url, pool_pre_ping=True)
+    # No JIT compilation: it pays off for long analytic queries only, and on the console's
+    # counts over a city-sized registry it took seconds before the query itself ran
+    # (bench/console_bench.py, 1,000,000 devices). A URL that sets its own options keeps them.
+    options = {} if "options" in sa.engine.make_url(url).query else {"options": "-c jit=off"}
+    return sa.create_engine(url, pool_pre_ping=True, connect_args=options)
 
 
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
