@@ -87,3 +87,33 @@ def test_start_up_retries_until_the_database_answers(monkeypatch, tmp_path):
     wait_for_database(engine, timeout_s=5)
     assert len(attempts) == 3
     engine.dispose()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_device_search_has_a_trigram_index_on_postgresql_only(backend, tmp_path):
+    """Migration 0012: on PostgreSQL the console's search (any part of an id, wire id or MAC)
+    is answered from pg_trgm's index instead of reading every device; SQLite gets none."""
+    from sqlmodel import select
+
+    from kinhbac.fleet.console.devices import search_clause
+    from kinhbac.fleet.models import Device
+
+    with empty_database(backend, tmp_path) as url:
+        engine = make_engine(url)
+        try:
+            upgrade(engine)
+            indexes = {index["name"] for index in sa.inspect(engine).get_indexes("device")}
+            if backend == "sqlite":
+                assert "ix_device_search_text" not in indexes
+                return
+            assert "ix_device_search_text" in indexes
+            query = select(Device.id).where(search_clause("24:0A:C4:1F"))
+            with engine.connect() as connection:
+                sql_text = str(query.compile(dialect=connection.dialect,
+                                             compile_kwargs={"literal_binds": True}))
+                connection.execute(sa.text("SET enable_seqscan = off"))  # an empty table
+                plan = "\n".join(row[0] for row in connection.execute(
+                    sa.text("EXPLAIN " + sql_text)))
+            assert "ix_device_search_text" in plan, plan
+        finally:
+            engine.dispose()

@@ -32,6 +32,7 @@ from kinhbac.fleet.models import (
     Rollout,
     RolloutEvent,
     Site,
+    device_search_text,
     utcnow,
 )
 
@@ -39,6 +40,7 @@ PAGE_SIZE = 50  # rows per page: a screen or two on a control-room wall
 # Longer than a whole id with dashes (36): longer input is a paste gone wrong, said so.
 SEARCH_MAX = 64
 TEXT_MAX = 64  # a tag's and a firmware version's longest (their columns)
+FEW_MATCHES = 10_000  # a search matching at most this many: its rows sorted, not walked
 # The overview's states, then the registry's states a device outside them is in.
 LIST_STATES = (*STATES, "registered", "revoked", "rejected")
 # "Not seen for more than ...": the silences an operator asks about, by URL value.
@@ -136,11 +138,9 @@ def search_clause(text: str) -> sa.ColumnElement[bool]:
     digits = _SEPARATORS.sub("", text.lower())
     if not digits or not _HEX.match(digits):
         return sa.false()
-    pattern = f"%{digits}%"
-    # The id without dashes: PostgreSQL's text form has them, SQLite stores it without.
-    bare_id = sa.func.replace(sa.cast(Device.id, sa.String), "-", "")
-    # The wire id is "6b62" and the MAC's 12 digits: a MAC typed any way matches it.
-    return sa.or_(Device.wire_id.like(pattern), bare_id.like(pattern))
+    # The wire id is "6b62" and the MAC's 12 digits: a MAC typed any way matches it. One
+    # expression for both ids: PostgreSQL's trigram index holds exactly it (models.py).
+    return device_search_text().like(f"%{digits}%")
 
 
 def list_devices(session: Session, caller: Principal, filters: Filters) -> DeviceList:
@@ -161,27 +161,44 @@ def list_devices(session: Session, caller: Principal, filters: Filters) -> Devic
             return listing
     now = utcnow()
     state = device_state(now)
-    query = (
+
+    def narrowed(query: Any) -> Any:
+        query = provisioning.filter_devices(
+            visible_only(query, caller, Device), site_id=site_id, tag=filters.tag or None,
+            firmware_version=filters.firmware or None)
+        if filters.q:
+            query = query.where(search_clause(filters.q))
+        if filters.state:
+            query = query.where(state == filters.state)
+        if filters.silent == NEVER:
+            query = query.where(Device.last_seen_at.is_(None))
+        elif filters.silent:
+            query = query.where(sa.or_(Device.last_seen_at.is_(None),
+                                       Device.last_seen_at < now - SILENCES[filters.silent]))
+        return query
+
+    query = narrowed(
         select(Device, state, Site.name)
         .join(DeviceStatus, DeviceStatus.wire_id == Device.wire_id, isouter=True)
         .join(Site, Site.id == Device.site_id, isouter=True)
     )
-    query = provisioning.filter_devices(
-        visible_only(query, caller, Device), site_id=site_id, tag=filters.tag or None,
-        firmware_version=filters.firmware or None)
-    if filters.q:
-        query = query.where(search_clause(filters.q))
+    # The count joins the last status only when the state filter asks it: PostgreSQL drops an
+    # unused outer join but still reads the table for its key, where the index alone would do
+    # (a tenth of a second or more over a million devices; bench/console_bench.py).
+    counted = select(sa.func.count()).select_from(Device)
     if filters.state:
-        query = query.where(state == filters.state)
-    if filters.silent == NEVER:
-        query = query.where(Device.last_seen_at.is_(None))
-    elif filters.silent:
-        query = query.where(sa.or_(Device.last_seen_at.is_(None),
-                                   Device.last_seen_at < now - SILENCES[filters.silent]))
-    listing.total = session.exec(select(sa.func.count()).select_from(query.subquery())).one()
+        counted = counted.join(DeviceStatus, DeviceStatus.wire_id == Device.wire_id,
+                               isouter=True)
+    listing.total = session.exec(narrowed(counted)).one()
     if filters.after:
         query = query.where(Device.wire_id > filters.after)
-    found = session.exec(query.order_by(Device.wire_id).limit(PAGE_SIZE + 1)).all()
+    order = Device.wire_id
+    if filters.q and listing.total <= FEW_MATCHES:
+        # Sorting the few matches the search index found beats walking the wire id index for
+        # the first 51 of them, which PostgreSQL otherwise picks and which reads most of a
+        # large fleet when they all sit far along it (a MAC's maker digits, say). Same order.
+        order = Device.wire_id + ""
+    found = session.exec(query.order_by(order).limit(PAGE_SIZE + 1)).all()
     listing.rows = [
         DeviceRow(id=device.id, wire_id=device.wire_id, mac=device.mac, site=site_name,
                   tags=device.tags, state=shown, firmware_version=device.firmware_version,
@@ -194,14 +211,31 @@ def list_devices(session: Session, caller: Principal, filters: Filters) -> Devic
 
 
 def _firmware_versions(session: Session, caller: Principal) -> list[str]:
+    if caller.site_ids is None:
+        return _distinct_values(session, Device.firmware_version)
     query = visible_only(select(Device.firmware_version).distinct(), caller, Device)
     return list(session.exec(query.where(Device.firmware_version.is_not(None))
                              .order_by(Device.firmware_version).limit(OPTIONS_MAX)))
 
 
 def _tags(session: Session, caller: Principal) -> list[str]:
+    if caller.site_ids is None:  # every tag row has its device: no join to ask which
+        return _distinct_values(session, DeviceTag.tag)
     query = select(DeviceTag.tag).distinct().join(Device, Device.id == DeviceTag.device_id)
     return list(session.exec(visible_only(query, caller, Device).order_by(DeviceTag.tag)
+                             .limit(OPTIONS_MAX)))
+
+
+def _distinct_values(session: Session, column: Any) -> list[str]:
+    """The first OPTIONS_MAX distinct values of an indexed column, in order, one index probe
+    each (the next value above the last): SELECT DISTINCT reads every row, a second or more
+    over a city's million devices (bench/console_bench.py). A limited caller's sites hold few
+    enough devices for the plain query."""
+    found = select(sa.func.min(column).label("value")).cte("found", recursive=True)
+    found = found.union_all(
+        select(select(sa.func.min(column)).where(column > found.c.value).scalar_subquery())
+        .where(found.c.value.is_not(None)))
+    return list(session.exec(select(found.c.value).where(found.c.value.is_not(None))
                              .limit(OPTIONS_MAX)))
 
 
