@@ -177,9 +177,14 @@ def list_devices(session: Session, caller: Principal, filters: Filters) -> Devic
                                        Device.last_seen_at < now - SILENCES[filters.silent]))
         return query
 
+    status_join = DeviceStatus.wire_id == Device.wire_id
+    if filters.after:
+        # Implied by the join, and said for PostgreSQL: a merge join then starts the statuses
+        # at the page too, not at the first of them (a third of a second, a million deep).
+        status_join = sa.and_(status_join, DeviceStatus.wire_id > filters.after)
     query = narrowed(
         select(Device, state, Site.name)
-        .join(DeviceStatus, DeviceStatus.wire_id == Device.wire_id, isouter=True)
+        .join(DeviceStatus, status_join, isouter=True)
         .join(Site, Site.id == Device.site_id, isouter=True)
     )
     # The count joins the last status only when the state filter asks it: PostgreSQL drops an
