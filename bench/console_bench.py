@@ -457,6 +457,7 @@ class Size:
     database: int
     tables: list[tuple[str, int, int, int]]  # (table, rows, heap+toast bytes, index bytes)
     indexes: list[tuple[str, int]]  # the biggest, by bytes
+    readings: tuple[int, int]  # recent_reading's rows, and its bytes with its indexes
 
 
 def database_size(url: str) -> Size:
@@ -473,7 +474,10 @@ def database_size(url: str) -> Size:
             JOIN pg_namespace n ON n.oid = c.relnamespace
             WHERE c.relkind = 'i' AND n.nspname = 'public'
             ORDER BY pg_relation_size(c.oid) DESC LIMIT 10""").fetchall()
-    return Size(total, [tuple(t) for t in tables], [tuple(i) for i in indexes])
+        readings = db.execute("SELECT count(*), pg_total_relation_size('recent_reading')"
+                              " FROM recent_reading").fetchone()
+    return Size(total, [tuple(t) for t in tables], [tuple(i) for i in indexes],
+                tuple(readings))
 
 
 # ---- the measurements ------------------------------------------------------------------------
@@ -682,6 +686,7 @@ def build_report(seeded: Seeded, measured: list[Page], size: Size,
             "met" if p.p(0.95) * 1000 < TARGET_P95_MS else "missed")
         lines.append(f"| {p.who} | {p.name} | {_ms(p.p(0.5))} | {_ms(p.p(0.95))} | "
                      f"{_ms(max(p.seconds))} | {p.bytes / 1024:,.0f} | {target} |")
+    rows, size_bytes = size.readings
     lines += [
         "",
         "## Database size",
@@ -689,8 +694,11 @@ def build_report(seeded: Seeded, measured: list[Page], size: Size,
         f"`pg_database_size`: **{_mib(size.database)} MiB** after VACUUM ANALYZE "
         f"(~{size.database / max(1, seeded.devices):,.0f} bytes a device, everything "
         f"included). Recent readings are kept for the {CHARTED} measured devices only: the "
-        f"ingest keeps up to 100 per device, which on a whole fleet reporting would be the "
-        f"biggest table by far (see the notes).",
+        f"ingest keeps up to {READINGS} per device, which on a whole fleet reporting would be "
+        f"the biggest table by far"
+        + (f" ({READINGS * seeded.devices:,} rows, some "
+           f"{size_bytes / rows * READINGS * seeded.devices / 1024 ** 3:,.0f} GiB "
+           f"at this table's bytes a row with its index)." if rows else "."),
         "",
         "| Table | Rows (estimate) | Table (MiB) | Its indexes (MiB) |",
         "|---|---:|---:|---:|",
