@@ -7,13 +7,20 @@ STAMP := $(VENV)/.installed-stamp
 UV_VERSION := 0.13.9
 GATEWAY_CHECK_VENV := $(VENV)/gateway-check
 
-.PHONY: demo test bench install lock lock-upgrade check-gateway-lock clean
+.PHONY: demo test hil bench install lock lock-upgrade check-gateway-lock clean
 
 demo: $(STAMP)
 	$(BIN)/kinhbac demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The hardware-in-the-loop suite (docs/hil.md): emulated boards, or real ones with
+# PORT=/dev/ttyUSB0 (PORTS="/dev/ttyUSB0 /dev/ttyUSB1" for several) and BENCH=bench.toml.
+# JUnit XML and one JSON report per board go to hil-report/.
+hil: $(STAMP)
+	$(BIN)/python -m pytest hil_tests $(foreach p,$(PORT) $(PORTS),--port $(p)) \
+		$(if $(BENCH),--bench $(BENCH)) --junitxml=hil-report/junit.xml $(PYTEST_ARGS)
 
 # Benchmarks need Node.js and npm too (a 32-bit MicroPython for the heap factor).
 bench: $(STAMP)

@@ -5,6 +5,12 @@ import pytest
 from kinhbac.transport.raw_repl import RemoteError
 
 
+@pytest.fixture
+def repl(board):
+    with board.repl() as session:
+        yield session
+
+
 def test_board_runs_code_sent_over_the_raw_repl(repl):
     assert repl.exec("print(sum(range(10)))").strip() == b"45"
 
@@ -20,19 +26,14 @@ def test_errors_on_the_board_come_back_with_their_traceback(repl):
     assert "ValueError: from the board" in raised.value.traceback
 
 
-def test_file_survives_a_machine_reset(target, repl):
+def test_file_survives_a_machine_reset(board, repl):
     payload = bytes(range(256)) * 4
     repl.fs_put(payload, "/hil_probe.bin")
-    repl.link.write(b"import machine\r\nmachine.reset()\x04")
-    repl.link.close()
-    fresh = target.wait_after_reset()
-    try:
+    with board.after_reset(repl) as fresh:
         assert fresh.fs_get("/hil_probe.bin") == payload
         # esp_restart() is ESP_RST_SW, which the ESP32 port reports as HARD_RESET.
         assert fresh.eval("__import__('machine').reset_cause()") == 2
         fresh.fs_remove("/hil_probe.bin")
-    finally:
-        fresh.link.close()
 
 
 def test_hashlib_sha256_is_available_for_frame_macs(repl):
