@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 ALL_BOARDS = "all boards"  # tests of several boards at once (two-board tests)
+SUITE = Path(__file__).parent  # `make test` runs this suite beside tests/: only its tests count
 
 
 @dataclass
@@ -66,11 +67,14 @@ class HilReport:
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
         outcome = yield
-        report = outcome.get_result()
-        report.hil_board = getattr(item, "hil_board", ALL_BOARDS)  # type: ignore[attr-defined]
+        if SUITE in Path(item.path).parents:
+            report = outcome.get_result()
+            report.hil_board = getattr(item, "hil_board", ALL_BOARDS)  # type: ignore[attr-defined]
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        board = self.board(getattr(report, "hil_board", ALL_BOARDS))
+        if not hasattr(report, "hil_board"):
+            return
+        board = self.board(report.hil_board)
         name = _test_name(report.nodeid)
         if report.skipped and report.when in ("setup", "call"):
             reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(
@@ -83,6 +87,8 @@ class HilReport:
             board.passed.append(name)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not self.boards:
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         write = terminalreporter.write_line
         for name in sorted(self.boards):
