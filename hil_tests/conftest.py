@@ -254,12 +254,17 @@ def node(request: pytest.FixtureRequest, lab: Lab, board: BoardUnderTest) -> Nod
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    """A failed test on emulated boards shows what each printed last (a real board's console
-    is its serial port, which the test itself reads)."""
+    """A failed test shows what the host's gateway logged last and, on emulated boards, what
+    each board printed last (a real board's console is its serial port, which the test reads)."""
     outcome = yield
     report = outcome.get_result()
     lab = getattr(item, "funcargs", {}).get("lab")
-    if report.failed and isinstance(lab, Lab) and lab.emulator is not None:
+    if not (report.failed and isinstance(lab, Lab)):
+        return
+    if lab.emulator is not None:
         for board in lab.emulator.boards:
             report.sections.append((f"board {board.name}'s console, last 3000 characters",
                                     board.console.text()[-3000:]))
+    if lab._site is not None:
+        report.sections.append(("the host's gateway log, last 3000 characters",
+                                lab._site.gateway.log()[-3000:]))
