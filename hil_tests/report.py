@@ -27,7 +27,7 @@ class Measurement:
 @dataclass
 class BoardReport:
     name: str
-    kind: str = "?"  # "emulated" or the port of a real board
+    kind: str = ""  # "emulated" or the port of a real board; none for ALL_BOARDS
     passed: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (test, reason)
@@ -95,7 +95,8 @@ class HilReport:
             board = self.boards[name]
             (self.folder / f"{_file_name(name)}.json").write_text(
                 json.dumps(board.as_json(), indent=1))
-            terminalreporter.write_sep("=", f"hil: {name} ({board.kind})")
+            terminalreporter.write_sep("=", f"hil: {name}" + (f" ({board.kind})"
+                                                              if board.kind else ""))
             write(f"passed {len(board.passed)}, failed {len(board.failed)}, "
                   f"skipped {len(board.skipped)}")
             for test in board.failed:
