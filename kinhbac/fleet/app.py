@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from kinhbac.fleet import ingest, rollouts
 from kinhbac.fleet.artifacts import ArtifactStore
 from kinhbac.fleet.console import pages as console
+from kinhbac.fleet.console.overview import kept_counts
 from kinhbac.fleet.crypto import SecretBox
 from kinhbac.fleet.db import make_engine, upgrade, wait_for_database
 from kinhbac.fleet.errors import FleetError, Invalid
@@ -107,6 +108,8 @@ def create_app(settings: Settings | None = None, *, prepare: bool = True) -> Fas
         per_gateway=settings.claims_per_gateway_per_minute,
         per_site=settings.claims_per_site_per_minute,
     )
+    # The overview's counts of every site, kept a few seconds (console/site_counts.py).
+    app.state.site_counts = kept_counts(settings.console_counts_max_age_s)
     for module in ROUTERS:
         app.include_router(module.router)
     app.include_router(console.router)

@@ -80,6 +80,10 @@ class Settings(TomlFileSettings):
         2, ge=1, le=64, description="password checks at once (Argon2id takes 64 MiB each); "
         "more wait up to 5 s, then get 429"
     )
+    console_counts_max_age_s: float = Field(
+        15, ge=0, le=600, description="how long the overview's counts of devices by state are "
+        "kept before a visit counts again (0: every visit counts)"
+    )
     max_pending_claims_per_site: int = Field(
         100, ge=1, description="pending devices (claims awaiting an admin) a site holds; "
         "further claims are refused until some are approved or rejected"

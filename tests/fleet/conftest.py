@@ -56,6 +56,7 @@ def session(app: FastAPI) -> Iterator[Session]:
     with Session(app.state.engine) as session:
         yield session
     app.state.login_limiter.clear()  # failed logins of one test do not count against the next
+    app.state.site_counts.clear()  # the overview's counts of one test's city are not the next's
     # Nor its claim reports (a test may also have put in a limiter of its own).
     app.state.claim_limiter = ClaimLimiter(
         per_gateway=app.state.settings.claims_per_gateway_per_minute,

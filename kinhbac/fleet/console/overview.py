@@ -8,6 +8,10 @@ A device counts in one state only, the first that holds:
 - offline: every other active device, also one never heard.
 Devices registered without credentials, revoked or rejected are in none of them.
 
+The counts of a city-wide page are a few seconds old: they are taken for every site at once and
+kept for KINHBAC_CONSOLE_COUNTS_MAX_AGE_S (site_counts.py), and the page says when they were
+taken. A site's own page counts its devices on each visit.
+
 A gateway's queue (how many readings wait for the broker, and since when) is as its last status
 said (every 30 s while it is connected); the age of its oldest reading counts on from there, so
 a gateway cut off with a backlog is seen ageing.
@@ -20,6 +24,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlmodel import Session, select
 
+from kinhbac.fleet.console.site_counts import SiteCounts
 from kinhbac.fleet.deps import Principal, visible_only
 from kinhbac.fleet.models import (
     Device,
@@ -72,6 +77,7 @@ class SiteRow:
     name: str
     slug: str
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
+    counted_at: datetime | None = None  # when `counts` were taken (None: not counted)
     gateways: list[GatewayRow] = field(default_factory=list)
 
     @property
@@ -120,31 +126,57 @@ def _device_states(now: datetime) -> sa.Select:
     )
 
 
-def sites(session: Session, caller: Principal, *,
-          site_id: uuid.UUID | None = None) -> list[SiteRow]:
+def count_by_site(session: Session, now: datetime, caller: Principal | None = None, *,
+                  site_id: uuid.UUID | None = None) -> dict[uuid.UUID, dict[str, int]]:
+    """Devices by state at each site (the caller's, or every site without one; only `site_id`
+    with it), as of `now`; a site without devices is absent."""
+    device_query = _device_states(now)
+    if caller is not None:
+        device_query = visible_only(device_query, caller, Device)
+    if site_id is not None:
+        device_query = device_query.where(Device.site_id == site_id)
+    inner = device_query.subquery()
+    counted: dict[uuid.UUID, dict[str, int]] = {}
+    for counted_site, state, count in session.exec(
+            select(inner.c.site_id, inner.c.state, sa.func.count())
+            .group_by(inner.c.site_id, inner.c.state)).all():
+        counted.setdefault(counted_site, dict.fromkeys(STATES, 0))[state] = count
+    return counted
+
+
+def kept_counts(max_age_s: float) -> SiteCounts:
+    """Every site's counts, kept `max_age_s` for the city-wide pages (app.state.site_counts)."""
+    return SiteCounts(count_by_site, max_age_s=max_age_s)
+
+
+def sites(session: Session, caller: Principal, *, site_id: uuid.UUID | None = None,
+          kept: SiteCounts | None = None) -> list[SiteRow]:
     """The caller's sites with their counts and gateways, those needing attention first; with
-    `site_id`, only that site (if the caller sees it): the Sites pages read theirs here."""
+    `site_id`, only that site (if the caller sees it): the Sites pages read theirs here. With
+    `kept`, the counts are its rows of the caller's sites (a few seconds old, every site's
+    taken at once); without, the caller's sites are counted now."""
     now = utcnow()
     site_query = visible_only(select(Site), caller, Site)
-    device_query = visible_only(_device_states(now), caller, Device)
     gateway_query = visible_only(
         select(Gateway, Site.slug).join(Site, Site.id == Gateway.site_id), caller, Gateway)
     if site_id is not None:
         site_query = site_query.where(Site.id == site_id)
-        device_query = device_query.where(Device.site_id == site_id)
         gateway_query = gateway_query.where(Gateway.site_id == site_id)
     rows = {site.id: SiteRow(id=site.id, name=site.name, slug=site.slug)
             for site in session.exec(site_query).all()}
     if not rows:
         return []
-    inner = device_query.subquery()
-    counted = session.exec(
-        select(inner.c.site_id, inner.c.state, sa.func.count())
-        .group_by(inner.c.site_id, inner.c.state)
-    ).all()
-    for counted_site, state, count in counted:
-        if counted_site in rows:
-            rows[counted_site].counts[state] = count
+    if kept is not None:
+        taken = kept.get(session)
+        counted_at, counted = taken.taken_at, taken.by_site
+    else:
+        counted_at, counted = now, count_by_site(session, now, caller, site_id=site_id)
+    # Only the caller's own sites' rows are read (rows holds those alone), and copied: the kept
+    # counts are every site's and every visitor's.
+    for row in rows.values():
+        row.counted_at = counted_at
+        if row.id in counted:
+            row.counts = dict(counted[row.id])
     by_slug = {row.slug: row for row in rows.values()}
     statuses = {(s.site, s.gateway): s for s in session.exec(
         select(GatewayStatus).where(GatewayStatus.site.in_(list(by_slug)))).all()}

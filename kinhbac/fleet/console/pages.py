@@ -219,8 +219,10 @@ async def _form_fields(request: Request) -> dict[str, Any]:
 
 @router.get("/")
 def overview_page(request: Request, session: SessionDep, user: AnyUser) -> HTMLResponse:
-    rows = overview.sites(session, user.principal)
+    rows = overview.sites(session, user.principal, kept=request.app.state.site_counts)
     return render(request, "overview.html", _locale(request, user), user=user, sites=rows,
+                  counted_at=rows[0].counted_at if rows else None,
+                  counts_max_age_s=request.app.state.site_counts.max_age_s,
                   queue_attention_minutes=int(overview.QUEUE_ATTENTION_AGE.total_seconds() // 60),
                   totals={state: sum(r.counts[state] for r in rows)
                           for state in overview.STATES})
@@ -487,7 +489,9 @@ OVERLAP_TYPED_MAX = 32  # of a refused overlap, shown back in the form: no numbe
 def sites_page(request: Request, session: SessionDep, user: AnyUser) -> HTMLResponse:
     """The caller's sites, as GET /api/sites lists them, with their gateways and devices."""
     return render(request, "sites.html", _locale(request, user), user=user,
-                  sites=site_pages.list_sites(session, user.principal))
+                  sites=site_pages.list_sites(session, user.principal,
+                                              request.app.state.site_counts),
+                  counts_max_age_s=request.app.state.site_counts.max_age_s)
 
 
 def _missing_site(request: Request, user: ConsoleUser) -> HTMLResponse:

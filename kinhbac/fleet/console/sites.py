@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from sqlmodel import Session
 
 from kinhbac.fleet.console import overview
+from kinhbac.fleet.console.site_counts import SiteCounts
 from kinhbac.fleet.deps import Principal, visible_or_404
 from kinhbac.fleet.errors import NotFound
 from kinhbac.fleet.models import ClaimKeyRotation, Site, SitePublic
@@ -30,9 +31,12 @@ class SiteView:
     row: overview.SiteRow  # its counts by state and its gateways, as the overview shows them
 
 
-def list_sites(session: Session, caller: Principal) -> list[overview.SiteRow]:
-    """The caller's sites (the API's list: every site, or those it is limited to), by name."""
-    return sorted(overview.sites(session, caller), key=lambda row: row.name.casefold())
+def list_sites(session: Session, caller: Principal,
+               kept: SiteCounts | None = None) -> list[overview.SiteRow]:
+    """The caller's sites (the API's list: every site, or those it is limited to), by name,
+    with the overview's counts (`kept`: its kept ones)."""
+    return sorted(overview.sites(session, caller, kept=kept),
+                  key=lambda row: row.name.casefold())
 
 
 def parse_id(text: str) -> uuid.UUID | None:
