@@ -674,6 +674,23 @@ def list_devices(session: Session, rollout_id: uuid.UUID, *, state: RolloutDevic
         for r, wire_id in rows], total=total, limit=limit, offset=offset)
 
 
+def latest_failures(session: Session, rollout_id: uuid.UUID, limit: int
+                    ) -> list[RolloutDevicePublic]:
+    """The rollout's devices in a FAILURES state, the most recently changed first, in one
+    query (a live view asks for them every few seconds; the caller has read the rollout)."""
+    rows = session.exec(
+        select(RolloutDevice, Device.wire_id)
+        .join(Device, Device.id == RolloutDevice.device_id)
+        .where(RolloutDevice.rollout_id == rollout_id,
+               col(RolloutDevice.state).in_(list(FAILURES)))
+        .order_by(col(RolloutDevice.updated_at).desc(), col(Device.wire_id).desc())
+        .limit(limit)).all()
+    return [RolloutDevicePublic(
+        device_id=wire_id, name=None, wave=r.wave, state=r.state, bytes=r.bytes, reason=r.reason,
+        offered_at=r.offered_at, deadline_at=r.deadline_at, updated_at=r.updated_at)
+        for r, wire_id in rows]
+
+
 def list_events(session: Session, rollout_id: uuid.UUID, *, device: str | None, limit: int,
                 offset: int) -> Page[RolloutEventPublic]:
     """A rollout's events in the order they were recorded; `device`: one device's (wire id)."""

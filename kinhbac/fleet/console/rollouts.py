@@ -31,7 +31,7 @@ from kinhbac.fleet.models import (
 )
 
 PAGE_SIZE = 50  # as the other lists
-FAILURES_SHOWN = 50  # per failure state on the live view: the rest are the API's (?state=)
+FAILURES_SHOWN = 50  # the newest failures on the live view; the rest are the API's (?state=)
 POLL_S = 5  # the live view's script asks again this often: a wave lasts minutes at the least
 RELEASES_OFFERED = 100  # newest releases the form offers
 # Running first (they change), then paused (they wait for someone), then the finished ones.
@@ -101,7 +101,7 @@ class LiveView:
     """One rollout as its page and its live endpoint show it."""
 
     detail: RolloutDetail
-    failures: list[RolloutDevicePublic]  # newest first, at most FAILURES_SHOWN per state
+    failures: list[RolloutDevicePublic]  # newest first, at most FAILURES_SHOWN
     failures_total: int
 
     @property
@@ -140,11 +140,7 @@ def parse_id(text: str) -> uuid.UUID | None:
 def live_view(session: Session, rollout_id: uuid.UUID) -> LiveView:
     """The rollout's detail (the API's) and its failed devices; NotFound as the API's."""
     detail = rollouts.detail(session, rollouts.get_rollout(session, rollout_id))
-    failed: list[RolloutDevicePublic] = []
-    for state in rollouts.FAILURES:
-        failed += rollouts.list_devices(session, rollout_id, state=state, wave=None,
-                                        limit=FAILURES_SHOWN, offset=0).items
-    failed.sort(key=lambda d: (d.updated_at, d.device_id), reverse=True)
+    failed = rollouts.latest_failures(session, rollout_id, FAILURES_SHOWN)
     return LiveView(detail=detail, failures=failed, failures_total=failures(detail))
 
 

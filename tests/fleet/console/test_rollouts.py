@@ -417,3 +417,26 @@ def test_a_device_in_another_live_rollout_is_refused_with_409(browser, session, 
     assert answer.status_code == 409
     assert f"3 of the target's devices are in rollout {first} (running) already" in text(answer)
     assert count(session, Rollout) == 1
+
+
+def test_the_live_view_lists_the_newest_failures_of_every_kind_and_no_other_device(
+        session, app, city, monkeypatch):
+    """One query for the devices in any failure state, newest first, cut at FAILURES_SHOWN;
+    the count beside it is the rollout's total."""
+    home, _ = city
+    release = make_release(session, app, version="0.5.0")
+    rollout_id = start(session, release.id, home, waves=[100], failure_threshold=100)
+    wave = rollouts.list_devices(session, rollout_id, state=None, wave=0, limit=10,
+                                 offset=0).items
+    assert len(wave) == 3
+    # Gateways report failed and rolled back; the fleet itself times devices out.
+    for device, state in zip(wave, ["failed", "rolled_back", "failed"]):
+        fail(session, rollout_id, device.device_id, home, state, f"{state} on purpose")
+    view = console_rollouts.live_view(session, rollout_id)
+    assert [d.device_id for d in view.failures] == [d.device_id for d in reversed(wave)]
+    assert {d.state.value for d in view.failures} == {"failed", "rolled_back"}
+    assert view.failures_total == 3
+    monkeypatch.setattr(console_rollouts, "FAILURES_SHOWN", 2)
+    cut = console_rollouts.live_view(session, rollout_id)
+    assert [d.device_id for d in cut.failures] == [wave[2].device_id, wave[1].device_id]
+    assert cut.failures_total == 3
