@@ -626,6 +626,8 @@ def _rollout_page(request: Request, session: Session, user: ConsoleUser, rollout
     view = _live_view(session, rollout_id)
     if view is None:
         return _missing_rollout(request, user)
+    if context.get("done") and view.detail.state not in rollouts.DONE_STATES[context["done"]]:
+        context["done"] = None  # no longer true: the page shows the state as it is
     if context.get("action") and not view.may(context["action"]):
         # Changed meanwhile, or a stale page: the rollout as it is, and why not (409).
         template, status_code, context = "rollout.html", 409, {"refused": context["action"]}
@@ -676,7 +678,7 @@ def rollout_page(rollout_id: str, request: Request, session: SessionDep,
     refresh link does the same."""
     done = request.query_params.get("done")
     return _rollout_page(request, session, user, rollout_id,
-                         done=done if done in (*rollouts.ACTIONS, "created") else None)
+                         done=done if done in rollouts.DONE_STATES else None)
 
 
 @router.get("/rollouts/{rollout_id}/live")

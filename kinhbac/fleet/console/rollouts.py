@@ -42,6 +42,10 @@ ACTIONS = ("pause", "resume", "cancel")
 # The states each action needs, as rollouts.pause/resume/cancel check them.
 ALLOWED_FROM = {"pause": (RolloutState.running,), "resume": (RolloutState.paused,),
                 "cancel": (RolloutState.running, RolloutState.paused)}
+# The state each "done" message tells of: it is shown only while still true, so a page kept or
+# bookmarked with ?done=pause says nothing once the rollout has been resumed.
+DONE_STATES = {"created": (RolloutState.running,), "pause": (RolloutState.paused,),
+               "resume": (RolloutState.running,), "cancel": (RolloutState.cancelled,)}
 # A page link's cursor: the last row's rank (one digit), then its paging.time_cursor.
 _RANKS = tuple(str(rank) for rank in range(FINISHED_RANK + 1))
 _WIRE_IDS = re.compile(r"[\s,;]+")

@@ -277,6 +277,10 @@ def test_pause_resume_and_cancel_from_the_console_are_audited_as_through_the_api
         assert console.before == through_api.before and console.after == through_api.after
     done = browser.get(f"/console/rollouts/{ours}?done=cancel", headers=EN)
     assert "The rollout was cancelled" in done.text
+    # A message no longer true is not shown: a kept link to "paused" of a cancelled rollout.
+    stale = browser.get(f"/console/rollouts/{ours}?done=pause", headers=EN)
+    assert stale.status_code == 200 and "The rollout was paused" not in stale.text
+    assert 'role="status"' not in stale.text and "Cancelled" in stale.text
     # Nothing from the URL reaches the page but known codes.
     assert "<script>" not in browser.get(
         f"/console/rollouts/{ours}?done=<script>", headers=EN).text.replace(
