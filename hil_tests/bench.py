@@ -82,7 +82,8 @@ def load(path: Path) -> Bench:
     for index, row in enumerate(data.get("boards", [])):
         where = f"{path} [[boards]] #{index + 1}"
         if not isinstance(row, dict) or "port" not in row:
-            raise BenchFileError(f"{where}: each board needs its port, e.g. port = \"/dev/ttyUSB0\"")
+            raise BenchFileError(f"{where}: each board needs its port, e.g. "
+                                 "port = \"/dev/ttyUSB0\"")
         values = _typed(where, row, _BOARD_KEYS)
         if "power" in values and "{state}" not in values["power"]:
             raise BenchFileError(f"{where}: power must contain {{state}} (on or off), e.g. "

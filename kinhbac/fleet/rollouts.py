@@ -21,7 +21,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import math
 import random
 import uuid
 from collections import Counter
@@ -42,7 +41,6 @@ from kinhbac.fleet.errors import Conflict, Invalid, NotFound
 from kinhbac.fleet.models import (
     Device,
     DeviceState,
-    DeviceStatus,
     DeviceTag,
     OtaAssignment,
     OtaAssignments,

@@ -21,7 +21,6 @@ from pathlib import Path
 import psycopg
 import pytest
 import uvicorn
-from argon2 import PasswordHasher
 from fastapi import FastAPI
 from selenium import webdriver
 from selenium.common.exceptions import WebDriverException
@@ -32,10 +31,9 @@ from sqlmodel import Session, select
 
 from fleet.backends import POSTGRES_DSN, empty_database
 from fleet.console.world import make_city
-from fleet.utils import PASSWORD, SECRET_KEY, make_user
+from fleet.utils import PASSWORD, SECRET_KEY, make_user, quick_argon2
 from helpers.fleet import wait_until
 from helpers.gateway import free_port
-from kinhbac.fleet import security
 from kinhbac.fleet.app import create_app
 from kinhbac.fleet.db import upgrade
 from kinhbac.fleet.models import Device, DeviceStatus, RecentReading, Role, utcnow
@@ -132,14 +130,9 @@ def _seed(session: Session, app: FastAPI) -> World:
 
 @pytest.fixture(scope="session", autouse=True)
 def _quick_argon2() -> Iterator[None]:
-    """Argon2id at its cheapest, as in tests/fleet: fleet.utils caches the one password hash
-    every user gets, so a costly one made here would slow every login of tests/fleet after."""
-    mp = pytest.MonkeyPatch()
-    mp.setattr(security, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
-    security._dummy_hash.cache_clear()
-    yield
-    mp.undo()
-    security._dummy_hash.cache_clear()
+    """As in tests/fleet: the one cached password hash every made user gets stays cheap."""
+    with quick_argon2():
+        yield
 
 
 @pytest.fixture(scope="session")

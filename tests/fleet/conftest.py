@@ -4,12 +4,10 @@ migrated once per session, its tables emptied after each test."""
 from collections.abc import Iterator
 
 import pytest
-from argon2 import PasswordHasher
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlmodel import Session, SQLModel
 
-from kinhbac.fleet import security
 from kinhbac.fleet.app import create_app
 from kinhbac.fleet.rate_limits import ClaimLimiter
 from kinhbac.fleet.crypto import SecretBox
@@ -17,19 +15,13 @@ from kinhbac.fleet.db import upgrade
 from kinhbac.fleet.settings import Settings
 
 from .backends import BACKENDS, empty_database
-from .utils import SECRET_KEY
+from .utils import SECRET_KEY, quick_argon2
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _quick_argon2() -> Iterator[None]:
-    """Argon2id with its cheapest parameters: the same code path and hash format, without
-    spending the suite's time budget on deliberately slow hashing."""
-    mp = pytest.MonkeyPatch()
-    mp.setattr(security, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
-    security._dummy_hash.cache_clear()
-    yield
-    mp.undo()
-    security._dummy_hash.cache_clear()
+    with quick_argon2():
+        yield
 
 
 @pytest.fixture(scope="session", params=BACKENDS)

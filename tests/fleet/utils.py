@@ -3,14 +3,17 @@
 import functools
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import pytest
+from argon2 import PasswordHasher
 from fastapi import FastAPI
 from sqlmodel import Session, select
 
 from kinhbac.claim_keys import fingerprint
-from kinhbac.fleet import provisioning, releases, sites, uploads
+from kinhbac.fleet import provisioning, releases, security, sites, uploads
 from kinhbac.fleet.audit import CLI
 from kinhbac.fleet.crypto import SecretBox
 from kinhbac.fleet.models import (
@@ -239,3 +242,18 @@ def a_claim(mac: str | None = None, nonce: str | None = None, fw_version: str = 
     if signed_with is not None:
         claim["claim_key_fingerprint"] = fingerprint(signed_with.encode())
     return claim
+
+
+@contextmanager
+def quick_argon2() -> Iterator[None]:
+    """Argon2id with its cheapest parameters while it lasts: the same code path and hash
+    format, without spending the suites' time on deliberately slow hashing (the password hash
+    every made user shares is cached, so a costly one would slow every later login too)."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(security, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
+    security._dummy_hash.cache_clear()
+    try:
+        yield
+    finally:
+        mp.undo()
+        security._dummy_hash.cache_clear()
