@@ -173,16 +173,30 @@ def _uuid(text: str) -> uuid.UUID | None:
 
 
 def _about_site(session: Session, site: Site) -> sa.ColumnElement[bool]:
-    """Entries about `site`, its gateways or the devices at it now. The ids are read here and
-    compared as the log stores them (text): a UUID is written differently by each database."""
-    gateways = [str(i) for i in session.exec(select(Gateway.id).where(
-        Gateway.site_id == site.id))]
-    found = [str(i) for i in session.exec(select(Device.id).where(Device.site_id == site.id))]
+    """Entries about `site`, its gateways or the devices at it now. Subqueries, not lists of
+    ids: a site of a hundred thousand devices would pass the databases' limits on query
+    parameters (SQLite's 32,766, PostgreSQL's 65,535)."""
+    dialect = session.get_bind().dialect.name
     return sa.or_(
         sa.and_(AuditEntry.entity == "site", AuditEntry.entity_id == str(site.id)),
-        sa.and_(AuditEntry.entity == "gateway", AuditEntry.entity_id.in_(gateways)),
-        sa.and_(AuditEntry.entity == "device", AuditEntry.entity_id.in_(found)),
+        sa.and_(AuditEntry.entity == "gateway", AuditEntry.entity_id.in_(
+            select(_as_logged(Gateway.id, dialect)).where(Gateway.site_id == site.id))),
+        sa.and_(AuditEntry.entity == "device", AuditEntry.entity_id.in_(
+            select(_as_logged(Device.id, dialect)).where(Device.site_id == site.id))),
     )
+
+
+def _as_logged(column: Any, dialect: str) -> sa.ColumnElement[str]:
+    """A UUID column as the log writes ids (str(uuid): hex in 8-4-4-4-12 groups). PostgreSQL
+    casts its uuid type to that text; SQLite keeps the 32 hex digits without dashes."""
+    if dialect != "sqlite":
+        return sa.cast(column, sa.String)
+    parts = [sa.func.substr(column, start, length)
+             for start, length in ((1, 8), (9, 4), (13, 4), (17, 4), (21, 12))]
+    joined = parts[0]
+    for part in parts[1:]:
+        joined = joined.op("||")("-").op("||")(part)
+    return sa.func.lower(joined)
 
 
 def _places(session: Session, entries: list[AuditEntry]) -> dict[tuple[str, str], str]:
