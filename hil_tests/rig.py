@@ -117,6 +117,8 @@ class EmulatedRig(Rig):
 
     def close(self) -> None:
         self.meter.stop()
+        if not self.emulator.access_point.is_up:  # a test that failed with it down left it so
+            self.emulator.access_point_up(True)
         if not self.board.running:
             self.board.power_on()
 
