@@ -19,6 +19,8 @@ class Wiring:
 
     port: str
     power: str | None = None  # a command cutting this board's USB power: {state} is on/off
+    # A command shutting this board alone out of the access point: {state} is out/in.
+    wifi_range: str | None = None
     source_port: str | None = None  # a second MicroPython board driving this one's inputs
     dac_pin: int | None = None  # the source board's DAC pin, wired to the level pin
     pulse_pin: int | None = None  # the source board's PWM pin, wired to the pulse pin
@@ -47,8 +49,9 @@ class Bench:
         return bool(self.wifi_ssid and self.gateway_host)
 
 
-_BOARD_KEYS = {"port": str, "power": str, "source_port": str, "dac_pin": int,
-               "pulse_pin": int, "bme280": bool, "room_temperature_c": (int, float)}
+_BOARD_KEYS = {"port": str, "power": str, "wifi_range": str, "source_port": str,
+               "dac_pin": int, "pulse_pin": int, "bme280": bool,
+               "room_temperature_c": (int, float)}
 
 
 def _typed(where: str, values: dict[str, Any], known: dict[str, Any]) -> dict[str, Any]:
@@ -88,6 +91,10 @@ def load(path: Path) -> Bench:
         if "power" in values and "{state}" not in values["power"]:
             raise BenchFileError(f"{where}: power must contain {{state}} (on or off), e.g. "
                                  "\"uhubctl -l 1-1 -p 2 -a {state}\"")
+        if "wifi_range" in values and "{state}" not in values["wifi_range"]:
+            raise BenchFileError(f"{where}: wifi_range must contain {{state}} (out or in), e.g. "
+                                 "\"ssh root@192.168.50.2 /root/kb-range {state} "
+                                 "24:0a:c4:12:34:56\"")
         if ("dac_pin" in values or "pulse_pin" in values) and "source_port" not in values:
             raise BenchFileError(f"{where}: dac_pin and pulse_pin are pins of the source board: "
                                  "give its source_port too")

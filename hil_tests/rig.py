@@ -49,6 +49,11 @@ class Rig:
         """Take the access point the board uses down, or bring it back."""
         skip_missing(self.name, "access point control", "A second access point")
 
+    def wifi_range(self, in_range: bool) -> None:
+        """Take this board alone out of its access point's range, or bring it back (the
+        access point stays up for the others)."""
+        skip_missing(self.name, "range control", "Out of range")
+
     def set_level_volts(self, volts: float) -> None:
         """The voltage on the node's level pin (LEVEL_PIN)."""
         skip_missing(self.name, "voltage source on the level pin", "The source board")
@@ -87,15 +92,21 @@ class EmulatedRig(Rig):
         self.meter = meter
         self.bme280.temperature_c = self.REFERENCE_C
         self._sent_before = 0
+        self._off = False  # the rig cut the power and left it off
 
     def power_cut(self, restore: bool = True) -> None:
         self.board.power_cut(restore=restore)
+        self._off = not restore
 
     def power_on(self) -> None:
         self.board.power_on()
+        self._off = False
 
     def access_point(self, up: bool) -> None:
         self.emulator.access_point_up(up)
+
+    def wifi_range(self, in_range: bool) -> None:
+        self.board.set_in_range(in_range)
 
     def set_level_volts(self, volts: float) -> None:
         self.level.volts = volts
@@ -119,8 +130,11 @@ class EmulatedRig(Rig):
         self.meter.stop()
         if not self.emulator.access_point.is_up:  # a test that failed with it down left it so
             self.emulator.access_point_up(True)
-        if not self.board.running:
-            self.board.power_on()
+        if not self.board.in_range:
+            self.board.set_in_range(True)
+        # Not `board.running`: a board in deep sleep is not running either, and wakes by itself.
+        if self._off:
+            self.power_on()
 
 
 class BenchRig(Rig):
@@ -157,6 +171,12 @@ class BenchRig(Rig):
         if command is None:
             skip_missing(self.name, "access point control", "A second access point")
         self._run(command, "access point " + ("up" if up else "down"))
+
+    def wifi_range(self, in_range: bool) -> None:
+        if self.wiring.wifi_range is None:
+            skip_missing(self.name, "range control", "Out of range")
+        state = "in" if in_range else "out"
+        self._run(self.wiring.wifi_range.format(state=state), f"range {state}")
 
     def _source_board(self, pin: int | None, control: str) -> RawRepl:
         if self.wiring.source_port is None or pin is None:

@@ -29,6 +29,7 @@ def test_the_example_bench_file_reads_as_documented():
     ("[access_point]\ndown = 'wifi down'", "give both down and up"),
     ("[[boards]]\npower = 'x {state}'", "each board needs its port"),
     ("[[boards]]\nport = '/dev/ttyUSB0'\npower = 'uhubctl -a off'", "must contain {state}"),
+    ("[[boards]]\nport = '/dev/ttyUSB0'\nwifi_range = 'kb-range out'", "must contain {state}"),
     ("[[boards]]\nport = '/dev/ttyUSB0'\ndac_pin = 25", "give its source_port too"),
     ("[[boards]]\nport = '/dev/ttyUSB0'\ndac_pin = true\nsource_port = 'p'", "dac_pin = True"),
     ("[[boards]]\nport = 'a'\n[[boards]]\nport = 'a'", "port a is listed twice"),
@@ -51,6 +52,7 @@ def test_a_control_the_bench_lacks_skips_naming_it_and_where_the_docs_explain_it
     rig = BenchRig("ttyUSB0", Bench(), Wiring("/dev/ttyUSB0"))
     for action, control in ((lambda: rig.power_cut(), "power switch"),
                             (lambda: rig.access_point(False), "access point control"),
+                            (lambda: rig.wifi_range(False), "range control"),
                             (lambda: rig.set_level_volts(1.0), "voltage source"),
                             (lambda: rig.set_pulse_rate(10), "pulse source"),
                             (lambda: rig.reference_temperature(), "reference thermometer")):
