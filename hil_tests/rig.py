@@ -145,6 +145,8 @@ class BenchRig(Rig):
         self.bench = bench
         self.wiring = wiring
         self._source: RawRepl | None = None
+        # What this rig changed and close() puts back, whatever the test did after.
+        self._left: set[str] = set()
 
     def _run(self, command: str, what: str) -> None:
         done = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=60)
@@ -159,24 +161,28 @@ class BenchRig(Rig):
 
     def power_cut(self, restore: bool = True) -> None:
         self._power("off")
+        self._left.add("power")
         if restore:
             time.sleep(POWER_SETTLE_S)
-            self._power("on")
+            self.power_on()
 
     def power_on(self) -> None:
         self._power("on")
+        self._left.discard("power")
 
     def access_point(self, up: bool) -> None:
         command = self.bench.access_point_up if up else self.bench.access_point_down
         if command is None:
             skip_missing(self.name, "access point control", "A second access point")
         self._run(command, "access point " + ("up" if up else "down"))
+        (self._left.discard if up else self._left.add)("access point")
 
     def wifi_range(self, in_range: bool) -> None:
         if self.wiring.wifi_range is None:
             skip_missing(self.name, "range control", "Out of range")
         state = "in" if in_range else "out"
         self._run(self.wiring.wifi_range.format(state=state), f"range {state}")
+        (self._left.discard if in_range else self._left.add)("range")
 
     def _source_board(self, pin: int | None, control: str) -> RawRepl:
         if self.wiring.source_port is None or pin is None:
@@ -208,6 +214,13 @@ class BenchRig(Rig):
         return self.wiring.bme280
 
     def close(self) -> None:
+        # A test that failed midway may have left its board off, its AP down or out of range.
+        if "power" in self._left:
+            self.power_on()
+        if "access point" in self._left:
+            self.access_point(True)
+        if "range" in self._left:
+            self.wifi_range(True)
         if self._source is not None:
             try:
                 self._source.exec("try:\n _kb_pwm.deinit()\nexcept NameError:\n pass")

@@ -70,3 +70,24 @@ def test_the_bench_commands_run_and_a_failing_one_is_an_error_naming_it(tmp_path
     rig.access_point(True)
     with pytest.raises(RuntimeError, match="access point down command `false` failed"):
         rig.access_point(False)
+
+
+def test_a_bench_rig_puts_back_what_a_test_left_changed(tmp_path):
+    """A test that fails with its board off, the AP down or the board out of range must not
+    leave the next test so: close() switches back what this rig switched, and nothing else."""
+    log = tmp_path / "bench.log"
+    record = f"sh -c 'echo {{what}} {{state}} >> {log}'"
+    wiring = Wiring("/dev/ttyUSB0", power=record.replace("{what}", "power"),
+                    wifi_range=record.replace("{what}", "range"))
+    bench = Bench(access_point_down=f"sh -c 'echo ap down >> {log}'",
+                  access_point_up=f"sh -c 'echo ap up >> {log}'")
+    rig = BenchRig("ttyUSB0", bench, wiring)
+    rig.power_cut(restore=False)
+    rig.access_point(False)
+    rig.wifi_range(False)
+    rig.close()
+    assert log.read_text().splitlines() == [
+        "power off", "ap down", "range out", "power on", "ap up", "range in"]
+    log.write_text("")
+    rig.close()  # nothing left changed: nothing switched
+    assert log.read_text() == ""
