@@ -36,6 +36,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bench", default=None,
                     help="the bench file (TOML, see hil_tests/bench.example.toml): WiFi, the "
                     "host's address, each board's wiring")
+    group.addoption("--every-emulated-board", action="store_true",
+                    help="run each one-board test on every emulated board, not only the first "
+                    "(they are identical; the others serve the tests of several boards)")
     group.addoption("--emulated-boards", type=int, default=EMULATED_BOARDS,
                     help="how many emulated boards, without --port")
     group.addoption("--hil-report", default="hil-report",
@@ -57,9 +60,15 @@ def board_names(config: pytest.Config) -> list[str]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """A test of one board runs on each board under test, named by it."""
+    """A test of one board runs on each real board under test, named by it. Emulated boards
+    are identical, so on them it runs on the first only (the others are there for the tests
+    of several boards), unless --every-emulated-board: twice the time would test nothing
+    more."""
     if "board" in metafunc.fixturenames:
-        names = board_names(metafunc.config)
+        config = metafunc.config
+        names = board_names(config)
+        if not config.getoption("--port") and not config.getoption("--every-emulated-board"):
+            names = names[:1]
         metafunc.parametrize("board", names, indirect=True, ids=names)
 
 
