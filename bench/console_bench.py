@@ -55,7 +55,7 @@ import psycopg
 from psycopg import sql
 
 from bench.gateway_bench import Proc, free_port, wait_port
-from bench.report import command_output, machine_rows, replace_section
+from bench.report import command_output, machine_rows, replace_section, section_head
 from kinhbac.fleet.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -671,17 +671,7 @@ def build_report(seeded: Seeded, measured: list[Page], size: Size,
     worst = max(console, key=lambda p: p.p(0.95))
     missed = [p for p in console if p.p(0.95) * 1000 >= TARGET_P95_MS]
     lines = [
-        BEGIN,
-        "# Console benchmark",
-        "",
-        f"Written by `{command}`; reproduce with `make bench` (all benchmarks) or that command.",
-        "",
-        "## Machine",
-        "",
-        "| | |",
-        "|---|---|",
-        *(f"| {k} | {v} |" for k, v in machine),
-        "",
+        *section_head(BEGIN, "Console benchmark", command, machine),
         "## The city",
         "",
         f"{seeded.sites:,} sites with a gateway each, {seeded.devices:,} devices "

@@ -52,7 +52,7 @@ import psycopg
 from psycopg import sql
 
 from bench.gateway_bench import broker_pid, cpu_s, machine_cpu, rss_kb
-from bench.report import machine_rows, replace_section
+from bench.report import machine_rows, replace_section, section_head
 from kinhbac.broker import BrokerError, LocalBroker
 from kinhbac.fleet.db import make_engine, upgrade
 from kinhbac.fleet.ingest import Batch, IngestWorker
@@ -631,17 +631,7 @@ def build_report(
 ) -> str:
     target_readings = TARGET * len(SENSORS)
     lines = [
-        BEGIN,
-        "# Fleet ingest benchmark",
-        "",
-        f"Written by `{command}`; reproduce with `make bench` (all benchmarks) or that command.",
-        "",
-        "## Machine",
-        "",
-        "| | |",
-        "|---|---|",
-        *(f"| {k} | {v} |" for k, v in machine),
-        "",
+        *section_head(BEGIN, "Fleet ingest benchmark", command, machine),
         "## Load",
         "",
         (

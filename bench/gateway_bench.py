@@ -42,6 +42,7 @@ import apsw
 import paho.mqtt.client as mqtt
 
 from bench import loadgen
+from bench.report import section_head
 from kinhbac.broker import BrokerError, LocalBroker
 
 REPO = Path(__file__).resolve().parent.parent
@@ -679,14 +680,8 @@ def build_report(b: Bench, machine: list[tuple[str, str]], command: str) -> str:
     gateway_rss = rss_max(b, "gateway")
     rss_max_mb = gateway_rss / 1024 if gateway_rss else None
     ratio = (g_max.e2e_per_s / n_max.e2e_per_s) if g_max and n_max and n_max.e2e_per_s else None
-    lines = [BEGIN, "# Gateway benchmark", ""]
-    lines += [
-        f"Written by `{command}`; reproduce with `make bench` (all benchmarks) or that command.",
-        "",
-        "## Machine", "",
-        "| | |", "|---|---|",
-        *[f"| {k} | {v} |" for k, v in machine],
-        "",
+    lines = [
+        *section_head(BEGIN, "Gateway benchmark", command, machine),
         "## Load", "",
         (f"{a.nodes} simulated nodes (bench/loadgen.py, CPython, the real wire codec: HMAC on "
         f"every frame, one TCP connection per node), batches of {a.batch} readings, at most "

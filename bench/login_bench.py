@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.gateway_bench import Proc, cpu_s, free_port, machine_cpu, rss_kb, wait_port
-from bench.report import command_output, machine_rows, replace_section
+from bench.report import command_output, machine_rows, replace_section, section_head
 
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -526,17 +526,7 @@ def build_report(phases: list[Phase], machine: list[tuple[str, str]],
     failed = sum(1 for p in ours for s in p.health if s is None)
     probes = sum(len(p.health) for p in ours)
     lines = [
-        BEGIN,
-        "# Login benchmark",
-        "",
-        f"Written by `{command}`; reproduce with `make bench` (all benchmarks) or that command.",
-        "",
-        "## Machine",
-        "",
-        "| | |",
-        "|---|---|",
-        *(f"| {k} | {v} |" for k, v in machine),
-        "",
+        *section_head(BEGIN, "Login benchmark", command, machine),
         "## Load",
         "",
         f"The fleet service as `kinhbac fleet serve` runs it (uvicorn, one process) with its "

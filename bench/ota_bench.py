@@ -45,7 +45,7 @@ from helpers.ota import (  # noqa: E402
     wait_flowing,
 )
 
-from bench.report import machine_rows, replace_section  # noqa: E402
+from bench.report import machine_rows, machine_table, replace_section  # noqa: E402
 from kinhbac.broker import LocalBroker  # noqa: E402
 from kinhbac.emulator.interpreter import CODE_RATIO  # noqa: E402
 from kinhbac.emulator.site import Emulator  # noqa: E402
@@ -165,12 +165,7 @@ def section(results: list[dict], date: str) -> str:
         "boards running the real firmware on one machine. The smaller site is the baseline, "
         "measured in the same run.",
         "",
-        "## Machine",
-        "",
-        "| | |",
-        "|---|---|",
-        *[f"| {k} | {v} |" for k, v in rows],
-        "",
+        *machine_table(rows),
         "## Results",
         "",
         "| Boards | Rollout start to all confirmed | Final states | Release (files, bytes) "

@@ -29,6 +29,19 @@ def machine_rows() -> list[tuple[str, str]]:
     ]
 
 
+def machine_table(rows: list[tuple[str, str]]) -> list[str]:
+    """The "## Machine" part of a section, as lines: what its figures were measured on."""
+    return ["## Machine", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
+
+
+def section_head(begin: str, title: str, command: str,
+                 machine: list[tuple[str, str]]) -> list[str]:
+    """A section's first lines: its marker, its title, how to reproduce it, the machine."""
+    return [begin, f"# {title}", "",
+            f"Written by `{command}`; reproduce with `make bench` (all benchmarks) or that "
+            "command.", "", *machine_table(machine)]
+
+
 def replace_section(path: Path, section: str, begin: str, end: str) -> None:
     """Replace the section between `begin` and `end` in `path`, keeping the rest; append it
     when the file has none yet."""
