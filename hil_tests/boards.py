@@ -15,25 +15,19 @@ from typing import Any
 from kinhbac import wire
 from kinhbac.device.board_session import BoardSession
 from kinhbac.device.errors import BoardError
+from kinhbac.emulator.launcher import SENSOR_KIT
 from kinhbac.firmware import CONFIG_PATH, firmware_files
 from kinhbac.transport.raw_repl import RawRepl
 
-from .rig import LEVEL_PIN, PULSE_PIN, Rig
+from .rig import Rig
 
 # The node's settings in this suite: readings often, sent at once, logs with the heap report
 # (log level 3); a boot that lives 1 s is good: the suite interrupts boots on purpose (each
 # install, each REPL test), and with the shipped 60 s a run of short tests ends in safe mode.
 NODE_SETTINGS: dict[str, Any] = {"interval_ms": 500, "send_after_ms": 500, "log_level": 3,
                                  "good_after_ms": 1000}
-# A water-and-weather kit (kinhbac.emulator.launcher's): the sensor index is the position here.
-SENSOR_KIT = [
-    {"name": "temperature", "unit": "C", "kind": "bme280", "field": "temperature"},
-    {"name": "humidity", "unit": "%RH", "kind": "bme280", "field": "humidity"},
-    {"name": "pressure", "unit": "Pa", "kind": "bme280", "field": "pressure"},
-    {"name": "level", "unit": "m", "kind": "adc", "pin": LEVEL_PIN, "scale": 5.0 / 3.3},
-    {"name": "water", "unit": "L", "kind": "pulse", "pin": PULSE_PIN, "per_pulse": 0.5},
-]
-LEVEL_SCALE = 5.0 / 3.3  # metres per volt on the level pin, as in the kit
+# The emulated nodes' water-and-weather kit on every bench too (docs/hil.md, "Wiring a bench").
+LEVEL_SCALE = next(s["scale"] for s in SENSOR_KIT if s["name"] == "level")  # metres per volt
 
 
 @dataclass

@@ -23,7 +23,7 @@ from . import bench as bench_file
 from .boards import BoardUnderTest, Identity
 from .host import HostSite, start_site, write_keys
 from .report import ALL_BOARDS, HilReport
-from .rig import LEVEL_PIN, PULSE_PIN, BenchRig, EmulatedRig
+from .rig import BenchRig, EmulatedRig
 
 EMULATED_BOARDS = 2  # enough for the two-board tests
 
@@ -119,6 +119,7 @@ class Lab:
 
 def _emulated_lab(count: int, workdir: Path, bench: bench_file.Bench) -> Lab:
     from kinhbac.emulator.devices import BME280, AnalogSource, PulseSource
+    from kinhbac.emulator.launcher import LEVEL_PIN, PULSE_PIN
     from kinhbac.emulator.site import Emulator
 
     emulator = Emulator(workdir / "emulator")

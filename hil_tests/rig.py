@@ -20,10 +20,6 @@ from kinhbac.transport.serial_link import connect
 
 from .bench import Bench, Wiring
 
-# The node's sensor kit on every bench (kinhbac.emulator.launcher's): a BME280 on I2C, a level
-# probe on an ADC1 pin, a water meter's pulses.
-LEVEL_PIN = 34
-PULSE_PIN = 27
 SOURCE_VREF = 3.3  # the source board's DAC: 8 bits from 0 to its supply
 POWER_SETTLE_S = 1.0  # a USB port switched off: long enough for the board's capacitors
 
@@ -55,11 +51,11 @@ class Rig:
         skip_missing(self.name, "range control", "Out of range")
 
     def set_level_volts(self, volts: float) -> None:
-        """The voltage on the node's level pin (LEVEL_PIN)."""
+        """The voltage on the node's level pin (kinhbac.emulator.launcher.LEVEL_PIN)."""
         skip_missing(self.name, "voltage source on the level pin", "The source board")
 
     def set_pulse_rate(self, hz: float) -> None:
-        """Pulses at `hz` on the node's pulse pin (PULSE_PIN); 0 stops them."""
+        """Pulses at `hz` on the node's pulse pin (launcher.PULSE_PIN); 0 stops them."""
         skip_missing(self.name, "pulse source on the pulse pin", "The source board")
 
     def pulses_sent(self) -> int | None:
