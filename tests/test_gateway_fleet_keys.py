@@ -16,7 +16,6 @@ from helpers.gateway import GatewayProcess, exchange
 
 from kinhbac import wire
 from kinhbac.emulator import launcher
-from kinhbac.emulator.devices import BME280, AnalogSource, PulseSource
 from kinhbac.firmware import config_file, firmware_files, firmware_version
 from kinhbac.gateway.config import ConfigError, load_settings
 
@@ -76,7 +75,7 @@ class Site:
                                  json={"mac": board.mac.hex(":"), "site_id": self.site_id})
         secret = bytes.fromhex(device["secret"])
         key = wire.Key(bytes.fromhex(device["wire_id"]), device["key_id"], secret)
-        node = wired_node(board, key, secret)
+        node = launcher.wired_node(board, key, secret)
         config = launcher.node_config(node, gateway_port, emulator, **NODE_SETTINGS)
         board.write_files(firmware() | config_file(config))
         return node, device["id"]
@@ -86,7 +85,7 @@ class Site:
         claim key instead of an identity; off."""
         profile = self.fleet.call("GET", f"/api/sites/{self.site_id}/profile", self.technician)
         board = emulator.add_board()
-        wired_node(board, wire.Key(b"kb" + board.mac, 1, bytes(16)), bytes(16))
+        launcher.wired_node(board, wire.Key(b"kb" + board.mac, 1, bytes(16)), bytes(16))
         config = {
             "claim_key": profile["claim_key"],
             "wifi": {"ssid": emulator.access_point.ssid,
@@ -103,16 +102,6 @@ class Site:
         mac = ":".join(wire_id[i:i + 2] for i in range(4, 16, 2))
         found = self.fleet.call("GET", "/api/devices", self.admin, params={"mac": mac})["items"]
         return found[0] if found else {}
-
-
-def wired_node(board, key: wire.Key, secret: bytes) -> launcher.Node:
-    """The board with the launcher's sensor kit attached."""
-    node = launcher.Node(board, key, secret, BME280(0x76), AnalogSource(volts=1.0),
-                         PulseSource(launcher.PULSE_PIN))
-    board.attach_i2c(node.bme280)
-    board.attach_analog(launcher.LEVEL_PIN, node.level)
-    board.attach_pulses(launcher.PULSE_PIN, node.meter)
-    return node
 
 
 def test_device_registered_in_the_fleet_flows_and_is_refused_within_one_refresh_of_revoking(

@@ -896,7 +896,7 @@ def test_a_node_running_the_real_firmware_is_updated_from_the_fleet_and_confirms
         tmp_path, broker, collector, site, proxy, gateways, emulator):
     # The whole path: an admin's release and rollout, this gateway, and an emulated board
     # running the firmware, whose confirmation reaches the fleet's rollout through the broker.
-    from test_gateway_fleet_keys import NODE_SETTINGS, firmware, wired_node
+    from test_gateway_fleet_keys import NODE_SETTINGS, firmware
 
     from kinhbac.firmware import bundle_files, config_file
 
@@ -908,7 +908,7 @@ def test_a_node_running_the_real_firmware_is_updated_from_the_fleet_and_confirms
     device = site.fleet.call("POST", "/api/devices", site.technician, 201,
                              json={"mac": board.mac.hex(":"), "site_id": site.site_id})
     secret = bytes.fromhex(device["secret"])
-    node = wired_node(board, wire.Key(bytes.fromhex(device["wire_id"]), device["key_id"],
+    node = launcher.wired_node(board, wire.Key(bytes.fromhex(device["wire_id"]), device["key_id"],
                                       secret), secret)
     board.write_files(firmware() | config_file(
         launcher.node_config(node, gateway.port, emulator, **NODE_SETTINGS)))

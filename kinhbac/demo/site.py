@@ -14,7 +14,6 @@ from kinhbac import wire
 from kinhbac.demo.errors import DemoError
 from kinhbac.demo.fleet import DemoFleet
 from kinhbac.emulator import launcher
-from kinhbac.emulator.devices import BME280, AnalogSource, PulseSource
 from kinhbac.emulator.site import Emulator
 from kinhbac.firmware import config_file, firmware_files
 from kinhbac.gateway.config import load_settings
@@ -96,12 +95,7 @@ class DemoSite:
                 "mac": board.mac.hex(":"), "site_id": self.site_id})
             secret = bytes.fromhex(device["secret"])
             key = wire.Key(bytes.fromhex(device["wire_id"]), device["key_id"], secret)
-            node = launcher.Node(board, key, secret, BME280(0x76), AnalogSource(volts=1.0),
-                                 PulseSource(launcher.PULSE_PIN))
-            board.attach_i2c(node.bme280)
-            board.attach_analog(launcher.LEVEL_PIN, node.level)
-            board.attach_pulses(launcher.PULSE_PIN, node.meter)
-            self.nodes.append(node)
+            self.nodes.append(launcher.wired_node(board, key, secret))
 
     def start(self) -> None:
         """The gateway (its keys from the fleet), then the boards flashed for its port."""

@@ -59,16 +59,21 @@ def node_config(node: "Node", gateway_port: int, emu: Emulator, **overrides: obj
     return config
 
 
+def wired_node(board: Board, key: wire.Key, secret: bytes) -> Node:
+    """`board` with the sensor kit's models attached to its pins, as the node `key` names."""
+    node = Node(board, key, secret, BME280(0x76), AnalogSource(volts=1.0), PulseSource(PULSE_PIN))
+    board.attach_i2c(node.bme280)
+    board.attach_analog(LEVEL_PIN, node.level)
+    board.attach_pulses(PULSE_PIN, node.meter)
+    return node
+
+
 def provision(emu: Emulator, gateway_port: int, name: str | None = None,
               **overrides: object) -> Node:
     """A new board with the firmware, its config and the sensor kit wired; powered off."""
     board = emu.add_board(name)
     secret = os.urandom(32)
-    key = wire.Key(b"kb" + board.mac, 1, secret)
-    node = Node(board, key, secret, BME280(0x76), AnalogSource(volts=1.0), PulseSource(PULSE_PIN))
-    board.attach_i2c(node.bme280)
-    board.attach_analog(LEVEL_PIN, node.level)
-    board.attach_pulses(PULSE_PIN, node.meter)
+    node = wired_node(board, wire.Key(b"kb" + board.mac, 1, secret), secret)
     config = node_config(node, gateway_port, emu, **overrides)
     board.write_files(firmware_files() | config_file(config))
     return node

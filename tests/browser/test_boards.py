@@ -45,7 +45,6 @@ from selenium.webdriver.support.ui import Select
 from kinhbac import wire
 from kinhbac.broker import LocalBroker
 from kinhbac.emulator import esp32_image, launcher
-from kinhbac.emulator.devices import BME280, AnalogSource, PulseSource
 from kinhbac.emulator.site import Emulator
 from kinhbac.firmware import config_file
 
@@ -89,22 +88,13 @@ class Story:
                                params={"action": action, "entity_id": entity_id})["items"]
 
 
-def _wired(board, key: wire.Key, secret: bytes) -> launcher.Node:
-    node = launcher.Node(board, key, secret, BME280(0x76), AnalogSource(volts=1.0),
-                         PulseSource(launcher.PULSE_PIN))
-    board.attach_i2c(node.bme280)
-    board.attach_analog(launcher.LEVEL_PIN, node.level)
-    board.attach_pulses(launcher.PULSE_PIN, node.meter)
-    return node
-
-
 def add_claiming_board(site: OtaSite) -> launcher.Node:
     """A board set up as a technician does offline (docs/technician.md): the site profile's
     WiFi, gateway and sensor kit, and its claim key instead of an identity; off. Its wire id is
     "kb" and its MAC, as the firmware makes it."""
     profile = site.fleet.call("GET", f"/api/sites/{site.site_id}/profile", site.technician)
     board = site.emulator.add_board()
-    node = _wired(board, wire.Key(b"kb" + board.mac, 1, bytes(16)), bytes(16))
+    node = launcher.wired_node(board, wire.Key(b"kb" + board.mac, 1, bytes(16)), bytes(16))
     board.write_files(base_firmware() | config_file({
         "claim_key": profile["claim_key"],
         "wifi": {"ssid": site.emulator.access_point.ssid,

@@ -23,7 +23,6 @@ from helpers.fleet import FleetServer, wait_until
 from helpers.gateway import Collector, GatewayProcess
 from kinhbac import wire
 from kinhbac.emulator import launcher
-from kinhbac.emulator.devices import BME280, AnalogSource, PulseSource
 from kinhbac.fleet import security
 from kinhbac.fleet.app import create_app
 from kinhbac.fleet.settings import load_settings
@@ -206,11 +205,7 @@ class OtaSite:
                                      json={"mac": board.mac.hex(":"), "site_id": self.site_id})
             secret = bytes.fromhex(device["secret"])
             key = wire.Key(bytes.fromhex(device["wire_id"]), device["key_id"], secret)
-            node = launcher.Node(board, key, secret, BME280(0x76), AnalogSource(volts=1.0),
-                                 PulseSource(launcher.PULSE_PIN))
-            board.attach_i2c(node.bme280)
-            board.attach_analog(launcher.LEVEL_PIN, node.level)
-            board.attach_pulses(launcher.PULSE_PIN, node.meter)
+            node = launcher.wired_node(board, key, secret)
             config = launcher.node_config(node, self.gateway.port, self.emulator,
                                           **(NODE_SETTINGS | settings))
             board.write_files(base_firmware() | config_file(config))
