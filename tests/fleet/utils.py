@@ -2,10 +2,12 @@
 
 import functools
 import os
+import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from argon2 import PasswordHasher
@@ -16,6 +18,7 @@ from kinhbac.claim_keys import fingerprint
 from kinhbac.fleet import provisioning, releases, security, sites, uploads
 from kinhbac.fleet.audit import CLI
 from kinhbac.fleet.crypto import SecretBox
+from kinhbac.fleet.errors import Conflict
 from kinhbac.fleet.models import (
     ApiToken,
     ClaimCreate,
@@ -257,3 +260,26 @@ def quick_argon2() -> Iterator[None]:
     finally:
         mp.undo()
         security._dummy_hash.cache_clear()
+
+
+def at_once(engine: Any, actions: Sequence[Callable[[Session], str]]) -> list[str]:
+    """Run each action in a thread of its own, with a session of its own, all released at the
+    same moment (two admins clicking together); each gives its outcome, a Conflict "refused".
+    The outcomes in the order they finished."""
+    barrier = threading.Barrier(len(actions))
+    outcomes: list[str] = []
+
+    def run(action: Callable[[Session], str]) -> None:
+        with Session(engine) as own:
+            barrier.wait()
+            try:
+                outcomes.append(action(own))
+            except Conflict:
+                outcomes.append("refused")
+
+    threads = [threading.Thread(target=run, args=(action,)) for action in actions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return outcomes

@@ -3,7 +3,7 @@ holds only its site's claim key; an admin approves (the device gets the identity
 derives) or rejects it (it is kept out); staff set settings that gateways deliver."""
 
 import os
-import threading
+from collections.abc import Callable
 
 import pytest
 from sqlmodel import Session, col, select
@@ -11,12 +11,11 @@ from sqlmodel import Session, col, select
 from kinhbac import wire
 from kinhbac.fleet import provisioning, sites
 from kinhbac.fleet.audit import CLI
-from kinhbac.fleet.errors import Conflict
 from kinhbac.fleet.models import AuditEntry, Device, Role
 from kinhbac.fleet.rate_limits import ClaimLimiter
 
-from ..utils import (a_claim, bearer, make_device, make_gateway, make_pending_device, make_site,
-                     make_user)
+from ..utils import (a_claim, at_once, bearer, make_device, make_gateway, make_pending_device,
+                     make_site, make_user)
 
 
 @pytest.fixture
@@ -283,26 +282,17 @@ def test_two_admins_deciding_one_claim_at_once_make_one_decision(session, box, a
         pytest.skip("SQLite has one writer at a time; the row lock is PostgreSQL's")
     gateway, _ = make_gateway(session, make_site(session, box))
     device_id = make_pending_device(session, gateway)
-    barrier = threading.Barrier(2)
-    outcomes: list[str] = []
 
-    def admin_decides(decision: str) -> None:
-        with Session(app.state.engine) as own:
-            barrier.wait()
-            try:
-                if decision == "approve":
-                    provisioning.approve_claim(own, app.state.secret_box, CLI, device_id)
-                else:
-                    provisioning.reject_claim(own, CLI, device_id)
-                outcomes.append(decision)
-            except Conflict:
-                outcomes.append("refused")
+    def admin_decides(decision: str) -> Callable[[Session], str]:
+        def decide(own: Session) -> str:
+            if decision == "approve":
+                provisioning.approve_claim(own, app.state.secret_box, CLI, device_id)
+            else:
+                provisioning.reject_claim(own, CLI, device_id)
+            return decision
+        return decide
 
-    threads = [threading.Thread(target=admin_decides, args=(d,)) for d in decisions]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    outcomes = at_once(app.state.engine, [admin_decides(d) for d in decisions])
 
     assert len(outcomes) == 2 and outcomes.count("refused") == 1, outcomes
     [made] = [o for o in outcomes if o != "refused"]

@@ -3,8 +3,8 @@ rollout may target, and what each gateway is told to offer (its own site's devic
 
 import hashlib
 import json
-import threading
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -12,7 +12,6 @@ from sqlmodel import Session, select
 
 from kinhbac.fleet import rollouts
 from kinhbac.fleet.audit import CLI
-from kinhbac.fleet.errors import Conflict
 from kinhbac.fleet.models import (
     AuditEntry,
     Device,
@@ -23,8 +22,8 @@ from kinhbac.fleet.models import (
     utcnow,
 )
 
-from ..utils import bearer, make_callers, make_device, make_gateway, make_release, make_site, \
-    make_user
+from ..utils import at_once, bearer, make_callers, make_device, make_gateway, make_release, \
+    make_site, make_user
 
 
 @pytest.fixture
@@ -355,23 +354,14 @@ def test_two_admins_starting_rollouts_of_one_device_at_once_get_one_rollout(
     site = make_site(session, box)
     devices = [make_device(session, box, site) for _ in range(5)]
     releases = [make_release(session, app) for _ in range(2)]
-    barrier = threading.Barrier(2)
-    outcomes: list[str] = []
 
-    def admin_starts(release) -> None:
-        with Session(app.state.engine) as own:
-            barrier.wait()
-            try:
-                rollouts.create_rollout(own, CLI, RolloutCreate(
-                    release_id=release.id,
-                    target=RolloutTarget(devices=[d.wire_id for d in devices])))
-                outcomes.append("started")
-            except Conflict:
-                outcomes.append("refused")
+    def admin_starts(release) -> Callable[[Session], str]:
+        def start(own: Session) -> str:
+            rollouts.create_rollout(own, CLI, RolloutCreate(
+                release_id=release.id,
+                target=RolloutTarget(devices=[d.wire_id for d in devices])))
+            return "started"
+        return start
 
-    threads = [threading.Thread(target=admin_starts, args=(r,)) for r in releases]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    outcomes = at_once(app.state.engine, [admin_starts(r) for r in releases])
     assert sorted(outcomes) == ["refused", "started"]
