@@ -9,7 +9,7 @@ from pathlib import Path
 
 from kinhbac.broker import LocalBroker
 
-from tests.helpers.gateway import Collector, GatewayProcess
+from helpers.gateway import Collector, GatewayProcess
 
 from .boards import BoardUnderTest
 

@@ -12,11 +12,9 @@ as found: the base firmware (no update slot) and, at the next node test, the sui
 """
 
 import functools
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
@@ -24,13 +22,8 @@ from kinhbac import mqtt_contract
 from kinhbac.broker import LocalBroker
 from kinhbac.device.board_session import BoardSession
 
-from .boards import BoardUnderTest, Identity
-
-# The OTA tests' harness imports its siblings as helpers.*, as bench/ota_bench.py takes it.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from helpers.gateway import Collector  # noqa: E402
-from helpers.ota import (  # noqa: E402
+from helpers.gateway import Collector  # tests/helpers, on the path by hil_tests/__init__.py
+from helpers.ota import (
     FINAL,
     RAISES_AT_IMPORT,
     SITE,
@@ -38,6 +31,8 @@ from helpers.ota import (  # noqa: E402
     counting_fleet,
     firmware_variant,
 )
+
+from .boards import BoardUnderTest, Identity
 
 GOOD = "0.2.0"
 BAD = "0.3.0"
